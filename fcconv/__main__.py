@@ -1,0 +1,3 @@
+from fcconv.cli import run
+
+run()

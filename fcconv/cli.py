@@ -1,0 +1,259 @@
+"""The ``fcconv`` command: a thin layer over the library that parses flags and renders results."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from fcconv import __version__
+from fcconv.errors import BadInputError, FcconvError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a trained classifier's fully connected head into convolutions, verify it, export ONNX.",
+)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_NOT_CONVERTIBLE = 0, 1, 2, 3
+
+ArchOption = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="torchvision model name (vgg16, resnet18) or package.module:callable."),
+]
+InputShapeOption = Annotated[
+    Optional[str],
+    typer.Option("--input-shape", help="Native input size C,H,W (or C,L / C,D,H,W). [default: 3,224,224]"),
+]
+DenseOption = Annotated[
+    bool, typer.Option("--dense", help="Drop a global pooling before the head: return the per-position score map.")
+]
+TrustOption = Annotated[
+    bool, typer.Option("--trust", help="Unpickle a whole saved module (runs code from the file; trusted files only).")
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+SizesOption = Annotated[
+    Optional[str],
+    typer.Option("--sizes", help="Spatial sizes to check, e.g. 224x224,320x480. [default: native, 1.25-1.5×, 2×]"),
+]
+RtolOption = Annotated[float, typer.Option("--rtol", help="Allowed error relative to the output's largest magnitude.")]
+AtolOption = Annotated[float, typer.Option("--atol", help="Allowed absolute error, added to rtol × magnitude.")]
+
+
+def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and the documented exit code."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except FcconvError as exc:
+            if debug:
+                raise
+            error_console.print(f"fcconv: error: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            error_console.print("fcconv: interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything unforeseen still gets one line, not a traceback
+            if debug:
+                raise
+            text = " ".join(str(exc).split())[:300]
+            error_console.print(
+                f"fcconv: error: {type(exc).__name__}: {text} (run with --debug for the traceback)", markup=False
+            )
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper
+
+
+def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
+    if not text:
+        return None
+    sizes = []
+    for item in text.split(","):
+        try:
+            size = tuple(int(p) for p in item.lower().replace("×", "x").split("x"))
+        except ValueError:
+            raise BadInputError(f"--sizes {text!r}: {item!r} is not a size like 224x224") from None
+        if not size or any(s <= 0 for s in size):
+            raise BadInputError(f"--sizes {text!r}: {item!r} is not a positive size")
+        sizes.append(size)
+    return sizes
+
+
+def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool):
+    from fcconv.load import load_model, parse_input_shape
+
+    shape = parse_input_shape(input_shape) if input_shape else None
+    with console.status(f"Loading {path}…"):
+        return load_model(path, arch, shape, trust=trust)
+
+
+def _default_output(path: Path) -> Path:
+    return path.with_name(f"{path.name.split('.')[0]}.fcn.onnx")
+
+
+@app.command()
+@_handle_errors
+def convert(
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint: a state_dict (.pt, .pth, .bin) or, with --trust, a pickled module.")
+    ],
+    output: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="ONNX file to write. [default: NAME.fcn.onnx beside MODEL]")
+    ] = None,
+    arch: ArchOption = None,
+    input_shape: InputShapeOption = None,
+    dense: DenseOption = False,
+    sizes: SizesOption = None,
+    rtol: RtolOption = 1e-4,
+    atol: AtolOption = 0.0,
+    trust: TrustOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Rewrite MODEL's fully connected head as convolutions, export ONNX and verify the export.
+
+    The ONNX file is written only when it matches the original (exit 0); on a mismatch
+    nothing is written and the exit code is 1.
+    """
+    from fcconv.export import export_onnx, fcconv_metadata, staged_path
+    from fcconv.render import rewrite_table, verification_table
+    from fcconv.rewrite import rewrite
+    from fcconv.verify import verify
+
+    target = output or _default_output(model)
+    if target.exists() and target.resolve() == model.resolve():
+        raise BadInputError(f"-o {target} would overwrite the input")
+    if target.is_dir():
+        raise BadInputError(f"-o {target}: is a directory")
+    if not target.parent.is_dir():
+        raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
+    loaded = _load(model, arch, input_shape, trust)
+    with console.status("Rewriting the head…"):
+        conversion = rewrite(loaded.module, loaded.input_shape, dense=dense)
+    console.print(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
+    for item in conversion.removed:
+        console.print(f"  removed: {item}", markup=False)
+    with staged_path(target) as staged:
+        with console.status(f"Exporting {target.name}…"):
+            export_onnx(conversion.module, staged, loaded.input_shape, metadata=fcconv_metadata(source=loaded.path))
+        with console.status("Verifying the export against the original…") as status:
+            report = verify(
+                loaded.module, staged, loaded.input_shape, sizes=_parse_sizes(sizes), dense=dense, rtol=rtol, atol=atol,
+                conversion=conversion, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
+            )  # fmt: skip
+        console.print(verification_table(report))
+        if not report.passed:
+            error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
+            raise typer.Exit(EXIT_MISMATCH)
+    console.print(f"wrote {target}", markup=False)
+
+
+@app.command()
+@_handle_errors
+def verify(
+    onnx_model: Annotated[
+        Path, typer.Argument(metavar="MODEL.onnx", help="An exported fully convolutional ONNX model.")
+    ],
+    reference: Annotated[Path, typer.Option("--reference", help="The original checkpoint to compare against.")],
+    arch: ArchOption = None,
+    input_shape: InputShapeOption = None,
+    dense: Annotated[
+        Optional[bool],
+        typer.Option("--dense/--no-dense", help="How the model was converted. [default: from its metadata]"),
+    ] = None,
+    sizes: SizesOption = None,
+    rtol: RtolOption = 1e-4,
+    atol: AtolOption = 0.0,
+    trust: TrustOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Re-check an exported model against the original: exit 0 when equivalent, 1 when not."""
+    from fcconv.export import OnnxModel
+    from fcconv.render import verification_table
+    from fcconv.verify import verify as run_verify
+
+    exported = OnnxModel(onnx_model)
+    meta = exported.metadata
+    if input_shape is None and "fcconv.input_shape" in meta:
+        input_shape = meta["fcconv.input_shape"]
+    if dense is None:
+        dense = meta.get("fcconv.dense", "false") == "true"
+    loaded = _load(reference, arch, input_shape, trust)
+    with console.status("Verifying…") as status:
+        report = run_verify(
+            loaded.module, exported, loaded.input_shape, sizes=_parse_sizes(sizes), dense=dense, rtol=rtol, atol=atol,
+            on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
+        )  # fmt: skip
+    console.print(verification_table(report))
+    if not report.passed:
+        error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
+        raise typer.Exit(EXIT_MISMATCH)
+    console.print(f"{onnx_model} matches {reference}", markup=False)
+
+
+@app.command()
+@_handle_errors
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to inspect.")],
+    arch: ArchOption = None,
+    input_shape: InputShapeOption = None,
+    dense: DenseOption = False,
+    trust: TrustOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show the fully connected head: each Linear, the map that feeds it, its convolution and its parameter share."""
+    from fcconv.render import inspect_table
+    from fcconv.rewrite import analyze
+
+    loaded = _load(model, arch, input_shape, trust)
+    conversion = analyze(loaded.module, loaded.input_shape, dense=dense)
+    console.print(inspect_table(conversion))
+    for item in conversion.removed:
+        console.print(f"  removed on conversion: {item}", markup=False)
+    geometry = conversion.geometry
+    reads = (
+        "the whole feature map (global pooling kept)"
+        if geometry.window is None
+        else (
+            f"a {'×'.join(map(str, geometry.window))} window of the {'×'.join(map(str, geometry.feature_shape))} "
+            f"feature map, every {'×'.join(map(str, geometry.stride))} cells"
+        )
+    )
+    console.print(f"  each output position reads {reads}", markup=False)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"fcconv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """fcconv: exact FC→conv surgery for trained classifiers."""
+
+
+def run() -> None:
+    """Entry point of the ``fcconv`` script."""
+    app(prog_name="fcconv")
+    sys.exit(0)

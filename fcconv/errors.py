@@ -1,0 +1,21 @@
+"""Errors that carry the exit code the command line reports for them."""
+
+from __future__ import annotations
+
+
+class FcconvError(Exception):
+    """A failure fcconv can explain in one line; ``exit_code`` is what the CLI returns."""
+
+    exit_code = 2
+
+
+class BadInputError(FcconvError):
+    """The file, flag or model given cannot be used as asked (exit code 2)."""
+
+    exit_code = 2
+
+
+class NotConvertibleError(FcconvError):
+    """The model cannot be made fully convolutional exactly (exit code 3)."""
+
+    exit_code = 3

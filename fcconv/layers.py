@@ -1,0 +1,139 @@
+"""Convolutions that came from fully connected layers.
+
+A Linear layer read as a convolution has stride 1, no padding and one group, and
+its kernel usually covers the whole feature map it was trained on. Computed as a
+convolution, such a kernel is slow: the convolution routines are tuned for small
+kernels over large maps, while here the map is barely larger than the kernel.
+The classes below keep a plain convolution's parameters and state_dict, and
+export as a plain convolution, but compute each call as the GEMM it really is:
+
+* the map is exactly the kernel (the native size): flatten + one GEMM, as the
+  original Linear did;
+* a 1×1 kernel: one GEMM over all positions in channels-last order;
+* a larger kernel over a larger map: the windows are gathered (unfold) and
+  multiplied by the weight in one GEMM, when that is cheaper than the
+  convolution; otherwise the convolution.
+
+All three are the same sums as the convolution, reordered, so they agree with it
+to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Above this many gathered window elements (positions × kernel volume × channels)
+# the unfold copy costs more than the convolution saves; measured in bench/.
+UNFOLD_MAX_ELEMENTS = 64 * 512 * 7 * 7 * 8
+
+
+class FullyConnectedConvMixin:
+    """Forward for a stride-1, unpadded, ungrouped convolution read as a GEMM."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    kernel_size: tuple[int, ...]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see module docstring
+        rank = len(self.kernel_size)
+        spatial = tuple(x.shape[2:])
+        if len(spatial) != rank or x.dim() != rank + 2:
+            return self._conv_forward(x, self.weight, self.bias)
+        if spatial == tuple(self.kernel_size):
+            y = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.weight.shape[0], -1), self.bias)
+            return y.reshape(y.shape[0], y.shape[1], *([1] * rank))
+        if math.prod(self.kernel_size) == 1:
+            y = F.linear(x.movedim(1, -1), self.weight.reshape(self.weight.shape[0], -1), self.bias)
+            return y.movedim(-1, 1)
+        positions = math.prod(s - k + 1 for s, k in zip(spatial, self.kernel_size))
+        if positions <= 0:
+            return self._conv_forward(x, self.weight, self.bias)
+        gathered = x.shape[0] * positions * self.weight[0].numel()
+        if gathered > UNFOLD_MAX_ELEMENTS:
+            return self._conv_forward(x, self.weight, self.bias)
+        return unfold_linear(x, self.weight, self.bias)
+
+
+def unfold_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Stride-1 valid convolution of any rank as window gathering plus one GEMM.
+
+    ``x`` is (N, C, *S), ``weight`` (O, C, *K); returns (N, O, *(S - K + 1)).
+    """
+    rank = weight.dim() - 2
+    windows = x
+    for axis, size in enumerate(weight.shape[2:]):
+        windows = windows.unfold(2 + axis, size, 1)
+    # windows: (N, C, *positions, *kernel) -> (N, *positions, C, *kernel)
+    order = [0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank)]
+    windows = windows.permute(order)
+    positions = windows.shape[1 : 1 + rank]
+    rows = windows.reshape(x.shape[0], *positions, -1)
+    y = F.linear(rows, weight.reshape(weight.shape[0], -1), bias)
+    return y.movedim(-1, 1)
+
+
+class FullyConnectedConv1d(FullyConnectedConvMixin, nn.Conv1d):
+    """A Linear layer as a Conv1d; a Conv1d's parameters, computed as a GEMM."""
+
+
+class FullyConnectedConv2d(FullyConnectedConvMixin, nn.Conv2d):
+    """A Linear layer as a Conv2d; a Conv2d's parameters, computed as a GEMM."""
+
+
+class FullyConnectedConv3d(FullyConnectedConvMixin, nn.Conv3d):
+    """A Linear layer as a Conv3d; a Conv3d's parameters, computed as a GEMM."""
+
+
+FULLY_CONNECTED_CONV: dict[int, type[nn.Module]] = {
+    1: FullyConnectedConv1d,
+    2: FullyConnectedConv2d,
+    3: FullyConnectedConv3d,
+}
+PLAIN_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def linear_as_conv(linear: nn.Linear, in_channels: int, kernel: tuple[int, ...]) -> nn.Module:
+    """The convolution equal to ``linear`` over a (C, *kernel) window, sharing its storage.
+
+    The weight is a reshaped view of the Linear's (C, *kernel) flattened in C-major
+    order, as NCHW flattening lays it out; the bias is the same Parameter.
+    """
+    out_features, in_features = linear.weight.shape
+    if in_features != in_channels * math.prod(kernel):
+        raise ValueError(
+            f"Linear takes {in_features} features, the window holds {in_channels}×{'×'.join(map(str, kernel))}"
+        )
+    conv = FULLY_CONNECTED_CONV[len(kernel)](
+        in_channels,
+        out_features,
+        kernel_size=kernel,
+        bias=linear.bias is not None,
+        device="meta",
+        dtype=linear.weight.dtype,
+    )
+    weight = linear.weight.detach().reshape(out_features, in_channels, *kernel)
+    conv.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        conv.bias = linear.bias
+    return conv
+
+
+def as_plain_conv(conv: nn.Module) -> nn.Module:
+    """The same convolution as the plain torch.nn class, sharing parameters (for export)."""
+    rank = len(conv.kernel_size)
+    plain = PLAIN_CONV[rank](
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        bias=conv.bias is not None,
+        device="meta",
+        dtype=conv.weight.dtype,
+    )
+    plain.weight = conv.weight
+    if conv.bias is not None:
+        plain.bias = conv.bias
+    return plain

@@ -1,0 +1,79 @@
+"""Rich tables for the command line; the numbers come from the library's dataclasses."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from fcconv.rewrite import Conversion
+from fcconv.verify import VerificationReport
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def rewrite_table(conversion: Conversion, title: str = "Rewritten layers") -> Table:
+    """Layer, before, after, kernel and parameters of every rewritten Linear."""
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "before", "after", "kernel"):
+        table.add_column(column)
+    table.add_column("parameters", justify="right")
+    for layer in conversion.layers:
+        after = layer.after + (f"  [dim]{layer.note}[/dim]" if layer.note else "")
+        table.add_row(layer.name, layer.before, after, _dims(layer.kernel), f"{layer.parameters:,}")
+    return table
+
+
+def inspect_table(conversion: Conversion) -> Table:
+    """Each Linear of the head, the map that feeds it, its convolution and its share of the parameters."""
+    total = max(conversion.total_parameters, 1)
+    table = Table(title="Fully connected head", title_justify="left")
+    table.add_column("layer")
+    table.add_column("feature map in")
+    table.add_column("fully connected")
+    table.add_column("convolution")
+    table.add_column("parameters", justify="right")
+    table.add_column("share", justify="right")
+    for layer in conversion.layers:
+        table.add_row(
+            layer.name,
+            _dims(layer.in_map),
+            layer.before,
+            f"{layer.after}, kernel {_dims(layer.kernel)}",
+            f"{layer.parameters:,}",
+            f"{100 * layer.parameters / total:.1f}%",
+        )
+    share = 100 * conversion.head_parameters / total
+    table.caption = f"head: {conversion.head_parameters:,} of {conversion.total_parameters:,} parameters ({share:.1f}%)"
+    return table
+
+
+def _sci(value: float) -> str:
+    return f"{value:.1e}"
+
+
+def verification_table(report: VerificationReport) -> Table:
+    """One row per input size and reference: errors, tolerance, worst element and verdict."""
+    table = Table(
+        title=f"Verification (rtol {report.rtol:g}, atol {report.atol:g}, {report.dtype})", title_justify="left"
+    )
+    for column in ("input", "reference", "output"):
+        table.add_column(column)
+    for column in ("max abs", "mean abs", "max rel", "mean rel"):
+        table.add_column(column, justify="right")
+    table.add_column("worst at")
+    table.add_column("result")
+    for check in report.checks:
+        verdict = "[green]ok[/green]" if check.passed else f"[red]FAIL[/red] {check.message}".rstrip()
+        table.add_row(
+            _dims(check.input_size),
+            check.reference,
+            _dims(check.output_shape),
+            _sci(check.max_abs),
+            _sci(check.mean_abs),
+            _sci(check.max_rel),
+            _sci(check.mean_rel),
+            str(check.worst) if check.worst else "-",
+            verdict,
+        )
+    return table

@@ -1,0 +1,711 @@
+"""Rewrite a classifier's fully connected head as convolutions, with torch.fx.
+
+The model is traced, its shapes are propagated at the native input size, and the
+place where the spatial axes are collapsed (a flatten, view or reshape, a mean
+over the spatial axes, or a global pooling followed by a flatten) is located.
+Everything before it is the *trunk* and is kept as it is. Everything after it is
+the *head*: a graph of Linear layers and per-element or per-feature layers,
+which is rewritten so that it acts on every position of a feature map:
+
+* the first Linear after a flatten of a (C, *S) map becomes a convolution whose
+  kernel is S; every later Linear a pointwise convolution of the same rank;
+* BatchNorm1d becomes the BatchNorm of the map's rank (same parameters),
+  softmax over the features becomes softmax over channels, element-wise layers
+  stay as they are;
+* an adaptive pooling that feeds the flatten is removed where it is the
+  identity at the native size, replaced by the fixed pooling of the same effect
+  where the map divides evenly, and otherwise folded into the first kernel.
+
+The converted module's weights are reshaped views of the original's, not copies,
+and its layers keep the original names (``classifier.0`` stays ``classifier.0``).
+Anything that cannot be rewritten exactly raises :class:`NotConvertibleError`
+naming the node and the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fcconv.errors import BadInputError, NotConvertibleError
+from fcconv.layers import linear_as_conv
+
+__all__ = ["Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "rewrite"]
+
+
+@dataclass(frozen=True)
+class RewrittenLayer:
+    """One layer of the head as it was and as it became."""
+
+    name: str
+    before: str
+    after: str
+    in_map: tuple[int, ...]
+    """Shape (C, *S) of the feature map the layer reads, per sample, at the native size."""
+    kernel: tuple[int, ...]
+    parameters: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    """Which part of the original's feature map one output position of the converted model reads.
+
+    ``window`` is the spatial extent of that part in feature-map cells, ``stride``
+    the step between neighbouring positions; ``window`` is None when the head keeps
+    a global pooling and reads the whole map, whatever its size.
+    """
+
+    input_shape: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    window: tuple[int, ...] | None
+    stride: tuple[int, ...]
+    dense: bool
+
+    @property
+    def spatial_rank(self) -> int:
+        return len(self.input_shape) - 1
+
+    def output_size(self, feature_size: tuple[int, ...]) -> tuple[int, ...]:
+        """Spatial size of the converted model's output for a feature map of ``feature_size``."""
+        if self.window is None:
+            return (1,) * self.spatial_rank
+        return tuple((f - w) // s + 1 for f, w, s in zip(feature_size, self.window, self.stride))
+
+
+@dataclass
+class Conversion:
+    """The result of :func:`rewrite`: the converted model and how it relates to the original.
+
+    ``features`` and ``head`` are the original model cut at the head's input: the
+    verifier runs ``features`` on a large input and slides ``head`` over it.
+    """
+
+    module: fx.GraphModule
+    features: fx.GraphModule
+    head: fx.GraphModule
+    geometry: HeadGeometry
+    layers: list[RewrittenLayer] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    total_parameters: int = 0
+
+    @property
+    def head_parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+
+# --- what may appear in a head ------------------------------------------------------------------
+
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Threshold,
+)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
+    F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid,
+    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.alpha_dropout, torch.dropout,
+    torch.nn.functional.threshold, torch.exp, torch.abs, torch.neg, torch.clamp, torch.clip,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp", "clip",
+    "clamp_", "contiguous", "float", "to", "type_as",
+}  # fmt: skip
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
+_CHANNEL_SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_CHANNEL_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_MEAN_FUNCTIONS = {torch.mean, torch.amax}
+_MEAN_METHODS = {"mean", "amax"}
+_ADAPTIVE_POOL_MODULES = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_ADAPTIVE_POOL_FUNCTIONS = {
+    F.adaptive_avg_pool1d: "avg", F.adaptive_avg_pool2d: "avg", F.adaptive_avg_pool3d: "avg",
+    F.adaptive_max_pool1d: "max", F.adaptive_max_pool2d: "max", F.adaptive_max_pool3d: "max",
+}  # fmt: skip
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+# --- public entry points --------------------------------------------------------------------------
+
+
+def convert(model: nn.Module, input_shape: tuple[int, ...] = (3, 224, 224), *, dense: bool = False) -> nn.Module:
+    """Return ``model`` as a fully convolutional module.
+
+    ``input_shape`` is the native per-sample input (C, H, W), (C, L) or (C, D, H, W).
+    At that size the output, flattened, equals the original (N, K) output; at any
+    larger size it is (N, K, *map), one score vector per window of the original
+    input. With ``dense=True`` a global pooling before the head is dropped and the
+    output is the per-position score map instead of (N, K, 1, 1).
+
+    The result shares its weights with ``model`` (reshaped views, no copies).
+    Raises :class:`~fcconv.errors.NotConvertibleError` when the head holds
+    something that cannot be rewritten exactly, naming the node.
+
+    Example::
+
+        >>> import torchvision, fcconv
+        >>> fcn = fcconv.convert(torchvision.models.vgg16(), (3, 224, 224))
+        >>> fcn(torch.randn(1, 3, 448, 448)).shape
+        torch.Size([1, 1000, 8, 8])
+    """
+    return rewrite(model, input_shape, dense=dense).module
+
+
+def rewrite(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool = False) -> Conversion:
+    """Like :func:`convert`, returning the :class:`Conversion` with what was rewritten."""
+    plan = _plan(model, input_shape, dense=dense)
+    module = _apply(plan)
+    module.fcconv_geometry = plan.geometry
+    return Conversion(
+        module=module,
+        features=plan.features,
+        head=plan.head,
+        geometry=plan.geometry,
+        layers=plan.layers,
+        removed=plan.removed,
+        total_parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def analyze(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool = False) -> Conversion:
+    """Plan the rewrite without building the converted module (``module`` is the traced original)."""
+    plan = _plan(model, input_shape, dense=dense)
+    return Conversion(
+        module=plan.traced,
+        features=plan.features,
+        head=plan.head,
+        geometry=plan.geometry,
+        layers=plan.layers,
+        removed=plan.removed,
+        total_parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    traced: fx.GraphModule
+    features: fx.GraphModule
+    head: fx.GraphModule
+    geometry: HeadGeometry
+    layers: list[RewrittenLayer]
+    removed: list[str]
+    edits: list[Callable[[fx.GraphModule], None]]
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` (in eval mode), explaining a failure in one line."""
+    model.eval()
+    if isinstance(model, fx.GraphModule):
+        return fx.GraphModule(model, model.graph)
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NotConvertibleError(
+            f"{type(model).__name__} cannot be traced with torch.fx ({first}); "
+            "data-dependent control flow in forward() keeps fcconv from seeing the head"
+        ) from exc
+
+
+def _propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    params = [p for p in gm.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        sample = torch.empty((2, *input_shape), dtype=dtype, device=device)
+    try:
+        # ShapeProp prints the traceback of a failing node itself; the error below says it in one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm, fake_mode=fake_mode).propagate(sample)
+    except Exception as exc:  # noqa: BLE001 - the model refused this input; say so in one line
+        shape = "×".join(map(str, input_shape))
+        cause = exc.__cause__ or exc
+        text = " ".join(str(cause).split())
+        raise BadInputError(f"the model cannot take an input of shape {shape}: {text[:300]}") from exc
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(s) for s in meta.shape)
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "call_function":
+        return f"{node.name} ({getattr(node.target, '__name__', str(node.target))})"
+    if node.op == "call_method":
+        return f"{node.name} (.{node.target}())"
+    return node.name
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_collapse(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> str | None:
+    """'flatten' or 'global-avg'/'global-max' when ``node`` collapses a (N, C, *S) map to (N, F)."""
+    out = _shape(node)
+    source = node.args[0] if node.args else None
+    src = _shape(source)
+    if out is None or src is None or len(out) != 2 or len(src) != rank + 2:
+        return None
+    flat = out[0] == src[0] and out[1] == math.prod(src[1:])
+    if node.op == "call_module" and isinstance(modules[node.target], nn.Flatten) and flat:
+        return "flatten"
+    if flat and (
+        (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _FLATTEN_METHODS)
+    ):
+        return "flatten"
+    if (node.op == "call_function" and node.target in _MEAN_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MEAN_METHODS
+    ):
+        return "global-avg" if getattr(node.target, "__name__", node.target) == "mean" else "global-max"
+    return "other"
+
+
+def _adaptive_pool(node: Any, modules: dict[str, nn.Module]) -> str | None:
+    """'avg' or 'max' when ``node`` is an adaptive pooling."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module" and isinstance(modules[node.target], _ADAPTIVE_POOL_MODULES):
+        mod = modules[node.target]
+        if getattr(mod, "return_indices", False):
+            return None
+        return "max" if "Max" in type(mod).__name__ else "avg"
+    if node.op == "call_function" and node.target in _ADAPTIVE_POOL_FUNCTIONS:
+        return _ADAPTIVE_POOL_FUNCTIONS[node.target]
+    return None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.users)
+    return seen
+
+
+def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Plan:
+    input_shape = tuple(int(s) for s in input_shape)
+    rank = len(input_shape) - 1
+    if rank not in (1, 2, 3) or any(s <= 0 for s in input_shape):
+        raise BadInputError(f"input shape {input_shape} is not (C, L), (C, H, W) or (C, D, H, W) with positive sizes")
+    gm = trace(model)
+    _propagate_shapes(gm, input_shape)
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise NotConvertibleError(f"forward() takes {len(placeholders)} inputs; fcconv converts models with one input")
+
+    collapse = None
+    for node in graph.nodes:
+        kind = _is_collapse(node, modules, rank)
+        if kind is None:
+            continue
+        if kind == "other":
+            src = _shape(node.args[0])
+            raise NotConvertibleError(
+                f"{_describe(node, modules)} turns the {'×'.join(map(str, src[1:]))} feature map into a vector "
+                "in a way fcconv cannot read as sliding windows"
+            )
+        collapse = (node, kind)
+        break
+    if collapse is None:
+        out_shapes = [_shape(n) for n in graph.nodes if n.op == "output"]
+        raise NotConvertibleError(
+            "no flatten, view, reshape, mean or global pooling of a "
+            f"{'(N, C, L)' if rank == 1 else '(N, C, H, W)' if rank == 2 else '(N, C, D, H, W)'} feature map "
+            f"was found before the output{f' {out_shapes[0]}' if out_shapes and out_shapes[0] else ''}; "
+            "either the model is already fully convolutional or its input has another rank than --input-shape"
+        )
+    collapse_node, collapse_kind = collapse
+    collapsed = collapse_node.args[0]
+    assert isinstance(collapsed, fx.Node)
+
+    if collapsed.op in ("call_method", "call_function") and getattr(collapsed.target, "__name__", collapsed.target) in (
+        "permute",
+        "transpose",
+    ):
+        raise NotConvertibleError(
+            f"{_describe(collapse_node, modules)} flattens a permuted map ({_describe(collapsed, modules)}); "
+            "permuted flattens are not supported yet"
+        )
+
+    # Where the head starts: an adaptive pooling that feeds the flatten belongs to it.
+    pool_kind = _adaptive_pool(collapsed, modules) if collapse_kind == "flatten" else None
+    if pool_kind is not None and len(collapsed.users) == 1:
+        pool_node: fx.Node | None = collapsed
+        entry = collapsed.args[0]
+    else:
+        pool_node = None
+        entry = collapsed
+    assert isinstance(entry, fx.Node)
+    entry_shape = _shape(entry)
+    if entry_shape is None or len(entry_shape) != rank + 2:
+        raise NotConvertibleError(f"the head's input {entry.name} is not a feature map of rank {rank + 2}")
+    channels, feature_size = entry_shape[1], entry_shape[2:]
+    feature_shape = (channels, *feature_size)
+
+    edits: list[Callable[[fx.GraphModule], None]] = []
+    removed: list[str] = []
+    notes: dict[str, str] = {}
+    fold: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    if collapse_kind in ("global-avg", "global-max"):
+        dims = _arg(collapse_node, 1, "dim", None)
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        spatial_dims = {d % (rank + 2) for d in dims}
+        keepdim = _arg(collapse_node, 2, "keepdim", False)
+        if spatial_dims != set(range(2, rank + 2)) or keepdim:
+            raise NotConvertibleError(f"{_describe(collapse_node, modules)} does not reduce exactly the spatial axes")
+        if dense:
+            edits.append(_replace_with_input(collapse_node.name))
+            removed.append(f"{collapse_node.name} (global {collapse_kind[7:]} pooling: dense map)")
+            window: tuple[int, ...] | None = (1,) * rank
+        else:
+            edits.append(_set_kwarg(collapse_node.name, "keepdim", True, positional_index=2))
+            window = None
+        kernel = (1,) * rank
+        stride = (1,) * rank
+    else:
+        if pool_node is not None:
+            pooled = _shape(pool_node)[2:]
+            pool_name = pool_node.target if pool_node.op == "call_module" else pool_node.name
+            if all(p == 1 for p in pooled) and dense:
+                edits.append(_replace_with_input(pool_node.name))
+                removed.append(f"{pool_name} (global {pool_kind} pooling: dense map)")
+                window, kernel, stride = (1,) * rank, (1,) * rank, (1,) * rank
+            elif all(p == 1 for p in pooled):
+                window, kernel, stride = None, (1,) * rank, (1,) * rank
+            elif pooled == feature_size:
+                edits.append(_replace_with_input(pool_node.name))
+                removed.append(f"{pool_name} (identity at the native size)")
+                window, kernel, stride = feature_size, feature_size, (1,) * rank
+            elif all(f % p == 0 for f, p in zip(feature_size, pooled)):
+                factor = tuple(f // p for f, p in zip(feature_size, pooled))
+                pool_cls = (_AVG_POOL if pool_kind == "avg" else _MAX_POOL)[rank]
+                edits.append(_replace_with_module(pool_node, pool_cls(kernel_size=factor, stride=factor)))
+                notes["pool"] = f"{pool_name} → {pool_cls.__name__}({'×'.join(map(str, factor))})"
+                window, kernel, stride = feature_size, pooled, factor
+            elif pool_kind == "avg":
+                fold = _adaptive_avg_fold(channels, feature_size, pooled)
+                edits.append(_replace_with_input(pool_node.name))
+                removed.append(f"{pool_name} (folded into the first kernel)")
+                window, kernel, stride = feature_size, feature_size, (1,) * rank
+            else:
+                raise NotConvertibleError(
+                    f"{pool_name} max-pools a {'×'.join(map(str, feature_size))} map to "
+                    f"{'×'.join(map(str, pooled))}, which does not divide evenly and is not linear"
+                )
+        else:
+            window, kernel, stride = feature_size, feature_size, (1,) * rank
+        edits.append(_replace_with_input(collapse_node.name))
+        removed.append(_describe(collapse_node, modules))
+
+    # Walk the head: everything downstream of the collapse.
+    head_nodes = [n for n in graph.nodes if n in _descendants(collapse_node) and n is not collapse_node]
+    trunk = _ancestors(entry)
+    windowed = math.prod(kernel) > 1  # before the first Linear each position holds a whole window
+    stage: dict[fx.Node, str] = {collapse_node: "window" if windowed else "features"}
+    layers: list[RewrittenLayer] = []
+    for node in head_nodes:
+        if node.op == "output":
+            continue
+        tensor_inputs = [a for a in node.all_input_nodes if a in stage]
+        others = [a for a in node.all_input_nodes if a not in stage and a.op != "get_attr"]
+        others = [a for a in others if _shape(a) is not None]
+        if others:
+            raise NotConvertibleError(
+                f"{_describe(node, modules)} combines the flattened features with {others[0].name}, "
+                "which fcconv cannot read per position"
+            )
+        in_stage = {stage[a] for a in tensor_inputs}
+        if len(in_stage) > 1:
+            raise NotConvertibleError(
+                f"{_describe(node, modules)} mixes the flattened window with per-position features"
+            )
+        current = in_stage.pop()
+        where = f"{_describe(node, modules)} after {collapse_node.name}"
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if isinstance(mod, nn.Linear):
+                in_map = (channels, *kernel) if current == "window" else (mod.in_features, *(1,) * rank)
+                k = tuple(in_map[1:])
+                layer_fold = fold if current == "window" else None
+                edits.append(_replace_linear(node.target, in_map[0], k, layer_fold))
+                params = mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
+                conv_name = f"Conv{rank}d" if rank > 1 else "Conv1d"
+                note = notes.pop("pool", "")
+                if layer_fold is not None:
+                    note = "adaptive pooling folded into the kernel"
+                    params = mod.out_features * channels * math.prod(feature_size) + (
+                        mod.out_features if mod.bias is not None else 0
+                    )
+                layers.append(
+                    RewrittenLayer(
+                        name=node.target,
+                        before=f"Linear({mod.in_features} → {mod.out_features})",
+                        after=f"{conv_name}({in_map[0]} → {mod.out_features})",
+                        in_map=in_map,
+                        kernel=k,
+                        parameters=params,
+                        note=note,
+                    )
+                )
+                stage[node] = "features"
+                continue
+            if isinstance(mod, _ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
+                stage[node] = current
+                continue
+            if current == "window":
+                raise NotConvertibleError(
+                    f"{where} acts on the flattened window as a whole, not per position; "
+                    "only element-wise layers may stand between the flatten and the first Linear"
+                )
+            if isinstance(mod, nn.PReLU):
+                stage[node] = current
+                continue
+            if isinstance(mod, nn.BatchNorm1d):
+                edits.append(_replace_batchnorm(node.target, rank))
+                stage[node] = current
+                continue
+            if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim in (1, -1):
+                edits.append(_replace_with_module(node, type(mod)(dim=1)))
+                stage[node] = current
+                continue
+            raise NotConvertibleError(f"{where} has no exact per-position equivalent")
+        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            stage[node] = current
+            continue
+        if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            stage[node] = current
+            continue
+        if node.op == "call_function" and node.target in _ARITHMETIC:
+            scalars_ok = all(isinstance(a, (int, float)) or a in stage for a in node.args)
+            if scalars_ok:
+                stage[node] = current
+                continue
+        if current == "features" and (
+            (node.op == "call_function" and node.target in _CHANNEL_SOFTMAX_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _CHANNEL_SOFTMAX_METHODS)
+        ):
+            dim = _arg(node, 1, "dim", None)
+            if dim in (1, -1):
+                edits.append(_set_kwarg(node.name, "dim", 1, positional_index=1))
+                stage[node] = current
+                continue
+        raise NotConvertibleError(f"{where} has no exact per-position equivalent")
+
+    output = next(n for n in graph.nodes if n.op == "output")
+    for value in output.all_input_nodes:
+        if value in trunk or value not in stage:
+            raise NotConvertibleError(f"the model also returns {value.name}, which is not computed by the head")
+        if stage[value] == "window":
+            raise NotConvertibleError(
+                f"the flatten at {collapse_node.name} is not followed by a Linear layer; "
+                "a flattened window has no per-position reading"
+            )
+    if not layers and window is not None and math.prod(window) > 1:
+        raise NotConvertibleError(f"the flatten at {collapse_node.name} is not followed by a Linear layer")
+
+    geometry = HeadGeometry(
+        input_shape=input_shape,
+        feature_shape=feature_shape,
+        window=tuple(window) if window is not None else None,
+        stride=tuple(stride),
+        dense=dense,
+    )
+    features, head = _split(gm, entry, trunk)
+    return _Plan(gm, features, head, geometry, layers, removed, edits)
+
+
+def _adaptive_avg_fold(
+    channels: int, feature_size: tuple[int, ...], pooled: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Map a Linear's (O, C·∏pooled) weight to the (O, C·∏feature_size) weight that includes the pooling.
+
+    Adaptive average pooling is linear and separable per axis, so pooling then
+    applying the Linear equals one Linear over the unpooled window.
+    """
+
+    def pooling_matrix(size: int, out: int) -> torch.Tensor:
+        eye = torch.eye(size, dtype=torch.float64).unsqueeze(0)  # row i of the batch is basis vector i
+        return F.adaptive_avg_pool1d(eye, out)[0]  # (size, out): input cell -> its weight in each output cell
+
+    mats = [pooling_matrix(s, p) for s, p in zip(feature_size, pooled)]
+
+    def fold(weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach().double().reshape(weight.shape[0], channels, *pooled)
+        for axis, mat in enumerate(mats):
+            # contract the pooled axis with the pooling weights, giving the unpooled axis
+            w = torch.movedim(torch.tensordot(w, mat, dims=([2 + axis], [1])), -1, 2 + axis)
+        return w.reshape(weight.shape[0], -1).to(weight.dtype)
+
+    return fold
+
+
+def _split(gm: fx.GraphModule, entry: fx.Node, trunk: set[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Cut the traced original at ``entry``: (features: input -> entry, head: entry -> output)."""
+    features_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in trunk:
+            env[node] = features_graph.node_copy(node, lambda n: env[n])
+    features_graph.output(env[entry])
+
+    head_graph = fx.Graph()
+    henv: dict[fx.Node, fx.Node] = {entry: head_graph.placeholder("features")}
+    downstream = _descendants(entry)
+    for node in gm.graph.nodes:
+        if node is entry or not (node in downstream or node.op == "get_attr"):
+            continue
+        henv[node] = head_graph.node_copy(node, lambda n: henv[n])
+    features = fx.GraphModule(gm, features_graph, class_name="Features")
+    head = fx.GraphModule(gm, head_graph, class_name="Head")
+    head.graph.eliminate_dead_code()
+    head.recompile()
+    return features, head
+
+
+# --- applying the plan ----------------------------------------------------------------------------
+
+
+def _find(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _replace_with_input(name: str) -> Callable[[fx.GraphModule], None]:
+    def edit(gm: fx.GraphModule) -> None:
+        node = _find(gm, name)
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+
+    return edit
+
+
+def _set_kwarg(name: str, key: str, value: Any, *, positional_index: int) -> Callable[[fx.GraphModule], None]:
+    def edit(gm: fx.GraphModule) -> None:
+        node = _find(gm, name)
+        if len(node.args) > positional_index:
+            args = list(node.args)
+            args[positional_index] = value
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, key: value}
+
+    return edit
+
+
+def _replace_with_module(node: fx.Node, module: nn.Module) -> Callable[[fx.GraphModule], None]:
+    name = node.name
+    target = node.target if node.op == "call_module" else f"fcconv_{node.name}"
+
+    def edit(gm: fx.GraphModule) -> None:
+        n = _find(gm, name)
+        gm.add_submodule(target, module)
+        if n.op == "call_module":
+            return
+        with gm.graph.inserting_after(n):
+            new = gm.graph.call_module(target, (n.args[0],))
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+
+    return edit
+
+
+def _replace_linear(
+    target: str, in_channels: int, kernel: tuple[int, ...], fold: Callable[[torch.Tensor], torch.Tensor] | None
+) -> Callable[[fx.GraphModule], None]:
+    def edit(gm: fx.GraphModule) -> None:
+        linear = gm.get_submodule(target)
+        if fold is not None:
+            # the folded weight is new data: the one copy this rewrite makes
+            folded = nn.Linear(
+                in_channels * math.prod(kernel), linear.out_features, bias=linear.bias is not None, device="meta"
+            )
+            folded.weight = nn.Parameter(fold(linear.weight), requires_grad=linear.weight.requires_grad)
+            if linear.bias is not None:
+                folded.bias = linear.bias
+            linear = folded
+        gm.add_submodule(target, linear_as_conv(linear, in_channels, kernel))
+
+    return edit
+
+
+def _replace_batchnorm(target: str, rank: int) -> Callable[[fx.GraphModule], None]:
+    def edit(gm: fx.GraphModule) -> None:
+        bn1d = gm.get_submodule(target)
+        bn = _BATCH_NORM[rank](
+            bn1d.num_features, eps=bn1d.eps, momentum=bn1d.momentum, affine=bn1d.affine,
+            track_running_stats=bn1d.track_running_stats, device="meta",
+        )  # fmt: skip
+        for name, value in list(bn1d.named_parameters(recurse=False)):
+            setattr(bn, name, value)
+        for name, value in list(bn1d.named_buffers(recurse=False)):
+            bn.register_buffer(name, value)
+        bn.eval()
+        gm.add_submodule(target, bn)
+
+    return edit
+
+
+def _apply(plan: _Plan) -> fx.GraphModule:
+    gm = fx.GraphModule(plan.traced, plan.traced.graph.__deepcopy__(), class_name="FullyConvolutional")
+    # node names survive the deep copy, which is what the edits look up
+    for edit in plan.edits:
+        edit(gm)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    return gm

@@ -1,0 +1,196 @@
+"""Check a converted model against the original, number by number.
+
+Two readings of the original are compared with the converted model's output:
+
+* at the native input size, the original's own (N, K) output;
+* at any input size, the *sliding-window reference*: the original's feature part
+  run on the whole input, and the original head applied to every window of that
+  feature map that one output position reads (:class:`~fcconv.rewrite.HeadGeometry`).
+
+Errors are measured against the reference's largest magnitude: a check passes
+when ``max |converted - reference| <= atol + rtol * max |reference|``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fcconv.rewrite import Conversion, analyze
+
+__all__ = ["SizeCheck", "VerificationReport", "default_sizes", "sliding_window_reference", "verify"]
+
+DEFAULT_RTOL = 1e-4
+HEAD_CHUNK = 256  # windows per call of the original head
+
+
+@dataclass(frozen=True)
+class SizeCheck:
+    """The comparison at one input size. Relative errors are relative to ``scale``, the reference's largest magnitude."""
+
+    input_size: tuple[int, ...]
+    reference: str
+    expected_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    scale: float
+    worst: tuple[int, ...]
+    tolerance: float
+    passed: bool
+    message: str = ""
+
+
+@dataclass
+class VerificationReport:
+    """Every :class:`SizeCheck` of one verification, with the tolerances used."""
+
+    checks: list[SizeCheck] = field(default_factory=list)
+    rtol: float = DEFAULT_RTOL
+    atol: float = 0.0
+    dtype: str = "float32"
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "rtol": self.rtol, "atol": self.atol, "dtype": self.dtype,
+                "checks": [asdict(c) for c in self.checks]}  # fmt: skip
+
+
+def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The native spatial size, a larger odd non-square one, and twice the native size."""
+    native = tuple(int(s) for s in input_shape[1:])
+    factors = [1.25 if axis % 2 == 0 else 1.5 for axis in range(len(native))]
+    odd = tuple(max(s + 1, round(s * f)) | 1 for s, f in zip(native, factors))
+    double = tuple(2 * s for s in native)
+    return [native, odd, double]
+
+
+@torch.inference_mode()
+def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> torch.Tensor:
+    """The original head applied to every window of the original features of ``x``: (N, K, *map)."""
+    geometry = conversion.geometry
+    rank = geometry.spatial_rank
+    feats = conversion.features(x)
+    n = feats.shape[0]
+    if geometry.window is None:
+        scores = conversion.head(feats)
+        return scores.reshape(n, scores.shape[1], *(1,) * rank)
+    windows = feats
+    for axis, (size, step) in enumerate(zip(geometry.window, geometry.stride)):
+        windows = windows.unfold(2 + axis, size, step)
+    positions = windows.shape[2 : 2 + rank]
+    order = [0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank)]
+    windows = windows.permute(order).reshape(n * math.prod(positions), feats.shape[1], *geometry.window)
+    scores = torch.cat([conversion.head(chunk) for chunk in windows.split(HEAD_CHUNK)])
+    return scores.reshape(n, *positions, scores.shape[1]).movedim(-1, 1)
+
+
+def _compare(
+    size: tuple[int, ...], reference: str, expected: torch.Tensor, actual: torch.Tensor, rtol: float, atol: float
+) -> SizeCheck:
+    expected = expected.detach().double()
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    tolerance = atol + rtol * scale
+    if tuple(actual.shape) != tuple(expected.shape):
+        return SizeCheck(size, reference, tuple(expected.shape), tuple(actual.shape), math.inf, math.inf, math.inf,
+                         math.inf, scale, (), tolerance, False, "output shape differs from the reference")  # fmt: skip
+    diff = (actual.detach().double() - expected).abs()
+    finite = bool(torch.isfinite(diff).all())
+    max_abs = float(diff.max()) if finite else math.inf
+    mean_abs = float(diff.mean()) if finite else math.inf
+    worst = tuple(int(i) for i in torch.unravel_index(torch.nan_to_num(diff, nan=math.inf).argmax(), diff.shape))
+    denom = scale if scale > 0 else 1.0
+    return SizeCheck(
+        input_size=size,
+        reference=reference,
+        expected_shape=tuple(expected.shape),
+        output_shape=tuple(actual.shape),
+        max_abs=max_abs,
+        mean_abs=mean_abs,
+        max_rel=max_abs / denom,
+        mean_rel=mean_abs / denom,
+        scale=scale,
+        worst=worst,
+        tolerance=tolerance,
+        passed=finite and max_abs <= tolerance,
+        message="" if finite else "the output holds NaN or infinity",
+    )
+
+
+def _runner(
+    converted: nn.Module | str | Path | Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(converted, (str, Path)):
+        from fcconv.export import OnnxModel
+
+        return OnnxModel(converted)
+    if isinstance(converted, nn.Module):
+        converted.eval()
+    return converted
+
+
+@torch.inference_mode()
+def verify(
+    original: nn.Module,
+    converted: nn.Module | str | Path | Callable[[torch.Tensor], torch.Tensor],
+    input_shape: Sequence[int] = (3, 224, 224),
+    *,
+    sizes: Sequence[Sequence[int]] | None = None,
+    dense: bool | None = None,
+    batch: int = 2,
+    seed: int = 0,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = 0.0,
+    conversion: Conversion | None = None,
+    on_size: Callable[[tuple[int, ...]], None] | None = None,
+) -> VerificationReport:
+    """Compare ``converted`` (a module, an ONNX file or any callable) with ``original`` on random inputs.
+
+    At the native size the reference is ``original``'s own output, reshaped to
+    (N, K, 1, ...); at every size it is also :func:`sliding_window_reference`.
+    ``sizes`` are spatial sizes (default: :func:`default_sizes`); ``dense`` says how
+    the model was converted (default: as recorded on ``converted``, else False).
+    Returns a :class:`VerificationReport`; it does not raise when the check fails.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    original.eval()
+    if dense is None:
+        dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
+    if conversion is None:
+        conversion = analyze(original, input_shape, dense=dense)
+    run = _runner(converted)
+    params = [p for p in original.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    generator = torch.Generator().manual_seed(seed)
+    native = input_shape[1:]
+    report = VerificationReport(rtol=rtol, atol=atol, dtype=str(dtype).removeprefix("torch."))
+    for size in [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]:
+        if on_size is not None:
+            on_size(size)
+        x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype=dtype, device=device)
+        try:
+            actual = run(x)
+        except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails the check, with the reason
+            text = " ".join(str(exc).split())[:300]
+            report.checks.append(SizeCheck(size, "-", (), (), math.inf, math.inf, math.inf, math.inf, 0.0, (),
+                                           0.0, False, f"the converted model failed: {text}"))  # fmt: skip
+            continue
+        if size == native and not dense:
+            expected = original(x)
+            if isinstance(expected, torch.Tensor):
+                expected = expected.reshape(*expected.shape, *(1,) * (len(native)))
+                report.checks.append(_compare(size, "original", expected, actual, rtol, atol))
+        expected = sliding_window_reference(conversion, x)
+        report.checks.append(_compare(size, "sliding window", expected, actual, rtol, atol))
+    return report

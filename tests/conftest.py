@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+torch.set_num_threads(2)
+
+
+def seeded(factory, *args, **kwargs):
+    torch.manual_seed(0)
+    return factory(*args, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def vgg16():
+    return seeded(torchvision.models.vgg16, weights=None, num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def lenet():
+    from custom_models import LeNet
+
+    return seeded(LeNet)

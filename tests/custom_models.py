@@ -1,0 +1,76 @@
+"""Small classifiers the tests convert: importable as ``custom_models:<name>`` from this folder."""
+
+import torch
+from torch import nn
+
+
+class LeNet(nn.Module):
+    """Caffe's LeNet: 1×28×28 in, ``x.view(x.size(0), -1)``, then Linear(50·4·4, 500) → ReLU → Linear(500, 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.pool1 = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.pool2 = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(500, 10)
+
+    def forward(self, x):
+        x = self.pool2(self.conv2(self.pool1(self.conv1(x))))
+        x = x.view(x.size(0), -1)
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+class HeadWithBatchNorm(nn.Module):
+    """Flatten → Linear → BatchNorm1d → GELU → Dropout → Linear → softmax(dim=-1), no bias on the first Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 12, 3), nn.ReLU())
+        self.fc1 = nn.Linear(12 * 5 * 6, 32, bias=False)
+        self.bn = nn.BatchNorm1d(32)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(32, 7)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        x = self.drop(torch.nn.functional.gelu(self.bn(self.fc1(x))))
+        return torch.softmax(self.fc2(x), dim=-1)
+
+
+class NormalizesTheWindow(nn.Module):
+    """A LayerNorm over the flattened window before the first Linear: not a per-position operation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.LayerNorm(4 * 6 * 6)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.conv(x).flatten(1)))
+
+
+class FlattenOnly(nn.Module):
+    """Ends in a flatten with no Linear after it: the output has no per-position reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).flatten(1)
+
+
+class MeanPooled(nn.Module):
+    """Global pooling written as ``x.mean([2, 3])``, then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean([2, 3]))

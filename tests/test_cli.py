@@ -1,0 +1,183 @@
+"""The command line: convert, verify, inspect, and how each treats bad input."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from conftest import REPO, TESTS, seeded
+from onnx import numpy_helper
+
+FCCONV = [sys.executable, "-m", "fcconv"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*FCCONV, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def vgg16_checkpoint(tmp_path_factory, vgg16):
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pt"
+    torch.save(vgg16.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted_vgg16(vgg16_checkpoint):
+    before = digest(vgg16_checkpoint)
+    result = run("convert", vgg16_checkpoint, "--arch", "vgg16")
+    return vgg16_checkpoint, result, before
+
+
+def test_convert_vgg16_writes_a_verified_onnx_beside_the_checkpoint(converted_vgg16):
+    checkpoint, result, before = converted_vgg16
+    assert result.returncode == 0, result.stderr
+    out = checkpoint.with_name("vgg16.fcn.onnx")
+    assert out.is_file()
+    for text in ("classifier.0", "Linear(25088 → 4096)", "Conv2d(512 → 4096)", "7×7", "102,764,544", "ok"):
+        assert text in result.stdout
+    assert "FAIL" not in result.stdout
+    assert digest(checkpoint) == before
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["vgg16.fcn.onnx", "vgg16.pt"]
+
+
+def test_verify_accepts_the_export_and_rejects_a_tampered_one(converted_vgg16, tmp_path):
+    checkpoint, _, _ = converted_vgg16
+    exported = checkpoint.with_name("vgg16.fcn.onnx")
+    ok = run("verify", exported, "--reference", checkpoint, "--arch", "vgg16", "--sizes", "224x224,256x320")
+    assert ok.returncode == 0, ok.stderr
+    assert "max abs" in ok.stdout and "256×320" in ok.stdout
+
+    model = onnx.load(str(exported))
+    weight = next(t for t in model.graph.initializer if tuple(t.dims) == (10, 4096, 1, 1))
+    values = numpy_helper.to_array(weight).copy()
+    values[3, 100, 0, 0] += 1.0
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+    bad = run("verify", tampered, "--reference", checkpoint, "--arch", "vgg16", "--sizes", "224x224")
+    assert bad.returncode == 1
+    assert "FAIL" in bad.stdout and "does not match" in bad.stderr
+
+
+def test_inspect_shows_each_linear_its_map_and_share(vgg16_checkpoint):
+    result = run("inspect", vgg16_checkpoint, "--arch", "vgg16")
+    assert result.returncode == 0, result.stderr
+    for text in ("classifier.0", "512×7×7", "classifier.3", "4096×1×1", "76.5%", "89.0%"):
+        assert text in result.stdout
+
+
+def test_the_shipped_sample_converts_by_path_alone(tmp_path):
+    out = tmp_path / "digits.onnx"
+    result = run("convert", REPO / "sample_models" / "digits_lenet.pt", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "fc1" in result.stdout
+
+
+def test_a_custom_architecture_is_imported_from_the_current_directory(tmp_path):
+    checkpoint = tmp_path / "lenet.pth"
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in seeded(__import__("custom_models").LeNet).state_dict().items()}},
+        checkpoint,
+    )
+    result = run("convert", checkpoint, "--arch", "custom_models:LeNet", "--input-shape", "1,28,28", cwd=TESTS)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "lenet.fcn.onnx").is_file()
+
+
+class Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_pickle_never_executes(tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "evil.pt"
+    torch.save({"state_dict": Hostile(marker)}, checkpoint)
+    result = run("inspect", checkpoint, "--arch", "vgg16")
+    assert result.returncode == 2
+    assert not marker.exists()
+    assert "--trust" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_whole_pickled_module_loads_only_with_trust(tmp_path, lenet):
+    checkpoint = tmp_path / "whole.pt"
+    torch.save(lenet, checkpoint)
+    refused = run("inspect", checkpoint, "--input-shape", "1,28,28", cwd=TESTS)
+    assert refused.returncode == 2 and "custom_models.LeNet" in refused.stderr
+    trusted = run("inspect", checkpoint, "--input-shape", "1,28,28", "--trust", cwd=TESTS)
+    assert trusted.returncode == 0, trusted.stderr
+    assert "fc1" in trusted.stdout
+
+
+def bad_inputs(tmp_path, lenet):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "a_dir").mkdir()
+    wrong = {k: v for k, v in lenet.state_dict().items() if k != "fc2.bias"}
+    torch.save(wrong, tmp_path / "missing.pt")
+    torch.save(lenet.state_dict(), tmp_path / "lenet.pt")
+    with open(tmp_path / "text.pt", "w") as f:
+        f.write("not a model\n")
+    return {
+        "missing path": (["convert", tmp_path / "nope.pt", "--arch", "vgg16"], "no such file"),
+        "empty file": (["convert", tmp_path / "empty.pt", "--arch", "vgg16"], "empty"),
+        "random bytes": (["convert", tmp_path / "random.pt", "--arch", "vgg16"], "not a PyTorch checkpoint"),
+        "text file": (["convert", tmp_path / "text.pt", "--arch", "vgg16"], "not a PyTorch checkpoint"),
+        "directory": (["convert", tmp_path / "a_dir", "--arch", "vgg16"], "directory"),
+        "state_dict that does not fit": (["convert", tmp_path / "lenet.pt", "--arch", "vgg16"], "does not fit vgg16"),
+        "missing tensor": (["convert", tmp_path / "missing.pt", "--arch", "custom_models:LeNet", "--input-shape", "1,28,28"], "fc2.bias"),
+        "input shape the model cannot take": (
+            ["convert", tmp_path / "lenet.pt", "--arch", "custom_models:LeNet", "--input-shape", "1,8,8"], "cannot take an input"),
+        "malformed input shape": (["convert", tmp_path / "lenet.pt", "--arch", "custom_models:LeNet", "--input-shape", "a,b"], "input-shape"),
+        "no arch for a state_dict": (["convert", tmp_path / "lenet.pt"], "--arch"),
+        "unknown arch": (["convert", tmp_path / "lenet.pt", "--arch", "vgg17"], "vgg17"),
+    }  # fmt: skip
+
+
+def test_bad_input_gets_one_line_exit_2_and_no_output(tmp_path, lenet, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fcconv.cli import app
+
+    monkeypatch.chdir(TESTS)
+    runner = CliRunner()
+    for case, (args, expected) in bad_inputs(tmp_path, lenet).items():
+        before = {p.name: (digest(p) if p.is_file() else None) for p in tmp_path.iterdir()}
+        result = runner.invoke(app, [str(a) for a in args])
+        result.returncode = result.exit_code
+        assert result.returncode == 2, (case, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (case, result.stderr)
+        assert "Traceback" not in result.stderr
+        after = {p.name: (digest(p) if p.is_file() else None) for p in tmp_path.iterdir()}
+        assert after == before, case
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run("convert", tmp_path / "nope.pt", "--arch", "vgg16", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_model_that_cannot_be_made_fully_convolutional_exits_3(tmp_path):
+    from custom_models import NormalizesTheWindow
+
+    checkpoint = tmp_path / "norm.pt"
+    torch.save(seeded(NormalizesTheWindow).state_dict(), checkpoint)
+    result = run(
+        "convert", checkpoint, "--arch", "custom_models:NormalizesTheWindow", "--input-shape", "1,8,8", cwd=TESTS
+    )
+    assert result.returncode == 3
+    assert "norm (LayerNorm)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["norm.pt"]

@@ -1,0 +1,77 @@
+"""Exported ONNX: valid, with free batch and spatial axes, and equal to the PyTorch model."""
+
+import onnx
+import pytest
+import torch
+import torchvision
+from conftest import seeded
+
+import fcconv
+from fcconv.export import OnnxModel
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, request):
+    out = {}
+    for name, factory, shape in [
+        ("lenet", lambda: __import__("custom_models").LeNet(), (1, 28, 28)),
+        ("resnet18", lambda: torchvision.models.resnet18(weights=None, num_classes=4), (3, 224, 224)),
+    ]:
+        model = seeded(factory)
+        conversion = fcconv.rewrite(model, shape)
+        path = tmp_path_factory.mktemp(name) / f"{name}.fcn.onnx"
+        fcconv.export_onnx(conversion.module, path, shape)
+        out[name] = (model, conversion, path, shape)
+    return out
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet18"])
+def test_the_export_passes_the_checker_with_full_shape_inference(exported, name):
+    path = exported[name][2]
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet18"])
+def test_batch_and_spatial_axes_are_named_and_free(exported, name):
+    model = onnx.load(str(exported[name][2]))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and dims[2:] == ["height", "width"]
+    out_dims = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert not isinstance(out_dims[2], int) and not isinstance(out_dims[3], int)
+
+
+def test_the_head_is_exported_as_convolutions_with_nothing_that_collapses_the_map(exported):
+    ops = {node.op_type for node in onnx.load(str(exported["lenet"][2])).graph.node}
+    assert "Conv" in ops
+    assert not ops & {"Flatten", "Reshape", "Gemm", "MatMul"}
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet18"])
+def test_onnxruntime_matches_pytorch_at_three_sizes_one_non_square(exported, name):
+    _, conversion, path, shape = exported[name]
+    native = shape[1:]
+    runner = OnnxModel(path)
+    for size in [native, (native[0] + 13, native[1] + 40), (2 * native[0], 2 * native[1])]:
+        x = torch.randn(2, shape[0], *size)
+        with torch.no_grad():
+            expected = conversion.module(x)
+        actual = runner(x)
+        assert actual.shape == expected.shape
+        assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_the_export_carries_what_verify_needs(exported):
+    meta = OnnxModel(exported["lenet"][2]).metadata
+    assert meta["fcconv.input_shape"] == "1,28,28"
+    assert meta["fcconv.dense"] == "false" and meta["fcconv.window"] == "4,4"
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path):
+    class Unexportable(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3)).numpy()
+
+    target = tmp_path / "out.onnx"
+    with pytest.raises(Exception):  # noqa: B017 - whatever the exporter raises, nothing may be left
+        fcconv.export_onnx(Unexportable(), target, (1, 8, 8))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,63 @@
+"""Every fast path of the converted layers gives the plain convolution's numbers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fcconv import layers
+from fcconv.layers import FULLY_CONNECTED_CONV, linear_as_conv
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def make(rank, channels, kernel, out=6, bias=True):
+    torch.manual_seed(rank)
+    linear = nn.Linear(channels * int(torch.tensor(kernel).prod()), out, bias=bias)
+    return linear, linear_as_conv(linear, channels, kernel)
+
+
+@pytest.mark.parametrize(
+    "rank,kernel,spatial",
+    [
+        (2, (3, 4), (3, 4)),  # the map is the kernel: flatten + GEMM
+        (2, (1, 1), (5, 7)),  # pointwise: GEMM over positions
+        (2, (3, 4), (6, 9)),  # larger map: unfold + GEMM
+        (1, (5,), (5,)),
+        (1, (5,), (17,)),
+        (1, (1,), (9,)),
+        (3, (2, 3, 2), (2, 3, 2)),
+        (3, (2, 3, 2), (4, 5, 3)),
+        (3, (1, 1, 1), (3, 4, 5)),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_each_path_equals_the_plain_convolution(rank, kernel, spatial, bias):
+    _, conv = make(rank, 5, kernel, bias=bias)
+    x = torch.randn(3, 5, *spatial)
+    expected = CONV[rank](x, conv.weight, conv.bias)
+    actual = conv(x)
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_convolution_fallback_for_large_maps_equals_the_plain_convolution(monkeypatch):
+    monkeypatch.setattr(layers, "UNFOLD_MAX_ELEMENTS", 0)
+    _, conv = make(2, 4, (3, 3))
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_the_native_size_computes_what_the_linear_computes():
+    linear, conv = make(2, 8, (4, 4), out=5)
+    x = torch.randn(4, 8, 4, 4)
+    assert torch.equal(conv(x).flatten(1), linear(x.flatten(1)))
+
+
+def test_state_dict_is_a_plain_convolutions():
+    _, conv = make(2, 3, (2, 2))
+    plain = nn.Conv2d(3, 6, 2)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.allclose(plain(x), conv(x), atol=1e-6)
+    assert isinstance(conv, FULLY_CONNECTED_CONV[2]) and isinstance(conv, nn.Conv2d)
