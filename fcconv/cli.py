@@ -102,6 +102,20 @@ def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool):
         return load_model(path, arch, shape, trust=trust)
 
 
+def _verify_and_show(loaded, exported, dense: bool, sizes: str | None, rtol: float, atol: float, conversion=None):
+    """Verify ``exported`` against the loaded original with a progress line, print the table, return the report."""
+    from fcconv.render import verification_table
+    from fcconv.verify import verify
+
+    with console.status("Verifying against the original…") as status:
+        report = verify(
+            loaded.module, exported, loaded.input_shape, sizes=_parse_sizes(sizes), dense=dense, rtol=rtol, atol=atol,
+            conversion=conversion, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
+        )  # fmt: skip
+    console.print(verification_table(report))
+    return report
+
+
 def _default_output(path: Path) -> Path:
     return path.with_name(f"{path.name.split('.')[0]}.fcn.onnx")
 
@@ -118,6 +132,13 @@ def convert(
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     dense: DenseOption = False,
+    head_format: Annotated[
+        str,
+        typer.Option(
+            "--head-format",
+            help="conv: the head as Conv nodes; gemm: as GEMMs over all windows (faster in onnxruntime at batch > 1).",
+        ),
+    ] = "conv",
     sizes: SizesOption = None,
     rtol: RtolOption = 1e-4,
     atol: AtolOption = 0.0,
@@ -130,9 +151,8 @@ def convert(
     nothing is written and the exit code is 1.
     """
     from fcconv.export import export_onnx, fcconv_metadata, staged_path
-    from fcconv.render import rewrite_table, verification_table
+    from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
-    from fcconv.verify import verify
 
     target = output or _default_output(model)
     if target.exists() and target.resolve() == model.resolve():
@@ -151,13 +171,14 @@ def convert(
         console.print(f"  removed: {item}", markup=False)
     with staged_path(target) as staged:
         with console.status(f"Exporting {target.name}…"):
-            export_onnx(conversion.module, staged, loaded.input_shape, metadata=fcconv_metadata(source=loaded.path))
-        with console.status("Verifying the export against the original…") as status:
-            report = verify(
-                loaded.module, staged, loaded.input_shape, sizes=_parse_sizes(sizes), dense=dense, rtol=rtol, atol=atol,
-                conversion=conversion, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
-            )  # fmt: skip
-        console.print(verification_table(report))
+            export_onnx(
+                conversion,
+                staged,
+                loaded.input_shape,
+                head_format=head_format,
+                metadata=fcconv_metadata(source=loaded.path),
+            )
+        report = _verify_and_show(loaded, staged, dense, sizes, rtol, atol, conversion)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
@@ -185,8 +206,6 @@ def verify(
 ) -> None:
     """Re-check an exported model against the original: exit 0 when equivalent, 1 when not."""
     from fcconv.export import OnnxModel
-    from fcconv.render import verification_table
-    from fcconv.verify import verify as run_verify
 
     exported = OnnxModel(onnx_model)
     meta = exported.metadata
@@ -195,12 +214,7 @@ def verify(
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
     loaded = _load(reference, arch, input_shape, trust)
-    with console.status("Verifying…") as status:
-        report = run_verify(
-            loaded.module, exported, loaded.input_shape, sizes=_parse_sizes(sizes), dense=dense, rtol=rtol, atol=atol,
-            on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
-        )  # fmt: skip
-    console.print(verification_table(report))
+    report = _verify_and_show(loaded, exported, dense, sizes, rtol, atol)
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from fcconv.errors import BadInputError
-from fcconv.layers import FullyConnectedConvMixin, as_plain_conv
+from fcconv.layers import FullyConnectedConvMixin, WindowGemm, as_plain_conv
 
 if TYPE_CHECKING:
     from fcconv.rewrite import HeadGeometry
@@ -33,8 +33,11 @@ OUTPUT_NAME = "scores"
 OPSET = 18
 
 
-def as_plain_module(module: nn.Module) -> nn.Module:
-    """``module`` with every fast fully connected convolution swapped for the plain one (parameters shared)."""
+def as_plain_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
+    """``module`` with every fully connected convolution swapped for its export form (parameters shared).
+
+    ``conv``: the plain torch.nn convolution; ``gemm``: :class:`~fcconv.layers.WindowGemm`.
+    """
     fast = [name for name, m in module.named_modules() if isinstance(m, FullyConnectedConvMixin)]
     if not fast:
         return module
@@ -46,7 +49,8 @@ def as_plain_module(module: nn.Module) -> nn.Module:
         plain = copy.copy(module)
         plain._modules = dict(module._modules)
     for name in fast:
-        plain.set_submodule(name, as_plain_conv(module.get_submodule(name)), strict=False)
+        conv = module.get_submodule(name)
+        plain.set_submodule(name, as_plain_conv(conv) if head_format == "conv" else WindowGemm(conv), strict=False)
     return plain
 
 
@@ -64,12 +68,16 @@ def staged_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+HEAD_FORMATS = ("conv", "gemm")
+
+
 def export_onnx(
     converted: nn.Module,
     path: str | Path,
     input_shape: Sequence[int] = (3, 224, 224),
     *,
     metadata: Mapping[str, str] | None = None,
+    head_format: str = "conv",
     opset: int = OPSET,
 ) -> Path:
     """Export ``converted`` to ONNX at ``path`` with free batch and spatial axes.
@@ -81,13 +89,22 @@ def export_onnx(
     version and, for a module made by :func:`fcconv.convert`, the native input
     shape, the conversion mode and the head's window and stride). The file is written under a temporary
     name and renamed into place, so a failed export leaves nothing behind.
+
+    ``head_format="gemm"`` writes the same function another way: each converted layer
+    as its windows gathered with strided slices and one MatMul over all windows of
+    the batch (:class:`~fcconv.layers.WindowGemm`), which onnxruntime runs faster at
+    batch > 1 because it reads the head's weights once per batch instead of once per
+    image. The default ``"conv"`` writes the head as Conv nodes only.
     """
     import onnx
 
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
     rank = len(input_shape) - 1
-    module = as_plain_module(converted).eval()
+    if head_format not in HEAD_FORMATS:
+        raise BadInputError(f"head format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
+    module = as_plain_module(converted, head_format).eval()
+    geometry = getattr(converted, "fcconv_geometry", None)
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
     sample = torch.zeros((1, *input_shape), dtype=dtype)
@@ -107,7 +124,7 @@ def export_onnx(
                 dynamo=False,
                 do_constant_folding=True,
             )
-        props = {**fcconv_metadata(getattr(converted, "fcconv_geometry", None)), **(metadata or {})}
+        props = {**fcconv_metadata(geometry), "fcconv.head_format": head_format, **(metadata or {})}
         if props:
             model = onnx.load(str(tmp))
             for key, value in props.items():

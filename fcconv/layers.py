@@ -20,6 +20,7 @@ to floating-point rounding.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -58,22 +59,62 @@ class FullyConnectedConvMixin:
         return unfold_linear(x, self.weight, self.bias)
 
 
+def gather_windows(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Every ``kernel``-sized window of ``x`` (N, C, *S), at ``stride`` (default 1), as rows.
+
+    Returns (N, *positions, C·∏kernel), each row in (C, *kernel) order, as a
+    Linear's weight over an NCHW-flattened window expects. Built from strided
+    slices, so it exports to ONNX with free spatial axes.
+    """
+    rank = len(kernel)
+    stride = stride or (1,) * rank
+    channels = x.shape[1]
+    positions = [(size - k) // step + 1 for size, k, step in zip(x.shape[2:], kernel, stride)]
+    pieces = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        index = [slice(None), slice(None)]
+        index += [slice(o, o + (p - 1) * step + 1, step) for o, p, step in zip(offset, positions, stride)]
+        pieces.append(x[tuple(index)])  # (N, C, *positions): cell `offset` of every window
+    stacked = torch.stack(pieces, dim=2)  # (N, C, cells, *positions)
+    rows = stacked.permute(0, *range(3, 3 + rank), 1, 2)
+    return rows.reshape(*rows.shape[: 1 + rank], channels * math.prod(kernel))
+
+
+def channels_first(y: torch.Tensor) -> torch.Tensor:
+    """(N, *S, C) -> (N, C, *S), written with a non-negative permutation so that it exports cleanly."""
+    rank = y.dim() - 2
+    return y.permute(0, rank + 1, *range(1, rank + 1))
+
+
 def unfold_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Stride-1 valid convolution of any rank as window gathering plus one GEMM.
+    """Stride-1 valid convolution of any rank as window gathering plus one GEMM over all windows.
 
     ``x`` is (N, C, *S), ``weight`` (O, C, *K); returns (N, O, *(S - K + 1)).
     """
-    rank = weight.dim() - 2
-    windows = x
-    for axis, size in enumerate(weight.shape[2:]):
-        windows = windows.unfold(2 + axis, size, 1)
-    # windows: (N, C, *positions, *kernel) -> (N, *positions, C, *kernel)
-    order = [0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank)]
-    windows = windows.permute(order)
-    positions = windows.shape[1 : 1 + rank]
-    rows = windows.reshape(x.shape[0], *positions, -1)
-    y = F.linear(rows, weight.reshape(weight.shape[0], -1), bias)
-    return y.movedim(-1, 1)
+    rows = gather_windows(x, tuple(weight.shape[2:]))
+    return channels_first(F.linear(rows, weight.reshape(weight.shape[0], -1), bias))
+
+
+class WindowGemm(nn.Module):
+    """A fully connected convolution written as gathered windows and a GEMM, for export.
+
+    The same function as the convolution; onnxruntime runs it as one GEMM over every
+    window of the batch, reading the weight once per batch instead of once per image.
+    """
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.kernel_size = tuple(conv.kernel_size)
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.reshape(self.weight.shape[0], -1)
+        if math.prod(self.kernel_size) == 1:
+            rows = x.permute(0, *range(2, x.dim()), 1)
+        else:
+            rows = gather_windows(x, self.kernel_size)
+        return channels_first(F.linear(rows, weight, self.bias))
 
 
 class FullyConnectedConv1d(FullyConnectedConvMixin, nn.Conv1d):

@@ -173,22 +173,18 @@ def rewrite(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool = Fal
     plan = _plan(model, input_shape, dense=dense)
     module = _apply(plan)
     module.fcconv_geometry = plan.geometry
-    return Conversion(
-        module=module,
-        features=plan.features,
-        head=plan.head,
-        geometry=plan.geometry,
-        layers=plan.layers,
-        removed=plan.removed,
-        total_parameters=sum(p.numel() for p in model.parameters()),
-    )
+    return _conversion(plan, module, model)
 
 
 def analyze(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool = False) -> Conversion:
     """Plan the rewrite without building the converted module (``module`` is the traced original)."""
     plan = _plan(model, input_shape, dense=dense)
+    return _conversion(plan, plan.traced, model)
+
+
+def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module) -> Conversion:
     return Conversion(
-        module=plan.traced,
+        module=module,
         features=plan.features,
         head=plan.head,
         geometry=plan.geometry,
@@ -308,28 +304,24 @@ def _adaptive_pool(node: Any, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def _reachable(node: fx.Node, step: Callable[[fx.Node], Any]) -> set[fx.Node]:
+    """``node`` and every node reached from it by repeatedly following ``step``."""
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
     return seen
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda n: n.all_input_nodes)
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return seen
+    return _reachable(node, lambda n: n.users)
 
 
 def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Plan:

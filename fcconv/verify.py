@@ -13,19 +13,31 @@ when ``max |converted - reference| <= atol + rtol * max |reference|``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fcconv.errors import BadInputError
+from fcconv.layers import channels_first, gather_windows
 from fcconv.rewrite import Conversion, analyze
 
-__all__ = ["SizeCheck", "VerificationReport", "default_sizes", "sliding_window_reference", "verify"]
+__all__ = [
+    "SizeCheck",
+    "SlidingWindowHead",
+    "VerificationReport",
+    "default_sizes",
+    "sliding_window_reference",
+    "verify",
+]
 
 DEFAULT_RTOL = 1e-4
+# Reduced precision rounds each product and partial sum; the defaults allow for it and are reported.
+RTOL_BY_DTYPE = {torch.float64: 1e-8, torch.float32: DEFAULT_RTOL, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 HEAD_CHUNK = 256  # windows per call of the original head
 
 
@@ -75,36 +87,54 @@ def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:
     return [native, odd, double]
 
 
+class SlidingWindowHead(nn.Module):
+    """The original model read as sliding windows: its features, then its head on every window.
+
+    Returns (N, K, *map). ``chunk`` bounds how many windows the head sees per call.
+    """
+
+    def __init__(self, conversion: Conversion, chunk: int | None = None) -> None:
+        super().__init__()
+        self.features = conversion.features
+        self.head = conversion.head
+        self.window = conversion.geometry.window
+        self.stride = conversion.geometry.stride
+        self.channels = conversion.geometry.feature_shape[0]
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(x)
+        n = feats.shape[0]
+        rank = feats.dim() - 2
+        if self.window is None:
+            scores = self.head(feats)
+            return scores.reshape(n, scores.shape[1], *(1,) * rank)
+        rows = gather_windows(feats, self.window, self.stride)  # (N, *positions, C·∏window)
+        positions = rows.shape[1:-1]
+        windows = rows.reshape(-1, self.channels, *self.window)
+        if self.chunk is None:
+            scores = self.head(windows)
+        else:
+            scores = torch.cat([self.head(part) for part in windows.split(self.chunk)])
+        return channels_first(scores.reshape(n, *positions, scores.shape[1]))
+
+
 @torch.inference_mode()
 def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> torch.Tensor:
     """The original head applied to every window of the original features of ``x``: (N, K, *map)."""
-    geometry = conversion.geometry
-    rank = geometry.spatial_rank
-    feats = conversion.features(x)
-    n = feats.shape[0]
-    if geometry.window is None:
-        scores = conversion.head(feats)
-        return scores.reshape(n, scores.shape[1], *(1,) * rank)
-    windows = feats
-    for axis, (size, step) in enumerate(zip(geometry.window, geometry.stride)):
-        windows = windows.unfold(2 + axis, size, step)
-    positions = windows.shape[2 : 2 + rank]
-    order = [0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank)]
-    windows = windows.permute(order).reshape(n * math.prod(positions), feats.shape[1], *geometry.window)
-    scores = torch.cat([conversion.head(chunk) for chunk in windows.split(HEAD_CHUNK)])
-    return scores.reshape(n, *positions, scores.shape[1]).movedim(-1, 1)
+    return SlidingWindowHead(conversion, chunk=HEAD_CHUNK)(x)
 
 
 def _compare(
     size: tuple[int, ...], reference: str, expected: torch.Tensor, actual: torch.Tensor, rtol: float, atol: float
 ) -> SizeCheck:
-    expected = expected.detach().double()
+    expected, actual = expected.detach().double().cpu(), actual.detach().double().cpu()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     tolerance = atol + rtol * scale
     if tuple(actual.shape) != tuple(expected.shape):
         return SizeCheck(size, reference, tuple(expected.shape), tuple(actual.shape), math.inf, math.inf, math.inf,
                          math.inf, scale, (), tolerance, False, "output shape differs from the reference")  # fmt: skip
-    diff = (actual.detach().double() - expected).abs()
+    diff = (actual - expected).abs()
     finite = bool(torch.isfinite(diff).all())
     max_abs = float(diff.max()) if finite else math.inf
     mean_abs = float(diff.mean()) if finite else math.inf
@@ -149,8 +179,9 @@ def verify(
     dense: bool | None = None,
     batch: int = 2,
     seed: int = 0,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
     atol: float = 0.0,
+    device: str | torch.device = "cpu",
     conversion: Conversion | None = None,
     on_size: Callable[[tuple[int, ...]], None] | None = None,
 ) -> VerificationReport:
@@ -160,6 +191,10 @@ def verify(
     (N, K, 1, ...); at every size it is also :func:`sliding_window_reference`.
     ``sizes`` are spatial sizes (default: :func:`default_sizes`); ``dense`` says how
     the model was converted (default: as recorded on ``converted``, else False).
+    ``rtol`` defaults to 1e-4 in float32 and to a looser bound in float16 and
+    bfloat16 (``RTOL_BY_DTYPE``); the report states the one used. On CUDA
+    (``device="cuda"``, the models are moved there) float32 runs with TF32 off,
+    so that convolutions and GEMMs round as the CPU does.
     Returns a :class:`VerificationReport`; it does not raise when the check fails.
     """
     input_shape = tuple(int(s) for s in input_shape)
@@ -168,29 +203,47 @@ def verify(
         dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
     if conversion is None:
         conversion = analyze(original, input_shape, dense=dense)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda: CUDA is not available on this machine")
+    original.to(device)
+    if isinstance(converted, nn.Module):
+        converted.to(device)
     run = _runner(converted)
     params = [p for p in original.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
-    device = params[0].device if params else torch.device("cpu")
+    rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
     native = input_shape[1:]
     report = VerificationReport(rtol=rtol, atol=atol, dtype=str(dtype).removeprefix("torch."))
-    for size in [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]:
-        if on_size is not None:
-            on_size(size)
-        x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype=dtype, device=device)
-        try:
-            actual = run(x)
-        except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails the check, with the reason
-            text = " ".join(str(exc).split())[:300]
-            report.checks.append(SizeCheck(size, "-", (), (), math.inf, math.inf, math.inf, math.inf, 0.0, (),
-                                           0.0, False, f"the converted model failed: {text}"))  # fmt: skip
-            continue
-        if size == native and not dense:
-            expected = original(x)
-            if isinstance(expected, torch.Tensor):
-                expected = expected.reshape(*expected.shape, *(1,) * (len(native)))
+    with full_float32_precision():
+        for size in [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]:
+            if on_size is not None:
+                on_size(size)
+            x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype=dtype, device=device)
+            try:
+                actual = run(x)
+            except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails the check, with the reason
+                text = " ".join(str(exc).split())[:300]
+                report.checks.append(SizeCheck(size, "-", (), (), math.inf, math.inf, math.inf, math.inf, 0.0, (),
+                                               0.0, False, f"the converted model failed: {text}"))  # fmt: skip
+                continue
+            if size == native and not dense:
+                expected = original(x)
+                expected = expected.reshape(*expected.shape, *(1,) * len(native))
                 report.checks.append(_compare(size, "original", expected, actual, rtol, atol))
-        expected = sliding_window_reference(conversion, x)
-        report.checks.append(_compare(size, "sliding window", expected, actual, rtol, atol))
+            expected = sliding_window_reference(conversion, x)
+            report.checks.append(_compare(size, "sliding window", expected, actual, rtol, atol))
     return report
+
+
+@contextlib.contextmanager
+def full_float32_precision() -> Iterator[None]:
+    """Turn TF32 off for CUDA convolutions and matmuls (cuDNN uses it by default), restoring the settings after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -75,3 +75,20 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - whatever the exporter raises, nothing may be left
         fcconv.export_onnx(Unexportable(), target, (1, 8, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape,factory", [((1, 28, 28), "lenet"), ((3, 448, 448), "vgg11")])
+def test_the_gemm_head_format_is_the_same_function(tmp_path, shape, factory):
+    model = seeded(__import__("custom_models").LeNet if factory == "lenet" else
+                   (lambda: torchvision.models.vgg11(weights=None, num_classes=6)))  # fmt: skip
+    conversion = fcconv.rewrite(model, shape)
+    path = tmp_path / "gemm.onnx"
+    fcconv.export_onnx(conversion.module, path, shape, head_format="gemm")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    native = shape[1:]
+    sizes = [native, (native[0] + 64, native[1] + 96)] if factory == "vgg11" else None
+    report = fcconv.verify(model, path, shape, sizes=sizes, conversion=conversion)
+    assert report.passed, [(c.input_size, c.max_rel, c.message) for c in report.checks]
+    assert report.checks[-1].output_shape[2:] != (1, 1)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "MatMul" in ops and "Gemm" not in ops
