@@ -45,7 +45,13 @@ SizesOption = Annotated[
     Optional[str],
     typer.Option("--sizes", help="Spatial sizes to check, e.g. 224x224,320x480. [default: native, 1.25-1.5×, 2×]"),
 ]
-RtolOption = Annotated[float, typer.Option("--rtol", help="Allowed error relative to the output's largest magnitude.")]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="Where the PyTorch models run during verification: cpu or cuda (TF32 off).")
+]
+RtolOption = Annotated[
+    Optional[float],
+    typer.Option("--rtol", help="Allowed error relative to the output's largest magnitude. [default: 1e-4 in float32]"),
+]
 AtolOption = Annotated[float, typer.Option("--atol", help="Allowed absolute error, added to rtol × magnitude.")]
 
 
@@ -102,7 +108,7 @@ def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool):
         return load_model(path, arch, shape, trust=trust)
 
 
-def _verify_and_show(loaded, exported, dense: bool, sizes: str | None, rtol: float, atol: float, conversion=None):
+def _verify_and_show(loaded, exported, dense, sizes, rtol, atol, device, conversion=None):
     """Verify ``exported`` against the loaded original with a progress line, print the table, return the report."""
     from fcconv.render import verification_table
     from fcconv.verify import verify
@@ -110,7 +116,7 @@ def _verify_and_show(loaded, exported, dense: bool, sizes: str | None, rtol: flo
     with console.status("Verifying against the original…") as status:
         report = verify(
             loaded.module, exported, loaded.input_shape, sizes=_parse_sizes(sizes), dense=dense, rtol=rtol, atol=atol,
-            conversion=conversion, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
+            device=device, conversion=conversion, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
         )  # fmt: skip
     console.print(verification_table(report))
     return report
@@ -140,8 +146,9 @@ def convert(
         ),
     ] = "conv",
     sizes: SizesOption = None,
-    rtol: RtolOption = 1e-4,
+    rtol: RtolOption = None,
     atol: AtolOption = 0.0,
+    device: DeviceOption = "cpu",
     trust: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -172,13 +179,13 @@ def convert(
     with staged_path(target) as staged:
         with console.status(f"Exporting {target.name}…"):
             export_onnx(
-                conversion,
+                conversion.module,
                 staged,
                 loaded.input_shape,
                 head_format=head_format,
                 metadata=fcconv_metadata(source=loaded.path),
             )
-        report = _verify_and_show(loaded, staged, dense, sizes, rtol, atol, conversion)
+        report = _verify_and_show(loaded, staged, dense, sizes, rtol, atol, device, conversion)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
@@ -199,8 +206,9 @@ def verify(
         typer.Option("--dense/--no-dense", help="How the model was converted. [default: from its metadata]"),
     ] = None,
     sizes: SizesOption = None,
-    rtol: RtolOption = 1e-4,
+    rtol: RtolOption = None,
     atol: AtolOption = 0.0,
+    device: DeviceOption = "cpu",
     trust: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -214,7 +222,7 @@ def verify(
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
     loaded = _load(reference, arch, input_shape, trust)
-    report = _verify_and_show(loaded, exported, dense, sizes, rtol, atol)
+    report = _verify_and_show(loaded, exported, dense, sizes, rtol, atol, device)
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)

@@ -203,7 +203,10 @@ def verify(
         dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
     if conversion is None:
         conversion = analyze(original, input_shape, dense=dense)
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise BadInputError(f"--device {device!r} is not a device like cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda: CUDA is not available on this machine")
     original.to(device)

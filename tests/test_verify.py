@@ -1,0 +1,66 @@
+"""The verifier: tolerances it states, precision it enforces, devices it refuses."""
+
+import pytest
+import torch
+from conftest import seeded
+from custom_models import LeNet
+
+import fcconv
+from fcconv.verify import RTOL_BY_DTYPE, default_sizes, full_float32_precision
+
+
+def test_default_sizes_are_native_then_larger_odd_non_square_then_double():
+    native, odd, double = default_sizes((3, 224, 224))
+    assert native == (224, 224) and double == (448, 448)
+    assert odd[0] != odd[1] and all(s % 2 == 1 and s > 224 for s in odd)
+
+
+def test_a_reduced_precision_model_is_checked_with_the_tolerance_of_its_dtype_and_says_so():
+    model = seeded(LeNet).to(torch.bfloat16)
+    report = fcconv.verify(model, fcconv.convert(model, (1, 28, 28)), (1, 28, 28), batch=1)
+    assert report.dtype == "bfloat16" and report.rtol == RTOL_BY_DTYPE[torch.bfloat16]
+    assert report.passed
+
+
+def test_an_explicit_tolerance_is_used_as_given(lenet):
+    report = fcconv.verify(lenet, fcconv.convert(lenet, (1, 28, 28)), (1, 28, 28), rtol=0.0, atol=0.0, batch=1)
+    assert report.rtol == 0.0 and report.atol == 0.0
+    assert all(check.tolerance == 0.0 for check in report.checks)
+
+
+def test_a_wrong_model_fails_with_the_worst_element_named(lenet):
+    converted = fcconv.convert(lenet, (1, 28, 28))
+    with torch.no_grad():
+        converted.get_submodule("fc2").bias[3] += 1.0
+    try:
+        report = fcconv.verify(lenet, converted, (1, 28, 28), batch=1)
+    finally:
+        with torch.no_grad():
+            converted.get_submodule("fc2").bias[3] -= 1.0
+    assert not report.passed
+    assert all(check.worst[1] == 3 for check in report.checks)
+
+
+def test_float32_verification_turns_tf32_off_and_restores_it():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_float32_precision():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_bad_input(lenet):
+    with pytest.raises(fcconv.BadInputError, match="CUDA is not available"):
+        fcconv.verify(lenet, fcconv.convert(lenet, (1, 28, 28)), (1, 28, 28), device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_float32_verification_meets_the_float32_contract():
+    model = seeded(LeNet)
+    converted = fcconv.convert(model, (1, 28, 28))
+    report = fcconv.verify(model, converted, (1, 28, 28), device="cuda")
+    assert report.passed and report.rtol == 1e-4
