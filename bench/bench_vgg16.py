@@ -28,8 +28,8 @@ import fcconv  # noqa: E402
 from fcconv.export import OnnxModel  # noqa: E402
 
 
-def paired(a: Callable[[], object], b: Callable[[], object], runs: int) -> tuple[float, float]:
-    """Medians of ``runs`` alternating timings of a and b, after one warm-up each."""
+def paired(a: Callable[[], object], b: Callable[[], object], runs: int) -> tuple[float, float, float]:
+    """Medians of ``runs`` alternating timings of a and b (after one warm-up each), and the median of b/a per pair."""
     a(), b()
     ta, tb = [], []
     for _ in range(runs):
@@ -37,7 +37,7 @@ def paired(a: Callable[[], object], b: Callable[[], object], runs: int) -> tuple
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
+    return statistics.median(ta), statistics.median(tb), statistics.median(y / x for x, y in zip(ta, tb))
 
 
 def flops(fn: Callable[[], object]) -> int:
@@ -52,8 +52,9 @@ def crops(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], size, size)
 
 
-def row(name: str, original: float, converted: float) -> None:
-    print(f"| {name} | {original * 1e3:.1f} | {converted * 1e3:.1f} | {converted / original:.2f} |")
+def row(name: str, timings: tuple[float, float, float]) -> None:
+    original, converted, ratio = timings
+    print(f"| {name} | {original * 1e3:.1f} | {converted * 1e3:.1f} | {ratio:.2f} |")
 
 
 def main() -> None:
@@ -72,12 +73,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.runs} paired runs\n")
 
     print("## Native size (224×224): latency, ms\n")
-    print("| runtime, batch | original | converted | converted / original |\n|---|---|---|---|")
+    print("| runtime, batch | original | converted | converted / original (median of pairs) |\n|---|---|---|---|")
     with torch.inference_mode():
         for batch in (1, 8):
             x = torch.randn(batch, 3, 224, 224)
-            t_orig, t_conv = paired(lambda: model(x), lambda: converted(x), args.runs)
-            row(f"PyTorch eager, batch {batch}", t_orig, t_conv)
+            row(f"PyTorch eager, batch {batch}", paired(lambda: model(x), lambda: converted(x), args.runs))
 
     if not args.skip_onnx:
         tmp = Path(tempfile.mkdtemp())
@@ -92,10 +92,8 @@ def main() -> None:
         ort_gemm = OnnxModel(tmp / "gemm.onnx")
         for batch in (1, 8):
             x = torch.randn(batch, 3, 224, 224)
-            t_orig, t_conv = paired(lambda: ort_orig(x), lambda: ort_conv(x), args.runs)
-            row(f"onnxruntime CPU, batch {batch}, Conv head", t_orig, t_conv)
-            t_orig, t_gemm = paired(lambda: ort_orig(x), lambda: ort_gemm(x), args.runs)
-            row(f"onnxruntime CPU, batch {batch}, --head-format gemm", t_orig, t_gemm)
+            row(f"onnxruntime CPU, batch {batch}, Conv head", paired(lambda: ort_orig(x), lambda: ort_conv(x), args.runs))
+            row(f"onnxruntime CPU, batch {batch}, gemm head", paired(lambda: ort_orig(x), lambda: ort_gemm(x), args.runs))
 
     if args.skip_dense:
         return
@@ -107,12 +105,12 @@ def main() -> None:
             batch = crops(x, 224, 32)
             chunks = batch.split(64)
             ratio = flops(lambda: [model(c) for c in chunks]) / flops(lambda: converted(x))
-            t_crops, t_dense = paired(lambda: [model(c) for c in chunks], lambda: converted(x), max(3, args.runs // 2))
+            t_crops, t_dense, _ = paired(lambda: [model(c) for c in chunks], lambda: converted(x), max(3, args.runs // 2))
             print(f"| PyTorch eager, {size}×{size} | {len(batch)} | {t_crops * 1e3:.0f} | {t_dense * 1e3:.0f} | "
                   f"{t_crops / t_dense:.1f} | {ratio:.1f} |")  # fmt: skip
             if not args.skip_onnx:
                 for label, dense in (("Conv head", ort_conv), ("--head-format gemm", ort_gemm)):
-                    t_crops, t_dense = paired(
+                    t_crops, t_dense, _ = paired(
                         lambda: [ort_orig(c) for c in chunks], lambda: dense(x), max(3, args.runs // 2)
                     )
                     print(f"| onnxruntime CPU, {size}×{size}, {label} | {len(batch)} | {t_crops * 1e3:.0f} | "
