@@ -96,7 +96,6 @@ def export_onnx(
     batch > 1 because it reads the head's weights once per batch instead of once per
     image. The default ``"conv"`` writes the head as Conv nodes only.
     """
-    import onnx
 
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
@@ -125,19 +124,37 @@ def export_onnx(
                 do_constant_folding=True,
             )
         props = {**fcconv_metadata(geometry), "fcconv.head_format": head_format, **(metadata or {})}
-        if props:
-            model = onnx.load(str(tmp))
-            for key, value in props.items():
-                entry = model.metadata_props.add()
-                entry.key, entry.value = key, str(value)
-            onnx.save(model, str(tmp))
+        _append_metadata(tmp, props)
     return path
 
 
-class OnnxModel:
-    """An ONNX file run with onnxruntime on the CPU, called like a module on tensors."""
+def _append_metadata(path: Path, props: Mapping[str, str]) -> None:
+    """Add metadata_props to the ONNX file at ``path`` without reading it back.
 
-    def __init__(self, path: str | Path) -> None:
+    Serialized protobuf messages merge when concatenated (repeated fields append),
+    so a ModelProto holding only the new entries is appended to the file: the
+    weights are neither parsed nor copied again.
+    """
+    import onnx
+
+    extra = onnx.ModelProto()
+    for key, value in props.items():
+        entry = extra.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    with open(path, "ab") as f:
+        f.write(extra.SerializeToString())
+
+
+class OnnxModel:
+    """An ONNX file run with onnxruntime on the CPU, called like a module on tensors.
+
+    ``optimize="basic"`` (the default, for verification) applies onnxruntime's basic
+    graph optimizations only: constant folding and removal of redundant nodes; the
+    layout and fusion passes of ``"all"`` (onnxruntime's own default, for timing)
+    take seconds to set up on a large head.
+    """
+
+    def __init__(self, path: str | Path, optimize: str = "basic") -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -145,6 +162,11 @@ class OnnxModel:
             raise BadInputError(f"{path}: no such file")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        levels = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        options.graph_optimization_level = levels[optimize]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - any load failure means the file is not a usable ONNX model
