@@ -72,16 +72,6 @@ class HeadGeometry:
     stride: tuple[int, ...]
     dense: bool
 
-    @property
-    def spatial_rank(self) -> int:
-        return len(self.input_shape) - 1
-
-    def output_size(self, feature_size: tuple[int, ...]) -> tuple[int, ...]:
-        """Spatial size of the converted model's output for a feature map of ``feature_size``."""
-        if self.window is None:
-            return (1,) * self.spatial_rank
-        return tuple((f - w) // s + 1 for f, w, s in zip(feature_size, self.window, self.stride))
-
 
 @dataclass
 class Conversion:
@@ -268,6 +258,15 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A flatten, view or reshape, as a module, function or method."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Flatten)
+    return (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _FLATTEN_METHODS
+    )
+
+
 def _is_collapse(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> str | None:
     """'flatten' or 'global-avg'/'global-max' when ``node`` collapses a (N, C, *S) map to (N, F)."""
     out = _shape(node)
@@ -275,13 +274,7 @@ def _is_collapse(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> str
     src = _shape(source)
     if out is None or src is None or len(out) != 2 or len(src) != rank + 2:
         return None
-    flat = out[0] == src[0] and out[1] == math.prod(src[1:])
-    if node.op == "call_module" and isinstance(modules[node.target], nn.Flatten) and flat:
-        return "flatten"
-    if flat and (
-        (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS)
-        or (node.op == "call_method" and node.target in _FLATTEN_METHODS)
-    ):
+    if _is_reshape(node, modules) and out[0] == src[0] and out[1] == math.prod(src[1:]):
         return "flatten"
     if (node.op == "call_function" and node.target in _MEAN_FUNCTIONS) or (
         node.op == "call_method" and node.target in _MEAN_METHODS
@@ -444,14 +437,15 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
         removed.append(_describe(collapse_node, modules))
 
     # Walk the head: everything downstream of the collapse.
-    head_nodes = [n for n in graph.nodes if n in _descendants(collapse_node) and n is not collapse_node]
+    downstream = _descendants(collapse_node)
+    head_nodes = [n for n in graph.nodes if n in downstream and n is not collapse_node]
     trunk = _ancestors(entry)
     windowed = math.prod(kernel) > 1  # before the first Linear each position holds a whole window
     stage: dict[fx.Node, str] = {collapse_node: "window" if windowed else "features"}
     layers: list[RewrittenLayer] = []
     for node in head_nodes:
-        if node.op == "output":
-            continue
+        if node.op == "output" or _shape(node) is None:
+            continue  # sizes and other non-tensor values are not rewritten; unused ones are dropped
         tensor_inputs = [a for a in node.all_input_nodes if a in stage]
         others = [a for a in node.all_input_nodes if a not in stage and a.op != "get_attr"]
         others = [a for a in others if _shape(a) is not None]
@@ -461,6 +455,8 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
                 "which fcconv cannot read per position"
             )
         in_stage = {stage[a] for a in tensor_inputs}
+        if not in_stage:
+            raise NotConvertibleError(f"{_describe(node, modules)} builds a tensor from the flattened features' shape")
         if len(in_stage) > 1:
             raise NotConvertibleError(
                 f"{_describe(node, modules)} mixes the flattened window with per-position features"
@@ -518,6 +514,13 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
         if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
             stage[node] = current
             continue
+        if _is_reshape(node, modules) and _shape(node) == _shape(node.args[0]):
+            # a reshape that changes nothing at the native size, e.g. a trailing view(N, -1):
+            # on the map it would flatten the positions, so it goes
+            edits.append(_replace_with_input(node.name))
+            removed.append(f"{_describe(node, modules)} (no-op reshape)")
+            stage[node] = current
+            continue
         if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
             stage[node] = current
             continue
@@ -556,7 +559,7 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
         stride=tuple(stride),
         dense=dense,
     )
-    features, head = _split(gm, entry, trunk)
+    features, head = _split(gm, entry, trunk, collapse_node if collapse_kind == "flatten" else None)
     return _Plan(gm, features, head, geometry, layers, removed, edits)
 
 
@@ -585,8 +588,16 @@ def _adaptive_avg_fold(
     return fold
 
 
-def _split(gm: fx.GraphModule, entry: fx.Node, trunk: set[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Cut the traced original at ``entry``: (features: input -> entry, head: entry -> output)."""
+def _split(
+    gm: fx.GraphModule, entry: fx.Node, trunk: set[fx.Node], flatten: fx.Node | None
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Cut the traced original at ``entry``: (features: input -> entry, head: entry -> output).
+
+    The head's flatten is written as ``torch.flatten(x, 1)``: at the native size it is
+    that (the plan checked it), and the original may have spelt it with the input's
+    batch size (``x.view(x.shape[0], -1)``), which the head, fed a batch of windows,
+    must not use.
+    """
     features_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
@@ -599,6 +610,9 @@ def _split(gm: fx.GraphModule, entry: fx.Node, trunk: set[fx.Node]) -> tuple[fx.
     downstream = _descendants(entry)
     for node in gm.graph.nodes:
         if node is entry or not (node in downstream or node.op == "get_attr"):
+            continue
+        if node is flatten:
+            henv[node] = head_graph.call_function(torch.flatten, (henv[node.args[0]], 1))
             continue
         henv[node] = head_graph.node_copy(node, lambda n: henv[n])
     features = fx.GraphModule(gm, features_graph, class_name="Features")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,10 +72,6 @@ class VerificationReport:
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(check.passed for check in self.checks)
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "rtol": self.rtol, "atol": self.atol, "dtype": self.dtype,
-                "checks": [asdict(c) for c in self.checks]}  # fmt: skip
 
 
 def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:

@@ -74,3 +74,17 @@ class MeanPooled(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).mean([2, 3]))
+
+
+class TrailingView(nn.Module):
+    """Ends in ``x.view(x.size(0), -1)`` after the last Linear, a reshape that changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc1 = nn.Linear(4 * 6 * 6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.fc2(torch.relu(self.fc1(self.conv(x).reshape(x.shape[0], -1))))
+        return x.view(x.size(0), -1)

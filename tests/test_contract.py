@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 from conftest import seeded
-from custom_models import HeadWithBatchNorm, LeNet, MeanPooled
+from custom_models import HeadWithBatchNorm, LeNet, MeanPooled, TrailingView
 
 import fcconv
 from fcconv.layers import FullyConnectedConvMixin
@@ -17,6 +17,7 @@ MODELS = {
     "lenet": (LeNet, (1, 28, 28)),
     "bn-head": (HeadWithBatchNorm, (3, 16, 18)),
     "mean-pooled": (MeanPooled, (3, 33, 41)),
+    "trailing-view": (TrailingView, (1, 8, 8)),
 }
 
 
