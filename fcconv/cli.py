@@ -115,7 +115,7 @@ def _verify_and_show(loaded, exported, dense, sizes, rtol, atol, device, convers
 
     with console.status("Verifying against the original…") as status:
         report = verify(
-            loaded.module, exported, loaded.input_shape, sizes=_parse_sizes(sizes), dense=dense, rtol=rtol, atol=atol,
+            loaded.module, exported, loaded.input_shape, sizes=sizes, dense=dense, rtol=rtol, atol=atol,
             device=device, conversion=conversion, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
         )  # fmt: skip
     console.print(verification_table(report))
@@ -157,10 +157,13 @@ def convert(
     The ONNX file is written only when it matches the original (exit 0); on a mismatch
     nothing is written and the exit code is 1.
     """
-    from fcconv.export import export_onnx, fcconv_metadata, staged_path
+    from fcconv.export import HEAD_FORMATS, export_onnx, fcconv_metadata, staged_path
     from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
 
+    if head_format not in HEAD_FORMATS:
+        raise BadInputError(f"--head-format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
+    check_sizes = _parse_sizes(sizes)
     target = output or _default_output(model)
     if target.exists() and target.resolve() == model.resolve():
         raise BadInputError(f"-o {target} would overwrite the input")
@@ -185,7 +188,7 @@ def convert(
                 head_format=head_format,
                 metadata=fcconv_metadata(source=loaded.path),
             )
-        report = _verify_and_show(loaded, staged, dense, sizes, rtol, atol, device, conversion)
+        report = _verify_and_show(loaded, staged, dense, check_sizes, rtol, atol, device, conversion)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
@@ -215,6 +218,7 @@ def verify(
     """Re-check an exported model against the original: exit 0 when equivalent, 1 when not."""
     from fcconv.export import OnnxModel
 
+    check_sizes = _parse_sizes(sizes)
     exported = OnnxModel(onnx_model)
     meta = exported.metadata
     if input_shape is None and "fcconv.input_shape" in meta:
@@ -222,7 +226,7 @@ def verify(
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
     loaded = _load(reference, arch, input_shape, trust)
-    report = _verify_and_show(loaded, exported, dense, sizes, rtol, atol, device)
+    report = _verify_and_show(loaded, exported, dense, check_sizes, rtol, atol, device)
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)

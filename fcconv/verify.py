@@ -214,9 +214,14 @@ def verify(
     rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
     native = input_shape[1:]
+    sizes = [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]
+    for size in sizes:
+        if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
+            shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
+            raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
     report = VerificationReport(rtol=rtol, atol=atol, dtype=str(dtype).removeprefix("torch."))
     with full_float32_precision():
-        for size in [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]:
+        for size in sizes:
             if on_size is not None:
                 on_size(size)
             x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype=dtype, device=device)

@@ -142,6 +142,8 @@ def bad_inputs(tmp_path, lenet):
             ["convert", tmp_path / "lenet.pt", "--arch", "custom_models:LeNet", "--input-shape", "1,8,8"], "cannot take an input"),
         "malformed input shape": (["convert", tmp_path / "lenet.pt", "--arch", "custom_models:LeNet", "--input-shape", "a,b"], "input-shape"),
         "no arch for a state_dict": (["convert", tmp_path / "lenet.pt"], "--arch"),
+        "malformed sizes": (["convert", tmp_path / "lenet.pt", "--sizes", "28xa"], "--sizes"),
+        "unknown head format": (["convert", tmp_path / "lenet.pt", "--head-format", "dense"], "--head-format"),
         "unknown arch": (["convert", tmp_path / "lenet.pt", "--arch", "vgg17"], "vgg17"),
     }  # fmt: skip
 

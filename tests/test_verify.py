@@ -62,3 +62,9 @@ def test_on_cuda_float32_verification_meets_the_float32_contract():
     converted = fcconv.convert(model, (1, 28, 28))
     report = fcconv.verify(model, converted, (1, 28, 28), device="cuda")
     assert report.passed and report.rtol == 1e-4
+
+
+@pytest.mark.parametrize("size", [(27, 28), (28, 28, 28), (40,)])
+def test_a_size_below_the_native_or_of_another_rank_is_bad_input(lenet, size):
+    with pytest.raises(fcconv.BadInputError, match="at least the native 28×28"):
+        fcconv.verify(lenet, fcconv.convert(lenet, (1, 28, 28)), (1, 28, 28), sizes=[size])
