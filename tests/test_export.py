@@ -92,3 +92,14 @@ def test_the_gemm_head_format_is_the_same_function(tmp_path, shape, factory):
     assert report.checks[-1].output_shape[2:] != (1, 1)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "MatMul" in ops and "Gemm" not in ops
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "alexnet"])
+def test_torchvision_classifiers_export_and_verify_end_to_end(tmp_path, name):
+    model = seeded(torchvision.models.get_model, name, weights=None, num_classes=12)
+    conversion = fcconv.rewrite(model, (3, 224, 224))
+    path = tmp_path / f"{name}.fcn.onnx"
+    fcconv.export_onnx(conversion.module, path, (3, 224, 224))
+    report = fcconv.verify(model, path, (3, 224, 224), sizes=[(224, 224), (257, 320)], conversion=conversion)
+    assert report.passed, [(c.input_size, c.max_rel, c.message) for c in report.checks]
+    assert report.checks[-1].output_shape[2:] == ((257 - 224) // 32 + 1, (320 - 224) // 32 + 1)
