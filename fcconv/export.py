@@ -31,9 +31,10 @@ SPATIAL_AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "heig
 INPUT_NAME = "input"
 OUTPUT_NAME = "scores"
 OPSET = 18
+HEAD_FORMATS = ("conv", "gemm")
 
 
-def as_plain_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
+def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
     """``module`` with every fully connected convolution swapped for its export form (parameters shared).
 
     ``conv``: the plain torch.nn convolution; ``gemm``: :class:`~fcconv.layers.WindowGemm`.
@@ -68,9 +69,6 @@ def staged_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-HEAD_FORMATS = ("conv", "gemm")
-
-
 def export_onnx(
     converted: nn.Module,
     path: str | Path,
@@ -96,13 +94,12 @@ def export_onnx(
     batch > 1 because it reads the head's weights once per batch instead of once per
     image. The default ``"conv"`` writes the head as Conv nodes only.
     """
-
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
     rank = len(input_shape) - 1
     if head_format not in HEAD_FORMATS:
         raise BadInputError(f"head format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
-    module = as_plain_module(converted, head_format).eval()
+    module = as_export_module(converted, head_format).eval()
     geometry = getattr(converted, "fcconv_geometry", None)
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
