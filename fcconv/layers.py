@@ -109,12 +109,10 @@ class WindowGemm(nn.Module):
         self.bias = conv.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.reshape(self.weight.shape[0], -1)
-        if math.prod(self.kernel_size) == 1:
-            rows = x.permute(0, *range(2, x.dim()), 1)
-        else:
-            rows = gather_windows(x, self.kernel_size)
-        return channels_first(F.linear(rows, weight, self.bias))
+        if math.prod(self.kernel_size) > 1:
+            return unfold_linear(x, self.weight, self.bias)
+        rows = x.permute(0, *range(2, x.dim()), 1)  # pointwise: no windows to gather
+        return channels_first(F.linear(rows, self.weight.reshape(self.weight.shape[0], -1), self.bias))
 
 
 class FullyConnectedConv1d(FullyConnectedConvMixin, nn.Conv1d):

@@ -195,16 +195,22 @@ def verify(
     """
     input_shape = tuple(int(s) for s in input_shape)
     original.eval()
-    if dense is None:
-        dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
-    if conversion is None:
-        conversion = analyze(original, input_shape, dense=dense)
+    native = input_shape[1:]
+    sizes = [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]
+    for size in sizes:
+        if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
+            shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
+            raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
     try:
         device = torch.device(device)
     except RuntimeError:
         raise BadInputError(f"--device {device!r} is not a device like cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda: CUDA is not available on this machine")
+    if dense is None:
+        dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
+    if conversion is None:
+        conversion = analyze(original, input_shape, dense=dense)
     original.to(device)
     if isinstance(converted, nn.Module):
         converted.to(device)
@@ -213,12 +219,6 @@ def verify(
     dtype = params[0].dtype if params else torch.float32
     rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
-    native = input_shape[1:]
-    sizes = [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]
-    for size in sizes:
-        if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
-            shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
-            raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
     report = VerificationReport(rtol=rtol, atol=atol, dtype=str(dtype).removeprefix("torch."))
     with full_float32_precision():
         for size in sizes:
