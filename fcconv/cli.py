@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -108,16 +109,26 @@ def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool):
         return load_model(path, arch, shape, trust=trust)
 
 
-def _verify_and_show(loaded, exported, dense, sizes, rtol, atol, device, conversion=None):
-    """Verify ``exported`` against the loaded original with a progress line, print the table, return the report."""
+def _references(loaded, dense, sizes, rtol, atol, device, conversion=None):
+    """The original's outputs on the verification inputs, with a progress line."""
+    from fcconv.verify import reference_outputs
+
+    with console.status("Running the original…") as status:
+        return reference_outputs(
+            loaded.module, loaded.input_shape, sizes=sizes, dense=dense, rtol=rtol, atol=atol, device=device,
+            conversion=conversion, on_size=lambda s: status.update(f"Running the original at {'×'.join(map(str, s))}…"),
+        )  # fmt: skip
+
+
+def _compare_and_show(exported, references):
+    """Run ``exported`` on the reference inputs with a progress line, print the table, return the report."""
     from fcconv.render import verification_table
-    from fcconv.verify import verify
+    from fcconv.verify import compare_outputs
 
     with console.status("Verifying against the original…") as status:
-        report = verify(
-            loaded.module, exported, loaded.input_shape, sizes=sizes, dense=dense, rtol=rtol, atol=atol,
-            device=device, conversion=conversion, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…"),
-        )  # fmt: skip
+        report = compare_outputs(
+            exported, references, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…")
+        )
     console.print(verification_table(report))
     return report
 
@@ -145,6 +156,13 @@ def convert(
             help="conv: the head as Conv nodes; gemm: as GEMMs over all windows (faster in onnxruntime at batch > 1).",
         ),
     ] = "conv",
+    external_data: Annotated[
+        bool,
+        typer.Option(
+            "--external-data",
+            help="Write the weights to NAME.onnx.data beside the file. [default: only above protobuf's 2 GiB]",
+        ),
+    ] = False,
     sizes: SizesOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
@@ -157,7 +175,7 @@ def convert(
     The ONNX file is written only when it matches the original (exit 0); on a mismatch
     nothing is written and the exit code is 1.
     """
-    from fcconv.export import HEAD_FORMATS, export_onnx, fcconv_metadata, staged_path
+    from fcconv.export import HEAD_FORMATS, export_onnx, external_data_path, fcconv_metadata, staged_onnx
     from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
 
@@ -165,8 +183,9 @@ def convert(
         raise BadInputError(f"--head-format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
     check_sizes = _parse_sizes(sizes)
     target = output or _default_output(model)
-    if target.exists() and target.resolve() == model.resolve():
-        raise BadInputError(f"-o {target} would overwrite the input")
+    for written in (target, external_data_path(target)):
+        if written.exists() and written.resolve() == model.resolve():
+            raise BadInputError(f"-o {target} would overwrite the input")
     if target.is_dir():
         raise BadInputError(f"-o {target}: is a directory")
     if not target.parent.is_dir():
@@ -179,7 +198,7 @@ def convert(
     console.print(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
     for item in conversion.removed:
         console.print(f"  removed: {item}", markup=False)
-    with staged_path(target) as staged:
+    with staged_onnx(target) as staged:
         with console.status(f"Exporting {target.name}…"):
             export_onnx(
                 conversion.module,
@@ -187,12 +206,19 @@ def convert(
                 loaded.input_shape,
                 head_format=head_format,
                 metadata=fcconv_metadata(source=loaded.path),
+                external_data=external_data or None,
             )
-        report = _verify_and_show(loaded, staged, dense, check_sizes, rtol, atol, device, conversion)
+        data_file = external_data_path(staged).exists()
+        references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
+        # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
+        del loaded, conversion
+        gc.collect()
+        report = _compare_and_show(staged, references)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
-    console.print(f"wrote {target}", markup=False)
+    weights = f" (weights in {external_data_path(target).name})" if data_file else ""
+    console.print(f"wrote {target}{weights}", markup=False)
 
 
 @app.command()
@@ -226,7 +252,7 @@ def verify(
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
     loaded = _load(reference, arch, input_shape, trust)
-    report = _verify_and_show(loaded, exported, dense, check_sizes, rtol, atol, device)
+    report = _compare_and_show(exported, _references(loaded, dense, check_sizes, rtol, atol, device))
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)

@@ -8,6 +8,7 @@ convolutions they are, so the file holds no Flatten, Reshape or Gemm in the head
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -25,7 +26,15 @@ from fcconv.layers import FullyConnectedConvMixin, WindowGemm, as_plain_conv
 if TYPE_CHECKING:
     from fcconv.rewrite import HeadGeometry
 
-__all__ = ["OnnxModel", "SPATIAL_AXIS_NAMES", "export_onnx", "fcconv_metadata", "staged_path"]
+__all__ = [
+    "OnnxModel",
+    "SPATIAL_AXIS_NAMES",
+    "export_onnx",
+    "external_data_path",
+    "fcconv_metadata",
+    "staged_onnx",
+    "staged_path",
+]
 
 SPATIAL_AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 INPUT_NAME = "input"
@@ -69,6 +78,28 @@ def staged_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def staged_onnx(path: str | Path) -> Iterator[Path]:
+    """A path for an ONNX file, in a temporary folder beside ``path``, moved onto ``path`` when the block succeeds.
+
+    An ONNX file and its external data (``NAME.onnx.data``) are written, read back
+    and verified under their final names inside the folder; only then are they moved
+    into place. On failure nothing is left behind.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
+        staged = Path(folder) / path.name
+        yield staged
+        for item in sorted(Path(folder).iterdir()):
+            os.replace(item, path.parent / item.name)
+
+
+def external_data_path(path: str | Path) -> Path:
+    """Where the weights of an ONNX file written with external data lie: ``NAME.onnx.data`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
 def export_onnx(
     converted: nn.Module,
     path: str | Path,
@@ -77,6 +108,7 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     head_format: str = "conv",
     opset: int = OPSET,
+    external_data: bool | None = None,
 ) -> Path:
     """Export ``converted`` to ONNX at ``path`` with free batch and spatial axes.
 
@@ -85,8 +117,14 @@ def export_onnx(
     ``width`` (``length`` in 1D, ``depth, height, width`` in 3D). ``metadata`` is
     added to the model's metadata_props, after what fcconv records itself (its
     version and, for a module made by :func:`fcconv.convert`, the native input
-    shape, the conversion mode and the head's window and stride). The file is written under a temporary
-    name and renamed into place, so a failed export leaves nothing behind.
+    shape, the conversion mode and the head's window and stride).
+
+    The graph is traced without its weights, and each weight is then streamed to the
+    file from the module's own storage, so the export holds no second copy of the
+    model in memory. ``external_data`` writes the weights to ``NAME.onnx.data``
+    beside the file (ONNX external data); by default that happens only when the file
+    would pass protobuf's 2 GiB limit. Files are written under temporary names and
+    renamed into place, so a failed export leaves nothing behind.
 
     ``head_format="gemm"`` writes the same function another way: each converted layer
     as its windows gathered with strided slices and one MatMul over all windows of
@@ -94,6 +132,8 @@ def export_onnx(
     batch > 1 because it reads the head's weights once per batch instead of once per
     image. The default ``"conv"`` writes the head as Conv nodes only.
     """
+    import onnx
+
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
     rank = len(input_shape) - 1
@@ -106,40 +146,115 @@ def export_onnx(
     sample = torch.zeros((1, *input_shape), dtype=dtype)
     axes = {0: "batch", **{2 + i: name for i, name in enumerate(SPATIAL_AXIS_NAMES[rank])}}
 
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        # Without its weights (export_params=False) the traced graph names each one as an
+        # input; PRESERVE and no constant folding keep the exporter from deriving new
+        # tensors (fused batch norms, folded reshapes) that only it would hold.
+        torch.onnx.export(
+            module,
+            (sample,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+            opset_version=opset,
+            dynamo=False,
+            export_params=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    state = module.state_dict(keep_vars=True)
+    weights = {}
+    for graph_input in list(model.graph.input)[1:]:
+        if graph_input.name not in state:
+            raise RuntimeError(f"the exported graph reads {graph_input.name!r}, which the module does not hold")
+        weights[graph_input.name] = state[graph_input.name].detach()
+        model.graph.input.remove(graph_input)
+    props = {**fcconv_metadata(geometry), "fcconv.head_format": head_format, **(metadata or {})}
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    graph_bytes = model.SerializeToString()
+    if external_data is None:
+        external_data = len(graph_bytes) + sum(_nbytes(t) + 1024 for t in weights.values()) >= PROTOBUF_LIMIT
+
     with staged_path(path) as tmp:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (sample,),
-                str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
-        props = {**fcconv_metadata(geometry), "fcconv.head_format": head_format, **(metadata or {})}
-        _append_metadata(tmp, props)
+        with open(tmp, "wb") as f:
+            f.write(graph_bytes)
+            if external_data:
+                location = external_data_path(path)
+                with staged_path(location) as data_tmp, open(data_tmp, "wb") as data:
+                    for name, tensor in weights.items():
+                        data.write(b"\0" * (-data.tell() % EXTERNAL_DATA_ALIGNMENT))
+                        offset = data.tell()
+                        data.write(_tensor_bytes(tensor))
+                        f.write(_initializer_fragment(name, tensor, location=location.name, offset=offset))
+            else:
+                for name, tensor in weights.items():
+                    f.write(_initializer_fragment(name, tensor))
+                    f.write(_tensor_bytes(tensor))
     return path
 
 
-def _append_metadata(path: Path, props: Mapping[str, str]) -> None:
-    """Add metadata_props to the ONNX file at ``path`` without reading it back.
+PROTOBUF_LIMIT = 2**31  # a serialized protobuf message (one ONNX file) must stay below 2 GiB
+EXTERNAL_DATA_ALIGNMENT = 4096  # page-aligned offsets let readers memory-map the weights
+_ONNX_DTYPES = {
+    torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
+    torch.float16: 10, torch.float64: 11, torch.bfloat16: 16,
+}  # fmt: skip - onnx.TensorProto.DataType values
 
-    Serialized protobuf messages merge when concatenated (repeated fields append),
-    so a ModelProto holding only the new entries is appended to the file: the
-    weights are neither parsed nor copied again.
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major, little-endian order, without a copy when it is contiguous on the CPU."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _initializer_fragment(name: str, tensor: torch.Tensor, *, location: str | None = None, offset: int = 0) -> bytes:
+    """A serialized ``ModelProto {graph {initializer {...}}}`` that, appended to a model file, adds one weight.
+
+    Serialized protobuf messages merge when concatenated (repeated fields append), so
+    the file is the traced graph followed by one fragment per weight. Inline, the
+    fragment ends with the raw_data field's header and the caller writes the tensor's
+    bytes right after it; with ``location`` it points into the external data file.
     """
     import onnx
 
-    extra = onnx.ModelProto()
-    for key, value in props.items():
-        entry = extra.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    with open(path, "ab") as f:
-        f.write(extra.SerializeToString())
+    if tensor.dtype not in _ONNX_DTYPES:
+        raise BadInputError(f"weight {name!r} has dtype {tensor.dtype}, which fcconv cannot write to ONNX")
+    proto = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=_ONNX_DTYPES[tensor.dtype])
+    size = _nbytes(tensor)
+    if location is not None:
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset), ("length", size)):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, str(value)
+        head, following = proto.SerializeToString(), 0
+    else:
+        head, following = proto.SerializeToString() + _field_header(9, size), size  # TensorProto.raw_data
+    initializer = _field_header(5, len(head) + following) + head  # GraphProto.initializer
+    return _field_header(7, len(initializer) + following) + initializer  # ModelProto.graph
+
+
+def _field_header(field: int, length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field."""
+    return _varint(field << 3 | 2) + _varint(length)
 
 
 class OnnxModel:

@@ -27,10 +27,14 @@ from fcconv.layers import channels_first, gather_windows
 from fcconv.rewrite import Conversion, analyze
 
 __all__ = [
+    "ReferenceCase",
+    "References",
     "SizeCheck",
     "SlidingWindowHead",
     "VerificationReport",
+    "compare_outputs",
     "default_sizes",
+    "reference_outputs",
     "sliding_window_reference",
     "verify",
 ]
@@ -165,7 +169,105 @@ def _runner(
     return converted
 
 
+@dataclass
+class ReferenceCase:
+    """One random input and what the original makes of it: the expected outputs, by reading."""
+
+    input_size: tuple[int, ...]
+    input: torch.Tensor
+    expected: dict[str, torch.Tensor]
+
+
+@dataclass
+class References:
+    """Everything a comparison needs from the original, so that the original can be freed before the comparison."""
+
+    cases: list[ReferenceCase]
+    rtol: float
+    atol: float
+    dtype: torch.dtype
+    device: torch.device
+
+
 @torch.inference_mode()
+def reference_outputs(
+    original: nn.Module,
+    input_shape: Sequence[int] = (3, 224, 224),
+    *,
+    sizes: Sequence[Sequence[int]] | None = None,
+    dense: bool = False,
+    batch: int = 2,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    device: str | torch.device = "cpu",
+    conversion: Conversion | None = None,
+    on_size: Callable[[tuple[int, ...]], None] | None = None,
+) -> References:
+    """The random inputs of a verification and the original's readings of them (see :func:`verify`).
+
+    At the native size the original's own output, reshaped to (N, K, 1, ...), unless
+    ``dense``; at every size :func:`sliding_window_reference`.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    native = input_shape[1:]
+    sizes = [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]
+    for size in sizes:
+        if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
+            shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
+            raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
+    device = _device(device)
+    original.eval()
+    if conversion is None:
+        conversion = analyze(original, input_shape, dense=dense)
+    original.to(device)
+    params = [p for p in original.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
+    generator = torch.Generator().manual_seed(seed)
+    references = References([], rtol, atol, dtype, device)
+    with full_float32_precision():
+        for size in sizes:
+            if on_size is not None:
+                on_size(size)
+            x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype=dtype, device=device)
+            expected = {}
+            if size == native and not dense:
+                out = original(x)
+                expected["original"] = out.reshape(*out.shape, *(1,) * len(native))
+            expected["sliding window"] = sliding_window_reference(conversion, x)
+            references.cases.append(ReferenceCase(size, x, expected))
+    return references
+
+
+@torch.inference_mode()
+def compare_outputs(
+    converted: nn.Module | str | Path | Callable[[torch.Tensor], torch.Tensor],
+    references: References,
+    on_size: Callable[[tuple[int, ...]], None] | None = None,
+) -> VerificationReport:
+    """Run ``converted`` (a module, an ONNX file or any callable) on each reference input and compare."""
+    if isinstance(converted, nn.Module):
+        converted.to(references.device)
+    run = _runner(converted)
+    rtol, atol = references.rtol, references.atol
+    report = VerificationReport(rtol=rtol, atol=atol, dtype=str(references.dtype).removeprefix("torch."))
+    with full_float32_precision():
+        for case in references.cases:
+            if on_size is not None:
+                on_size(case.input_size)
+            try:
+                actual = run(case.input)
+            except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails the check, with the reason
+                text = " ".join(str(exc).split())[:300]
+                report.checks.append(SizeCheck(case.input_size, "-", (), (), math.inf, math.inf, math.inf, math.inf,
+                                               0.0, (), 0.0, False, f"the converted model failed: {text}"))  # fmt: skip
+                continue
+            for reading, expected in case.expected.items():
+                report.checks.append(_compare(case.input_size, reading, expected, actual, rtol, atol))
+    return report
+
+
 def verify(
     original: nn.Module,
     converted: nn.Module | str | Path | Callable[[torch.Tensor], torch.Tensor],
@@ -192,53 +294,27 @@ def verify(
     (``device="cuda"``, the models are moved there) float32 runs with TF32 off,
     so that convolutions and GEMMs round as the CPU does.
     Returns a :class:`VerificationReport`; it does not raise when the check fails.
+
+    The same as :func:`reference_outputs` followed by :func:`compare_outputs`, which a
+    caller that wants to free the original before running the converted model uses.
     """
-    input_shape = tuple(int(s) for s in input_shape)
-    original.eval()
-    native = input_shape[1:]
-    sizes = [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]
-    for size in sizes:
-        if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
-            shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
-            raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
+    if dense is None:
+        dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
+    references = reference_outputs(
+        original, input_shape, sizes=sizes, dense=dense, batch=batch, seed=seed, rtol=rtol, atol=atol,
+        device=device, conversion=conversion, on_size=on_size,
+    )  # fmt: skip
+    return compare_outputs(converted, references)
+
+
+def _device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError:
         raise BadInputError(f"--device {device!r} is not a device like cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda: CUDA is not available on this machine")
-    if dense is None:
-        dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
-    if conversion is None:
-        conversion = analyze(original, input_shape, dense=dense)
-    original.to(device)
-    if isinstance(converted, nn.Module):
-        converted.to(device)
-    run = _runner(converted)
-    params = [p for p in original.parameters() if p.is_floating_point()]
-    dtype = params[0].dtype if params else torch.float32
-    rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
-    generator = torch.Generator().manual_seed(seed)
-    report = VerificationReport(rtol=rtol, atol=atol, dtype=str(dtype).removeprefix("torch."))
-    with full_float32_precision():
-        for size in sizes:
-            if on_size is not None:
-                on_size(size)
-            x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype=dtype, device=device)
-            try:
-                actual = run(x)
-            except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails the check, with the reason
-                text = " ".join(str(exc).split())[:300]
-                report.checks.append(SizeCheck(size, "-", (), (), math.inf, math.inf, math.inf, math.inf, 0.0, (),
-                                               0.0, False, f"the converted model failed: {text}"))  # fmt: skip
-                continue
-            if size == native and not dense:
-                expected = original(x)
-                expected = expected.reshape(*expected.shape, *(1,) * len(native))
-                report.checks.append(_compare(size, "original", expected, actual, rtol, atol))
-            expected = sliding_window_reference(conversion, x)
-            report.checks.append(_compare(size, "sliding window", expected, actual, rtol, atol))
-    return report
+    return device
 
 
 @contextlib.contextmanager

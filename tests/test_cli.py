@@ -75,11 +75,27 @@ def test_inspect_shows_each_linear_its_map_and_share(vgg16_checkpoint):
         assert text in result.stdout
 
 
-def test_the_shipped_sample_converts_by_path_alone(tmp_path):
+def test_the_shipped_sample_converts_by_path_alone_and_byte_identically_twice(tmp_path):
+    first, second = tmp_path / "digits.onnx", tmp_path / "again.onnx"
+    for out in (first, second):
+        result = run("convert", REPO / "sample_models" / "digits_lenet.pt", "-o", out)
+        assert result.returncode == 0, result.stderr
+        assert out.is_file() and "fc1" in result.stdout
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_external_data_is_written_beside_the_export_and_verify_reads_it_back(tmp_path):
+    sample = REPO / "sample_models" / "digits_lenet.pt"
     out = tmp_path / "digits.onnx"
-    result = run("convert", REPO / "sample_models" / "digits_lenet.pt", "-o", out)
+    result = run("convert", sample, "-o", out, "--external-data")
     assert result.returncode == 0, result.stderr
-    assert out.is_file() and "fc1" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx", "digits.onnx.data"]
+    assert "weights in digits.onnx.data" in result.stdout
+    checked = run("verify", out, "--reference", sample)
+    assert checked.returncode == 0, checked.stderr
+    (tmp_path / "digits.onnx.data").unlink()
+    missing = run("verify", out, "--reference", sample)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_a_custom_architecture_is_imported_from_the_current_directory(tmp_path):

@@ -7,6 +7,7 @@ import torchvision
 from conftest import seeded
 
 import fcconv
+from fcconv import export
 from fcconv.export import OnnxModel
 
 
@@ -103,3 +104,52 @@ def test_torchvision_classifiers_export_and_verify_end_to_end(tmp_path, name):
     report = fcconv.verify(model, path, (3, 224, 224), sizes=[(224, 224), (257, 320)], conversion=conversion)
     assert report.passed, [(c.input_size, c.max_rel, c.message) for c in report.checks]
     assert report.checks[-1].output_shape[2:] == ((257 - 224) // 32 + 1, (320 - 224) // 32 + 1)
+
+
+def test_every_weight_is_written_exactly_as_the_module_holds_it(exported):
+    _, conversion, path, _ = exported["resnet18"]
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    state = export.as_export_module(conversion.module).state_dict()
+    assert written, "the export holds no weights"
+    for name, array in written.items():
+        assert torch.equal(torch.from_numpy(array.copy()), state[name]), name
+    used = {name for node in onnx.load(str(path)).graph.node for name in node.input}
+    assert set(written) <= used
+
+
+def test_exporting_twice_gives_byte_identical_files(tmp_path):
+    model = seeded(torchvision.models.vgg11_bn, weights=None, num_classes=5)
+    conversion = fcconv.rewrite(model, (3, 64, 64))
+    first, second = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx"
+    for path in (first, second):
+        path.parent.mkdir()
+        fcconv.export_onnx(conversion.module, path, (3, 64, 64), external_data=True)
+    assert first.read_bytes() == second.read_bytes()
+    assert (tmp_path / "a" / "m.onnx.data").read_bytes() == (tmp_path / "b" / "m.onnx.data").read_bytes()
+
+
+def test_external_data_puts_the_weights_beside_the_file_and_reads_back(tmp_path):
+    model = seeded(__import__("custom_models").LeNet)
+    conversion = fcconv.rewrite(model, (1, 28, 28))
+    path = tmp_path / "lenet.fcn.onnx"
+    fcconv.export_onnx(conversion.module, path, (1, 28, 28), external_data=True)
+    data = tmp_path / "lenet.fcn.onnx.data"
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert data.stat().st_size >= weight_bytes > 10 * path.stat().st_size
+    onnx.checker.check_model(str(path), full_check=True)
+    report = fcconv.verify(model, path, (1, 28, 28), conversion=conversion)
+    assert report.passed, [(c.input_size, c.max_rel, c.message) for c in report.checks]
+
+
+def test_external_data_is_chosen_when_the_file_would_pass_the_protobuf_limit(tmp_path, monkeypatch):
+    model = seeded(__import__("custom_models").LeNet)
+    conversion = fcconv.rewrite(model, (1, 28, 28))
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", weight_bytes * 2)
+    fcconv.export_onnx(conversion.module, tmp_path / "small.onnx", (1, 28, 28))
+    assert not (tmp_path / "small.onnx.data").exists()
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", weight_bytes // 2)
+    fcconv.export_onnx(conversion.module, tmp_path / "large.onnx", (1, 28, 28))
+    assert (tmp_path / "large.onnx.data").exists()
+    x = torch.randn(1, 1, 40, 52)
+    assert torch.equal(OnnxModel(tmp_path / "small.onnx")(x), OnnxModel(tmp_path / "large.onnx")(x))
