@@ -201,10 +201,17 @@ def export_onnx(
 
 PROTOBUF_LIMIT = 2**31  # a serialized protobuf message (one ONNX file) must stay below 2 GiB
 EXTERNAL_DATA_ALIGNMENT = 4096  # page-aligned offsets let readers memory-map the weights
-_ONNX_DTYPES = {
-    torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
-    torch.float16: 10, torch.float64: 11, torch.bfloat16: 16,
-}  # fmt: skip - onnx.TensorProto.DataType values
+_ONNX_DTYPES = {  # onnx.TensorProto.DataType names
+    torch.float32: "FLOAT",
+    torch.float16: "FLOAT16",
+    torch.bfloat16: "BFLOAT16",
+    torch.float64: "DOUBLE",
+    torch.int64: "INT64",
+    torch.int32: "INT32",
+    torch.int8: "INT8",
+    torch.uint8: "UINT8",
+    torch.bool: "BOOL",
+}
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -238,7 +245,9 @@ def _initializer_fragment(name: str, tensor: torch.Tensor, *, location: str | No
 
     if tensor.dtype not in _ONNX_DTYPES:
         raise BadInputError(f"weight {name!r} has dtype {tensor.dtype}, which fcconv cannot write to ONNX")
-    proto = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=_ONNX_DTYPES[tensor.dtype])
+    proto = onnx.TensorProto(
+        name=name, dims=list(tensor.shape), data_type=getattr(onnx.TensorProto, _ONNX_DTYPES[tensor.dtype])
+    )
     size = _nbytes(tensor)
     if location is not None:
         proto.data_location = onnx.TensorProto.EXTERNAL
