@@ -3,7 +3,7 @@
     python bench/bench_convert.py [--arch vgg16]
 
 Each step runs in a fresh process, one after another, and reports its wall time and
-peak resident memory (ru_maxrss of the child):
+peak resident memory (the child's VmHWM):
 
 * idle: ``import torch`` and nothing else;
 * plain export: load the state_dict into the torchvision model, ``torch.onnx.export`` it;
@@ -37,9 +37,14 @@ with warnings.catch_warnings():
 """
 
 
+# VmHWM, the peak resident set of this process's address space. (ru_maxrss would not
+# do: Linux carries it over fork and exec, so a child would report the parent's peak.)
 REPORT_PEAK = (
-    "import atexit, os, resource; atexit.register(lambda: open(os.environ['PEAK_FILE'], 'w')"
-    ".write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    "import atexit, os\n"
+    "def _report_peak():\n"
+    "    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]\n"
+    "    open(os.environ['PEAK_FILE'], 'w').write(hwm)\n"
+    "atexit.register(_report_peak)\n"
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from collections.abc import Callable
@@ -175,7 +174,14 @@ def convert(
     The ONNX file is written only when it matches the original (exit 0); on a mismatch
     nothing is written and the exit code is 1.
     """
-    from fcconv.export import HEAD_FORMATS, export_onnx, external_data_path, fcconv_metadata, staged_onnx
+    from fcconv.export import (
+        HEAD_FORMATS,
+        export_onnx,
+        external_data_path,
+        fcconv_metadata,
+        release_memory,
+        staged_onnx,
+    )
     from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
 
@@ -212,7 +218,7 @@ def convert(
         references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
         # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
         del loaded, conversion
-        gc.collect()
+        release_memory()
         report = _compare_and_show(staged, references)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)

@@ -1,0 +1,320 @@
+"""The core contract, for every classifier hypothesis can build: random conv/pool trunks, sizes and heads.
+
+Each example is a :class:`Description`, a plain value hypothesis prints when a property
+fails; :func:`build` turns it into an eval-mode model whose weights come from its seed.
+The trunk's sizes and total stride are worked out from the description itself, never
+from fcconv, so the checks below do not lean on the code they check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fcconv
+
+EXAMPLES = 50
+"""Generated classifiers per property (derandomized, so CI sees the same ones every run)."""
+
+RTOL = 1e-4  # the contract's float32 tolerance: max |converted - reference| <= RTOL * max |reference|
+MAX_SIDE = 40
+
+PROPERTY = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+
+ACTIVATIONS = {
+    "ReLU": nn.ReLU,
+    "GELU": nn.GELU,
+    "Tanh": nn.Tanh,
+    "LeakyReLU": lambda: nn.LeakyReLU(0.1),
+    "ELU": nn.ELU,
+    "SiLU": nn.SiLU,
+    "Sigmoid": nn.Sigmoid,
+    "Hardswish": nn.Hardswish,
+    "Softplus": nn.Softplus,
+}
+FLATTENS = ("torch.flatten(x, 1)", "nn.Flatten()", "x.view(x.size(0), -1)", "x.reshape(x.shape[0], -1)")
+
+
+# --- what a generated classifier is ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conv:
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    relu: bool
+
+
+@dataclass(frozen=True)
+class Pool:
+    kind: str  # "max" or "avg"
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A Linear, then (each optional) BatchNorm1d, an activation and Dropout."""
+
+    width: int
+    bias: bool
+    batch_norm: bool
+    activation: str | None
+    dropout: float | None
+
+
+@dataclass(frozen=True)
+class Description:
+    in_channels: int
+    size: tuple[int, int]
+    trunk: tuple[Conv | Pool, ...]
+    flatten: str
+    on_window: tuple[str, ...]  # element-wise layers between the flatten and the first Linear
+    head: tuple[Dense, ...]
+    seed: int
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        """The trunk's total stride: the product of its conv and pool strides."""
+        return math.prod(layer.stride[0] for layer in self.trunk), math.prod(layer.stride[1] for layer in self.trunk)
+
+    @property
+    def padded(self) -> bool:
+        return any(isinstance(layer, Conv) and layer.padding != (0, 0) for layer in self.trunk)
+
+    @property
+    def channels(self) -> int:
+        return [layer.out_channels for layer in self.trunk if isinstance(layer, Conv)][-1]
+
+    def feature_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The trunk's output map for an input of ``size`` (a side below 1 means the map is empty)."""
+        return feature_side(self.trunk, size[0], 0), feature_side(self.trunk, size[1], 1)
+
+
+def feature_side(trunk: tuple[Conv | Pool, ...], side: int, axis: int) -> int:
+    for layer in trunk:
+        padding = layer.padding[axis] if isinstance(layer, Conv) else 0
+        if side + 2 * padding < layer.kernel[axis]:
+            return 0
+        side = (side + 2 * padding - layer.kernel[axis]) // layer.stride[axis] + 1
+    return side
+
+
+class GeneratedClassifier(nn.Module):
+    """``features`` (the trunk), the flatten spelt as the description says, ``classifier`` (the head)."""
+
+    def __init__(self, description: Description) -> None:
+        super().__init__()
+        trunk: list[nn.Module] = []
+        channels = description.in_channels
+        for layer in description.trunk:
+            if isinstance(layer, Conv):
+                trunk.append(nn.Conv2d(channels, layer.out_channels, layer.kernel, layer.stride, layer.padding))
+                channels = layer.out_channels
+                if layer.relu:
+                    trunk.append(nn.ReLU())
+            else:
+                pool = nn.MaxPool2d if layer.kind == "max" else nn.AvgPool2d
+                trunk.append(pool(layer.kernel, layer.stride))
+        self.features = nn.Sequential(*trunk)
+        self.flatten_as = description.flatten
+        if description.flatten == "nn.Flatten()":
+            self.flatten = nn.Flatten()
+
+        height, width = description.feature_size(description.size)
+        head: OrderedDict[str, nn.Module] = OrderedDict()
+        for name in description.on_window:
+            head[f"window_{name.lower()}"] = nn.Dropout(0.3) if name == "Dropout" else ACTIVATIONS[name]()
+        features = channels * height * width
+        for i, dense in enumerate(description.head, 1):
+            head[f"fc{i}"] = nn.Linear(features, dense.width, bias=dense.bias)
+            if dense.batch_norm:
+                head[f"bn{i}"] = nn.BatchNorm1d(dense.width)
+            if dense.activation is not None:
+                head[f"act{i}"] = ACTIVATIONS[dense.activation]()
+            if dense.dropout is not None:
+                head[f"drop{i}"] = nn.Dropout(dense.dropout)
+            features = dense.width
+        self.classifier = nn.Sequential(head)
+
+    def forward(self, x):
+        x = self.features(x)
+        if self.flatten_as == "torch.flatten(x, 1)":
+            x = torch.flatten(x, 1)
+        elif self.flatten_as == "nn.Flatten()":
+            x = self.flatten(x)
+        elif self.flatten_as == "x.view(x.size(0), -1)":
+            x = x.view(x.size(0), -1)
+        else:
+            x = x.reshape(x.shape[0], -1)
+        return self.classifier(x)
+
+
+def build(description: Description) -> GeneratedClassifier:
+    """The classifier in eval mode, its weights and BatchNorm statistics drawn from ``description.seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(description.seed)
+        model = GeneratedClassifier(description)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):  # trained-looking statistics, not the identity
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n) * 0.5)
+                module.running_var.copy_(torch.rand(n) * 1.5 + 0.25)
+                module.weight.data.copy_(torch.randn(n) * 0.5 + 1.0)
+                module.bias.data.copy_(torch.randn(n) * 0.5)
+    return model.eval()
+
+
+def random_input(description: Description, size: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(description.seed + 1)
+    return torch.randn((batch, description.in_channels, *size), generator=generator)
+
+
+# --- how hypothesis draws them --------------------------------------------------------------------
+
+
+def pairs(low: int, high: int) -> st.SearchStrategy[tuple[int, int]]:
+    return st.tuples(st.integers(low, high), st.integers(low, high))
+
+
+@st.composite
+def descriptions(draw, may_pad: bool = True) -> Description:
+    """A classifier description whose feature map is not empty at its native size."""
+    trunk: list[Conv | Pool] = []
+    for _ in range(draw(st.integers(1, 3))):
+        kernel = draw(pairs(1, 5))
+        padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2))) if may_pad else (0, 0)
+        trunk.append(Conv(draw(st.integers(2, 8)), kernel, draw(pairs(1, 2)), padding, draw(st.booleans())))
+        if draw(st.booleans()):
+            pool_kernel = draw(pairs(2, 3))
+            stride = draw(st.sampled_from([(1, 1), (2, 2), pool_kernel, (1, 2), (2, 1)]))
+            trunk.append(Pool(draw(st.sampled_from(["max", "avg"])), pool_kernel, stride))
+    trunk_ = tuple(trunk)
+    # the smallest side with a non-empty map, so that few draws are rejected
+    smallest = [next((s for s in range(1, MAX_SIDE + 1) if feature_side(trunk_, s, a) >= 1), None) for a in (0, 1)]
+    assume(None not in smallest)
+    size = (draw(st.integers(max(8, smallest[0]), MAX_SIDE)), draw(st.integers(max(8, smallest[1]), MAX_SIDE)))
+
+    on_window = draw(st.lists(st.sampled_from([*ACTIVATIONS, "Dropout"]), max_size=1))
+    head = []
+    layers = draw(st.sampled_from([1, 2, 3]))
+    for i in range(layers):
+        last = i == layers - 1
+        head.append(
+            Dense(
+                width=draw(st.integers(2, 10) if last else st.integers(2, 16)),
+                bias=draw(st.booleans()),
+                batch_norm=draw(st.booleans()),
+                activation=draw(st.none() | st.sampled_from(list(ACTIVATIONS))),
+                dropout=draw(st.none() | st.sampled_from([0.1, 0.5])),
+            )
+        )
+    description = Description(
+        in_channels=draw(st.integers(1, 3)),
+        size=size,
+        trunk=trunk_,
+        flatten=draw(st.sampled_from(FLATTENS)),
+        on_window=tuple(on_window),
+        head=tuple(head),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    assume(min(description.feature_size(size)) >= 1)
+    return description
+
+
+def larger_sizes(description: Description) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A non-square size that is the native one plus whole strides (so crops line up), and an odd unaligned one."""
+    (h, w), (sh, sw) = description.size, description.stride
+    aligned = (h + sh, w + 2 * sw) if h + sh != w + 2 * sw else (h + 2 * sh, w + sw)
+    return aligned, (2 * h + 1, 2 * w + 1)
+
+
+def assert_within_tolerance(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape
+    actual, expected = actual.double(), expected.double()
+    error, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert error <= RTOL * scale, f"max abs diff {error:.3g} > {RTOL} × {scale:.3g}"
+
+
+# --- the properties -------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(descriptions())
+def test_at_the_native_size_the_output_equals_the_original(description):
+    model = build(description)
+    converted = fcconv.rewrite(model, (description.in_channels, *description.size)).module
+    x = random_input(description, description.size, batch=3)
+    with torch.no_grad():
+        expected, actual = model(x), converted(x)
+    assert actual.shape == (3, description.head[-1].width, 1, 1)
+    assert_within_tolerance(actual.flatten(1), expected)
+
+
+@PROPERTY
+@given(descriptions())
+def test_larger_inputs_pass_verification_with_the_map_the_geometry_predicts(description):
+    model = build(description)
+    shape = (description.in_channels, *description.size)
+    conversion = fcconv.rewrite(model, shape)
+    geometry = conversion.geometry
+    native_features = description.feature_size(description.size)
+    assert geometry.feature_shape == (description.channels, *native_features)
+    assert geometry.window == native_features and geometry.stride == (1, 1)
+
+    sizes = larger_sizes(description)
+    report = fcconv.verify(model, conversion.module, shape, sizes=sizes, conversion=conversion)
+    assert report.passed, [(c.input_size, c.reference, c.max_rel, c.message) for c in report.checks]
+    for size, check in zip(sizes, report.checks):
+        features = description.feature_size(size)
+        positions = tuple((f - k) // s + 1 for f, k, s in zip(features, geometry.window, geometry.stride))
+        assert check.output_shape == (2, description.head[-1].width, *positions)
+
+
+@PROPERTY
+@given(descriptions(may_pad=False))
+def test_without_padding_each_position_is_the_original_run_on_its_crop(description):
+    # Independent of fcconv's sliding-window reference: an unpadded trunk sees the same
+    # pixels in a crop taken at a multiple of its total stride as in the whole input.
+    model = build(description)
+    converted = fcconv.convert(model, (description.in_channels, *description.size))
+    (h, w), (sh, sw) = description.size, description.stride
+    size = larger_sizes(description)[0]
+    x = random_input(description, size)
+    with torch.no_grad():
+        scores = converted(x)
+        rows, cols = (size[0] - h) // sh + 1, (size[1] - w) // sw + 1
+        assert scores.shape == (2, description.head[-1].width, rows, cols)
+        crops = torch.stack(
+            [
+                torch.stack([model(x[:, :, i * sh : i * sh + h, j * sw : j * sw + w]) for j in range(cols)], -1)
+                for i in range(rows)
+            ],
+            -2,
+        )
+    assert_within_tolerance(scores, crops)
+
+
+@PROPERTY
+@given(descriptions())
+def test_every_converted_linear_is_a_convolution_the_first_one_covering_the_feature_map(description):
+    model = build(description)
+    conversion = fcconv.rewrite(model, (description.in_channels, *description.size))
+    state = conversion.module.state_dict()
+    assert [layer.name for layer in conversion.layers] == [f"classifier.fc{i}" for i in range(1, len(description.head) + 1)]
+    assert not [name for name, value in state.items() if value.dim() == 2]
+    kernels = [tuple(state[f"{layer.name}.weight"].shape[2:]) for layer in conversion.layers]
+    assert all(state[f"{layer.name}.weight"].dim() == 4 for layer in conversion.layers)
+    assert kernels[0] == description.feature_size(description.size)
+    assert all(kernel == (1, 1) for kernel in kernels[1:])
+    assert all(isinstance(conversion.module.get_submodule(layer.name), nn.Conv2d) for layer in conversion.layers)
