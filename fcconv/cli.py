@@ -40,6 +40,10 @@ DenseOption = Annotated[
 TrustOption = Annotated[
     bool, typer.Option("--trust", help="Unpickle a whole saved module (runs code from the file; trusted files only).")
 ]
+DtypeOption = Annotated[
+    Optional[str],
+    typer.Option("--dtype", help="Convert in this dtype: float32, float16 or float64. [default: the checkpoint's]"),
+]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 SizesOption = Annotated[
     Optional[str],
@@ -100,12 +104,27 @@ def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
     return sizes
 
 
-def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool):
+def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool, dtype: str | None = None):
+    import torch
+
     from fcconv.load import load_model, parse_input_shape
 
     shape = parse_input_shape(input_shape) if input_shape else None
-    with console.status(f"Loading {path}…"):
-        return load_model(path, arch, shape, trust=trust)
+    if dtype == "bfloat16":
+        raise BadInputError("--dtype bfloat16: ONNX has no bfloat16 convolution; use float32 or float16")
+    with console.status(f"Loading {path}…") as status:
+        if arch is None:
+            status.update(f"Loading {path} and matching it against torchvision's classifiers…")
+        loaded = load_model(path, arch, shape, trust=trust, dtype=dtype)
+    if loaded.detected:
+        console.print(f"architecture: {loaded.arch} (detected from the state_dict's keys and shapes)", markup=False)
+    if loaded.dtype == torch.bfloat16:
+        loaded.module.to(torch.float32)
+        console.print(
+            "bfloat16 weights: converting in float32, where each of them is exact (ONNX has no bfloat16 convolution)",
+            markup=False,
+        )
+    return loaded
 
 
 def _references(loaded, dense, sizes, rtol, atol, device, conversion=None):
@@ -166,6 +185,7 @@ def convert(
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
     device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     trust: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -198,7 +218,7 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK):
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
-    loaded = _load(model, arch, input_shape, trust)
+    loaded = _load(model, arch, input_shape, trust, dtype)
     with console.status("Rewriting the head…"):
         conversion = rewrite(loaded.module, loaded.input_shape, dense=dense)
     console.print(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
@@ -244,6 +264,7 @@ def verify(
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
     device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     trust: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -257,7 +278,7 @@ def verify(
         input_shape = meta["fcconv.input_shape"]
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
-    loaded = _load(reference, arch, input_shape, trust)
+    loaded = _load(reference, arch, input_shape, trust, dtype)
     report = _compare_and_show(exported, _references(loaded, dense, check_sizes, rtol, atol, device))
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
@@ -272,6 +293,7 @@ def inspect(
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     dense: DenseOption = False,
+    dtype: DtypeOption = None,
     trust: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -279,7 +301,7 @@ def inspect(
     from fcconv.render import inspect_table
     from fcconv.rewrite import analyze
 
-    loaded = _load(model, arch, input_shape, trust)
+    loaded = _load(model, arch, input_shape, trust, dtype)
     conversion = analyze(loaded.module, loaded.input_shape, dense=dense)
     console.print(inspect_table(conversion))
     for item in conversion.removed:

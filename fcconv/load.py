@@ -12,6 +12,7 @@ flags given on the command line win over it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -19,7 +20,7 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,16 @@ from torch import nn
 
 from fcconv.errors import BadInputError
 
-__all__ = ["LoadedModel", "build_architecture", "load_model", "parse_input_shape", "read_model_card"]
+__all__ = [
+    "LoadedModel",
+    "build_architecture",
+    "detect_architecture",
+    "load_model",
+    "native_input_shape",
+    "parse_input_shape",
+    "read_model_card",
+    "torchvision_signatures",
+]
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -44,6 +54,12 @@ class LoadedModel:
     arch: str
     input_shape: tuple[int, ...]
     card: dict[str, Any] = field(default_factory=dict)
+    detected: bool = False  # the architecture was found by matching the state_dict against torchvision's
+
+    @property
+    def dtype(self) -> torch.dtype:
+        params = [p for p in self.module.parameters() if p.is_floating_point()]
+        return params[0].dtype if params else torch.float32
 
 
 def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -190,8 +206,121 @@ def build_architecture(arch: str, num_classes: int | None = None, *, search_dir:
     if arch in ("googlenet", "inception_v3"):
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = False
-    with torch.device("meta"):
-        return torchvision.models.get_model(arch, **kwargs)
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(arch, **kwargs)
+    except NotImplementedError:  # builders that compute their widths with tensors (RegNet) need real ones
+        with _parameters_on_meta():
+            return torchvision.models.get_model(arch, **kwargs)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter and buffer moved to the meta device as it is registered."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer_on_meta(self: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
+
+
+def native_input_shape(arch: str) -> tuple[int, ...] | None:
+    """The input size torchvision's weights for ``arch`` were trained at (its crop size), or None."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch)
+    except Exception:  # noqa: BLE001 - not a torchvision model name
+        return None
+    crop = getattr(weights.DEFAULT.transforms, "keywords", {}).get("crop_size")
+    if isinstance(crop, int):
+        return (3, crop, crop)
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("FCCONV_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fcconv"
+    )
+    return Path(base)
+
+
+def torchvision_signatures() -> dict[str, dict[str, list[int]]]:
+    """Every torchvision classifier's state_dict as {arch: {key: shape}}, at its default class count.
+
+    Building all of them takes tens of seconds, so the table is kept in the cache folder
+    (``$FCCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fcconv`` or ``~/.cache/fcconv``), one
+    file per torchvision version; where that folder cannot be written it is rebuilt.
+    """
+    import torchvision
+
+    cache = _cache_dir() / f"torchvision-{torchvision.__version__}-classifiers.json"
+    with contextlib.suppress(OSError, ValueError):
+        table = json.loads(cache.read_text())
+        if isinstance(table, dict) and table:
+            return table
+    table = {}
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        model = build_architecture(arch)
+        table[arch] = {key: list(t.shape) for key, t in model.state_dict().items()}
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staged = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        staged.write_text(json.dumps(table))
+        os.replace(staged, cache)
+    return table
+
+
+def detect_architecture(state: Mapping[str, torch.Tensor], path: Path) -> str:
+    """The torchvision classifier whose state_dict ``state`` is, with any class count.
+
+    A state_dict fits an architecture when it has the same keys and every tensor the
+    same shape, except the class count of the last layer. Several fits or none raise
+    :class:`BadInputError` naming the candidates, or the closest one and where it differs.
+    """
+    keys = set(state)
+    fits: list[str] = []
+    closest: tuple[float, str, str] | None = None
+    for arch, expected in torchvision_signatures().items():
+        last = [k for k in expected if k.endswith("weight")][-1:]
+        differences = []
+        for key, shape in expected.items():
+            if key not in state:
+                differences.append(f"{key} is missing")
+            elif list(state[key].shape) != shape and not (
+                key in last or (key.endswith("bias") and key[: -len("bias")] + "weight" in last)
+            ):
+                differences.append(f"{key} is {tuple(state[key].shape)} in the file but {tuple(shape)} in {arch}")
+            elif key in last and list(state[key].shape[1:]) != shape[1:]:
+                differences.append(f"{key} is {tuple(state[key].shape)} in the file but {tuple(shape)} in {arch}")
+        extra = sorted(keys - set(expected))
+        if extra:
+            differences.append(f"{extra[0]} is not in {arch}")
+        if not differences:
+            fits.append(arch)
+            continue
+        score = len(keys & set(expected)) / len(keys | set(expected)) - len(differences) * 1e-6
+        if closest is None or score > closest[0]:
+            closest = (score, arch, differences[0])
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        raise BadInputError(f"{path} fits several torchvision models ({', '.join(fits)}); name one with --arch")
+    hint = f"; closest is {closest[1]}: {closest[2]}" if closest else ""
+    raise BadInputError(
+        f"{path} is a state_dict that fits no torchvision classifier{hint}; "
+        "name its architecture with --arch (a torchvision name or package.module:callable)"
+    )
 
 
 def _fit_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
@@ -223,33 +352,52 @@ def _num_classes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | N
     return None
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
 def load_model(
     path: str | Path,
     arch: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     *,
     trust: bool = False,
+    dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Load the classifier at ``path`` in eval mode.
 
-    A state_dict needs ``arch`` (from the argument or the model card); the class
-    count is read from its last layer. A whole pickled module loads only with
-    ``trust=True``. Every failure raises :class:`BadInputError` with one line.
+    ``path`` is a state_dict saved by torch.save (possibly wrapped by training code)
+    or a safetensors file; its architecture is ``arch`` (from the argument or the model
+    card), else detected among torchvision's classifiers (:func:`detect_architecture`).
+    The class count is read from the last layer. A whole pickled module loads only
+    with ``trust=True``. The model keeps the checkpoint's floating-point dtype (the
+    dtype of most of its weights, where they differ) unless ``dtype`` is given.
+    Every failure raises :class:`BadInputError` with one line.
     """
     path = Path(path)
     _check_readable(path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise BadInputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     card = read_model_card(path)
     arch = arch or card.get("arch")
-    if input_shape is None:
-        input_shape = parse_input_shape(card["input_shape"]) if "input_shape" in card else (3, 224, 224)
+    if input_shape is None and "input_shape" in card:
+        input_shape = parse_input_shape(card["input_shape"])
     if path.suffix == ".onnx":
         raise BadInputError(f"{path} is an ONNX model; convert reads PyTorch checkpoints")
-    obj = _torch_load(path, trust)
-    if isinstance(obj, nn.Module):
-        return LoadedModel(obj.eval(), path, arch or type(obj).__name__, tuple(input_shape), card)
-    state = _state_dict(obj, path)
+    detected = False
+    if _is_safetensors(path):
+        state = _read_safetensors(path)
+    else:
+        obj = _torch_load(path, trust)
+        if isinstance(obj, nn.Module):
+            model = _cast(obj.eval(), dtype)
+            shape = tuple(input_shape or native_input_shape(arch or "") or DEFAULT_INPUT_SHAPE)
+            return LoadedModel(model, path, arch or type(obj).__name__, shape, card)
+        state = _state_dict(obj, path)
     if not arch:
-        raise BadInputError(f"{path} is a state_dict: name its architecture with --arch (e.g. --arch vgg16)")
+        arch = detect_architecture(state, path)
+        detected = True
     model = build_architecture(arch, search_dir=card.get("_dir"))
     num_classes = _num_classes(model, state)
     if num_classes is not None and ":" not in arch:
@@ -257,8 +405,57 @@ def load_model(
     problem = _fit_report(model, state)
     if problem:
         raise BadInputError(f"{path} does not fit {arch}: {problem}")
+    kinds = {t.dtype for t in state.values()}
+    if not any(k.is_floating_point for k in kinds):
+        raise BadInputError(f"{path} holds no floating-point weights ({', '.join(sorted(map(str, kinds)))})")
     model.load_state_dict(state, strict=True, assign=True)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise BadInputError(f"{path} does not fit {arch}: {on_meta[0]} is not in the file")
-    return LoadedModel(model.eval(), path, arch, tuple(input_shape), card)
+    if dtype is None:
+        dtype = _main_dtype(state.values())
+    shape = tuple(input_shape or (native_input_shape(arch) if ":" not in arch else None) or DEFAULT_INPUT_SHAPE)
+    return LoadedModel(_cast(model.eval(), dtype), path, arch, shape, card, detected=detected)
+
+
+DEFAULT_INPUT_SHAPE = (3, 224, 224)
+
+
+def _main_dtype(tensors: Any) -> torch.dtype:
+    """The floating-point dtype that holds the most elements."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__)
+
+
+def _cast(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """``model`` with its floating-point parameters and buffers in ``dtype``; tensors already in it are not copied."""
+    if dtype is None:
+        return model
+    if any(t.is_floating_point() and t.dtype != dtype for t in [*model.parameters(), *model.buffers()]):
+        model.to(dtype)
+    return model
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian) and then ``{``."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise BadInputError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from None
+    if not state:
+        raise BadInputError(f"{path} holds no tensors")
+    return _state_dict(state, path)
