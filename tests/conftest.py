@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
 torch.set_num_threads(2)
+# The torchvision signature table is built once per test session, not read from the user's cache.
+os.environ["FCCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="fcconv-cache-")
 
 
 def seeded(factory, *args, **kwargs):

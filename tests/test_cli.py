@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,27 @@ def test_a_model_that_cannot_be_made_fully_convolutional_exits_3(tmp_path):
     assert result.returncode == 3
     assert "norm (LayerNorm)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["norm.pt"]
+
+
+@pytest.mark.parametrize(
+    "dtype,tolerance,note",
+    [
+        (torch.float16, "Verification (rtol 0.005, atol 0, float16)", None),
+        (torch.bfloat16, "Verification (rtol 0.0001, atol 0, float32)", "converting in float32"),
+    ],
+)
+def test_reduced_precision_checkpoints_convert_and_say_which_tolerance_was_used(tmp_path, dtype, tolerance, note):
+    sample = REPO / "sample_models"
+    for name in ("digits_lenet.json", "architectures.py"):
+        shutil.copy(sample / name, tmp_path / name)
+    state = torch.load(sample / "digits_lenet.pt", weights_only=True)
+    torch.save({k: v.to(dtype) for k, v in state.items()}, tmp_path / "digits_lenet.pt")
+    result = run("convert", tmp_path / "digits_lenet.pt")
+    assert result.returncode == 0, result.stderr
+    assert tolerance in result.stdout
+    assert note is None or note in result.stdout
+    initializers = onnx.load(str(tmp_path / "digits_lenet.fcn.onnx")).graph.initializer
+    expected = onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.FLOAT
+    assert {t.data_type for t in initializers} == {expected}
+    forced = run("convert", tmp_path / "digits_lenet.pt", "--dtype", "float32", "-o", tmp_path / "f32.onnx")
+    assert forced.returncode == 0 and "Verification (rtol 0.0001, atol 0, float32)" in forced.stdout
