@@ -386,6 +386,10 @@ def load_model(
     if path.suffix == ".onnx":
         raise BadInputError(f"{path} is an ONNX model; convert reads PyTorch checkpoints")
     detected = False
+    if _is_exported_program(path):
+        module, example_shape = _read_exported_program(path, trust)
+        shape = tuple(input_shape or example_shape)
+        return LoadedModel(_cast(module, dtype), path, arch or "ExportedProgram", shape, card)
     if _is_safetensors(path):
         state = _read_safetensors(path)
     else:
@@ -437,6 +441,91 @@ def _cast(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     if any(t.is_floating_point() and t.dtype != dtype for t in [*model.parameters(), *model.buffers()]):
         model.to(dtype)
     return model
+
+
+def _is_exported_program(path: Path) -> bool:
+    """A ``torch.export.save`` archive: a zip whose ``archive_format`` member says ``pt2``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            marker = next((n for n in archive.namelist() if n.endswith("archive_format")), None)
+            return marker is not None and archive.read(marker).strip() == b"pt2"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+PICKLED_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream, or torch.save's zip format
+
+
+def _check_exported_program(path: Path) -> None:
+    """Refuse an ExportedProgram archive unless every member torch.export.load would unpickle is plain data.
+
+    ``torch.export.load`` unpickles some members with full pickle (custom objects,
+    constants, and a fallback for weights), which can run code. Raw weights (listed
+    with ``use_pickle: false`` in the archive's weight and constant configs) are bytes;
+    every other member that is a pickle must load with ``weights_only=True``, and
+    compiled code is refused outright.
+    """
+    import io
+
+    with zipfile.ZipFile(path) as archive:
+        raw: set[str] = set()
+        for name in archive.namelist():
+            if name.endswith("_config.json") and "/data/" in name:
+                try:
+                    config = json.loads(archive.read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    raise BadInputError(f"{path}: {name} is not valid JSON") from None
+                folder = name.rsplit("/", 1)[0]
+                raw.update(f"{folder}/{entry['path_name']}" for entry in config.values()
+                           if isinstance(entry, dict) and not entry.get("use_pickle", True) and "path_name" in entry)  # fmt: skip
+        for name in archive.namelist():
+            if name in raw:
+                continue
+            if name.endswith((".so", ".dll", ".dylib", ".py", ".cubin")):
+                raise BadInputError(
+                    f"{path} holds compiled or Python code ({name}); it was not loaded: pass --trust if you trust "
+                    "its source"
+                )
+            data = archive.read(name)
+            if not data.startswith(PICKLED_MAGIC):
+                continue
+            try:
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - anything but plain tensors and containers is refused
+                what = _refused_global(str(exc))
+                held = f"a pickled {what}" if what else "pickled data that is not plain tensors"
+                raise BadInputError(
+                    f"{path}: {name} holds {held}; unpickling it could run code from the file, so it was not "
+                    "loaded: pass --trust if you trust its source"
+                ) from None
+
+
+def _read_exported_program(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...]]:
+    """The program saved at ``path`` as a module the rewriter reads, and its example input's per-sample shape."""
+    from fcconv.rewrite import lower_exported_program
+
+    if not trust:
+        _check_exported_program(path)
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 - corrupted archives raise many kinds of error
+        raise BadInputError(f"{path} is not a loadable ExportedProgram ({_one_line(exc)})") from None
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(program)]
+    if len(inputs) != 1:
+        raise BadInputError(f"{path}: the program takes {len(inputs)} inputs; fcconv converts models with one")
+    shape = tuple(inputs[0].meta["val"].shape)[1:]
+    if not all(isinstance(s, int) for s in shape):
+        example = program.example_inputs
+        shape = tuple(example[0][0].shape[1:]) if example and example[0] else ()
+    if not shape or not all(isinstance(s, int) for s in shape):
+        raise BadInputError(f"{path}: the program's input size is not fixed; give the native one with --input-shape")
+    return lower_exported_program(program), tuple(int(s) for s in shape)
+
+
+def _user_inputs(program: Any) -> set[str]:
+    return set(program.graph_signature.user_inputs)
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -66,8 +66,8 @@ from typer.testing import CliRunner
 from fcconv.cli import app
 
 # Examples per checkpoint format (three formats). About a minute for the whole file on 2 cores.
-FUZZ_INSPECT_EXAMPLES = 120
-FUZZ_CONVERT_EXAMPLES = 15
+FUZZ_INSPECT_EXAMPLES = 200
+FUZZ_CONVERT_EXAMPLES = 30
 # Largest weight magnitude at which this LeNet's float32 outputs cannot overflow (see the docstring).
 SAFE_WEIGHT = 1e6
 

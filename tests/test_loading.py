@@ -1,11 +1,16 @@
-"""Loading the checkpoints people have: wrapped state_dicts, safetensors, detected architectures, dtypes."""
+"""Loading the checkpoints people have: wrapped state_dicts, safetensors, exported programs, detected architectures, dtypes."""
+
+import io
+import zipfile
 
 import pytest
 import torch
 import torchvision
 from conftest import seeded
 from safetensors.torch import save_file
+from torch import nn
 
+import fcconv
 from fcconv import BadInputError
 from fcconv import load as load_module
 from fcconv.load import detect_architecture, load_model
@@ -87,3 +92,59 @@ def test_integer_tensors_are_not_weights(tmp_path, resnet18):
     torch.save({k: v.long() for k, v in resnet18.state_dict().items()}, tmp_path / "ints.pt")
     with pytest.raises(BadInputError, match="no floating-point weights"):
         load_model(tmp_path / "ints.pt", "resnet18")
+
+
+class ViewBatchNormSoftmax(nn.Module):
+    """A head spelt the way export records it: view with the batch size, BatchNorm1d, GELU, softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 8, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = x.view(x.size(0), -1)
+        return torch.softmax(self.out(nn.functional.gelu(self.bn(self.fc(x)))), dim=1)
+
+
+def save_exported(path, model, example, dynamic_shapes=None):
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes), path)
+    return path
+
+
+@pytest.mark.parametrize("batch", ["static", "dynamic"])
+def test_an_exported_program_converts_without_arch_and_matches_the_module_it_came_from(tmp_path, batch):
+    model = seeded(ViewBatchNormSoftmax)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1), model.bn.running_var.uniform_(0.5, 2)
+    dynamic = ({0: torch.export.Dim("batch")},) if batch == "dynamic" else None
+    path = save_exported(tmp_path / "model.pt2", model, torch.randn(2, 1, 8, 10), dynamic)
+    loaded = load_model(path)
+    assert loaded.input_shape == (1, 8, 10)
+    conversion = fcconv.rewrite(loaded.module, loaded.input_shape)
+    assert [(layer.name, layer.kernel) for layer in conversion.layers] == [("fc", (6, 8)), ("out", (1, 1))]
+    # checked against the nn.Module the program was exported from, not against the program
+    report = fcconv.verify(model, conversion.module, (1, 8, 10), conversion=fcconv.analyze(model, (1, 8, 10)))
+    assert report.passed, [(c.input_size, c.max_rel, c.message) for c in report.checks]
+    assert report.checks[-1].output_shape[2:] == (16 - 8 + 1, 20 - 10 + 1)  # at twice the native size
+
+
+def test_an_exported_program_holding_a_pickled_object_is_refused_and_nothing_runs(tmp_path):
+    from test_cli import Hostile, run
+
+    valid = save_exported(tmp_path / "valid.pt2", seeded(ViewBatchNormSoftmax), torch.randn(2, 1, 8, 10))
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(Hostile(marker), payload)
+    hostile = tmp_path / "hostile.pt2"
+    with zipfile.ZipFile(valid) as source, zipfile.ZipFile(hostile, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            target.writestr(item, payload.getvalue() if "sample_inputs" in item.filename else data)
+    result = run("inspect", hostile)
+    assert result.returncode == 2 and not marker.exists()
+    assert "sample_inputs" in result.stderr and "--trust" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
