@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -60,17 +61,24 @@ AtolOption = Annotated[float, typer.Option("--atol", help="Allowed absolute erro
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one line on stderr and the documented exit code."""
+    """Turn library errors into one line on stderr and the documented exit code.
+
+    Library warnings are not shown (the command reports what matters itself) unless
+    ``--debug``, which also lets the traceback of an error through.
+    """
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.simplefilter("ignore")
+                return command(*args, **kwargs)
         except FcconvError as exc:
             if debug:
                 raise
-            error_console.print(f"fcconv: error: {exc}", markup=False)
+            error_console.print(f"fcconv: error: {one_line(str(exc))}", markup=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             error_console.print("fcconv: interrupted", markup=False)
@@ -80,13 +88,18 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - anything unforeseen still gets one line, not a traceback
             if debug:
                 raise
-            text = " ".join(str(exc).split())[:300]
+            text = one_line(" ".join(str(exc).split()))[:300]
             error_console.print(
                 f"fcconv: error: {type(exc).__name__}: {text} (run with --debug for the traceback)", markup=False
             )
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped, so that it prints as one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
@@ -159,7 +172,12 @@ def _default_output(path: Path) -> Path:
 @_handle_errors
 def convert(
     model: Annotated[
-        Path, typer.Argument(help="Checkpoint: a state_dict (.pt, .pth, .bin) or, with --trust, a pickled module.")
+        Path,
+        typer.Argument(
+            help="Checkpoint: a state_dict (.pt, .pth, .bin, .safetensors), an ExportedProgram (.pt2) or, with "
+            "--trust, a pickled module.",
+            readable=False,
+        ),
     ],
     output: Annotated[
         Optional[Path], typer.Option("-o", "--output", help="ONNX file to write. [default: NAME.fcn.onnx beside MODEL]")
@@ -251,9 +269,11 @@ def convert(
 @_handle_errors
 def verify(
     onnx_model: Annotated[
-        Path, typer.Argument(metavar="MODEL.onnx", help="An exported fully convolutional ONNX model.")
+        Path, typer.Argument(metavar="MODEL.onnx", help="An exported fully convolutional ONNX model.", readable=False)
     ],
-    reference: Annotated[Path, typer.Option("--reference", help="The original checkpoint to compare against.")],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="The original checkpoint to compare against.", readable=False)
+    ],
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     dense: Annotated[
@@ -289,7 +309,7 @@ def verify(
 @app.command()
 @_handle_errors
 def inspect(
-    model: Annotated[Path, typer.Argument(help="Checkpoint to inspect.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint to inspect.", readable=False)],
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     dense: DenseOption = False,
@@ -334,6 +354,17 @@ def main(
 
 
 def run() -> None:
-    """Entry point of the ``fcconv`` script."""
-    app(prog_name="fcconv")
-    sys.exit(0)
+    """Entry point of the ``fcconv`` script: usage errors, too, are one line on stderr with exit code 2."""
+    try:
+        code = app(prog_name="fcconv", standalone_mode=False)
+    except typer.Abort:
+        error_console.print("fcconv: interrupted", markup=False)
+        sys.exit(130)
+    except typer.TyperException as exc:  # bad option values, unknown options, missing arguments
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()
+        else:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            error_console.print(f"fcconv: error: {one_line(message)} (see fcconv --help)", markup=False)
+        sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

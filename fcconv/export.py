@@ -71,6 +71,9 @@ def staged_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -147,32 +150,33 @@ def export_onnx(
     sample = torch.zeros((1, *input_shape), dtype=dtype)
     axes = {0: "batch", **{2 + i: name for i, name in enumerate(SPATIAL_AXIS_NAMES[rank])}}
 
+    state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        # Without its weights (export_params=False) the traced graph names each one as an
-        # input; PRESERVE and no constant folding keep the exporter from deriving new
-        # tensors (fused batch norms, folded reshapes) that only it would hold.
-        torch.onnx.export(
-            module,
-            (sample,),
-            buffer,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-            opset_version=opset,
-            dynamo=False,
-            export_params=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-        )
+        # The weights enter the trace as named inputs, not as the module's parameters: the
+        # exporter then holds no copy of them (its shape inference copies every parameter)
+        # and derives no new tensors from them (fused batch norms, folded reshapes). oneDNN
+        # is off for the one traced forward pass, where it would reorder each large kernel
+        # into a second copy.
+        with torch.backends.mkldnn.flags(enabled=False):
+            torch.onnx.export(
+                _WeightsAsInputs(module, list(state)),
+                (sample, *state.values()),
+                buffer,
+                input_names=[INPUT_NAME, *state],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=False,
+            )
     model = onnx.load_from_string(buffer.getvalue())
-    state = module.state_dict(keep_vars=True)
+    used = {name for node in model.graph.node for name in node.input}
     weights = {}
     for graph_input in list(model.graph.input)[1:]:
-        if graph_input.name not in state:
-            raise RuntimeError(f"the exported graph reads {graph_input.name!r}, which the module does not hold")
-        weights[graph_input.name] = state[graph_input.name].detach()
+        if graph_input.name in used:
+            weights[graph_input.name] = state[graph_input.name]
         model.graph.input.remove(graph_input)
     props = {**fcconv_metadata(geometry), "fcconv.head_format": head_format, **(metadata or {})}
     for key, value in props.items():
@@ -198,6 +202,32 @@ def export_onnx(
                     f.write(_initializer_fragment(name, tensor))
                     f.write(_tensor_bytes(tensor))
     return path
+
+
+class _WeightsAsInputs(nn.Module):
+    """Calls ``module`` with its state_dict passed in as arguments; ``module`` itself stays unregistered."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.__dict__["target"] = module  # not a submodule: its tensors must not become the exporter's parameters
+        self.names = names
+
+    def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        # Each tensor goes into its module's registry as the very object the tracer was
+        # given, so the trace reads the input, not a copy (torch.func.functional_call, which
+        # does this swap, refuses to run under the tracer).
+        saved = []
+        for name, tensor in zip(self.names, tensors):
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.target.get_submodule(owner_name)
+            registry = owner._parameters if attr in owner._parameters else owner._buffers
+            saved.append((registry, attr, registry[attr]))
+            registry[attr] = tensor
+        try:
+            return self.target(x)
+        finally:
+            for registry, attr, original in reversed(saved):
+                registry[attr] = original
 
 
 PROTOBUF_LIMIT = 2**31  # a serialized protobuf message (one ONNX file) must stay below 2 GiB

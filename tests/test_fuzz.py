@@ -432,7 +432,7 @@ def test_the_unmutated_checkpoints_convert(fmt, sources, fuzz_folder):
     deadline=None,
     derandomize=True,
     database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(data=st.data())
 def test_inspect_of_a_mutated_checkpoint_exits_2_in_one_line_or_reads_it(fmt, sources, fuzz_folder, data):
@@ -446,7 +446,7 @@ def test_inspect_of_a_mutated_checkpoint_exits_2_in_one_line_or_reads_it(fmt, so
     deadline=None,
     derandomize=True,
     database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(data=st.data())
 def test_convert_of_a_mutated_checkpoint_writes_nothing_unless_it_verifies(fmt, sources, fuzz_folder, data):
@@ -503,6 +503,11 @@ TABLE = {
     ),
     "a lone tensor": (lambda p: torch.save(torch.zeros(3), p), ["no state_dict of tensors"]),
     "int64 tensors": (lambda p: torch.save({k: v.long() for k, v in state_dict().items()}, p), ["int64"]),
+    # what one flipped bit in the pickle makes of a key: the line must stay one line
+    "a key holding a newline": (
+        lambda p: torch.save({k.replace("conv1.", "conv1\n"): v for k, v in state_dict().items()}, p),
+        ["conv1.weight", "missing"],
+    ),
 }
 for _fmt in FORMATS:
     TABLE[f"missing tensor ({_fmt})"] = (lambda p, f=_fmt: _without("conv2.weight")(p, f), ["conv2.weight", "missing"])
@@ -534,6 +539,12 @@ def test_bad_checkpoint_exits_2_in_one_line_naming_the_problem(case, tmp_path, e
         result = invoke(*args)
         assert_refused(result, (case, args[0]), expected)
         assert listing(tmp_path) == before, (case, args[0])
+
+
+def test_a_missing_path_with_a_newline_in_its_name_still_gets_one_line(tmp_path):
+    result = invoke("inspect", tmp_path / "no\nsuch.pt")
+    assert_refused(result, "newline in the path", ["no such file"])
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its permissions")
