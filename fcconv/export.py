@@ -154,11 +154,11 @@ def export_onnx(
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        # The weights enter the trace as named inputs, not as the module's parameters: the
-        # exporter then holds no copy of them (its shape inference copies every parameter)
-        # and derives no new tensors from them (fused batch norms, folded reshapes). oneDNN
-        # is off for the one traced forward pass, where it would reorder each large kernel
-        # into a second copy.
+        # The weights enter the trace as named inputs in place of the module's parameters:
+        # the exporter then holds no copy of them (its shape inference copies the parameters
+        # a graph uses) and derives no new tensors from them (fused batch norms, folded
+        # reshapes). oneDNN is off for the one traced forward pass, where it would reorder
+        # each large kernel into a second copy.
         with torch.backends.mkldnn.flags(enabled=False):
             torch.onnx.export(
                 _WeightsAsInputs(module, list(state)),
@@ -169,6 +169,8 @@ def export_onnx(
                 dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
                 opset_version=opset,
                 dynamo=False,
+                export_params=False,
+                training=torch.onnx.TrainingMode.PRESERVE,
                 do_constant_folding=False,
             )
     model = onnx.load_from_string(buffer.getvalue())
@@ -205,11 +207,16 @@ def export_onnx(
 
 
 class _WeightsAsInputs(nn.Module):
-    """Calls ``module`` with its state_dict passed in as arguments; ``module`` itself stays unregistered."""
+    """Calls ``module`` with its state_dict passed in as arguments, in place of its own tensors.
+
+    ``module`` is held outside the module registry, so the exporter sees no parameters
+    at all: none it could copy, fuse or fold (with the module registered, its eval-mode
+    batch-norm fusion rewrote the shared tensors in place).
+    """
 
     def __init__(self, module: nn.Module, names: list[str]) -> None:
         super().__init__()
-        self.__dict__["target"] = module  # not a submodule: its tensors must not become the exporter's parameters
+        self.__dict__["model"] = module
         self.names = names
 
     def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
@@ -219,12 +226,12 @@ class _WeightsAsInputs(nn.Module):
         saved = []
         for name, tensor in zip(self.names, tensors):
             owner_name, _, attr = name.rpartition(".")
-            owner = self.target.get_submodule(owner_name)
+            owner = self.model.get_submodule(owner_name)
             registry = owner._parameters if attr in owner._parameters else owner._buffers
             saved.append((registry, attr, registry[attr]))
             registry[attr] = tensor
         try:
-            return self.target(x)
+            return self.model(x)
         finally:
             for registry, attr, original in reversed(saved):
                 registry[attr] = original

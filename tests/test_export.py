@@ -153,3 +153,13 @@ def test_external_data_is_chosen_when_the_file_would_pass_the_protobuf_limit(tmp
     assert (tmp_path / "large.onnx.data").exists()
     x = torch.randn(1, 1, 40, 52)
     assert torch.equal(OnnxModel(tmp_path / "small.onnx")(x), OnnxModel(tmp_path / "large.onnx")(x))
+
+
+def test_exporting_leaves_the_module_and_its_weights_untouched(tmp_path):
+    model = seeded(torchvision.models.resnet18, weights=None, num_classes=4)
+    conversion = fcconv.rewrite(model, (3, 64, 64))
+    before = {k: v.clone() for k, v in conversion.module.state_dict().items()}
+    fcconv.export_onnx(conversion.module, tmp_path / "resnet18.onnx", (3, 64, 64))
+    after = conversion.module.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
