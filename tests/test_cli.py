@@ -224,3 +224,17 @@ def test_reduced_precision_checkpoints_convert_and_say_which_tolerance_was_used(
     assert {t.data_type for t in initializers} == {expected}
     forced = run("convert", tmp_path / "digits_lenet.pt", "--dtype", "float32", "-o", tmp_path / "f32.onnx")
     assert forced.returncode == 0 and "Verification (rtol 0.0001, atol 0, float32)" in forced.stdout
+
+
+def test_an_unreadable_checkpoint_gets_one_line_naming_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fcconv.cli import app
+
+    locked = tmp_path / "locked.pt"
+    torch.save({"w": torch.zeros(1)}, locked)
+    access = os.access  # root reads every file, so the permission check is what is exercised here
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else access(p, mode, **kw))
+    result = CliRunner().invoke(app, ["inspect", str(locked), "--arch", "vgg16"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"fcconv: error: {locked}: permission denied"
