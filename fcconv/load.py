@@ -1,13 +1,14 @@
 """Read a trained classifier from disk without running code from the file.
 
-Checkpoints are read with ``torch.load(weights_only=True, mmap=True)``: tensors
-stay memory-mapped and are assigned into a model built on the meta device, so
-loading costs no copy of the weights and never modifies the file. A whole
-pickled module is only unpickled when the caller passes ``trust=True``.
-
-A checkpoint may sit beside a JSON model card of the same stem
-(``digits.pt`` + ``digits.json``) naming its ``arch`` and ``input_shape``; the
-flags given on the command line win over it.
+A checkpoint is a state_dict (``torch.save``, possibly wrapped the way training code
+saves it), a safetensors file, an ExportedProgram (``torch.export.save``, ``.pt2``) or,
+only when the caller trusts it, a whole pickled module. State_dicts are read with
+``torch.load(weights_only=True, mmap=True)``: tensors stay memory-mapped and are
+assigned into a model built on the meta device, so loading costs no copy of the
+weights and never modifies the file. Their architecture is named by the caller, by a
+JSON model card of the same stem beside the file (``digits.pt`` + ``digits.json``,
+with ``arch`` and ``input_shape``), or detected by matching keys and shapes against
+torchvision's classifiers.
 """
 
 from __future__ import annotations
@@ -467,6 +468,15 @@ def _check_exported_program(path: Path) -> None:
     every other member that is a pickle must load with ``weights_only=True``, and
     compiled code is refused outright.
     """
+    import zlib
+
+    try:
+        _check_archive_members(path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as exc:
+        raise BadInputError(f"{path} is not a readable ExportedProgram archive ({_one_line(exc)})") from None
+
+
+def _check_archive_members(path: Path) -> None:
     import io
 
     with zipfile.ZipFile(path) as archive:
@@ -508,10 +518,15 @@ def _read_exported_program(path: Path, trust: bool) -> tuple[nn.Module, tuple[in
 
     if not trust:
         _check_exported_program(path)
+    import logging
+
+    logging.disable(logging.CRITICAL)  # torch.export.load logs a traceback for some corrupted archives
     try:
         program = torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - corrupted archives raise many kinds of error
         raise BadInputError(f"{path} is not a loadable ExportedProgram ({_one_line(exc)})") from None
+    finally:
+        logging.disable(logging.NOTSET)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(program)]
     if len(inputs) != 1:
         raise BadInputError(f"{path}: the program takes {len(inputs)} inputs; fcconv converts models with one")

@@ -587,3 +587,41 @@ def test_nan_weights_inspect_but_never_verify(tmp_path, exported):
     assert "FAIL" in checked.stdout
     assert len(checked.stderr.splitlines()) == 1 and "does not match" in checked.stderr
     assert listing(tmp_path) == before
+
+
+# --- exported programs ----------------------------------------------------------------------------
+
+FUZZ_PT2_EXAMPLES = 40
+
+
+@pytest.fixture(scope="module")
+def exported_program(tmp_path_factory):
+    from test_loading import ViewBatchNormSoftmax, save_exported
+
+    folder = tmp_path_factory.mktemp("pt2")
+    model = ViewBatchNormSoftmax().eval()
+    return save_exported(folder / "model.pt2", model, torch.randn(2, 1, 8, 10))
+
+
+@settings(max_examples=FUZZ_PT2_EXAMPLES, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_a_mutated_exported_program_is_read_or_refused_in_one_line(exported_program, tmp_path_factory, data):
+    """Anything but exit 0 (the mutation left a loadable program) or 2 with one line is a failure."""
+    original = exported_program.read_bytes()
+    size = len(original)
+    start = data.draw(st.integers(0, size - 1), label="start")
+    length = data.draw(st.integers(1, 64), label="length")
+    kind = data.draw(st.sampled_from(["truncate", "xor"]), label="kind")
+    mutated = bytearray(original[:start] if kind == "truncate" else original)
+    if kind == "xor":
+        for i in range(start, min(start + length, size)):
+            mutated[i] ^= 0xA5
+    folder = tmp_path_factory.mktemp("mutated")
+    path = folder / "model.pt2"
+    path.write_bytes(bytes(mutated))
+    result = invoke("inspect", path)
+    assert "Traceback" not in result.stderr
+    if result.exit_code != 0:
+        assert_refused(result, f"{kind} at {start}")
+    assert path.read_bytes() == bytes(mutated)
+    assert [p.name for p in folder.iterdir()] == ["model.pt2"]
