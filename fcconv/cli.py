@@ -39,7 +39,12 @@ DenseOption = Annotated[
     bool, typer.Option("--dense", help="Drop a global pooling before the head: return the per-position score map.")
 ]
 TrustOption = Annotated[
-    bool, typer.Option("--trust", help="Unpickle a whole saved module (runs code from the file; trusted files only).")
+    bool,
+    typer.Option(
+        "--trust",
+        help="Load a whole pickled module, or an ExportedProgram holding pickled objects (runs code from the file; "
+        "trusted files only).",
+    ),
 ]
 DtypeOption = Annotated[
     Optional[str],
