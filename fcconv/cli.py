@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -169,6 +170,16 @@ def _compare_and_show(exported, references):
     return report
 
 
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _default_output(path: Path) -> Path:
     return path.with_name(f"{path.name.split('.')[0]}.fcn.onnx")
 
@@ -222,7 +233,6 @@ def convert(
         export_onnx,
         external_data_path,
         fcconv_metadata,
-        release_memory,
         staged_onnx,
     )
     from fcconv.render import rewrite_table
@@ -261,7 +271,7 @@ def convert(
         references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
         # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
         del loaded, conversion
-        release_memory()
+        _release_memory()
         report = _compare_and_show(staged, references)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)

@@ -32,7 +32,6 @@ __all__ = [
     "export_onnx",
     "external_data_path",
     "fcconv_metadata",
-    "release_memory",
     "staged_onnx",
     "staged_path",
 ]
@@ -338,16 +337,6 @@ class OnnxModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().cpu().numpy())})
         return torch.from_numpy(outputs[0])
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def fcconv_metadata(geometry: HeadGeometry | None = None, source: str | Path | None = None) -> dict[str, str]:
