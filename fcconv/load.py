@@ -236,17 +236,18 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def native_input_shape(arch: str) -> tuple[int, ...] | None:
-    """The input size torchvision's weights for ``arch`` were trained at (its crop size), or None."""
+    """The input size torchvision's weights for ``arch`` were trained at (their crop size), or None."""
     import torchvision
 
     try:
         weights = torchvision.models.get_model_weights(arch)
     except Exception:  # noqa: BLE001 - not a torchvision model name
         return None
-    crop = getattr(weights.DEFAULT.transforms, "keywords", {}).get("crop_size")
-    if isinstance(crop, int):
-        return (3, crop, crop)
-    return None
+    # The smallest: larger crops belong to weights that also change the architecture (vit_h_14's
+    # 518×518 SWAG weights come with a larger position embedding than the model built without them).
+    crops = [getattr(w.transforms, "keywords", {}).get("crop_size") for w in weights]
+    crops = [c for c in crops if isinstance(c, int)]
+    return (3, min(crops), min(crops)) if crops else None
 
 
 def _cache_dir() -> Path:

@@ -76,6 +76,9 @@ def test_the_native_input_size_comes_from_torchvision_weights(tmp_path):
     model = seeded(torchvision.models.inception_v3, weights=None, aux_logits=False, init_weights=False)
     torch.save(model.state_dict(), tmp_path / "inception.pt")
     assert load_model(tmp_path / "inception.pt").input_shape == (3, 299, 299)
+    # the smallest crop: vit_h_14's 518×518 weights belong to a model with a larger position embedding
+    assert load_module.native_input_shape("vit_h_14") == (3, 224, 224)
+    assert load_module.native_input_shape("custom_models:LeNet") is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
