@@ -398,7 +398,7 @@ def load_model(
         obj = _torch_load(path, trust)
         if isinstance(obj, nn.Module):
             model = _cast(obj.eval(), dtype)
-            shape = tuple(input_shape or native_input_shape(arch or "") or DEFAULT_INPUT_SHAPE)
+            shape = tuple(input_shape or (native_input_shape(arch) if arch else None) or DEFAULT_INPUT_SHAPE)
             return LoadedModel(model, path, arch or type(obj).__name__, shape, card)
         state = _state_dict(obj, path)
     if not arch:

@@ -68,6 +68,8 @@ from fcconv.cli import app
 # Examples per checkpoint format (three formats). About a minute for the whole file on 2 cores.
 FUZZ_INSPECT_EXAMPLES = 200
 FUZZ_CONVERT_EXAMPLES = 30
+# Every fuzz test sees the same cases on every run, and none is failed for being slow.
+FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 # Largest weight magnitude at which this LeNet's float32 outputs cannot overflow (see the docstring).
 SAFE_WEIGHT = 1e6
 
@@ -427,13 +429,7 @@ def test_the_unmutated_checkpoints_convert(fmt, sources, fuzz_folder):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@settings(
-    max_examples=FUZZ_INSPECT_EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(FUZZ, max_examples=FUZZ_INSPECT_EXAMPLES)
 @given(data=st.data())
 def test_inspect_of_a_mutated_checkpoint_exits_2_in_one_line_or_reads_it(fmt, sources, fuzz_folder, data):
     source = sources[fmt]
@@ -441,13 +437,7 @@ def test_inspect_of_a_mutated_checkpoint_exits_2_in_one_line_or_reads_it(fmt, so
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@settings(
-    max_examples=FUZZ_CONVERT_EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(FUZZ, max_examples=FUZZ_CONVERT_EXAMPLES)
 @given(data=st.data())
 def test_convert_of_a_mutated_checkpoint_writes_nothing_unless_it_verifies(fmt, sources, fuzz_folder, data):
     source = sources[fmt]
@@ -603,7 +593,7 @@ def exported_program(tmp_path_factory):
     return save_exported(folder / "model.pt2", model, torch.randn(2, 1, 8, 10))
 
 
-@settings(max_examples=FUZZ_PT2_EXAMPLES, deadline=None, derandomize=True, database=None)
+@settings(FUZZ, max_examples=FUZZ_PT2_EXAMPLES)
 @given(data=st.data())
 def test_a_mutated_exported_program_is_read_or_refused_in_one_line(exported_program, tmp_path_factory, data):
     """Anything but exit 0 (the mutation left a loadable program) or 2 with one line is a failure."""
