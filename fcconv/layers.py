@@ -14,6 +14,13 @@ export as a plain convolution, but compute each call as the GEMM it really is:
   multiplied by the weight in one GEMM, when that is cheaper than the
   convolution; otherwise the convolution.
 
+How the windows are gathered depends on the device. On the CPU, strided slices
+of the map are stacked into rows. On CUDA, where each of those slices is a
+kernel launch that costs more than its copy, a 2D map is gathered by one im2col
+kernel (``F.unfold``) and the weight multiplies the columns directly, which
+gives the channels-first output without a transpose; a 1×1 kernel needs no
+gathering there at all.
+
 All three are the same sums as the convolution, reordered, so they agree with it
 to floating-point rounding.
 """
@@ -40,23 +47,29 @@ class FullyConnectedConvMixin:
     kernel_size: tuple[int, ...]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see module docstring
-        rank = len(self.kernel_size)
-        spatial = tuple(x.shape[2:])
+        weight, bias, kernel = self.weight, self.bias, self.kernel_size
+        spatial = x.shape[2:]
+        if spatial == kernel:  # the native size: as few operations as the Linear itself, for batch-1 latency
+            y = F.linear(x.flatten(1), weight.flatten(1), bias)
+            return y.view(*y.shape, *(1,) * len(kernel))
+        rank = len(kernel)
         if len(spatial) != rank or x.dim() != rank + 2:
-            return self._conv_forward(x, self.weight, self.bias)
-        if spatial == tuple(self.kernel_size):
-            y = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.weight.shape[0], -1), self.bias)
-            return y.reshape(y.shape[0], y.shape[1], *([1] * rank))
-        if math.prod(self.kernel_size) == 1:
-            y = F.linear(x.movedim(1, -1), self.weight.reshape(self.weight.shape[0], -1), self.bias)
+            return self._conv_forward(x, weight, bias)
+        pointwise = math.prod(kernel) == 1
+        if pointwise and x.is_cuda:
+            return im2col_linear(x, weight, bias)
+        if pointwise:
+            y = F.linear(x.movedim(1, -1), weight.reshape(weight.shape[0], -1), bias)
             return y.movedim(-1, 1)
-        positions = math.prod(s - k + 1 for s, k in zip(spatial, self.kernel_size))
+        positions = math.prod(s - k + 1 for s, k in zip(spatial, kernel))
         if positions <= 0:
-            return self._conv_forward(x, self.weight, self.bias)
-        gathered = x.shape[0] * positions * self.weight[0].numel()
+            return self._conv_forward(x, weight, bias)
+        gathered = x.shape[0] * positions * weight[0].numel()
         if gathered > UNFOLD_MAX_ELEMENTS:
-            return self._conv_forward(x, self.weight, self.bias)
-        return unfold_linear(x, self.weight, self.bias)
+            return self._conv_forward(x, weight, bias)
+        if x.is_cuda and rank == 2:
+            return im2col_linear(x, weight, bias)
+        return unfold_linear(x, weight, bias)
 
 
 def gather_windows(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -93,6 +106,28 @@ def unfold_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     rows = gather_windows(x, tuple(weight.shape[2:]))
     return channels_first(F.linear(rows, weight.reshape(weight.shape[0], -1), bias))
+
+
+def im2col_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Stride-1 valid convolution as im2col columns times the weight: (N, O, *(S - K + 1)).
+
+    A 1×1 kernel of any rank reads the map itself as columns; a larger kernel needs
+    a 2D map, gathered by ``F.unfold`` in the (C, kh, kw) order of the weight.
+    """
+    kernel = tuple(weight.shape[2:])
+    n, channels = x.shape[:2]
+    if math.prod(kernel) == 1:
+        columns = x.reshape(n, channels, -1)
+    else:
+        columns = F.unfold(x, kernel)  # (N, C·kh·kw, positions)
+    flat = weight.reshape(weight.shape[0], -1)
+    if n == 1 and bias is not None:  # one fused GEMM with the bias: fewer kernel launches at batch 1
+        y = torch.addmm(bias[:, None], flat, columns[0])[None]
+    else:
+        y = torch.matmul(flat, columns)  # (N, O, positions)
+        if bias is not None:
+            y = y + bias[:, None]
+    return y.reshape(n, weight.shape[0], *(s - k + 1 for s, k in zip(x.shape[2:], kernel)))
 
 
 class WindowGemm(nn.Module):

@@ -61,3 +61,36 @@ def test_state_dict_is_a_plain_convolutions():
     x = torch.randn(1, 3, 5, 5)
     assert torch.allclose(plain(x), conv(x), atol=1e-6)
     assert isinstance(conv, FULLY_CONNECTED_CONV[2]) and isinstance(conv, nn.Conv2d)
+
+
+@pytest.mark.parametrize(
+    "kernel,spatial",
+    [((3, 4), (6, 9)), ((3, 4), (3, 4)), ((1, 1), (5, 7)), ((1,), (9,)), ((1, 1, 1), (3, 4, 5))],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_im2col_form_used_on_cuda_equals_the_plain_convolution(kernel, spatial, bias):
+    rank = len(kernel)
+    _, conv = make(rank, 5, kernel, bias=bias)
+    x = torch.randn(3, 5, *spatial)
+    expected = CONV[rank](x, conv.weight, conv.bias)
+    actual = layers.im2col_linear(x, conv.weight, conv.bias)
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "rank,kernel,spatial",
+    [(2, (7, 7), (7, 7)), (2, (1, 1), (5, 7)), (2, (7, 7), (14, 14)), (1, (5,), (17,)), (3, (2, 3, 2), (4, 5, 3))],
+)
+def test_each_path_on_cuda_equals_the_plain_convolution(rank, kernel, spatial):
+    from fcconv.verify import full_float32_precision
+
+    _, conv = make(rank, 8, kernel)
+    conv = conv.cuda()
+    x = torch.randn(2, 8, *spatial, device="cuda")
+    with full_float32_precision():
+        expected = CONV[rank](x, conv.weight, conv.bias)
+        actual = conv(x)
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)

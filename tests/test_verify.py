@@ -57,10 +57,15 @@ def test_cuda_without_a_gpu_is_bad_input(lenet):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_float32_verification_meets_the_float32_contract():
+def test_on_cuda_float32_verification_meets_the_float32_contract_even_with_tf32_allowed():
     model = seeded(LeNet)
     converted = fcconv.convert(model, (1, 28, 28))
-    report = fcconv.verify(model, converted, (1, 28, 28), device="cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # cuDNN's default
+    try:
+        report = fcconv.verify(model, converted, (1, 28, 28), device="cuda", sizes=[(28, 28), (45, 61), (120, 96)])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert report.passed and report.rtol == 1e-4
 
 
