@@ -88,3 +88,69 @@ class TrailingView(nn.Module):
     def forward(self, x):
         x = self.fc2(torch.relu(self.fc1(self.conv(x).reshape(x.shape[0], -1))))
         return x.view(x.size(0), -1)
+
+
+class SqueezeExcitation(nn.Module):
+    """SENet's gate written with Linear layers: pool, view(N, C), Linear, ReLU, Linear, sigmoid, view(N, C, 1, 1)."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, channels // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        b, c = x.shape[0], x.shape[1]
+        y = self.pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+class MeanGate(nn.Module):
+    """The same gate with the pooling written as ``x.mean((2, 3))`` and the reshape as two unsqueezes."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(channels, channels // 2)
+        self.up = nn.Linear(channels // 2, channels)
+
+    def forward(self, x):
+        y = torch.sigmoid(self.up(torch.relu(self.down(x.mean((2, 3))))))
+        return x * y.unsqueeze(-1).unsqueeze(-1)
+
+
+class SENet(nn.Module):
+    """Two conv stages, each with a Linear squeeze-and-excitation gate, then global pooling and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), SqueezeExcitation(16))
+        self.stage2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), MeanGate(32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 6)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.stage2(self.stage1(x))), 1))
+
+
+class NormalizedPooledHead(nn.Module):
+    """MaxViT's classifier on a small trunk: global pool, flatten, LayerNorm, Linear, Tanh, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.GELU(), nn.Conv2d(12, 16, 3))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.LayerNorm(16),
+            nn.Linear(16, 16),
+            nn.Tanh(),
+            nn.Linear(16, 4, bias=False),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
