@@ -173,9 +173,9 @@ def _print_trunk(conversion, *, inspecting: bool = False) -> None:
 
     if conversion.fully_convolutional:
         console.print(
-            "already fully convolutional: the head holds no Linear layer; "
+            "already fully convolutional: the head holds no Linear layer, so only its flatten goes; "
             + ("it is exported" if inspecting else "exported")
-            + " as it is, with free height and width",
+            + " with free height and width",
             markup=False,
         )
     if conversion.trunk_layers:

@@ -1028,17 +1028,23 @@ def _refuse_token_sequence(
             )
 
 
-class _NodeShapes(ShapeProp):
-    """ShapeProp that remembers the node it failed at and each node's output shape."""
+class _NodeShapes(fx.Interpreter):
+    """Runs a graph on fake tensors, recording each node's output shape and the node it failed at.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    The module's own parameters enter the fake computation as they are used, so no
+    fake copy of the module is made (and its graph's recorded shapes are left alone).
+    """
+
+    def __init__(self, module: fx.GraphModule, fake_mode: Any) -> None:
+        super().__init__(module)
+        self.fake_mode = fake_mode
         self.current: fx.Node | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        result = super().run_node(n)
+        with self.fake_mode:
+            result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             self.shapes[n.name] = tuple(int(s) for s in result.shape)
         return result
@@ -1057,10 +1063,9 @@ def _probe_larger_input(
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
         sample = torch.empty((2, *large), dtype=dtype, device=device)
-    prop = _NodeShapes(features, fake_mode=fake_mode)
+    prop = _NodeShapes(features, fake_mode)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            prop.propagate(sample)
+        prop.run(sample)
     except Exception as exc:  # noqa: BLE001 - the trunk refused the larger input: say where and why
         node = prop.current
         where = ""
@@ -1071,7 +1076,7 @@ def _probe_larger_input(
                 path, cls = list(stack.values())[-1]
                 where += f" in {path} ({getattr(cls, '__name__', cls)})"
         cause = exc.__cause__ or exc
-        text = " ".join(str(cause).split())[:200]
+        text = " ".join(str(cause).split()).split(" While executing")[0][:200]
         native, bigger = "×".join(map(str, input_shape[1:])), "×".join(map(str, large[1:]))
         raise NotConvertibleError(
             f"{where or 'the trunk'} cannot take a {bigger} input ({text}): the layers before the head are fixed "
@@ -1165,11 +1170,7 @@ def _pointwise_linears(
                 in_map=(native[-1], *native[1:-1]),
                 kernel=(1,) * rank,
                 parameters=mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0),
-                note=(
-                    "on the channels-last map, through a permutation pair"
-                    if channels_last
-                    else "channels-first: the permutations around it removed"
-                ),
+                note=("" if not rewrite else "channels-last, transposed" if channels_last else "permutes removed"),
             )
         )
         if rewrite:

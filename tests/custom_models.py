@@ -154,3 +154,29 @@ class NormalizedPooledHead(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+def small_convnext():
+    """torchvision's ConvNeXt in three small stages: its blocks (permute, LayerNorm, Linear, GELU, Linear, permute)
+    and its head (pool, LayerNorm2d, Flatten, Linear), at a fraction of convnext_tiny's cost."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    settings = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 48, 1), CNBlockConfig(48, None, 1)]
+    return ConvNeXt(settings, num_classes=10)
+
+
+def small_swin():
+    """torchvision's Swin Transformer (swin_t's layers and 7×7 windows) with 16 to 128 channels."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [7, 7], num_classes=10)
+
+
+def small_swin_v2():
+    """torchvision's Swin Transformer V2 (swin_v2_t's layers and 8×8 windows) with 16 to 128 channels."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    return SwinTransformer(
+        [4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [8, 8], num_classes=10,
+        block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
+    )  # fmt: skip

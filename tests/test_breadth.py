@@ -7,17 +7,18 @@ The ConvNeXt and Swin cases use torchvision's own classes in small configuration
 (the same layers and code paths as convnext_tiny and swin_t, at a fraction of the cost).
 """
 
+import os
+import subprocess
+import sys
 import warnings
 
 import onnx
 import pytest
 import torch
 import torchvision
-from conftest import seeded
-from custom_models import LeNet, MeanPooled, NormalizedPooledHead, SENet
+from conftest import REPO, TESTS, seeded
+from custom_models import LeNet, MeanPooled, NormalizedPooledHead, SENet, small_convnext, small_swin, small_swin_v2
 from torch import nn
-from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 import fcconv
 from fcconv.errors import NotConvertibleError
@@ -26,22 +27,6 @@ from fcconv.layers import ChannelLayerNorm, ChannelsLastPointwiseConv2d, Pointwi
 from fcconv.load import build_architecture, native_input_shape
 
 warnings.filterwarnings("ignore", category=UserWarning)
-
-
-def small_convnext():
-    settings = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 48, 1), CNBlockConfig(48, None, 1)]
-    return ConvNeXt(settings, num_classes=10)
-
-
-def small_swin():
-    return SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [7, 7], num_classes=10)
-
-
-def small_swin_v2():
-    return SwinTransformer(
-        [4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [8, 8], num_classes=10,
-        block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
-    )  # fmt: skip
 
 
 def checks(report):
@@ -102,7 +87,7 @@ def test_pointwise_convnext_blocks_lose_their_permutes_and_export_without_matmul
     module = conversion.module
     assert isinstance(module.get_submodule("features.1.0.block.3"), PointwiseConv2d)
     assert isinstance(module.get_submodule("features.1.0.block.2"), ChannelLayerNorm)
-    assert all("channels-first" in layer.note for layer in conversion.trunk_layers)
+    assert all(layer.note == "permutes removed" for layer in conversion.trunk_layers)
     permutes = [n for n in module.graph.nodes if getattr(n.target, "__name__", n.target) == "permute"]
     original = fcconv.analyze(convnext, (3, 64, 64)).module.graph.nodes
     before = [n for n in original if getattr(n.target, "__name__", n.target) == "permute"]
@@ -291,3 +276,49 @@ def test_permuted_layer_norm_on_the_unpooled_map_is_still_refused():
 
     with pytest.raises(NotConvertibleError, match="permuted map"):
         fcconv.convert(seeded(NormThenFlatten), (1, 8, 8))
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def run(*args):
+    # from the tests folder (so that --arch custom_models:... imports), with this checkout's fcconv
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "fcconv", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=TESTS, env=env)
+
+
+def test_cli_squeezenet_with_pool_converts_and_verify_reads_the_pooling_back(tmp_path):
+    checkpoint = tmp_path / "squeezenet.pt"
+    torch.save(seeded(torchvision.models.squeezenet1_1, weights=None, num_classes=10).state_dict(), checkpoint)
+    converted = run("convert", checkpoint, "--arch", "squeezenet1_1", "--pool", "avg", "--sizes", "224x224,257x301")
+    assert converted.returncode == 0, converted.stderr
+    assert "already fully convolutional" in converted.stdout and "2×10 " in converted.stdout
+    exported = tmp_path / "squeezenet.fcn.onnx"
+    assert OnnxModel(exported).metadata["fcconv.pool"] == "avg"
+    verified = run("verify", exported, "--reference", checkpoint, "--arch", "squeezenet1_1", "--sizes", "300x260")
+    assert verified.returncode == 0, verified.stderr
+    assert "2×10 " in verified.stdout
+    bad = run("inspect", checkpoint, "--arch", "squeezenet1_1", "--pool", "mean")
+    assert bad.returncode == 2 and "--pool 'mean' is not avg or max" in bad.stderr
+
+
+def test_cli_inspect_lists_the_per_position_linear_layers(tmp_path):
+    checkpoint = tmp_path / "convnext.pt"
+    torch.save(seeded(small_convnext).state_dict(), checkpoint)
+    args = ("inspect", checkpoint, "--arch", "custom_models:small_convnext", "--input-shape", "3,64,64")
+    listed = run(*args)
+    assert listed.returncode == 0, listed.stderr
+    assert "features.1.0.block.3" in listed.stdout and "--pointwise makes them" in listed.stdout
+    rewritten = run(*args, "--pointwise")
+    assert rewritten.returncode == 0, rewritten.stderr
+    assert "Conv2d(16 → 64)" in rewritten.stdout and "permutes removed" in rewritten.stdout
+
+
+def test_cli_refuses_vit_with_exit_code_3_and_one_line(tmp_path):
+    checkpoint = tmp_path / "vit.pt"
+    model = build_architecture("vit_b_32", num_classes=4)
+    torch.save({k: torch.zeros(v.shape) for k, v in model.state_dict().items()}, checkpoint)
+    refused = run("inspect", checkpoint, "--arch", "vit_b_32")
+    assert refused.returncode == 3
+    assert refused.stderr.count("\n") == 1 and "position embedding of fixed length 50" in refused.stderr
