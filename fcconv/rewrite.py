@@ -786,14 +786,17 @@ def _plan(
     trunk_layers.extend(found)
     edits.extend(pointwise_edits)
     replacements = _size_generic_replacements()
+    replaced: dict[Callable[..., Any], int] = {}
     for node in graph.nodes:
         if node in trunk and node.op == "call_function" and node.target in replacements:
             edits.append(_set_target(node.name, replacements[node.target]))
-            notes.append(
-                f"{node.name} ({node.target.__name__}) computed by {replacements[node.target].__module__}."
-                f"{replacements[node.target].__name__}: the same values, with its size-dependent choices kept "
-                "in the export"
-            )
+            replaced[node.target] = replaced.get(node.target, 0) + 1
+    for function, count in replaced.items():
+        new = replacements[function]
+        notes.append(
+            f"{count} call{'s' if count > 1 else ''} of {function.__module__}.{function.__name__} computed by "
+            f"{new.__module__}.{new.__name__}: the same values, with its size-dependent choices kept in the export"
+        )
     return _Plan(gm, features, head, geometry, layers, removed, edits, trunk_layers, notes)
 
 
