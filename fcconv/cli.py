@@ -39,6 +39,21 @@ InputShapeOption = Annotated[
 DenseOption = Annotated[
     bool, typer.Option("--dense", help="Drop a global pooling before the head: return the per-position score map.")
 ]
+PoolOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--pool",
+        help="avg or max: pool the score map over its positions, so the output is (N, K) at any input size.",
+    ),
+]
+PointwiseOption = Annotated[
+    bool,
+    typer.Option(
+        "--pointwise",
+        help="Also turn the trunk's Linear layers that act on each position of a channels-last map (ConvNeXt, "
+        "Swin) into 1×1 convolutions, removing the permutations around them where that is exact.",
+    ),
+]
 TrustOption = Annotated[
     bool,
     typer.Option(
@@ -146,13 +161,42 @@ def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool, dt
     return loaded
 
 
-def _references(loaded, dense, sizes, rtol, atol, device, conversion=None):
+def _check_pool(pool: str | None) -> str | None:
+    if pool is not None and pool not in ("avg", "max"):
+        raise BadInputError(f"--pool {pool!r} is not avg or max")
+    return pool
+
+
+def _print_trunk(conversion, *, inspecting: bool = False) -> None:
+    """What the rewrite found or changed outside the head: per-position Linear layers, size-generic functions."""
+    from fcconv.render import trunk_table
+
+    if conversion.fully_convolutional:
+        console.print(
+            "already fully convolutional: the head holds no Linear layer, so only its flatten goes; "
+            + ("it is exported" if inspecting else "exported")
+            + " with free height and width",
+            markup=False,
+        )
+    if conversion.trunk_layers:
+        console.print(trunk_table(conversion))
+        if any(layer.after.startswith("kept") for layer in conversion.trunk_layers):
+            console.print(
+                "  these act on each position already and do not stop the conversion; "
+                "--pointwise makes them 1×1 convolutions",
+                markup=False,
+            )
+    for note in conversion.notes:
+        console.print(f"  trunk: {note}", markup=False)
+
+
+def _references(loaded, dense, sizes, rtol, atol, device, conversion=None, pool=None):
     """The original's outputs on the verification inputs, with a progress line."""
     from fcconv.verify import reference_outputs
 
     with console.status("Running the original…") as status:
         return reference_outputs(
-            loaded.module, loaded.input_shape, sizes=sizes, dense=dense, rtol=rtol, atol=atol, device=device,
+            loaded.module, loaded.input_shape, sizes=sizes, dense=dense, pool=pool, rtol=rtol, atol=atol, device=device,
             conversion=conversion, on_size=lambda s: status.update(f"Running the original at {'×'.join(map(str, s))}…"),
         )  # fmt: skip
 
@@ -201,6 +245,8 @@ def convert(
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     dense: DenseOption = False,
+    pool: PoolOption = None,
+    pointwise: PointwiseOption = False,
     head_format: Annotated[
         str,
         typer.Option(
@@ -240,6 +286,7 @@ def convert(
 
     if head_format not in HEAD_FORMATS:
         raise BadInputError(f"--head-format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
+    _check_pool(pool)
     check_sizes = _parse_sizes(sizes)
     target = output or _default_output(model)
     for written in (target, external_data_path(target)):
@@ -253,10 +300,14 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
     loaded = _load(model, arch, input_shape, trust, dtype)
     with console.status("Rewriting the head…"):
-        conversion = rewrite(loaded.module, loaded.input_shape, dense=dense)
-    console.print(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
+        conversion = rewrite(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+    if conversion.layers:
+        console.print(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
+    _print_trunk(conversion)
     for item in conversion.removed:
         console.print(f"  removed: {item}", markup=False)
+    if pool is not None:
+        console.print(f"  appended: global {pool} pooling of the score map (output N×K at any size)", markup=False)
     with staged_onnx(target) as staged:
         with console.status(f"Exporting {target.name}…"):
             export_onnx(
@@ -264,7 +315,7 @@ def convert(
                 staged,
                 loaded.input_shape,
                 head_format=head_format,
-                metadata=fcconv_metadata(source=loaded.path),
+                metadata={**fcconv_metadata(source=loaded.path), "fcconv.pointwise": str(pointwise).lower()},
                 external_data=external_data or None,
             )
         data_file = external_data_path(staged).exists()
@@ -295,6 +346,10 @@ def verify(
         Optional[bool],
         typer.Option("--dense/--no-dense", help="How the model was converted. [default: from its metadata]"),
     ] = None,
+    pool: Annotated[
+        Optional[str],
+        typer.Option("--pool", help="avg, max or none: how the model was converted. [default: from its metadata]"),
+    ] = None,
     sizes: SizesOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
@@ -313,8 +368,11 @@ def verify(
         input_shape = meta["fcconv.input_shape"]
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
+    if pool is None:
+        pool = meta.get("fcconv.pool", "none")
+    pool = None if pool == "none" else _check_pool(pool)
     loaded = _load(reference, arch, input_shape, trust, dtype)
-    report = _compare_and_show(exported, _references(loaded, dense, check_sizes, rtol, atol, device))
+    report = _compare_and_show(exported, _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool))
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)
@@ -328,6 +386,8 @@ def inspect(
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     dense: DenseOption = False,
+    pool: PoolOption = None,
+    pointwise: PointwiseOption = False,
     dtype: DtypeOption = None,
     trust: TrustOption = False,
     debug: DebugOption = False,
@@ -336,9 +396,12 @@ def inspect(
     from fcconv.render import inspect_table
     from fcconv.rewrite import analyze
 
+    _check_pool(pool)
     loaded = _load(model, arch, input_shape, trust, dtype)
-    conversion = analyze(loaded.module, loaded.input_shape, dense=dense)
-    console.print(inspect_table(conversion))
+    conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+    if conversion.layers:
+        console.print(inspect_table(conversion))
+    _print_trunk(conversion, inspecting=True)
     for item in conversion.removed:
         console.print(f"  removed on conversion: {item}", markup=False)
     geometry = conversion.geometry
@@ -351,6 +414,8 @@ def inspect(
         )
     )
     console.print(f"  each output position reads {reads}", markup=False)
+    if pool is not None:
+        console.print(f"  the score map is then {pool}-pooled over its positions: the output is N×K", markup=False)
 
 
 def version_callback(value: bool) -> None:

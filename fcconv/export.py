@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from fcconv.errors import BadInputError
-from fcconv.layers import FullyConnectedConvMixin, WindowGemm, as_plain_conv
+from fcconv.layers import FullyConnectedConvMixin, PointwiseConv2d, WindowGemm, as_plain_conv
 
 if TYPE_CHECKING:
     from fcconv.rewrite import HeadGeometry
@@ -60,7 +60,8 @@ def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
         plain._modules = dict(module._modules)
     for name in fast:
         conv = module.get_submodule(name)
-        plain.set_submodule(name, as_plain_conv(conv) if head_format == "conv" else WindowGemm(conv), strict=False)
+        gemm = head_format == "gemm" and not isinstance(conv, PointwiseConv2d)  # the trunk's stay convolutions
+        plain.set_submodule(name, WindowGemm(conv) if gemm else as_plain_conv(conv), strict=False)
     return plain
 
 
@@ -350,6 +351,7 @@ def fcconv_metadata(geometry: HeadGeometry | None = None, source: str | Path | N
         meta.update({
             "fcconv.input_shape": ",".join(map(str, geometry.input_shape)),
             "fcconv.dense": "true" if geometry.dense else "false",
+            "fcconv.pool": geometry.pool or "none",
             "fcconv.window": "global" if geometry.window is None else ",".join(map(str, geometry.window)),
             "fcconv.stride": ",".join(map(str, geometry.stride)),
         })  # fmt: skip

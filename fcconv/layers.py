@@ -99,6 +99,11 @@ def channels_first(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, rank + 1, *range(1, rank + 1))
 
 
+def channels_last(y: torch.Tensor) -> torch.Tensor:
+    """(N, C, *S) -> (N, *S, C), the inverse of :func:`channels_first`."""
+    return y.permute(0, *range(2, y.dim()), 1)
+
+
 def unfold_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stride-1 valid convolution of any rank as window gathering plus one GEMM over all windows.
 
@@ -211,3 +216,72 @@ def as_plain_conv(conv: nn.Module) -> nn.Module:
     if conv.bias is not None:
         plain.bias = conv.bias
     return plain
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """A LayerNorm over the channel axis (axis 1) of (N, C, *S): the LayerNorm of each position's C vector.
+
+    The same parameters and state_dict as ``nn.LayerNorm(C)``; on (N, C) it is that
+    LayerNorm. Written with reductions over axis 1, so that it needs no permutation
+    to channels-last and exports as plain ONNX arithmetic.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        mean = x.mean(1, keepdim=True)
+        centred = x - mean
+        y = centred * torch.rsqrt(centred.square().mean(1, keepdim=True) + self.eps)
+        shape = (1, -1, *(1,) * (x.dim() - 2))
+        if self.weight is not None:
+            y = y * self.weight.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        return y
+
+
+def layer_norm_over_channels(norm: nn.LayerNorm) -> ChannelLayerNorm:
+    """``norm`` (a LayerNorm over one axis of C features) as a :class:`ChannelLayerNorm`, sharing its parameters."""
+    (channels,) = norm.normalized_shape
+    out = ChannelLayerNorm(channels, eps=norm.eps, elementwise_affine=False, device="meta")
+    out.elementwise_affine = norm.elementwise_affine
+    out.weight, out.bias = norm.weight, norm.bias
+    return out
+
+
+class PointwiseConv2d(FullyConnectedConv2d):
+    """A Linear that acted on each position of a channels-last map, now a 1×1 Conv2d on the channels-first map."""
+
+
+class ChannelsLastPointwiseConv2d(nn.Conv2d):
+    """A Linear over the last axis of a channels-last (N, H, W, C) map, held as a 1×1 Conv2d.
+
+    Its state_dict is a Conv2d's. It computes the Linear's GEMM in PyTorch, and
+    exports as Transpose → Conv → Transpose, so the ONNX graph holds a Conv, not a
+    MatMul, for it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see class docstring
+        if torch.onnx.is_in_onnx_export() and x.dim() == 4:
+            return channels_last(self._conv_forward(channels_first(x), self.weight, self.bias))
+        return F.linear(x, self.weight.reshape(self.weight.shape[0], -1), self.bias)
+
+
+def pointwise_conv(linear: nn.Linear, *, channels_last: bool) -> nn.Module:
+    """``linear`` as a 1×1 Conv2d sharing its storage: on the channels-first map, or on the channels-last one."""
+    cls = ChannelsLastPointwiseConv2d if channels_last else PointwiseConv2d
+    conv = cls(
+        linear.in_features,
+        linear.out_features,
+        kernel_size=1,
+        bias=linear.bias is not None,
+        device="meta",
+        dtype=linear.weight.dtype,
+    )
+    conv.weight = nn.Parameter(
+        linear.weight.detach().reshape(linear.out_features, linear.in_features, 1, 1),
+        requires_grad=linear.weight.requires_grad,
+    )
+    if linear.bias is not None:
+        conv.bias = linear.bias
+    return conv

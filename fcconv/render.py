@@ -48,6 +48,17 @@ def inspect_table(conversion: Conversion) -> Table:
     return table
 
 
+def trunk_table(conversion: Conversion) -> Table:
+    """The Linear layers of the trunk that act on each position: squeeze-and-excitation gates, channels-last MLPs."""
+    table = Table(title="Per-position Linear layers in the trunk", title_justify="left")
+    for column in ("layer", "feature map in", "fully connected", "becomes", "how"):
+        table.add_column(column)
+    table.add_column("parameters", justify="right")
+    for layer in conversion.trunk_layers:
+        table.add_row(layer.name, _dims(layer.in_map), layer.before, layer.after, layer.note, f"{layer.parameters:,}")
+    return table
+
+
 def _sci(value: float) -> str:
     return f"{value:.1e}"
 

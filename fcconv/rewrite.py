@@ -39,7 +39,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fcconv.errors import BadInputError, NotConvertibleError
-from fcconv.layers import linear_as_conv
+from fcconv.layers import layer_norm_over_channels, linear_as_conv, pointwise_conv
 
 __all__ = ["Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "lower_exported_program", "rewrite"]
 
@@ -72,6 +72,8 @@ class HeadGeometry:
     window: tuple[int, ...] | None
     stride: tuple[int, ...]
     dense: bool
+    pool: str | None = None
+    """'avg' or 'max' when a global pooling was appended to the score map (output (N, K))."""
 
 
 @dataclass
@@ -89,6 +91,16 @@ class Conversion:
     layers: list[RewrittenLayer] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     total_parameters: int = 0
+    trunk_layers: list[RewrittenLayer] = field(default_factory=list)
+    """Linear layers of the trunk that act per position: squeeze-and-excitation layers (always rewritten) and
+    Linear layers over a channels-last map (rewritten with ``pointwise=True``, otherwise listed and kept)."""
+    notes: list[str] = field(default_factory=list)
+    """Other changes to the trunk, each the same function computed in a form an export keeps at every size."""
+
+    @property
+    def fully_convolutional(self) -> bool:
+        """True when the head holds no Linear layer: the model was fully convolutional already (SqueezeNet)."""
+        return not self.layers
 
     @property
     def head_parameters(self) -> int:
@@ -267,14 +279,26 @@ def _as_module(gm: fx.GraphModule, node: fx.Node, built: tuple[str, nn.Module] |
     gm.graph.erase_node(node)
 
 
-def convert(model: nn.Module, input_shape: tuple[int, ...] = (3, 224, 224), *, dense: bool = False) -> nn.Module:
+def convert(
+    model: nn.Module,
+    input_shape: tuple[int, ...] = (3, 224, 224),
+    *,
+    dense: bool = False,
+    pool: str | None = None,
+    pointwise: bool = False,
+) -> nn.Module:
     """Return ``model`` as a fully convolutional module.
 
     ``input_shape`` is the native per-sample input (C, H, W), (C, L) or (C, D, H, W).
     At that size the output, flattened, equals the original (N, K) output; at any
     larger size it is (N, K, *map), one score vector per window of the original
     input. With ``dense=True`` a global pooling before the head is dropped and the
-    output is the per-position score map instead of (N, K, 1, 1).
+    output is the per-position score map instead of (N, K, 1, 1). With
+    ``pool="avg"`` or ``"max"`` a global pooling is appended to the score map, so
+    the output is (N, K) at any size (test-time pooling). With ``pointwise=True``
+    the Linear layers of the trunk that act on each position of a channels-last
+    map (ConvNeXt's and Swin's MLPs) become 1×1 convolutions too, with the
+    permutations around them removed where that is exact.
 
     The result shares its weights with ``model`` (reshaped views, no copies).
     Raises :class:`~fcconv.errors.NotConvertibleError` when the head holds
@@ -287,20 +311,34 @@ def convert(model: nn.Module, input_shape: tuple[int, ...] = (3, 224, 224), *, d
         >>> fcn(torch.randn(1, 3, 448, 448)).shape
         torch.Size([1, 1000, 8, 8])
     """
-    return rewrite(model, input_shape, dense=dense).module
+    return rewrite(model, input_shape, dense=dense, pool=pool, pointwise=pointwise).module
 
 
-def rewrite(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool = False) -> Conversion:
+def rewrite(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    dense: bool = False,
+    pool: str | None = None,
+    pointwise: bool = False,
+) -> Conversion:
     """Like :func:`convert`, returning the :class:`Conversion` with what was rewritten."""
-    plan = _plan(model, input_shape, dense=dense)
+    plan = _plan(model, input_shape, dense=dense, pool=pool, pointwise=pointwise)
     module = _apply(plan)
     module.fcconv_geometry = plan.geometry
     return _conversion(plan, module, model)
 
 
-def analyze(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool = False) -> Conversion:
+def analyze(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    dense: bool = False,
+    pool: str | None = None,
+    pointwise: bool = False,
+) -> Conversion:
     """Plan the rewrite without building the converted module (``module`` is the traced original)."""
-    plan = _plan(model, input_shape, dense=dense)
+    plan = _plan(model, input_shape, dense=dense, pool=pool, pointwise=pointwise)
     return _conversion(plan, plan.traced, model)
 
 
@@ -313,6 +351,8 @@ def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module) -> Conver
         layers=plan.layers,
         removed=plan.removed,
         total_parameters=sum(p.numel() for p in model.parameters()),
+        trunk_layers=plan.trunk_layers,
+        notes=plan.notes,
     )
 
 
@@ -328,6 +368,8 @@ class _Plan:
     layers: list[RewrittenLayer]
     removed: list[str]
     edits: list[Callable[[fx.GraphModule], None]]
+    trunk_layers: list[RewrittenLayer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -449,11 +491,15 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return _reachable(node, lambda n: n.users)
 
 
-def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Plan:
+def _plan(
+    model: nn.Module, input_shape: tuple[int, ...], *, dense: bool, pool: str | None = None, pointwise: bool = False
+) -> _Plan:
     input_shape = tuple(int(s) for s in input_shape)
     rank = len(input_shape) - 1
     if rank not in (1, 2, 3) or any(s <= 0 for s in input_shape):
         raise BadInputError(f"input shape {input_shape} is not (C, L), (C, H, W) or (C, D, H, W) with positive sizes")
+    if pool not in (None, "avg", "max"):
+        raise BadInputError(f"pool {pool!r} is not avg or max")
     gm = trace(model)
     _propagate_shapes(gm, input_shape)
     modules = dict(gm.named_modules())
@@ -463,8 +509,15 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
     if len(placeholders) != 1:
         raise NotConvertibleError(f"forward() takes {len(placeholders)} inputs; fcconv converts models with one input")
 
+    # Only what is computed from the input can collapse the map (not, say, a table of position biases).
+    live = _descendants(placeholders[0])
+    gates = _find_gates(graph, modules, rank, live)
+    in_gates = {n for gate in gates for n in gate.nodes}
+
     collapse = None
     for node in graph.nodes:
+        if node not in live or node in in_gates:
+            continue
         kind = _is_collapse(node, modules, rank)
         if kind is None:
             continue
@@ -477,6 +530,7 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
         collapse = (node, kind)
         break
     if collapse is None:
+        _refuse_token_sequence(gm, modules, rank, live, input_shape)
         out_shapes = [_shape(n) for n in graph.nodes if n.op == "output"]
         raise NotConvertibleError(
             "no flatten, view, reshape, mean or global pooling of a "
@@ -488,23 +542,30 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
     collapsed = collapse_node.args[0]
     assert isinstance(collapsed, fx.Node)
 
-    if collapsed.op in ("call_method", "call_function") and getattr(collapsed.target, "__name__", collapsed.target) in (
+    # Where the head starts: an adaptive pooling that feeds the flatten belongs to it, and so does a
+    # global pooling followed by layers that act on each position of the pooled map (ConvNeXt's
+    # LayerNorm2d, which permutes to channels-last, normalizes the channels and permutes back).
+    pooled_chain = _pooled_chain(collapsed, modules, rank) if collapse_kind == "flatten" else None
+    channel_axis = 1
+    if pooled_chain is not None:
+        pool_node, pool_kind, _, channel_axis = pooled_chain
+        entry = pool_node.args[0]
+    elif _permute_dims(collapsed) is not None or getattr(collapsed.target, "__name__", collapsed.target) in (
         "permute",
         "transpose",
     ):
         raise NotConvertibleError(
-            f"{_describe(collapse_node, modules)} flattens a permuted map ({_describe(collapsed, modules)}); "
-            "permuted flattens are not supported yet"
+            f"{_describe(collapse_node, modules)} flattens a permuted map ({_describe(collapsed, modules)}) that is "
+            "not a globally pooled map; its axes are not read in channel order, so it has no sliding-window reading"
         )
-
-    # Where the head starts: an adaptive pooling that feeds the flatten belongs to it.
-    pool_kind = _adaptive_pool(collapsed, modules) if collapse_kind == "flatten" else None
-    if pool_kind is not None and len(collapsed.users) == 1:
-        pool_node: fx.Node | None = collapsed
-        entry = collapsed.args[0]
     else:
-        pool_node = None
-        entry = collapsed
+        pool_kind = _adaptive_pool(collapsed, modules) if collapse_kind == "flatten" else None
+        if pool_kind is not None and len(collapsed.users) == 1:
+            pool_node = collapsed
+            entry = collapsed.args[0]
+        else:
+            pool_node = None
+            entry = collapsed
     assert isinstance(entry, fx.Node)
     entry_shape = _shape(entry)
     if entry_shape is None or len(entry_shape) != rank + 2:
@@ -536,7 +597,7 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
     else:
         if pool_node is not None:
             pooled = _shape(pool_node)[2:]
-            pool_name = pool_node.target if pool_node.op == "call_module" else pool_node.name
+            pool_name = pool_node.target if pool_node.op == "call_module" else _describe(pool_node, modules)
             if all(p == 1 for p in pooled) and dense:
                 edits.append(_replace_with_input(pool_node.name))
                 removed.append(f"{pool_name} (global {pool_kind} pooling: dense map)")
@@ -565,8 +626,13 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
                 )
         else:
             window, kernel, stride = feature_size, feature_size, (1,) * rank
-        edits.append(_replace_with_input(collapse_node.name))
-        removed.append(_describe(collapse_node, modules))
+        if channel_axis != 1:
+            # the pooled map reached the flatten channels-last: (N, 1, 1, C) read as (N, C, 1, 1)
+            edits.append(_replace_with_function(collapse_node.name, torch.movedim, channel_axis, 1))
+            removed.append(f"{_describe(collapse_node, modules)} (a permutation back to channels-first instead)")
+        else:
+            edits.append(_replace_with_input(collapse_node.name))
+            removed.append(_describe(collapse_node, modules))
 
     # Walk the head: everything downstream of the collapse.
     downstream = _descendants(collapse_node)
@@ -638,6 +704,11 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
                 edits.append(_replace_batchnorm(node.target, rank))
                 stage[node] = current
                 continue
+            if _is_feature_layer_norm(mod, node):
+                # over the features of one position: the LayerNorm of each position's channel vector
+                edits.append(_replace_submodule(node.target, layer_norm_over_channels))
+                stage[node] = current
+                continue
             if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim in (1, -1):
                 edits.append(_replace_with_module(node, type(mod)(dim=1)))
                 stage[node] = current
@@ -683,6 +754,10 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
             )
     if not layers and window is not None and math.prod(window) > 1:
         raise NotConvertibleError(f"the flatten at {collapse_node.name} is not followed by a Linear layer")
+    if pool is not None:
+        if len(output.all_input_nodes) != 1:
+            raise NotConvertibleError("--pool: the model returns several tensors; a pooled output needs one")
+        edits.append(_append_global_pool(pool, rank))
 
     geometry = HeadGeometry(
         input_shape=input_shape,
@@ -690,9 +765,432 @@ def _plan(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> _Pl
         window=tuple(window) if window is not None else None,
         stride=tuple(stride),
         dense=dense,
+        pool=pool,
     )
     features, head = _split(gm, entry, trunk, collapse_node if collapse_kind == "flatten" else None)
-    return _Plan(gm, features, head, geometry, layers, removed, edits)
+
+    # The trunk is kept, so it must take larger inputs: run it at twice the native size (shapes only).
+    larger = _probe_larger_input(features, input_shape, modules)
+    if entry.name in larger and larger[entry.name][1] != entry_shape[1]:
+        raise NotConvertibleError(
+            f"{_describe(collapse_node, modules)} flattens a permuted map: axis 1 of {entry.name} is "
+            f"{entry_shape[1]} at the native size and {larger[entry.name][1]} at twice it, so it is not the "
+            "channel axis of an (N, C, H, W) map and the flatten has no sliding-window reading"
+        )
+    trunk_layers: list[RewrittenLayer] = []
+    notes: list[str] = []
+    for gate in gates:
+        edits.extend(gate.edits)
+        trunk_layers.extend(gate.layers)
+    found, pointwise_edits = _pointwise_linears(gm, modules, rank, trunk - in_gates, larger, rewrite=pointwise)
+    trunk_layers.extend(found)
+    edits.extend(pointwise_edits)
+    replacements = _size_generic_replacements()
+    replaced: dict[Callable[..., Any], int] = {}
+    for node in graph.nodes:
+        if node in trunk and node.op == "call_function" and node.target in replacements:
+            edits.append(_set_target(node.name, replacements[node.target]))
+            replaced[node.target] = replaced.get(node.target, 0) + 1
+    for function, count in replaced.items():
+        new = replacements[function]
+        notes.append(
+            f"{count} call{'s' if count > 1 else ''} of {function.__module__}.{function.__name__} computed by "
+            f"{new.__module__}.{new.__name__}: the same values, with its size-dependent choices kept in the export"
+        )
+    return _Plan(gm, features, head, geometry, layers, removed, edits, trunk_layers, notes)
+
+
+# --- layers that act on each position, gates, and trunks that must take larger inputs -------------
+
+
+def _is_elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An element-wise layer of one tensor (activations, dropout, arithmetic with numbers)."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        return isinstance(mod, _ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
+    if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+        return len([a for a in node.all_input_nodes if _shape(a) is not None]) == 1
+    if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+        return len([a for a in node.all_input_nodes if _shape(a) is not None]) == 1
+    if node.op == "call_function" and node.target in _ARITHMETIC:
+        return len(node.all_input_nodes) == 1 and all(
+            isinstance(a, (int, float)) or a is node.all_input_nodes[0] for a in node.args
+        )
+    return False
+
+
+def _is_feature_layer_norm(mod: nn.Module, node: fx.Node) -> bool:
+    """A LayerNorm over the last axis, which holds the C features (channels) of each position."""
+    shape = _shape(node)
+    return (
+        isinstance(mod, nn.LayerNorm)
+        and len(mod.normalized_shape) == 1
+        and shape is not None
+        and shape[-1] == mod.normalized_shape[0]
+    )
+
+
+def _is_layer_norm_call(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A LayerNorm over the last axis only, as a module or as ``F.layer_norm``."""
+    if node.op == "call_module":
+        return _is_feature_layer_norm(modules[node.target], node) and len(node.all_input_nodes) == 1
+    if node.op == "call_function" and node.target in (F.layer_norm, torch.layer_norm):
+        normalized = _arg(node, 1, "normalized_shape", None)
+        return isinstance(normalized, (list, tuple)) and len(normalized) == 1
+    return False
+
+
+def _permute_dims(node: Any) -> list[int] | None:
+    """The permutation of a ``permute`` call (function or method), or None."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    if getattr(node.target, "__name__", node.target) != "permute":
+        return None
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if not dims and "dims" in node.kwargs:
+        dims = node.kwargs["dims"]
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+
+
+def _global_pool_kind(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> str | None:
+    """'avg' or 'max' when ``node`` pools a (N, C, *S) map to (N, C, 1, ...): an adaptive pooling or a kept-dim mean."""
+    shape = _shape(node)
+    if shape is None or len(shape) != rank + 2 or any(s != 1 for s in shape[2:]):
+        return None
+    kind = _adaptive_pool(node, modules)
+    if kind is not None:
+        return kind
+    if (node.op == "call_function" and node.target in _MEAN_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MEAN_METHODS
+    ):
+        dims = _arg(node, 1, "dim", None)
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if {d % (rank + 2) for d in dims} == set(range(2, rank + 2)) and _arg(node, 2, "keepdim", False):
+            return "avg" if getattr(node.target, "__name__", node.target) == "mean" else "max"
+    return None
+
+
+def _pooled_chain(
+    collapsed: fx.Node, modules: dict[str, nn.Module], rank: int
+) -> tuple[fx.Node, str, list[fx.Node], int] | None:
+    """A global pooling followed, before the flatten, only by layers that act on each position of the map.
+
+    Returns (pooling, 'avg' or 'max', the layers in order, the channel axis at the
+    flatten) or None. The layers may permute the axes, normalize over the channels
+    once they are the last axis (a LayerNorm), or act element-wise; on the pooled
+    1×1 map each acts on the one position, and on a whole map (``dense``) on each.
+    """
+    chain: list[fx.Node] = []
+    node = collapsed
+    while True:
+        if len(node.users) != 1:
+            return None
+        kind = _global_pool_kind(node, modules, rank)
+        if kind is not None:
+            break
+        if _permute_dims(node) is not None or _is_layer_norm_call(node, modules) or _is_elementwise(node, modules):
+            chain.append(node)
+            node = node.args[0]
+            if not isinstance(node, fx.Node):
+                return None
+            continue
+        return None
+    chain.reverse()
+    axis = 1
+    for step in chain:
+        dims = _permute_dims(step)
+        if dims is not None:
+            if len(dims) != rank + 2 or sorted(d % (rank + 2) for d in dims) != list(range(rank + 2)):
+                return None
+            dims = [d % (rank + 2) for d in dims]
+            if dims[0] != 0:
+                return None
+            axis = dims.index(axis)
+        elif _is_layer_norm_call(step, modules) and axis != rank + 1:
+            return None
+    return node, kind, chain, axis
+
+
+@dataclass
+class _Gate:
+    """A squeeze-and-excitation gate written with Linear layers: pool, flatten, Linears, reshape to (N, C, 1, ...)."""
+
+    nodes: set[fx.Node]
+    edits: list[Callable[[fx.GraphModule], None]]
+    layers: list[RewrittenLayer]
+
+
+def _is_unflatten(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> bool:
+    """A reshape or unsqueeze of (N, F) or (N, F, 1, ...) to (N, F, 1, ...)."""
+    shape, src = _shape(node), _shape(node.args[0] if node.args else None)
+    if shape is None or src is None or len(shape) > rank + 2 or len(shape) <= len(src):
+        return False
+    reshape = _is_reshape(node, modules) or (
+        node.op in ("call_function", "call_method") and getattr(node.target, "__name__", node.target) == "unsqueeze"
+    )
+    return reshape and shape[:2] == src[:2] and all(s == 1 for s in shape[2:])
+
+
+def _find_gates(graph: fx.Graph, modules: dict[str, nn.Module], rank: int, live: set[fx.Node]) -> list[_Gate]:
+    """Squeeze-and-excitation gates written with Linear layers (SENet), each rewritten as 1×1 convolutions.
+
+    The pooled map is flattened, passed through Linear and element-wise layers and
+    reshaped back to (N, C, 1, ...) to scale the map. On the pooled (N, C, 1, ...)
+    map the Linear layers are 1×1 convolutions and the reshapes do nothing: the
+    same function, for any input size, since the pooling is global.
+    """
+    gates = []
+    for node in graph.nodes:
+        if node not in live:
+            continue
+        kind = _is_collapse(node, modules, rank)
+        if kind not in ("flatten", "global-avg", "global-max"):
+            continue
+        if kind == "flatten" and any(s != 1 for s in _shape(node.args[0])[2:]):
+            continue
+        if kind != "flatten":
+            dims = _arg(node, 1, "dim", None)
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            if {d % (rank + 2) for d in dims} != set(range(2, rank + 2)):
+                continue
+        linears: list[fx.Node] = []
+        unflatten: list[fx.Node] = []
+        current = node
+        while len(current.users) == 1:
+            step = next(iter(current.users))
+            if step.args[:1] != (current,) and step.all_input_nodes != [current]:
+                break
+            if step.op == "call_module" and isinstance(modules[step.target], nn.Linear) and not unflatten:
+                linears.append(step)
+            elif _is_unflatten(step, modules, rank):
+                unflatten.append(step)
+                if len(_shape(step)) == rank + 2:
+                    break
+            elif _is_elementwise(step, modules) and not unflatten:
+                pass
+            else:
+                break
+            current = step
+        if not linears or not unflatten or len(_shape(unflatten[-1])) != rank + 2:
+            continue
+        calls = [n for n in graph.nodes if n.op == "call_module"]
+        if any(sum(c.target == lin.target for c in calls) != 1 for lin in linears):
+            continue  # a Linear called elsewhere too keeps its form
+        edits: list[Callable[[fx.GraphModule], None]] = [
+            _replace_with_input(node.name)
+            if kind == "flatten"
+            else _set_kwarg(node.name, "keepdim", True, positional_index=2)
+        ]
+        layers = []
+        for lin in linears:
+            mod = modules[lin.target]
+            edits.append(_replace_linear(lin.target, mod.in_features, (1,) * rank, None))
+            layers.append(
+                RewrittenLayer(
+                    name=lin.target,
+                    before=f"Linear({mod.in_features} → {mod.out_features})",
+                    after=f"Conv{rank}d({mod.in_features} → {mod.out_features})",
+                    in_map=(mod.in_features, *(1,) * rank),
+                    kernel=(1,) * rank,
+                    parameters=mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0),
+                    note="squeeze-and-excitation gate",
+                )
+            )
+        edits.extend(_replace_with_input(u.name) for u in unflatten)
+        nodes = _descendants(node) & _ancestors(unflatten[-1])
+        gates.append(_Gate(nodes, edits, layers))
+    return gates
+
+
+def _refuse_token_sequence(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], rank: int, live: set[fx.Node], input_shape: tuple[int, ...]
+) -> None:
+    """Refuse, naming it, a model that adds a fixed-length position embedding to a token sequence (ViT)."""
+    for node in gm.graph.nodes:
+        if node not in live or node.op != "call_function" or node.target not in (operator.add, torch.add):
+            continue
+        for tokens, table in (node.args[:2], node.args[1::-1]):
+            if not isinstance(table, fx.Node) or table.op != "get_attr" or tokens not in live:
+                continue
+            seq, emb = _shape(tokens), _shape(table)
+            if seq is None or emb is None or len(seq) != 3 or len(emb) != 3 or emb[0] != 1 or emb[1:] != seq[1:]:
+                continue
+            class_tokens = [
+                n.target
+                for n in gm.graph.nodes
+                if n.op == "get_attr" and (_shape(n) or ())[:2] == (1, 1) and len(_shape(n)) == 3
+            ]
+            cls = f" (with the class token {class_tokens[0]}, which the classifier reads)" if class_tokens else ""
+            native = "×".join(map(str, input_shape[1:]))
+            raise NotConvertibleError(
+                f"{table.target} is a position embedding of fixed length {emb[1]}{cls}, added to the token sequence "
+                f"of the native {native} input at {node.name}; a larger input gives more tokens than it has "
+                "positions, so the model has no fully convolutional form"
+            )
+
+
+class _NodeShapes(fx.Interpreter):
+    """Runs a graph on fake tensors, recording each node's output shape and the node it failed at.
+
+    The module's own parameters enter the fake computation as they are used, so no
+    fake copy of the module is made (and its graph's recorded shapes are left alone).
+    """
+
+    def __init__(self, module: fx.GraphModule, fake_mode: Any) -> None:
+        super().__init__(module)
+        self.fake_mode = fake_mode
+        self.current: fx.Node | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        with self.fake_mode:
+            result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n.name] = tuple(int(s) for s in result.shape)
+        return result
+
+
+def _probe_larger_input(
+    features: fx.GraphModule, input_shape: tuple[int, ...], modules: dict[str, nn.Module]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the trunk's nodes at twice the native size; refuse the model when its trunk cannot take it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    large = (input_shape[0], *(2 * s for s in input_shape[1:]))
+    params = [p for p in features.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        sample = torch.empty((2, *large), dtype=dtype, device=device)
+    prop = _NodeShapes(features, fake_mode)
+    try:
+        prop.run(sample)
+    except Exception as exc:  # noqa: BLE001 - the trunk refused the larger input: say where and why
+        node = prop.current
+        where = ""
+        if node is not None:
+            where = _describe(node, modules) if node.op != "call_module" or node.target in modules else node.name
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack and node.op != "call_module":
+                path, cls = list(stack.values())[-1]
+                where += f" in {path} ({getattr(cls, '__name__', cls)})"
+        cause = exc.__cause__ or exc
+        text = " ".join(str(cause).split()).split(" While executing")[0][:200]
+        native, bigger = "×".join(map(str, input_shape[1:])), "×".join(map(str, large[1:]))
+        raise NotConvertibleError(
+            f"{where or 'the trunk'} cannot take a {bigger} input ({text}): the layers before the head are fixed "
+            f"to the native {native} size, so the model cannot be made fully convolutional"
+        ) from exc
+    return prop.shapes
+
+
+def _pointwise_linears(
+    gm: fx.GraphModule,
+    modules: dict[str, nn.Module],
+    rank: int,
+    trunk: set[fx.Node],
+    larger: dict[str, tuple[int, ...]],
+    *,
+    rewrite: bool,
+) -> tuple[list[RewrittenLayer], list[Callable[[fx.GraphModule], None]]]:
+    """Linear layers of the trunk that act on each position of a channels-last map, and (``rewrite``) their edits.
+
+    A Linear's input is channels-last when its spatial axes, found as the axes whose
+    size follows the input's (native versus twice the native size), are 1..rank and
+    its last axis is not. Each becomes a 1×1 convolution. Where such Linear layers
+    sit, with LayerNorms over the channels and element-wise layers, between a
+    permutation to channels-last and one back (ConvNeXt's block), both permutations
+    are removed and the LayerNorms become LayerNorms over axis 1; elsewhere (Swin)
+    each convolution reads the channels-last map through a permutation pair.
+    """
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def spatial(node: Any) -> set[int] | None:
+        native, large = _shape(node), larger.get(node.name) if isinstance(node, fx.Node) else None
+        if native is None or large is None or len(native) != len(large):
+            return None
+        return {axis for axis, (a, b) in enumerate(zip(native, large)) if a != b}
+
+    channels_last_axes = set(range(1, rank + 1))
+    found: dict[fx.Node, bool] = {}  # Linear node -> still channels-last after the rewrite
+    for node in gm.graph.nodes:
+        if node in trunk and node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+            source = node.args[0]
+            shape = _shape(source)
+            if shape is not None and len(shape) == rank + 2 and spatial(source) == channels_last_axes:
+                if calls.get(node.target) == 1:
+                    found[node] = True
+    if not found:
+        return [], []
+
+    edits: list[Callable[[fx.GraphModule], None]] = []
+    to_channels_last = [0, *range(2, rank + 2), 1]
+    to_channels_first = [0, rank + 1, *range(1, rank + 1)]
+    for start in gm.graph.nodes:
+        if start not in trunk or _permute_dims(start) != to_channels_last or len(start.users) != 1:
+            continue
+        if spatial(start.args[0]) != set(range(2, rank + 2)):
+            continue
+        inside: list[fx.Node] = []
+        step = next(iter(start.users))
+        while step in trunk and _permute_dims(step) != to_channels_first:
+            ok = step in found or _is_elementwise(step, modules)
+            ok = ok or (_is_layer_norm_call(step, modules) and step.op == "call_module" and calls[step.target] == 1)
+            if not ok or len(step.users) != 1 or step.all_input_nodes != [inside[-1] if inside else start]:
+                break
+            inside.append(step)
+            step = next(iter(step.users))
+        else:
+            if step not in trunk or not any(n in found for n in inside):
+                continue
+            if rewrite:
+                edits += [_replace_with_input(start.name), _replace_with_input(step.name)]
+                edits += [
+                    _replace_submodule(n.target, layer_norm_over_channels)
+                    for n in inside
+                    if n not in found and _is_layer_norm_call(n, modules)
+                ]
+            for n in inside:
+                if n in found:
+                    found[n] = False
+
+    layers = []
+    for node, channels_last in found.items():
+        mod = modules[node.target]
+        native = _shape(node.args[0])
+        layers.append(
+            RewrittenLayer(
+                name=node.target,
+                before=f"Linear({mod.in_features} → {mod.out_features})",
+                after=f"Conv{rank}d({mod.in_features} → {mod.out_features})" if rewrite else "kept (per position)",
+                in_map=(native[-1], *native[1:-1]),
+                kernel=(1,) * rank,
+                parameters=mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0),
+                note=("" if not rewrite else "channels-last, transposed" if channels_last else "permutes removed"),
+            )
+        )
+        if rewrite:
+            edits.append(_replace_submodule(node.target, _pointwise_builder(channels_last)))
+    return layers, edits
+
+
+def _pointwise_builder(channels_last: bool) -> Callable[[nn.Module], nn.Module]:
+    return lambda linear: pointwise_conv(linear, channels_last=channels_last)
+
+
+def _size_generic_replacements() -> dict[Callable[..., Any], Callable[..., Any]]:
+    try:
+        from fcconv.trunk import size_generic_replacements
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return {}
+    return size_generic_replacements()
 
 
 def _adaptive_avg_fold(
@@ -796,6 +1294,50 @@ def _replace_with_module(node: fx.Node, module: nn.Module) -> Callable[[fx.Graph
             new = gm.graph.call_module(target, (n.args[0],))
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
+
+    return edit
+
+
+def _replace_submodule(target: str, build: Callable[[nn.Module], nn.Module]) -> Callable[[fx.GraphModule], None]:
+    """Replace the module at ``target`` with ``build(module)``."""
+
+    def edit(gm: fx.GraphModule) -> None:
+        gm.add_submodule(target, build(gm.get_submodule(target)))
+
+    return edit
+
+
+def _replace_with_function(name: str, function: Callable[..., Any], *extra: Any) -> Callable[[fx.GraphModule], None]:
+    """Replace the node ``name`` with ``function(its first argument, *extra)``."""
+
+    def edit(gm: fx.GraphModule) -> None:
+        node = _find(gm, name)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(function, (node.args[0], *extra))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+    return edit
+
+
+def _set_target(name: str, function: Callable[..., Any]) -> Callable[[fx.GraphModule], None]:
+    def edit(gm: fx.GraphModule) -> None:
+        _find(gm, name).target = function
+
+    return edit
+
+
+def _append_global_pool(kind: str, rank: int) -> Callable[[fx.GraphModule], None]:
+    """Pool the score map the model returns over its spatial axes: (N, K, *map) -> (N, K)."""
+
+    def edit(gm: fx.GraphModule) -> None:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        (value,) = output.all_input_nodes
+        with gm.graph.inserting_before(output):
+            pooled = gm.graph.call_function(
+                torch.mean if kind == "avg" else torch.amax, (value, tuple(range(2, rank + 2)))
+            )
+        output.replace_input_with(value, pooled)
 
     return edit
 

@@ -100,9 +100,18 @@ class SlidingWindowHead(nn.Module):
         self.window = conversion.geometry.window
         self.stride = conversion.geometry.stride
         self.channels = conversion.geometry.feature_shape[0]
+        self.pool = conversion.geometry.pool
         self.chunk = chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.score_map(x)
+        if self.pool is None:
+            return scores
+        spatial = tuple(range(2, scores.dim()))
+        return scores.mean(spatial) if self.pool == "avg" else scores.amax(spatial)
+
+    def score_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, K, *map): the original head on every window of the original features of ``x``."""
         feats = self.features(x)
         n = feats.shape[0]
         rank = feats.dim() - 2
@@ -121,7 +130,10 @@ class SlidingWindowHead(nn.Module):
 
 @torch.inference_mode()
 def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> torch.Tensor:
-    """The original head applied to every window of the original features of ``x``: (N, K, *map)."""
+    """The original head applied to every window of the original features of ``x``: (N, K, *map).
+
+    For a conversion with a pooled output (``pool``) the map is pooled the same way: (N, K).
+    """
     return SlidingWindowHead(conversion, chunk=HEAD_CHUNK)(x)
 
 
@@ -196,6 +208,7 @@ def reference_outputs(
     *,
     sizes: Sequence[Sequence[int]] | None = None,
     dense: bool = False,
+    pool: str | None = None,
     batch: int = 2,
     seed: int = 0,
     rtol: float | None = None,
@@ -206,8 +219,10 @@ def reference_outputs(
 ) -> References:
     """The random inputs of a verification and the original's readings of them (see :func:`verify`).
 
-    At the native size the original's own output, reshaped to (N, K, 1, ...), unless
-    ``dense``; at every size :func:`sliding_window_reference`.
+    At the native size the original's own output, reshaped to (N, K, 1, ...) (kept
+    (N, K) when ``pool``), unless ``dense``; at every size :func:`sliding_window_reference`,
+    pooled when ``pool`` is 'avg' or 'max'. A given ``conversion`` says how the model
+    was converted, in place of ``dense`` and ``pool``.
     """
     input_shape = tuple(int(s) for s in input_shape)
     native = input_shape[1:]
@@ -219,7 +234,8 @@ def reference_outputs(
     device = _device(device)
     original.eval()
     if conversion is None:
-        conversion = analyze(original, input_shape, dense=dense)
+        conversion = analyze(original, input_shape, dense=dense, pool=pool)
+    dense, pool = conversion.geometry.dense, conversion.geometry.pool
     original.to(device)
     params = [p for p in original.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
@@ -234,7 +250,7 @@ def reference_outputs(
             expected = {}
             if size == native and not dense:
                 out = original(x)
-                expected["original"] = out.reshape(*out.shape, *(1,) * len(native))
+                expected["original"] = out if pool else out.reshape(*out.shape, *(1,) * len(native))
             expected["sliding window"] = sliding_window_reference(conversion, x)
             references.cases.append(ReferenceCase(size, x, expected))
     return references
@@ -275,6 +291,7 @@ def verify(
     *,
     sizes: Sequence[Sequence[int]] | None = None,
     dense: bool | None = None,
+    pool: str | None = None,
     batch: int = 2,
     seed: int = 0,
     rtol: float | None = None,
@@ -288,7 +305,8 @@ def verify(
     At the native size the reference is ``original``'s own output, reshaped to
     (N, K, 1, ...); at every size it is also :func:`sliding_window_reference`.
     ``sizes`` are spatial sizes (default: :func:`default_sizes`); ``dense`` says how
-    the model was converted (default: as recorded on ``converted``, else False).
+    the model was converted (default: as recorded on ``converted``, else False), and
+    so does ``pool`` ('avg' or 'max': the output is the pooled score map, (N, K)).
     ``rtol`` defaults to 1e-4 in float32 and to a looser bound in float16 and
     bfloat16 (``RTOL_BY_DTYPE``); the report states the one used. On CUDA
     (``device="cuda"``, the models are moved there) float32 runs with TF32 off,
@@ -298,10 +316,13 @@ def verify(
     The same as :func:`reference_outputs` followed by :func:`compare_outputs`, which a
     caller that wants to free the original before running the converted model uses.
     """
+    geometry = getattr(converted, "fcconv_geometry", None)
     if dense is None:
-        dense = bool(getattr(getattr(converted, "fcconv_geometry", None), "dense", False))
+        dense = bool(getattr(geometry, "dense", False))
+    if pool is None:
+        pool = getattr(geometry, "pool", None)
     references = reference_outputs(
-        original, input_shape, sizes=sizes, dense=dense, batch=batch, seed=seed, rtol=rtol, atol=atol,
+        original, input_shape, sizes=sizes, dense=dense, pool=pool, batch=batch, seed=seed, rtol=rtol, atol=atol,
         device=device, conversion=conversion, on_size=on_size,
     )  # fmt: skip
     return compare_outputs(converted, references)

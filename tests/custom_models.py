@@ -88,3 +88,95 @@ class TrailingView(nn.Module):
     def forward(self, x):
         x = self.fc2(torch.relu(self.fc1(self.conv(x).reshape(x.shape[0], -1))))
         return x.view(x.size(0), -1)
+
+
+class SqueezeExcitation(nn.Module):
+    """SENet's gate written with Linear layers: pool, view(N, C), Linear, ReLU, Linear, sigmoid, view(N, C, 1, 1)."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, channels // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        b, c = x.shape[0], x.shape[1]
+        y = self.pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+class MeanGate(nn.Module):
+    """The same gate with the pooling written as ``x.mean((2, 3))`` and the reshape as two unsqueezes."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(channels, channels // 2)
+        self.up = nn.Linear(channels // 2, channels)
+
+    def forward(self, x):
+        y = torch.sigmoid(self.up(torch.relu(self.down(x.mean((2, 3))))))
+        return x * y.unsqueeze(-1).unsqueeze(-1)
+
+
+class SENet(nn.Module):
+    """Two conv stages, each with a Linear squeeze-and-excitation gate, then global pooling and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), SqueezeExcitation(16))
+        self.stage2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), MeanGate(32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 6)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.stage2(self.stage1(x))), 1))
+
+
+class NormalizedPooledHead(nn.Module):
+    """MaxViT's classifier on a small trunk: global pool, flatten, LayerNorm, Linear, Tanh, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.GELU(), nn.Conv2d(12, 16, 3))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.LayerNorm(16),
+            nn.Linear(16, 16),
+            nn.Tanh(),
+            nn.Linear(16, 4, bias=False),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def small_convnext():
+    """torchvision's ConvNeXt in three small stages: its blocks (permute, LayerNorm, Linear, GELU, Linear, permute)
+    and its head (pool, LayerNorm2d, Flatten, Linear), at a fraction of convnext_tiny's cost."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    settings = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 48, 1), CNBlockConfig(48, None, 1)]
+    return ConvNeXt(settings, num_classes=10)
+
+
+def small_swin():
+    """torchvision's Swin Transformer (swin_t's layers and 7×7 windows) with 16 to 128 channels."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [7, 7], num_classes=10)
+
+
+def small_swin_v2():
+    """torchvision's Swin Transformer V2 (swin_v2_t's layers and 8×8 windows) with 16 to 128 channels."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    return SwinTransformer(
+        [4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [8, 8], num_classes=10,
+        block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
+    )  # fmt: skip
