@@ -3,8 +3,8 @@
 Every model below is built with ``weights=None`` (seed 0) and 10 classes, rewritten at its
 native size and verified there and at two larger sizes, one of them non-square: against
 the original's own output at the native size, and at every size against the original head
-slid over the original's feature map. The Vision Transformers, whose classifier reads a
-class token and not a feature map, are refused. The whole zoo, at 1000 classes and the
+slid over the original's feature map. The Vision Transformers, whose fixed-length position
+embedding ties them to one input size, are refused with that reason. The whole zoo, at 1000 classes and the
 verifier's default sizes, is ``bench/zoo.py``; its report is ``docs/zoo.md``.
 """
 
@@ -73,7 +73,8 @@ def test_a_vision_transformer_is_refused(name):
         fcconv.rewrite(model, native_input_shape(name))
     assert refused.value.exit_code == 3
     message = str(refused.value)
-    assert message and "\n" not in message
+    assert "\n" not in message
+    assert "encoder.pos_embedding" in message and "position embedding of fixed length" in message
 
 
 TINY_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
