@@ -237,7 +237,7 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace, wall: float,
         "",
         f"- torch {versions['torch']}, torchvision {versions['torchvision']}, Python {platform.python_version()}",
         f"- machine: {machine()}; {threads} torch threads; one model at a time, each in a fresh process",
-        f"- wall time of the whole run: {wall / 60:.1f} min, each process's start and imports included",
+        f"- the models' wall times added up: {wall / 60:.1f} min, each process's start and imports included",
         "- each model: built with `weights=None` after `torch.manual_seed(0)`, its default 1000 classes, "
         "float32, eval mode, at its native input size (`fcconv.load.native_input_shape`: the smallest crop "
         "of its published weights)",
