@@ -279,6 +279,7 @@ def convert(
         export_onnx,
         external_data_path,
         fcconv_metadata,
+        inline_external_data,
         staged_onnx,
     )
     from fcconv.render import rewrite_table
@@ -310,15 +311,15 @@ def convert(
         console.print(f"  appended: global {pool} pooling of the score map (output N×K at any size)", markup=False)
     with staged_onnx(target) as staged:
         with console.status(f"Exporting {target.name}…"):
+            # Staged with the weights in external data, which onnxruntime maps rather than copies.
             export_onnx(
                 conversion.module,
                 staged,
                 loaded.input_shape,
                 head_format=head_format,
                 metadata={**fcconv_metadata(source=loaded.path), "fcconv.pointwise": str(pointwise).lower()},
-                external_data=external_data or None,
+                external_data=True,
             )
-        data_file = external_data_path(staged).exists()
         references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
         # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
         del loaded, conversion
@@ -327,6 +328,9 @@ def convert(
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
+        if not external_data:
+            inline_external_data(staged)
+        data_file = external_data_path(staged).exists()
     weights = f" (weights in {external_data_path(target).name})" if data_file else ""
     console.print(f"wrote {target}{weights}", markup=False)
 

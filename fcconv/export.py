@@ -206,6 +206,57 @@ def export_onnx(
     return path
 
 
+def inline_external_data(path: str | Path) -> bool:
+    """Move the weights from ``NAME.onnx.data`` into ``path`` itself, unless the file would pass 2 GiB.
+
+    ``fcconv convert`` verifies its staged export with the weights in external data,
+    which onnxruntime maps from the file instead of parsing and copying it; the single
+    file is then written from those very bytes, and the data file removed. The
+    result is the file :func:`export_onnx` writes without external data, byte for
+    byte. Returns whether the weights were moved; nothing changes when they were not.
+    """
+    import onnx
+
+    path = Path(path)
+    data_path = external_data_path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return False
+    pieces = []
+    for tensor in external:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        if info.get("location") != data_path.name:
+            raise BadInputError(f"{path}: weight {tensor.name!r} lies in {info.get('location')!r}, not {data_path.name}")
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else data_path.stat().st_size - offset
+        pieces.append((tensor, offset, length))
+    kept = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    head = model.SerializeToString()
+    if len(head) + sum(length + 1024 for _, _, length in pieces) >= PROTOBUF_LIMIT:
+        return False
+    with staged_path(path) as tmp, open(tmp, "wb") as f, open(data_path, "rb") as data:
+        f.write(head)
+        for tensor, offset, length in pieces:
+            inline = onnx.TensorProto()
+            inline.CopyFrom(tensor)
+            del inline.external_data[:]
+            inline.ClearField("data_location")
+            f.write(_inline_fragment_head(inline.SerializeToString(), length))
+            data.seek(offset)
+            remaining = length
+            while remaining:  # in blocks: the weights pass through the page cache, not this process
+                block = data.read(min(remaining, 1 << 22))
+                if not block:
+                    raise BadInputError(f"{data_path} ends before weight {tensor.name!r} does")
+                f.write(block)
+                remaining -= len(block)
+    data_path.unlink()
+    return True
+
+
 class _WeightsAsInputs(nn.Module):
     """Calls ``module`` with its state_dict passed in as arguments, in place of its own tensors.
 
@@ -287,16 +338,21 @@ def _initializer_fragment(name: str, tensor: torch.Tensor, *, location: str | No
         name=name, dims=list(tensor.shape), data_type=getattr(onnx.TensorProto, _ONNX_DTYPES[tensor.dtype])
     )
     size = _nbytes(tensor)
-    if location is not None:
-        proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", offset), ("length", size)):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, str(value)
-        head, following = proto.SerializeToString(), 0
-    else:
-        head, following = proto.SerializeToString() + _field_header(9, size), size  # TensorProto.raw_data
-    initializer = _field_header(5, len(head) + following) + head  # GraphProto.initializer
-    return _field_header(7, len(initializer) + following) + initializer  # ModelProto.graph
+    if location is None:
+        return _inline_fragment_head(proto.SerializeToString(), size)
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", size)):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, str(value)
+    initializer = _field_header(5, proto.ByteSize()) + proto.SerializeToString()  # GraphProto.initializer
+    return _field_header(7, len(initializer)) + initializer  # ModelProto.graph
+
+
+def _inline_fragment_head(tensor_head: bytes, size: int) -> bytes:
+    """The fragment that adds one weight whose ``size`` bytes of raw_data the caller writes right after it."""
+    head = tensor_head + _field_header(9, size)  # TensorProto.raw_data
+    initializer = _field_header(5, len(head) + size) + head  # GraphProto.initializer
+    return _field_header(7, len(initializer) + size) + initializer  # ModelProto.graph
 
 
 def _field_header(field: int, length: int) -> bytes:

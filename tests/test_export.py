@@ -141,6 +141,31 @@ def test_external_data_puts_the_weights_beside_the_file_and_reads_back(tmp_path)
     assert report.passed, [(c.input_size, c.max_rel, c.message) for c in report.checks]
 
 
+def test_moving_external_data_into_the_file_gives_the_single_file_export_byte_for_byte(tmp_path):
+    model = seeded(torchvision.models.vgg11_bn, weights=None, num_classes=5)
+    conversion = fcconv.rewrite(model, (3, 64, 64))
+    single, moved = tmp_path / "single" / "m.onnx", tmp_path / "moved" / "m.onnx"
+    for path in (single, moved):
+        path.parent.mkdir()
+    fcconv.export_onnx(conversion.module, single, (3, 64, 64))
+    fcconv.export_onnx(conversion.module, moved, (3, 64, 64), external_data=True)
+    assert export.inline_external_data(moved)
+    assert not (tmp_path / "moved" / "m.onnx.data").exists()
+    assert moved.read_bytes() == single.read_bytes()
+    assert not export.inline_external_data(moved)  # nothing left to move
+
+
+def test_external_data_stays_beside_the_file_when_moving_it_would_pass_the_protobuf_limit(tmp_path, monkeypatch):
+    model = seeded(__import__("custom_models").LeNet)
+    conversion = fcconv.rewrite(model, (1, 28, 28))
+    path = tmp_path / "lenet.onnx"
+    fcconv.export_onnx(conversion.module, path, (1, 28, 28), external_data=True)
+    before = path.read_bytes(), (tmp_path / "lenet.onnx.data").read_bytes()
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", sum(p.numel() * 4 for p in model.parameters()) // 2)
+    assert not export.inline_external_data(path)
+    assert (path.read_bytes(), (tmp_path / "lenet.onnx.data").read_bytes()) == before
+
+
 def test_external_data_is_chosen_when_the_file_would_pass_the_protobuf_limit(tmp_path, monkeypatch):
     model = seeded(__import__("custom_models").LeNet)
     conversion = fcconv.rewrite(model, (1, 28, 28))
