@@ -227,7 +227,9 @@ def inline_external_data(path: str | Path) -> bool:
     for tensor in external:
         info = {entry.key: entry.value for entry in tensor.external_data}
         if info.get("location") != data_path.name:
-            raise BadInputError(f"{path}: weight {tensor.name!r} lies in {info.get('location')!r}, not {data_path.name}")
+            raise BadInputError(
+                f"{path}: weight {tensor.name!r} lies in {info.get('location')!r}, not {data_path.name}"
+            )
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else data_path.stat().st_size - offset
         pieces.append((tensor, offset, length))
