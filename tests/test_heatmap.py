@@ -180,6 +180,32 @@ def test_the_export_draws_the_same_map_as_the_checkpoint_with_its_class_names(tm
     assert not (tmp_path / "b.png").exists()
 
 
+def test_an_export_without_class_names_reads_the_model_card_beside_it(tmp_path, canvases):
+    import json
+
+    from fcconv import export_onnx, rewrite
+    from fcconv.load import load_model
+
+    loaded = load_model(DIGITS)
+    export_onnx(rewrite(loaded.module, loaded.input_shape).module, tmp_path / "digits.fcn.onnx", loaded.input_shape)
+    card = json.loads(DIGITS.with_suffix(".json").read_text())
+    card["classes"] = [f"digit {k}" for k in range(10)]
+    (tmp_path / "digits.json").write_text(json.dumps(card))
+    scores = score_map(load_dense_model(tmp_path / "digits.fcn.onnx"), canvases / "digits.png")
+    assert scores.classes == card["classes"]
+
+
+def test_an_export_that_keeps_its_global_pooling_is_refused(tmp_path, canvases):
+    from custom_models import MeanPooled
+
+    from fcconv import export_onnx, rewrite
+
+    pooled = tmp_path / "pooled.onnx"
+    export_onnx(rewrite(seeded(MeanPooled), (3, 16, 16)).module, pooled, (3, 16, 16))
+    with pytest.raises(BadInputError, match="keeps its global pooling.*--dense"):
+        load_dense_model(pooled)
+
+
 def bad_heatmap_inputs(tmp_path, canvases):
     noise = tmp_path / "noise.png"
     noise.write_bytes(os.urandom(2048))
