@@ -511,9 +511,7 @@ def heatmap(
     target = output or image.with_name(f"{image.name.split('.')[0]}.heatmap.png")
     _check_output(target, ".png", "-o", (model, image))
     if save_map is not None:
-        _check_output(save_map, ".npy", "--save-map", (model, image, target))
-        if save_map.resolve() == target.resolve():
-            raise BadInputError("--save-map and -o name the same file")
+        _check_output(save_map, ".npy", "--save-map", (model, image))
     picture = read_picture(image)  # an unreadable picture is reported before the model is loaded
     shape = parse_input_shape(input_shape) if input_shape else None
     with console.status(f"Loading {model}…"):

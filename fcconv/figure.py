@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fcconv.heatmap import Peak, ScoreMap
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["heatmap_figure", "write_png"]
 
@@ -37,7 +41,7 @@ def _overlay(probabilities: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def heatmap_figure(score_map: ScoreMap, peaks: Sequence[Peak], title: str):
+def heatmap_figure(score_map: ScoreMap, peaks: Sequence[Peak], title: str) -> Figure:
     """A matplotlib Figure with one panel per peak's class: its probability map laid over the picture (clear where
     the class is improbable), the window of its peak outlined, the area the map covers dashed, and one colour bar."""
     from matplotlib.cm import ScalarMappable
@@ -88,7 +92,7 @@ def heatmap_figure(score_map: ScoreMap, peaks: Sequence[Peak], title: str):
     return figure
 
 
-def write_png(figure, path: str | Path) -> None:
+def write_png(figure: Figure, path: str | Path) -> None:
     """Write ``figure`` to ``path`` as a PNG (whatever the suffix) of 256 colours, which keeps noisy pictures small;
     the file holds no timestamp, so the same figure gives the same bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

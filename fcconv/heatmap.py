@@ -25,12 +25,15 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fcconv.errors import BadInputError, FcconvError
+
+if TYPE_CHECKING:
+    from fcconv.verify import VerificationReport
 
 __all__ = [
     "DenseModel",
@@ -160,7 +163,7 @@ class DenseModel:
     preprocess: Preprocess
     stride: tuple[int, int] | None
     background_class: str | None = None
-    check: Any = None
+    check: VerificationReport | None = None
 
 
 def card_metadata(card: Mapping[str, Any]) -> dict[str, str]:
@@ -326,7 +329,7 @@ def _finish(
     background: Any,
     where: str,
     arch: str | None = None,
-    check: Any = None,
+    check: VerificationReport | None = None,
 ) -> DenseModel:
     """Measure the model's output (class count, stride) and resolve its class names and preprocessing."""
     if len(input_shape) != 3:
