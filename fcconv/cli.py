@@ -282,6 +282,7 @@ def convert(
         inline_external_data,
         staged_onnx,
     )
+    from fcconv.heatmap import card_metadata
     from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
 
@@ -317,7 +318,11 @@ def convert(
                 staged,
                 loaded.input_shape,
                 head_format=head_format,
-                metadata={**fcconv_metadata(source=loaded.path), "fcconv.pointwise": str(pointwise).lower()},
+                metadata={
+                    **fcconv_metadata(source=loaded.path),
+                    "fcconv.pointwise": str(pointwise).lower(),
+                    **card_metadata(loaded.card),
+                },
                 external_data=True,
             )
         references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
@@ -420,6 +425,133 @@ def inspect(
     console.print(f"  each output position reads {reads}", markup=False)
     if pool is not None:
         console.print(f"  the score map is then {pool}-pooled over its positions: the output is N×K", markup=False)
+
+
+def _check_output(path: Path, suffix: str, option: str, inputs: tuple[Path, ...]) -> None:
+    """Refuse an output path that would overwrite an input, is a folder, or lies in a folder that cannot be written."""
+    if path.suffix.lower() != suffix:
+        raise BadInputError(f"{option} {path}: the file is written as {suffix[1:].upper()}; name it NAME{suffix}")
+    if path.is_dir():
+        raise BadInputError(f"{option} {path}: is a directory")
+    if path.exists() and any(path.resolve() == given.resolve() for given in inputs if given.exists()):
+        raise BadInputError(f"{option} {path} would overwrite an input")
+    if not path.parent.is_dir():
+        raise BadInputError(f"{option} {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BadInputError(f"{option} {path}: directory {path.parent} is not writable")
+
+
+def _placement_line(score_map) -> str:
+    """Where the map's positions lie on the picture, in one or two lines."""
+    placement = score_map.placement
+    rows, columns = score_map.probabilities.shape[1:]
+    if not placement.sliding:
+        return (
+            f"map {rows}×{columns}: the model's map does not step like a sliding window,\n"
+            f"  so its positions are drawn spread evenly, {placement.stride[1]:.3g}×{placement.stride[0]:.3g} pixels each"
+        )
+    (stride_y, stride_x), (window_y, window_x) = (map(int, placement.stride), map(int, placement.window))
+    return (
+        f"map {rows}×{columns}: one position per {window_x}×{window_y} window, every {stride_x}×{stride_y} pixels;\n"
+        f"  position (i, j) reads rows {stride_y}i to {stride_y}i+{window_y - 1}, "
+        f"columns {stride_x}j to {stride_x}j+{window_x - 1}"
+    )
+
+
+@app.command()
+@_handle_errors
+def heatmap(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint (converted in memory) or an ONNX file written by fcconv convert.", readable=False
+        ),
+    ],
+    image: Annotated[
+        Path, typer.Argument(help="The picture, any size at least the model's native one.", readable=False)
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("-o", "--output", help="PNG to write. [default: IMAGE-NAME.heatmap.png beside IMAGE]"),
+    ] = None,
+    class_names: Annotated[
+        Optional[list[str]],
+        typer.Option("--class", help="Draw this class's map (repeat for several panels). [default: the --top classes]"),
+    ] = None,
+    top: Annotated[
+        Optional[int],
+        typer.Option(
+            "--top", help="Draw the K classes most probable anywhere in the picture, one panel each. [default: 3]"
+        ),
+    ] = None,
+    save_map: Annotated[
+        Optional[Path],
+        typer.Option("--save-map", help="Also write every class's probability map, K×h×w float32, as .npy."),
+    ] = None,
+    arch: ArchOption = None,
+    input_shape: InputShapeOption = None,
+    trust: TrustOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Draw where MODEL sees each class in IMAGE: its class probabilities at every window, laid over the picture.
+
+    A checkpoint is converted in memory (densely: a global pooling before the head
+    is dropped) and checked against the original at its native size; an ONNX file
+    runs in onnxruntime as it is. The PNG shows one panel per class, the best
+    window of each outlined, and a colour bar of the probabilities.
+    """
+    import numpy as np
+
+    from fcconv.export import staged_path
+    from fcconv.figure import heatmap_figure, write_png
+    from fcconv.heatmap import load_dense_model, read_picture, score_map
+    from fcconv.load import parse_input_shape
+    from fcconv.render import peaks_table, verification_table
+
+    if class_names and top is not None:
+        raise BadInputError("--class and --top choose the panels two ways; give one of them")
+    if top is not None and top < 1:
+        raise BadInputError(f"--top {top}: give at least 1")
+    target = output or image.with_name(f"{image.name.split('.')[0]}.heatmap.png")
+    _check_output(target, ".png", "-o", (model, image))
+    if save_map is not None:
+        _check_output(save_map, ".npy", "--save-map", (model, image))
+    picture = read_picture(image)  # an unreadable picture is reported before the model is loaded
+    shape = parse_input_shape(input_shape) if input_shape else None
+    with console.status(f"Loading {model}…"):
+        dense = load_dense_model(model, arch, shape, trust=trust)
+    line = dense.description
+    if dense.check is not None:
+        check = dense.check.checks[0]
+        line += f"; checked at the native {'×'.join(map(str, check.input_size))}: max rel {check.max_rel:.1e}"
+        if not dense.check.passed:
+            console.print(verification_table(dense.check))
+            error_console.print(
+                f"fcconv: the in-memory conversion of {model} does not match it; nothing written", markup=False
+            )
+            raise typer.Exit(EXIT_MISMATCH)
+    console.print(line, markup=False)
+    with console.status(f"Running on {image.name}…"):
+        scores = score_map(dense, picture)
+    if class_names:
+        peaks = [scores.peak(scores.class_index(name)) for name in class_names]
+    else:
+        count = 3 if top is None else top
+        ranked = [name for name in scores.classes if name != scores.background_class]
+        if count > len(ranked):
+            raise BadInputError(f"--top {count}: the model has {len(ranked)} classes to rank")
+        peaks = scores.top(count)
+    height, width = scores.picture.shape[:2]
+    console.print(f"{image.name}: {width}×{height} pixels, {_placement_line(scores)}", markup=False)
+    console.print(peaks_table(scores, peaks))
+    title = f"{image.name} ({width}×{height}) through {model.name}: class probabilities, {scores.probability_source}"
+    figure = heatmap_figure(scores, peaks, title)
+    with staged_path(target) as staged_png:
+        write_png(figure, staged_png)
+        if save_map is not None:
+            with staged_path(save_map) as staged_npy, open(staged_npy, "wb") as f:
+                np.save(f, np.ascontiguousarray(scores.probabilities, dtype=np.float32))
+    console.print(f"wrote {target}" + (f" and {save_map}" if save_map is not None else ""), markup=False)
 
 
 def version_callback(value: bool) -> None:

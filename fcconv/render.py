@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from fcconv.heatmap import Peak, ScoreMap
 from fcconv.rewrite import Conversion
 from fcconv.verify import VerificationReport
 
@@ -86,5 +87,25 @@ def verification_table(report: VerificationReport) -> Table:
             _sci(check.mean_rel),
             str(check.worst) if check.worst else "-",
             verdict,
+        )
+    return table
+
+
+def peaks_table(score_map: ScoreMap, peaks: list[Peak]) -> Table:
+    """Each drawn class: where it is most probable (map position, window, window centre) and how probable."""
+    table = Table(title="Classes drawn", title_justify="left")
+    table.add_column("class")
+    table.add_column("peak", justify="right")
+    table.add_column("at position")
+    table.add_column("window (x, y)")
+    table.add_column("centre (x, y)")
+    for peak in peaks:
+        top, left, bottom, right = score_map.placement.window_at(*peak.position)
+        table.add_row(
+            peak.name,
+            f"{peak.probability:.3f}",
+            f"({peak.position[0]}, {peak.position[1]})",
+            f"{left:g}–{right - 1:g}, {top:g}–{bottom - 1:g}",
+            f"{peak.centre[1]:g}, {peak.centre[0]:g}",
         )
     return table

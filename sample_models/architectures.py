@@ -1,5 +1,6 @@
 """Architectures of the sample classifiers shipped in this folder."""
 
+import torch
 from torch import nn
 
 
@@ -20,3 +21,29 @@ class DigitsLeNet(nn.Module):
         x = self.pool(self.relu(self.conv2(x)))
         x = x.view(x.size(0), -1)
         return self.fc2(self.relu(self.fc1(x)))
+
+
+def _conv_block(channels_in: int, channels_out: int, convolutions: int) -> list[nn.Module]:
+    """VGG's block: 3×3 convolutions that keep the size, each followed by ReLU, then a 2×2 max pooling."""
+    layers: list[nn.Module] = []
+    for index in range(convolutions):
+        layers += [nn.Conv2d(channels_in if index == 0 else channels_out, channels_out, 3, padding=1), nn.ReLU()]
+    return [*layers, nn.MaxPool2d(2)]
+
+
+class ShapesVGG(nn.Module):
+    """A small VGG-style classifier for 3×32×32 images: three blocks of 3×3 convolutions and a 2×2 max pooling
+    (1, 2 and 1 convolutions; 32→16→8→4 pixels), then a two-layer FC head.
+
+    The head reads the 64×4×4 map through a flatten: Linear(1024 → 128) → ReLU → Dropout → Linear(128 → classes).
+    """
+
+    def __init__(self, num_classes: int = 7) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*_conv_block(3, 16, 1), *_conv_block(16, 32, 2), *_conv_block(32, 64, 1))
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, num_classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))

@@ -3,7 +3,8 @@
 The data is generated here, nothing is downloaded: each 28×28 image is one digit
 drawn with Pillow's built-in font at a random size, stroke width, position and
 rotation, with noise. Writes digits_lenet.pt (a state_dict) and digits_lenet.json
-(its model card: architecture, input shape, class names, held-out accuracy).
+(its model card: architecture, input shape, class names, preprocessing: grayscale
+pixels / 255 with no normalization, held-out accuracy).
 
     python sample_models/train_digits.py
 """
@@ -27,8 +28,14 @@ SEED = 0
 CLASSES = [str(d) for d in range(10)]
 
 
-def render_digit(digit: int, rng: np.random.Generator, size: int = 28) -> np.ndarray:
-    """One white-on-black digit in a size×size float image in [0, 1]."""
+def render_digit(
+    digit: int, rng: np.random.Generator, size: int = 28, *, shift: int = 3, noise: float = 0.1
+) -> np.ndarray:
+    """One white-on-black digit in a size×size float image in [0, 1].
+
+    It is moved by up to ``shift`` pixels along each axis and has Gaussian noise of
+    standard deviation ``noise`` added (none when 0, for pictures that add their own).
+    """
     canvas = Image.new("L", (size * 2, size * 2), 0)
     font = ImageFont.load_default(size=float(rng.uniform(26, 38)))
     draw = ImageDraw.Draw(canvas)
@@ -42,10 +49,11 @@ def render_digit(digit: int, rng: np.random.Generator, size: int = 28) -> np.nda
         stroke_fill=255,
     )
     canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
-    dx, dy = rng.integers(-3, 4, size=2)
+    dx, dy = rng.integers(-shift, shift + 1, size=2)
     left, top = size // 2 + dx, size // 2 + dy
     image = np.asarray(canvas.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    image = image + rng.normal(0, 0.1, image.shape).astype(np.float32)
+    if noise:
+        image = image + rng.normal(0, noise, image.shape).astype(np.float32)
     return np.clip(image, 0, 1)
 
 
@@ -55,11 +63,15 @@ def make_split(count: int, rng: np.random.Generator) -> tuple[torch.Tensor, torc
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
 
 
+def splits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The training split (12,000 digits) and the held-out split (2,000), drawn in turn from one seeded generator."""
+    rng = np.random.default_rng(SEED)
+    return make_split(12000, rng), make_split(2000, rng)
+
+
 def main() -> None:
     torch.manual_seed(SEED)
-    rng = np.random.default_rng(SEED)
-    x_train, y_train = make_split(12000, rng)
-    x_test, y_test = make_split(2000, rng)
+    (x_train, y_train), (x_test, y_test) = splits()
     model = DigitsLeNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -82,6 +94,7 @@ def main() -> None:
         "arch": "architectures:DigitsLeNet",
         "input_shape": [1, 28, 28],
         "classes": CLASSES,
+        "preprocess": {"mode": "L", "mean": [0.0], "std": [1.0]},
         "held_out_accuracy": round(accuracy, 4),
         "held_out_samples": len(x_test),
         "trained_by": "sample_models/train_digits.py",
