@@ -72,7 +72,7 @@ def verification_document(
                 tolerance=c.tolerance if ran else None,
                 worst_at=c.worst or None,
                 verdict="pass" if c.passed else "fail",
-                message=c.message,
+                message=c.message or _error_message(c.max_abs, c.tolerance, c.passed),
             )
         )
     entry = {
@@ -84,6 +84,11 @@ def verification_document(
     }
     tolerances = {"rtol": report.rtol, "atol": report.atol, "dtype": report.dtype}
     return _document("verify", [entry], tolerances)
+
+
+def _error_message(max_abs: float, tolerance: float, passed: bool) -> str:
+    relation = "within" if passed else "above"
+    return f"max abs error {max_abs:.1e} {relation} the tolerance {tolerance:.1e}"
 
 
 def _document(command: str, models: list[dict[str, Any]], tolerances: dict[str, Any] | None) -> dict[str, Any]:
