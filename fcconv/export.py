@@ -193,6 +193,8 @@ def export_onnx(
         "fcconv.head_format": head_format,
         **(metadata or {}),
     }
+    for key in (WEIGHTS_DIGEST_KEY, EACH_DIGEST_KEY):  # written once, from the weights themselves, at the end
+        props.pop(key, None)
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)

@@ -182,6 +182,16 @@ def test_a_pooled_output_records_global_geometry_and_its_class_count(tmp_path):
     assert meta["fcconv.num_classes"] == "6"
 
 
+def test_the_weights_digest_is_written_once_from_the_weights_even_when_metadata_names_it(tmp_path):
+    from custom_models import LeNet
+
+    conversion = fcconv.rewrite(seeded(LeNet), (1, 28, 28))
+    stale = {"fcconv.weights_sha256": "0" * 64, "fcconv.initializer_sha256": "{}"}
+    path = fcconv.export_onnx(conversion.module, tmp_path / "lenet.onnx", (1, 28, 28), metadata=stale)
+    onnx.checker.check_model(str(path), full_check=True)  # refuses duplicate metadata keys
+    assert metadata(path)["fcconv.weights_sha256"] == documented_weights_digest(onnx.load(str(path)).graph.initializer)
+
+
 def test_the_probe_says_unknown_rather_than_guessing():
     fixed_map = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(3))
     assert probe_output_grid(fixed_map, (1, 16, 16)) is None
