@@ -79,6 +79,13 @@ RtolOption = Annotated[
     typer.Option("--rtol", help="Allowed error relative to the output's largest magnitude. [default: 1e-4 in float32]"),
 ]
 AtolOption = Annotated[float, typer.Option("--atol", help="Allowed absolute error, added to rtol × magnitude.")]
+JsonOption = Annotated[
+    Optional[Path],
+    typer.Option("--json", help="Also write the report as JSON (schema fcconv.report/1), on a pass or a fail."),
+]
+JunitOption = Annotated[
+    Optional[Path], typer.Option("--junit", help="Also write the report as JUnit XML, on a pass or a fail.")
+]
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -212,6 +219,23 @@ def _compare_and_show(exported, references):
         )
     console.print(verification_table(report))
     return report
+
+
+def _check_report_paths(inputs: list[Path], *reports: Path | None) -> None:
+    """Refuse report files that could not be written, or would overwrite an input, before any work is done."""
+    given = [r for r in reports if r is not None]
+    if len({r.resolve() for r in given}) < len(given):
+        raise BadInputError("--json and --junit name the same file")
+    for report in given:
+        option = "--json" if report is reports[0] else "--junit"
+        if report.is_dir():
+            raise BadInputError(f"{option} {report}: is a directory")
+        if not report.parent.is_dir():
+            raise BadInputError(f"{option} {report}: directory {report.parent} does not exist")
+        if not os.access(report.parent, os.W_OK):
+            raise BadInputError(f"{option} {report}: directory {report.parent} is not writable")
+        if any(report.resolve() == path.resolve() for path in inputs):
+            raise BadInputError(f"{option} {report} would overwrite an input")
 
 
 def _release_memory() -> None:
@@ -365,12 +389,19 @@ def verify(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     trust: TrustOption = False,
+    json_report: JsonOption = None,
+    junit_report: JunitOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Re-check an exported model against the original: exit 0 when equivalent, 1 when not."""
+    """Re-check an exported model against the original: exit 0 when equivalent, 1 when not.
+
+    --json and --junit reports are written on a pass and on a fail, never on bad input (exit 2).
+    """
     from fcconv.export import OnnxModel
+    from fcconv.report import verification_document, write_report
 
     check_sizes = _parse_sizes(sizes)
+    _check_report_paths([onnx_model, reference], json_report, junit_report)
     exported = OnnxModel(onnx_model)
     meta = exported.metadata
     if input_shape is None and "fcconv.input_shape" in meta:
@@ -382,10 +413,67 @@ def verify(
     pool = None if pool == "none" else _check_pool(pool)
     loaded = _load(reference, arch, input_shape, trust, dtype)
     report = _compare_and_show(exported, _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool))
+    document = verification_document(report, onnx_model, reference, loaded.input_shape)
+    write_report(document, json_report, junit_report)
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)
     console.print(f"{onnx_model} matches {reference}", markup=False)
+
+
+@app.command()
+@_handle_errors
+def check(
+    onnx_models: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="MODEL.onnx...", help="ONNX models to check (fcconv's exports or others).", readable=False
+        ),
+    ],
+    input_shape: Annotated[
+        Optional[str],
+        typer.Option(
+            "--input-shape", help="Native input size C,H,W. [default: the model's fcconv.input_shape metadata]"
+        ),
+    ] = None,
+    sizes: SizesOption = None,
+    json_report: JsonOption = None,
+    junit_report: JunitOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Check exported ONNX models without the original: exit 0 when every check passes, 1 when one fails.
+
+    Each model must pass onnx.checker with full shape inference, have free spatial
+    axes, fold no spatial axis into features, still hold the weights it was exported
+    with, and run in onnxruntime at every size with the output size its total stride
+    and receptive field predict. Checks that need fcconv's metadata are skipped on
+    other models.
+    """
+    from fcconv.check import check_onnx
+    from fcconv.load import parse_input_shape
+    from fcconv.render import check_table
+    from fcconv.report import check_document, write_report
+
+    shape = parse_input_shape(input_shape) if input_shape else None
+    check_sizes = _parse_sizes(sizes)
+    _check_report_paths(list(onnx_models), json_report, junit_report)
+    reports = []
+    for path in onnx_models:
+        with console.status(f"Checking {path}…") as status:
+            report = check_onnx(path, shape, sizes=check_sizes, on_step=lambda text, s=status: s.update(text))
+        console.print(check_table(report))
+        reports.append(report)
+    write_report(check_document(reports), json_report, junit_report)
+    failed = [report for report in reports if not report.passed]
+    for report in failed:
+        names = sorted({r.check for r in report.failures}, key=[r.check for r in report.results].index)
+        error_console.print(f"fcconv: {report.model} failed: {', '.join(names)}", markup=False)
+    if failed:
+        raise typer.Exit(EXIT_MISMATCH)
+    for report in reports:
+        skipped = sum(r.verdict == "skip" for r in report.results)
+        note = f" ({skipped} checks skipped)" if skipped else ""
+        console.print(f"{report.model} passed{note}", markup=False)
 
 
 @app.command()

@@ -21,7 +21,9 @@ import torch
 from torch import fx, nn
 
 from fcconv.errors import BadInputError
+from fcconv.grid import OutputGrid, probe_output_grid
 from fcconv.layers import FullyConnectedConvMixin, PointwiseConv2d, WindowGemm, as_plain_conv
+from fcconv.weights_digest import WeightsDigest
 
 if TYPE_CHECKING:
     from fcconv.rewrite import HeadGeometry
@@ -41,6 +43,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "scores"
 OPSET = 18
 HEAD_FORMATS = ("conv", "gemm")
+WEIGHTS_DIGEST_KEY = "fcconv.weights_sha256"
+EACH_DIGEST_KEY = "fcconv.initializer_sha256"
 
 
 def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
@@ -120,12 +124,15 @@ def export_onnx(
     ``input`` and the output ``scores``; the axes are ``batch``, then ``height`` and
     ``width`` (``length`` in 1D, ``depth, height, width`` in 3D). ``metadata`` is
     added to the model's metadata_props, after what fcconv records itself (its
-    version and, for a module made by :func:`fcconv.convert`, the native input
-    shape, the conversion mode and the head's window and stride).
+    version, the class count and, for a module made by :func:`fcconv.convert`, the
+    native input shape, the conversion mode, the head's window and stride, and the
+    output map's total stride and receptive field in input pixels, probed on shapes
+    alone).
 
     The graph is traced without its weights, and each weight is then streamed to the
     file from the module's own storage, so the export holds no second copy of the
-    model in memory. ``external_data`` writes the weights to ``NAME.onnx.data``
+    model in memory. The weights are hashed as they are written, and their digest
+    (:mod:`fcconv.weights_digest`) is appended to the metadata at the end of the file. ``external_data`` writes the weights to ``NAME.onnx.data``
     beside the file (ONNX external data); by default that happens only when the file
     would pass protobuf's 2 GiB limit. Files are written under temporary names and
     renamed into place, so a failed export leaves nothing behind.
@@ -145,6 +152,7 @@ def export_onnx(
         raise BadInputError(f"head format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
     module = as_export_module(converted, head_format).eval()
     geometry = getattr(converted, "fcconv_geometry", None)
+    grid = probe_output_grid(module, input_shape) if geometry is not None and geometry.mode == "map" else None
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
     sample = torch.zeros((1, *input_shape), dtype=dtype)
@@ -180,7 +188,13 @@ def export_onnx(
         if graph_input.name in used:
             weights[graph_input.name] = state[graph_input.name]
         model.graph.input.remove(graph_input)
-    props = {**fcconv_metadata(geometry), "fcconv.head_format": head_format, **(metadata or {})}
+    props = {
+        **fcconv_metadata(geometry, grid=grid, num_classes=_output_channels(model)),
+        "fcconv.head_format": head_format,
+        **(metadata or {}),
+    }
+    for key in (WEIGHTS_DIGEST_KEY, EACH_DIGEST_KEY):  # written once, from the weights themselves, at the end
+        props.pop(key, None)
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
@@ -188,6 +202,7 @@ def export_onnx(
     if external_data is None:
         external_data = len(graph_bytes) + sum(_nbytes(t) + 1024 for t in weights.values()) >= PROTOBUF_LIMIT
 
+    digest = WeightsDigest()
     with staged_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(graph_bytes)
@@ -197,12 +212,14 @@ def export_onnx(
                     for name, tensor in weights.items():
                         data.write(b"\0" * (-data.tell() % EXTERNAL_DATA_ALIGNMENT))
                         offset = data.tell()
-                        data.write(_tensor_bytes(tensor))
+                        data.write(_digested_bytes(digest, name, tensor))
                         f.write(_initializer_fragment(name, tensor, location=location.name, offset=offset))
             else:
                 for name, tensor in weights.items():
                     f.write(_initializer_fragment(name, tensor))
-                    f.write(_tensor_bytes(tensor))
+                    f.write(_digested_bytes(digest, name, tensor))
+            # Metadata entries merge into the model like the weights do; the digest is known only now.
+            f.write(_metadata_fragment({WEIGHTS_DIGEST_KEY: digest.hexdigest(), EACH_DIGEST_KEY: digest.each_json()}))
     return path
 
 
@@ -236,6 +253,11 @@ def inline_external_data(path: str | Path) -> bool:
     kept = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
+    # The weights' digests follow the weights, as export_onnx writes them.
+    trailing = {e.key: e.value for e in model.metadata_props if e.key in (WEIGHTS_DIGEST_KEY, EACH_DIGEST_KEY)}
+    leading = [e for e in model.metadata_props if e.key not in trailing]
+    del model.metadata_props[:]
+    model.metadata_props.extend(leading)
     head = model.SerializeToString()
     if len(head) + sum(length + 1024 for _, _, length in pieces) >= PROTOBUF_LIMIT:
         return False
@@ -255,8 +277,23 @@ def inline_external_data(path: str | Path) -> bool:
                     raise BadInputError(f"{data_path} ends before weight {tensor.name!r} does")
                 f.write(block)
                 remaining -= len(block)
+        if trailing:
+            f.write(_metadata_fragment(trailing))
     data_path.unlink()
     return True
+
+
+def _digested_bytes(digest: WeightsDigest, name: str, tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, as written to the file, after adding them to ``digest``."""
+    data = _tensor_bytes(tensor)
+    digest.add(name, _onnx_data_type(name, tensor), list(tensor.shape), [data])
+    return data
+
+
+def _output_channels(model) -> int | None:
+    """The class count: axis 1 of the traced graph's output, when the exporter could state it."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
 
 
 class _WeightsAsInputs(nn.Module):
@@ -334,11 +371,7 @@ def _initializer_fragment(name: str, tensor: torch.Tensor, *, location: str | No
     """
     import onnx
 
-    if tensor.dtype not in _ONNX_DTYPES:
-        raise BadInputError(f"weight {name!r} has dtype {tensor.dtype}, which fcconv cannot write to ONNX")
-    proto = onnx.TensorProto(
-        name=name, dims=list(tensor.shape), data_type=getattr(onnx.TensorProto, _ONNX_DTYPES[tensor.dtype])
-    )
+    proto = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=_onnx_data_type(name, tensor))
     size = _nbytes(tensor)
     if location is None:
         return _inline_fragment_head(proto.SerializeToString(), size)
@@ -355,6 +388,25 @@ def _inline_fragment_head(tensor_head: bytes, size: int) -> bytes:
     head = tensor_head + _field_header(9, size)  # TensorProto.raw_data
     initializer = _field_header(5, len(head) + size) + head  # GraphProto.initializer
     return _field_header(7, len(initializer) + size) + initializer  # ModelProto.graph
+
+
+def _onnx_data_type(name: str, tensor: torch.Tensor) -> int:
+    import onnx
+
+    if tensor.dtype not in _ONNX_DTYPES:
+        raise BadInputError(f"weight {name!r} has dtype {tensor.dtype}, which fcconv cannot write to ONNX")
+    return getattr(onnx.TensorProto, _ONNX_DTYPES[tensor.dtype])
+
+
+def _metadata_fragment(entries: Mapping[str, str]) -> bytes:
+    """A serialized ``ModelProto {metadata_props {...}}`` that, appended to a model file, adds these entries."""
+    import onnx
+
+    fragment = onnx.ModelProto()
+    for key, value in entries.items():
+        entry = fragment.metadata_props.add()
+        entry.key, entry.value = key, value
+    return fragment.SerializeToString()
 
 
 def _field_header(field: int, length: int) -> bytes:
@@ -378,7 +430,7 @@ class OnnxModel:
         if not path.is_file():
             raise BadInputError(f"{path}: no such file")
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failed run is reported by its caller, not logged
         levels = {
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -398,21 +450,39 @@ class OnnxModel:
         return torch.from_numpy(outputs[0])
 
 
-def fcconv_metadata(geometry: HeadGeometry | None = None, source: str | Path | None = None) -> dict[str, str]:
-    """What a later ``fcconv verify`` needs to know about an export, as ONNX metadata_props."""
+def fcconv_metadata(
+    geometry: HeadGeometry | None = None,
+    source: str | Path | None = None,
+    *,
+    grid: OutputGrid | None = None,
+    num_classes: int | None = None,
+) -> dict[str, str]:
+    """What a later ``fcconv verify`` or ``fcconv check`` needs to know about an export, as ONNX metadata_props.
+
+    ``grid`` is the output map's geometry in input pixels (:func:`~fcconv.grid.probe_output_grid`);
+    for a map without one the total stride and receptive field are ``unknown``, for a
+    pooled output ``global``. The weights' digest is not here: :func:`export_onnx`
+    appends it once the weights are written.
+    """
     import hashlib
 
     from fcconv import __version__
 
     meta = {"fcconv.version": __version__}
     if geometry is not None:
+        pooled = geometry.mode == "pooled"
         meta.update({
             "fcconv.input_shape": ",".join(map(str, geometry.input_shape)),
             "fcconv.dense": "true" if geometry.dense else "false",
             "fcconv.pool": geometry.pool or "none",
+            "fcconv.mode": geometry.mode,
             "fcconv.window": "global" if geometry.window is None else ",".join(map(str, geometry.window)),
             "fcconv.stride": ",".join(map(str, geometry.stride)),
+            "fcconv.total_stride": "global" if pooled else _axes(grid and grid.total_stride),
+            "fcconv.receptive_field": "global" if pooled else _axes(grid and grid.receptive_field),
         })  # fmt: skip
+    if num_classes is not None:
+        meta["fcconv.num_classes"] = str(num_classes)
     if source is not None:
         digest = hashlib.sha256()
         with open(source, "rb") as f:
@@ -420,3 +490,7 @@ def fcconv_metadata(geometry: HeadGeometry | None = None, source: str | Path | N
                 digest.update(block)
         meta["fcconv.source_sha256"] = digest.hexdigest()
     return meta
+
+
+def _axes(values: tuple[int, ...] | None) -> str:
+    return "unknown" if not values else ",".join(map(str, values))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
+from fcconv.check import CheckReport
 from fcconv.heatmap import Peak, ScoreMap
 from fcconv.rewrite import Conversion
 from fcconv.verify import VerificationReport
@@ -107,5 +109,24 @@ def peaks_table(score_map: ScoreMap, peaks: list[Peak]) -> Table:
             f"({peak.position[0]}, {peak.position[1]})",
             f"{left:g}–{right - 1:g}, {top:g}–{bottom - 1:g}",
             f"{peak.centre[1]:g}, {peak.centre[0]:g}",
+        )
+    return table
+
+
+def check_table(report: CheckReport) -> Table:
+    """One row per check of ``fcconv check`` (per input size for the runs): shapes, verdict and why."""
+    table = Table(title=f"Check of {report.model} (native input {_dims(report.input_shape)})", title_justify="left")
+    for column in ("check", "input", "expected", "output", "result", "details"):
+        table.add_column(column)
+    verdicts = {"pass": "[green]ok[/green]", "fail": "[red]FAIL[/red]", "skip": "[yellow]skipped[/yellow]"}
+    for result in report.results:
+        expected = result.expected_shape
+        table.add_row(
+            result.check,
+            _dims(result.input_size) if result.input_size else "",
+            "×".join("?" if d is None else str(d) for d in expected) if expected else "",
+            _dims(result.actual_shape) if result.actual_shape else "",
+            verdicts[result.verdict],
+            escape(result.message),
         )
     return table

@@ -75,6 +75,11 @@ class HeadGeometry:
     pool: str | None = None
     """'avg' or 'max' when a global pooling was appended to the score map (output (N, K))."""
 
+    @property
+    def mode(self) -> str:
+        """``map`` when the output is the per-position score map, ``pooled`` when it is pooled over all positions."""
+        return "pooled" if self.window is None or self.pool is not None else "map"
+
 
 @dataclass
 class Conversion:

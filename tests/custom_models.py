@@ -180,3 +180,41 @@ def small_swin_v2():
         [4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [8, 8], num_classes=10,
         block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
     )  # fmt: skip
+
+
+class TinyVGG(nn.Module):
+    """VGG's layout with a few channels: five stages of padded 3×3 convolutions and 2×2 max pooling, then
+    ``AdaptiveAvgPool2d(7)``, a flatten and two Linear layers (at 224×224 the first reads the whole 7×7 map)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for width in (4, 8, 8, 8, 8):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Sequential(nn.Linear(8 * 7 * 7, 16), nn.ReLU(inplace=True), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class TinyResNet(nn.Module):
+    """ResNet's strides with a few channels: a 7×7 stride-2 stem, a 3×3 stride-2 max pooling, three stride-2
+    residual stages (3×3 convolutions, 1×1 shortcuts), global average pooling and a Linear."""
+
+    def __init__(self, num_classes: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1))
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, stride=2, padding=1) for _ in range(3))
+        self.shortcuts = nn.ModuleList(nn.Conv2d(8, 8, 1, stride=2) for _ in range(3))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv, shortcut in zip(self.convs, self.shortcuts):
+            x = torch.relu(conv(x) + shortcut(x))
+        return self.fc(torch.flatten(self.pool(x), 1))

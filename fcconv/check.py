@@ -1,0 +1,555 @@
+"""Check an exported ONNX model on its own, without the original: the gate a CI pipeline puts after an export.
+
+:func:`check_onnx` runs these checks and returns them as plain data (:class:`CheckReport`):
+
+* ``onnx checker``: ``onnx.checker`` with full, strict shape inference;
+* ``free spatial axes``: the input's spatial axes have no fixed size;
+* ``no collapse``: no node folds the spatial axes into an axis it then contracts
+  with weights (a Flatten or Reshape before a Gemm, MatMul or Conv), decided from
+  the shapes ONNX shape inference gives at the native size and at a larger one, not
+  from the op types alone (fcconv's ``gemm`` head format reshapes windows into rows
+  of a MatMul and is still fully convolutional);
+* ``weights digest``: the initializers still hash to the ``fcconv.weights_sha256``
+  recorded at export, naming the first one that changed;
+* per input size, ``runs``: onnxruntime runs the model and every output is finite;
+  and ``output size``: the output has the shape that the metadata's class count,
+  total stride and receptive field predict.
+
+A check that needs fcconv's metadata is reported as skipped on a model without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcconv.errors import BadInputError
+from fcconv.export import EACH_DIGEST_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
+from fcconv.grid import OutputGrid
+from fcconv.weights_digest import EACH_DIGITS, WeightsDigest
+
+__all__ = ["CHECKS", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+CHECKS = ("onnx checker", "free spatial axes", "no collapse", "weights digest", "runs", "output size")
+# Initializers up to this many elements keep their values for shape inference (shape and slice constants);
+# larger ones, the weights, enter it as typed inputs without their data.
+_SMALL_INITIALIZER = 64
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check of an ONNX file: for the whole file, or (``runs``, ``output size``) at one input size.
+
+    ``verdict`` is ``pass``, ``fail`` or ``skip``; ``message`` says why. Shapes hold
+    None where a dimension is not predicted.
+    """
+
+    check: str
+    verdict: str
+    message: str = ""
+    input_size: tuple[int, ...] | None = None
+    expected_shape: tuple[int | None, ...] | None = None
+    actual_shape: tuple[int, ...] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == PASS
+
+
+@dataclass
+class CheckReport:
+    """Every :class:`CheckResult` for one ONNX file, with the native input shape they used."""
+
+    model: str
+    input_shape: tuple[int, ...]
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """No check failed and at least one passed (skipped ones neither pass nor fail the model)."""
+        return all(r.verdict != FAIL for r in self.results) and any(r.verdict == PASS for r in self.results)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if r.verdict == FAIL]
+
+
+def check_onnx(
+    path: str | Path,
+    input_shape: Sequence[int] | None = None,
+    *,
+    sizes: Sequence[Sequence[int]] | None = None,
+    batch: int = 2,
+    seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
+) -> CheckReport:
+    """Check the ONNX model at ``path`` without a reference; returns a :class:`CheckReport`, never raises on a failure.
+
+    ``input_shape`` is the native (C, H, W) (default: the model's ``fcconv.input_shape``
+    metadata); ``sizes`` are the spatial sizes to run at (default: those ``fcconv
+    verify`` uses, :func:`fcconv.verify.default_sizes`). Raises
+    :class:`~fcconv.errors.BadInputError` when the file is not an ONNX model, its
+    external weights are missing, or no native size is known.
+    """
+    import onnx
+
+    from fcconv.verify import default_sizes
+
+    path = Path(path)
+    step = on_step or (lambda _: None)
+    step("Reading the model…")
+    model = _read_model(path)
+    meta = {entry.key: entry.value for entry in model.metadata_props}
+    input_name, input_dims = _data_input(model, path)
+    input_shape = _native_shape(path, input_shape, meta, input_dims)
+    sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
+    report = CheckReport(str(path), input_shape)
+
+    step("Checking the graph's shapes at two sizes…")
+    report.results.append(_free_axes(input_name, input_dims, len(input_shape) - 1))
+    report.results.append(_no_collapse(model, input_name, input_shape))
+    step("Hashing the weights…")
+    report.results.append(_weights_digest(model, path, meta))
+    expectation = _Expectation.from_metadata(meta)
+    del model  # the weights of an inline model: free them before the checker and onnxruntime read the file
+
+    step("Running onnx.checker with full shape inference…")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        report.results.insert(0, CheckResult("onnx checker", PASS, "valid, with strict shape inference"))
+    except Exception as exc:  # noqa: BLE001 - any checker or inference error fails this check, with its text
+        report.results.insert(0, CheckResult("onnx checker", FAIL, _first_line(exc)))
+
+    report.results.extend(_runs(path, input_shape, sizes, batch, seed, expectation, step))
+    return report
+
+
+# --- reading the file -----------------------------------------------------------------------------
+
+
+def _read_model(path: Path) -> Any:
+    import onnx
+
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"{path}: empty file")
+    try:
+        # Parsed from a memory map, not from a bytes copy of the file as onnx.load reads it: while the
+        # weights of an inline model are parsed, the file's pages stay reclaimable page cache.
+        model = onnx.ModelProto()
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            model.ParseFromString(memoryview(mapped))
+    except Exception as exc:  # noqa: BLE001 - whatever the parser says, the file is not ONNX
+        raise BadInputError(f"{path} is not an ONNX model ({_first_line(exc)[:200]})") from None
+    if not model.graph.node or not model.graph.output:
+        raise BadInputError(f"{path} is not an ONNX model (no graph with nodes and outputs)")
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            data = path.parent / _external_info(tensor)["location"]
+            if not data.is_file():
+                raise BadInputError(f"{path}: its weights file {data.name} is missing beside it")
+    return model
+
+
+def _data_input(model: Any, path: Path) -> tuple[str, list[int | str | None]]:
+    """The name and dimensions of the graph's one input that is not an initializer.
+
+    Plain values, not the protobuf message, which would keep the whole model (its weights too) alive.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    if len(inputs) != 1:
+        raise BadInputError(f"{path} takes {len(inputs)} inputs; fcconv check checks models with one input")
+    return str(inputs[0].name), _dims(inputs[0])
+
+
+def _dims(value_info: Any) -> list[int | str | None]:
+    """Each dimension of a value: its fixed size, its symbolic name, or None."""
+    dims = []
+    for dim in value_info.type.tensor_type.shape.dim:
+        dims.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None))
+    return dims
+
+
+def _native_shape(
+    path: Path, given: Sequence[int] | None, meta: dict[str, str], dims: list[int | str | None]
+) -> tuple[int, ...]:
+    from fcconv.load import parse_input_shape
+
+    if given is not None:
+        shape = parse_input_shape(list(given))
+    elif "fcconv.input_shape" in meta:
+        shape = parse_input_shape(meta["fcconv.input_shape"])
+    else:
+        raise BadInputError(f"{path} does not record its native input size (no fcconv metadata); give --input-shape")
+    if dims and len(dims) != len(shape) + 1:
+        raise BadInputError(
+            f"{path} takes a rank-{len(dims)} input; input shape {','.join(map(str, shape))} is rank {len(shape) + 1}"
+        )
+    if len(dims) > 1 and isinstance(dims[1], int) and dims[1] and dims[1] != shape[0]:
+        raise BadInputError(f"{path} takes {dims[1]} input channels, not {shape[0]}")
+    return shape
+
+
+def _check_sizes(sizes: Sequence[Sequence[int]], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    native = input_shape[1:]
+    out = [tuple(int(s) for s in size) for size in sizes]
+    for size in out:
+        if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
+            shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
+            raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.splitlines()[0].split())[:300]
+
+
+# --- structure --------------------------------------------------------------------------------------
+
+
+def _free_axes(name: str, dims: list[int | str | None], rank: int) -> CheckResult:
+    axis_names = SPATIAL_AXIS_NAMES.get(rank, tuple(f"axis {2 + i}" for i in range(rank)))
+    spatial = dims[2:]
+    fixed = [f"{axis} to {dim}" for axis, dim in zip(axis_names, spatial) if isinstance(dim, int) and dim > 0]
+    if fixed:
+        return CheckResult(
+            "free spatial axes",
+            FAIL,
+            f"input {name!r} fixes {' and '.join(fixed)}, so the model cannot take larger inputs",
+        )
+    if not spatial:
+        return CheckResult("free spatial axes", PASS, f"input {name!r} declares no sizes")
+    shown = ", ".join(str(d) if d is not None else "?" for d in spatial)
+    return CheckResult("free spatial axes", PASS, f"input {name!r} spatial axes: {shown}")
+
+
+def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...]) -> CheckResult:
+    """Shape inference at the native size and at a larger one: no contraction may read an axis that grows with it."""
+    light = _shapes_only(model)
+    native = input_shape[1:]
+    larger = tuple(2 * n + 1 for n in native)
+    small = _inferred_shapes(light, input_name, (1, input_shape[0], *native))
+    large = _inferred_shapes(light, input_name, (1, input_shape[0], *larger))
+    producers = {out: node for node in light.graph.node for out in node.output}
+    shown_small, shown_large = "×".join(map(str, native)), "×".join(map(str, larger))
+    undetermined = 0
+    for node in light.graph.node:
+        for index, axis in _contracted_axes(node):
+            if index >= len(node.input) or not node.input[index]:
+                continue
+            value = node.input[index]
+            a, b = small.get(value), large.get(value)
+            if a is None or b is None or len(a) != len(b) or not a:
+                undetermined += 1
+                continue
+            k = axis % len(a)
+            if a[k] is None or b[k] is None:
+                undetermined += 1
+                continue
+            if a[k] != b[k]:
+                origin = _collapse_origin(value, producers)
+                made = f", made from the spatial axes by {_node_name(origin)}" if origin is not None else ""
+                return CheckResult(
+                    "no collapse",
+                    FAIL,
+                    f"{_node_name(node)} contracts an axis that grows with the input ({a[k]} at {shown_small}, "
+                    f"{b[k]} at {shown_large}){made}: the spatial axes collapse into features",
+                )
+        outputs_known_small = all(small.get(o) is not None for o in node.output if o)
+        inputs_known_large = all(large.get(i) is not None for i in node.input if i)
+        if outputs_known_small and inputs_known_large and any(large.get(o) is None for o in node.output if o):
+            return CheckResult(
+                "no collapse",
+                FAIL,
+                f"{_node_name(node)} takes the native {shown_small} input but not a {shown_large} one "
+                "(ONNX shape inference fails there): it is sized for the native input",
+            )
+    note = f"; {undetermined} contracted axes of unknown size, left to the runs below" if undetermined else ""
+    return CheckResult(
+        "no collapse",
+        PASS,
+        f"nothing folds the spatial axes into features (shapes at {shown_small} and {shown_large}){note}",
+    )
+
+
+def _node_name(node: Any) -> str:
+    return f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node (output {node.output[0]!r})"
+
+
+def _contracted_axes(node: Any) -> list[tuple[int, int]]:
+    """(input index, axis) pairs that ``node`` sums over with weights: features, never positions."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    if node.op_type == "MatMul":
+        return [(0, -1), (1, -2)]
+    if node.op_type == "Gemm":
+        attrs = {a.name: a.i for a in node.attribute}
+        return [(0, 0 if attrs.get("transA") else 1), (1, 1 if attrs.get("transB") else 0)]
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return [(0, 1)]
+    return []
+
+
+def _collapse_origin(value: str, producers: dict[str, Any]) -> Any:
+    """The Flatten or Reshape that made ``value``, walking back through the ops between (at most 32 steps)."""
+    for _ in range(32):
+        node = producers.get(value)
+        if node is None:
+            return None
+        if node.op_type in ("Flatten", "Reshape"):
+            return node
+        if not node.input:
+            return None
+        value = node.input[0]
+    return None
+
+
+def _shapes_only(model: Any) -> Any:
+    """A copy of the graph for shape inference: the weights become typed inputs without their data."""
+    import onnx
+
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.node.extend(model.graph.node)
+    light.graph.input.extend(model.graph.input)
+    listed = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) <= _SMALL_INITIALIZER and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in listed:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    for output in model.graph.output:  # declared output shapes would be merged with what is inferred at each size
+        light.graph.output.append(
+            onnx.helper.make_tensor_value_info(output.name, output.type.tensor_type.elem_type, None)
+        )
+    return light
+
+
+def _inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int | None, ...] | None]:
+    """Every value's shape when the input has ``shape``, as ONNX shape inference (with data propagation) gives it."""
+    import onnx
+
+    sized = onnx.ModelProto()
+    sized.CopyFrom(light)
+    for graph_input in sized.graph.input:
+        if graph_input.name == input_name:
+            graph_input.type.tensor_type.shape.ClearField("dim")
+            for size in shape:
+                graph_input.type.tensor_type.shape.dim.add().dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(sized, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - no shapes at all: every axis is undetermined
+        return {}
+    shapes: dict[str, tuple[int | None, ...] | None] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = info.type.tensor_type
+        shapes[info.name] = tuple(_dims(info)) if tensor_type.HasField("shape") else None
+    for name, dims in list(shapes.items()):
+        if dims is not None:
+            shapes[name] = tuple(d if isinstance(d, int) else None for d in dims)
+    for tensor in light.graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+# --- weights ----------------------------------------------------------------------------------------
+
+
+def _external_info(tensor: Any) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult:
+    """Recompute :mod:`fcconv.weights_digest` from the file and compare it with the export's."""
+    expected = meta.get(WEIGHTS_DIGEST_KEY)
+    if expected is None:
+        return CheckResult("weights digest", SKIP, f"no {WEIGHTS_DIGEST_KEY} metadata to compare the weights with")
+    digest = WeightsDigest()
+    with ExitStack() as stack:
+        mapped: dict[str, mmap.mmap] = {}
+        for tensor in model.graph.initializer:
+            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, mapped, stack)])
+    actual = digest.hexdigest()
+    if actual == expected:
+        return CheckResult("weights digest", PASS, f"{len(digest.each)} initializers hash to sha256 {actual[:16]}…")
+    try:
+        each = json.loads(meta.get(EACH_DIGEST_KEY, "{}"))
+    except ValueError:
+        each = {}
+    each = each if isinstance(each, dict) else {}
+    for name, value in digest.each.items():
+        if name not in each:
+            if each:
+                return CheckResult("weights digest", FAIL, f"initializer {name!r} was not in the export")
+            break
+        if value.hex()[:EACH_DIGITS] != each[name]:
+            return CheckResult("weights digest", FAIL, f"initializer {name!r} changed since export")
+    missing = [name for name in each if name not in digest.each]
+    if missing:
+        return CheckResult("weights digest", FAIL, f"initializer {missing[0]!r} is missing")
+    return CheckResult(
+        "weights digest", FAIL, f"the initializers do not hash to the {WEIGHTS_DIGEST_KEY} of the export"
+    )
+
+
+def _raw_bytes(tensor: Any, path: Path, mapped: dict[str, mmap.mmap], stack: ExitStack) -> bytes | memoryview:
+    """The initializer's row-major little-endian bytes, from the file itself (memory-mapped when external)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = _external_info(tensor)
+        location = info["location"]
+        if location not in mapped:
+            handle = stack.enter_context(open(path.parent / location, "rb"))
+            mapped[location] = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else len(mapped[location]) - offset
+        return memoryview(mapped[location])[offset : offset + length]
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    array = numpy_helper.to_array(tensor)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Expectation:
+    """The output shape the metadata predicts, or why it cannot predict one."""
+
+    classes: int | None
+    grid: OutputGrid | None
+    pooled_to_vector: bool
+    global_map: bool
+    unknown: str = ""
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> _Expectation:
+        classes = int(meta["fcconv.num_classes"]) if meta.get("fcconv.num_classes", "").isdigit() else None
+        if "fcconv.mode" not in meta:
+            return cls(classes, None, False, False, "no fcconv.mode metadata: the output size cannot be predicted")
+        if meta["fcconv.mode"] not in ("map", "pooled"):
+            return cls(classes, None, False, False, f"fcconv.mode {meta['fcconv.mode']!r} is neither map nor pooled")
+        if meta["fcconv.mode"] == "pooled":
+            return cls(classes, None, meta.get("fcconv.pool", "none") != "none", True)
+        grid = metadata_grid(meta)
+        if grid is None:
+            unknown = "the metadata states the total stride and receptive field as unknown"
+            return cls(classes, None, False, False, unknown)
+        return cls(classes, grid, False, False)
+
+    def shape(self, batch: int, size: tuple[int, ...]) -> tuple[int | None, ...] | None:
+        if self.unknown:
+            return None
+        if self.pooled_to_vector:
+            return (batch, self.classes)
+        spatial = (1,) * len(size) if self.global_map else self.grid.output_size(size)
+        return (batch, self.classes, *spatial)
+
+
+def metadata_grid(meta: dict[str, str]) -> OutputGrid | None:
+    """The :class:`~fcconv.grid.OutputGrid` an export's metadata records, or None (global, unknown or absent)."""
+    try:
+        stride = tuple(int(s) for s in meta["fcconv.total_stride"].split(","))
+        field_ = tuple(int(s) for s in meta["fcconv.receptive_field"].split(","))
+    except (KeyError, ValueError):
+        return None
+    return OutputGrid(stride, field_) if len(stride) == len(field_) else None
+
+
+def _runs(
+    path: Path,
+    input_shape: tuple[int, ...],
+    sizes: list[tuple[int, ...]],
+    batch: int,
+    seed: int,
+    expectation: _Expectation,
+    step: Callable[[str], None],
+) -> list[CheckResult]:
+    """Run the model in onnxruntime at each size: finite outputs of the predicted shape."""
+    import torch
+
+    from fcconv.export import OnnxModel
+
+    step("Loading the model in onnxruntime…")
+    try:
+        runner = OnnxModel(path)
+    except BadInputError as exc:
+        message = f"onnxruntime cannot load it: {exc}"
+        return [r for size in sizes for r in (CheckResult("runs", FAIL, message, size), _size_skipped(size))]
+    dtype = _input_dtype(runner)
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for size in sizes:
+        step(f"Running at {'×'.join(map(str, size))}…")
+        x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype)
+        try:
+            out = runner(x)
+        except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails there, with the reason
+            results += [CheckResult("runs", FAIL, f"onnxruntime failed: {_first_line(exc)}", size), _size_skipped(size)]
+            continue
+        actual = tuple(int(s) for s in out.shape)
+        finite = bool(torch.isfinite(out).all())
+        results.append(
+            CheckResult(
+                "runs",
+                PASS if finite else FAIL,
+                "output finite" if finite else "the output holds NaN or infinity",
+                size,
+                actual_shape=actual,
+            )
+        )
+        results.append(_output_size(size, actual, expectation.shape(batch, size), expectation))
+    return results
+
+
+def _output_size(
+    size: tuple[int, ...],
+    actual: tuple[int, ...],
+    expected: tuple[int | None, ...] | None,
+    expectation: _Expectation,
+) -> CheckResult:
+    if expected is None:
+        return CheckResult("output size", SKIP, expectation.unknown, size, None, actual)
+    matches = len(expected) == len(actual) and all(e is None or e == a for e, a in zip(expected, actual))
+    shown = "×".join("?" if e is None else str(e) for e in expected)
+    if expectation.grid is not None:
+        how = (
+            f"total stride {'×'.join(map(str, expectation.grid.total_stride))}, "
+            f"receptive field {'×'.join(map(str, expectation.grid.receptive_field))}"
+        )
+    else:
+        how = "pooled output"
+    if matches:
+        return CheckResult("output size", PASS, f"as predicted: {how}", size, expected, actual)
+    got = "×".join(map(str, actual))
+    return CheckResult("output size", FAIL, f"output {got}, predicted {shown} ({how})", size, expected, actual)
+
+
+def _size_skipped(size: tuple[int, ...]) -> CheckResult:
+    return CheckResult("output size", SKIP, "the model did not run at this size", size)
+
+
+def _input_dtype(runner: Any) -> Any:
+    import numpy as np
+    import torch
+
+    text = runner.session.get_inputs()[0].type  # e.g. 'tensor(float)'
+    numpy_names = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    return torch.from_numpy(np.zeros(0, dtype=numpy_names.get(text, np.float32))).dtype
