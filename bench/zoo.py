@@ -296,12 +296,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="verification batch (default 2)")
     parser.add_argument("--threads", type=int, help="torch threads per model (default: torch's own)")
     parser.add_argument("--resume", action="store_true", help="keep results already in the JSON-lines file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no per-model lines")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.batch, args.threads)
         return
-    args.argv = [a for a in sys.argv[1:] if a != "--resume"]
+    args.argv = [a for a in sys.argv[1:] if a not in ("--resume", "--quiet")]
 
     import torch
     import torchvision
@@ -325,21 +326,30 @@ def main() -> None:
                 records[record["model"]] = record
     else:
         results_path.write_text("")
-    for i, name in enumerate(names, 1):
-        if name in records:
-            print(f"[{i}/{len(names)}] {name}: kept from {results_path}", flush=True)
-            continue
-        print(f"[{i}/{len(names)}] {name} ...", end=" ", flush=True)
-        started = time.perf_counter()
-        record = run_in_child(name, args)
-        record["wall"] = time.perf_counter() - started  # with the process's start and imports
-        records[name] = record
-        with results_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        detail = record.get("reason", "") if record["result"] != "converted" else record.get("pattern", "")
-        print(f"{record['result']} in {record.get('seconds', 0):.1f} s: {detail}", flush=True)
-        ordered = [records[n] for n in names if n in records]
-        out.write_text(render(ordered, args, sum(r.get("wall", 0.0) for r in ordered), versions))
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(highlight=False, quiet=args.quiet)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        task = progress.add_task("torchvision classifiers", total=len(names))
+        for name in names:
+            if name in records:
+                console.print(f"{name}: kept from {results_path}", markup=False)
+                progress.advance(task)
+                continue
+            progress.update(task, description=f"converting {name}")
+            started = time.perf_counter()
+            record = run_in_child(name, args)
+            record["wall"] = time.perf_counter() - started  # with the process's start and imports
+            records[name] = record
+            with results_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            detail = record.get("reason", "") if record["result"] != "converted" else record.get("pattern", "")
+            console.print(f"{name}: {record['result']} in {record.get('seconds', 0):.1f} s: {detail}", markup=False)
+            progress.advance(task)
+            ordered = [records[n] for n in names if n in records]
+            out.write_text(render(ordered, args, sum(r.get("wall", 0.0) for r in ordered), versions))
     ordered = [records[n] for n in names if n in records]
     out.write_text(render(ordered, args, sum(r.get("wall", 0.0) for r in ordered), versions))
     print(f"wrote {out} and {results_path}")

@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -67,6 +67,10 @@ DtypeOption = Annotated[
     typer.Option("--dtype", help="Convert in this dtype: float32, float16 or float64. [default: the checkpoint's]"),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No tables, spinners or progress bars: only the result line and errors."),
+]
 SizesOption = Annotated[
     Optional[str],
     typer.Option("--sizes", help="Spatial sizes to check, e.g. 224x224,320x480. [default: native, 1.25-1.5×, 2×]"),
@@ -88,6 +92,60 @@ JunitOption = Annotated[
 ]
 
 
+class _Screen:
+    """Everything a command prints besides its one-line result: tables, notes, spinners, progress bars.
+
+    ``--quiet`` turns all of it off; results and errors are printed regardless.
+    """
+
+    quiet = False
+
+    def show(self, *items: Any, **options: Any) -> None:
+        if not self.quiet:
+            console.print(*items, **options)
+
+    @contextlib.contextmanager
+    def status(self, text: str) -> Iterator[Callable[[str], None]]:
+        """A spinner with ``text``; yields a function that changes the text."""
+        if self.quiet:
+            yield lambda _text: None
+            return
+        with console.status(text) as spinner:
+            yield lambda new_text: spinner.update(new_text)
+
+    @contextlib.contextmanager
+    def progress(self, text: str, total: float, *, unit: str = "steps") -> Iterator[Callable[..., None]]:
+        """A progress bar over ``total`` steps (or bytes, ``unit="bytes"``); yields ``advance(done, text=None)``.
+
+        The bar is transient: it shows while the work runs and leaves the screen when it ends.
+        """
+        if self.quiet:
+            yield lambda done, text=None, total=None: None
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        amount = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+        columns = (TextColumn("{task.description}"), BarColumn(), amount, TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(text, total=total)
+
+            def advance(done: float, text: str | None = None, total: float | None = None) -> None:
+                changes = {"description": text, "total": total}
+                bar.update(task, completed=done, **{k: v for k, v in changes.items() if v is not None})
+
+            yield advance
+
+
+screen = _Screen()
+
+
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line on stderr and the documented exit code.
 
@@ -98,6 +156,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False)
+        screen.quiet = bool(kwargs.get("quiet", False))
         try:
             with warnings.catch_warnings():
                 if not debug:
@@ -153,15 +212,15 @@ def _load(path: Path, arch: str | None, input_shape: str | None, trust: bool, dt
     shape = parse_input_shape(input_shape) if input_shape else None
     if dtype == "bfloat16":
         raise BadInputError("--dtype bfloat16: ONNX has no bfloat16 convolution; use float32 or float16")
-    with console.status(f"Loading {path}…") as status:
+    with screen.status(f"Loading {path}…") as update:
         if arch is None:
-            status.update(f"Loading {path} and matching it against torchvision's classifiers…")
+            update(f"Loading {path} and matching it against torchvision's classifiers…")
         loaded = load_model(path, arch, shape, trust=trust, dtype=dtype)
     if loaded.detected:
-        console.print(f"architecture: {loaded.arch} (detected from the state_dict's keys and shapes)", markup=False)
+        screen.show(f"architecture: {loaded.arch} (detected from the state_dict's keys and shapes)", markup=False)
     if loaded.dtype == torch.bfloat16:
         loaded.module.to(torch.float32)
-        console.print(
+        screen.show(
             "bfloat16 weights: converting in float32, where each of them is exact (ONNX has no bfloat16 convolution)",
             markup=False,
         )
@@ -179,33 +238,42 @@ def _print_trunk(conversion, *, inspecting: bool = False) -> None:
     from fcconv.render import trunk_table
 
     if conversion.fully_convolutional:
-        console.print(
+        screen.show(
             "already fully convolutional: the head holds no Linear layer, so only its flatten goes; "
             + ("it is exported" if inspecting else "exported")
             + " with free height and width",
             markup=False,
         )
     if conversion.trunk_layers:
-        console.print(trunk_table(conversion))
+        screen.show(trunk_table(conversion))
         if any(layer.after.startswith("kept") for layer in conversion.trunk_layers):
-            console.print(
+            screen.show(
                 "  these act on each position already and do not stop the conversion; "
                 "--pointwise makes them 1×1 convolutions",
                 markup=False,
             )
     for note in conversion.notes:
-        console.print(f"  trunk: {note}", markup=False)
+        screen.show(f"  trunk: {note}", markup=False)
 
 
 def _references(loaded, dense, sizes, rtol, atol, device, conversion=None, pool=None):
     """The original's outputs on the verification inputs, with a progress line."""
-    from fcconv.verify import reference_outputs
+    from fcconv.verify import default_sizes, reference_outputs
 
-    with console.status("Running the original…") as status:
-        return reference_outputs(
+    sizes = sizes or default_sizes(loaded.input_shape)
+    done = []
+
+    def on_size(size: tuple[int, ...]) -> None:
+        advance(len(done), f"Running the original at {'×'.join(map(str, size))}")
+        done.append(size)
+
+    with screen.progress("Running the original", len(sizes)) as advance:
+        references = reference_outputs(
             loaded.module, loaded.input_shape, sizes=sizes, dense=dense, pool=pool, rtol=rtol, atol=atol, device=device,
-            conversion=conversion, on_size=lambda s: status.update(f"Running the original at {'×'.join(map(str, s))}…"),
+            conversion=conversion, on_size=on_size,
         )  # fmt: skip
+        advance(len(sizes))
+    return references
 
 
 def _compare_and_show(exported, references):
@@ -213,11 +281,16 @@ def _compare_and_show(exported, references):
     from fcconv.render import verification_table
     from fcconv.verify import compare_outputs
 
-    with console.status("Verifying against the original…") as status:
-        report = compare_outputs(
-            exported, references, on_size=lambda s: status.update(f"Verifying at {'×'.join(map(str, s))}…")
-        )
-    console.print(verification_table(report))
+    done = []
+
+    def on_size(size: tuple[int, ...]) -> None:
+        advance(len(done), f"Verifying at {'×'.join(map(str, size))}")
+        done.append(size)
+
+    with screen.progress("Verifying against the original", len(references.cases)) as advance:
+        report = compare_outputs(exported, references, on_size=on_size)
+        advance(len(references.cases))
+    screen.show(verification_table(report))
     return report
 
 
@@ -291,6 +364,7 @@ def convert(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     trust: TrustOption = False,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Rewrite MODEL's fully connected head as convolutions, export ONNX and verify the export.
@@ -325,17 +399,17 @@ def convert(
     if not os.access(target.parent, os.W_OK):
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
     loaded = _load(model, arch, input_shape, trust, dtype)
-    with console.status("Rewriting the head…"):
+    with screen.status("Rewriting the head…"):
         conversion = rewrite(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
     if conversion.layers:
-        console.print(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
+        screen.show(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
     _print_trunk(conversion)
     for item in conversion.removed:
-        console.print(f"  removed: {item}", markup=False)
+        screen.show(f"  removed: {item}", markup=False)
     if pool is not None:
-        console.print(f"  appended: global {pool} pooling of the score map (output N×K at any size)", markup=False)
+        screen.show(f"  appended: global {pool} pooling of the score map (output N×K at any size)", markup=False)
     with staged_onnx(target) as staged:
-        with console.status(f"Exporting {target.name}…"):
+        with screen.progress(f"Exporting {target.name}", 0, unit="bytes") as advance:
             # Staged with the weights in external data, which onnxruntime maps rather than copies.
             export_onnx(
                 conversion.module,
@@ -348,6 +422,7 @@ def convert(
                     **card_metadata(loaded.card),
                 },
                 external_data=True,
+                on_progress=lambda done, total: advance(done, total=total),
             )
         references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
         # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
@@ -361,7 +436,7 @@ def convert(
             inline_external_data(staged)
         data_file = external_data_path(staged).exists()
     weights = f" (weights in {external_data_path(target).name})" if data_file else ""
-    console.print(f"wrote {target}{weights}", markup=False)
+    console.print(f"wrote {target}{weights}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -391,6 +466,7 @@ def verify(
     trust: TrustOption = False,
     json_report: JsonOption = None,
     junit_report: JunitOption = None,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Re-check an exported model against the original: exit 0 when equivalent, 1 when not.
@@ -418,7 +494,7 @@ def verify(
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)
-    console.print(f"{onnx_model} matches {reference}", markup=False)
+    console.print(f"{onnx_model} matches {reference}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -439,6 +515,7 @@ def check(
     sizes: SizesOption = None,
     json_report: JsonOption = None,
     junit_report: JunitOption = None,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Check exported ONNX models without the original: exit 0 when every check passes, 1 when one fails.
@@ -459,9 +536,9 @@ def check(
     _check_report_paths(list(onnx_models), json_report, junit_report)
     reports = []
     for path in onnx_models:
-        with console.status(f"Checking {path}…") as status:
-            report = check_onnx(path, shape, sizes=check_sizes, on_step=lambda text, s=status: s.update(text))
-        console.print(check_table(report))
+        with screen.status(f"Checking {path}…") as update:
+            report = check_onnx(path, shape, sizes=check_sizes, on_step=update)
+        screen.show(check_table(report))
         reports.append(report)
     write_report(check_document(reports), json_report, junit_report)
     failed = [report for report in reports if not report.passed]
@@ -473,7 +550,7 @@ def check(
     for report in reports:
         skipped = sum(r.verdict == "skip" for r in report.results)
         note = f" ({skipped} checks skipped)" if skipped else ""
-        console.print(f"{report.model} passed{note}", markup=False)
+        console.print(f"{report.model} passed{note}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -579,6 +656,7 @@ def heatmap(
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     trust: TrustOption = False,
+    quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Draw where MODEL sees each class in IMAGE: its class probabilities at every window, laid over the picture.
@@ -606,20 +684,20 @@ def heatmap(
         _check_output(save_map, ".npy", "--save-map", (model, image))
     picture = read_picture(image)  # an unreadable picture is reported before the model is loaded
     shape = parse_input_shape(input_shape) if input_shape else None
-    with console.status(f"Loading {model}…"):
+    with screen.status(f"Loading {model}…"):
         dense = load_dense_model(model, arch, shape, trust=trust)
     line = dense.description
     if dense.check is not None:
         check = dense.check.checks[0]
         line += f"; checked at the native {'×'.join(map(str, check.input_size))}: max rel {check.max_rel:.1e}"
         if not dense.check.passed:
-            console.print(verification_table(dense.check))
+            screen.show(verification_table(dense.check))
             error_console.print(
                 f"fcconv: the in-memory conversion of {model} does not match it; nothing written", markup=False
             )
             raise typer.Exit(EXIT_MISMATCH)
-    console.print(line, markup=False)
-    with console.status(f"Running on {image.name}…"):
+    screen.show(line, markup=False)
+    with screen.status(f"Running on {image.name}…"):
         scores = score_map(dense, picture)
     if class_names:
         peaks = [scores.peak(scores.class_index(name)) for name in class_names]
@@ -630,8 +708,8 @@ def heatmap(
             raise BadInputError(f"--top {count}: the model has {len(ranked)} classes to rank")
         peaks = scores.top(count)
     height, width = scores.picture.shape[:2]
-    console.print(f"{image.name}: {width}×{height} pixels, {_placement_line(scores)}", markup=False)
-    console.print(peaks_table(scores, peaks))
+    screen.show(f"{image.name}: {width}×{height} pixels, {_placement_line(scores)}", markup=False)
+    screen.show(peaks_table(scores, peaks))
     title = f"{image.name} ({width}×{height}) through {model.name}: class probabilities, {scores.probability_source}"
     figure = heatmap_figure(scores, peaks, title)
     with staged_path(target) as staged_png:
@@ -639,7 +717,9 @@ def heatmap(
         if save_map is not None:
             with staged_path(save_map) as staged_npy, open(staged_npy, "wb") as f:
                 np.save(f, np.ascontiguousarray(scores.probabilities, dtype=np.float32))
-    console.print(f"wrote {target}" + (f" and {save_map}" if save_map is not None else ""), markup=False)
+    console.print(
+        f"wrote {target}" + (f" and {save_map}" if save_map is not None else ""), markup=False, soft_wrap=True
+    )
 
 
 def version_callback(value: bool) -> None:

@@ -12,7 +12,7 @@ import io
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,6 +117,7 @@ def export_onnx(
     head_format: str = "conv",
     opset: int = OPSET,
     external_data: bool | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Export ``converted`` to ONNX at ``path`` with free batch and spatial axes.
 
@@ -135,7 +136,8 @@ def export_onnx(
     (:mod:`fcconv.weights_digest`) is appended to the metadata at the end of the file. ``external_data`` writes the weights to ``NAME.onnx.data``
     beside the file (ONNX external data); by default that happens only when the file
     would pass protobuf's 2 GiB limit. Files are written under temporary names and
-    renamed into place, so a failed export leaves nothing behind.
+    renamed into place, so a failed export leaves nothing behind. ``on_progress``
+    is called with the bytes of weights written so far and their total.
 
     ``head_format="gemm"`` writes the same function another way: each converted layer
     as its windows gathered with strided slices and one MatMul over all windows of
@@ -203,6 +205,9 @@ def export_onnx(
         external_data = len(graph_bytes) + sum(_nbytes(t) + 1024 for t in weights.values()) >= PROTOBUF_LIMIT
 
     digest = WeightsDigest()
+    total, written = sum(_nbytes(t) for t in weights.values()), 0
+    progress = on_progress or (lambda done, total: None)
+    progress(0, total)
     with staged_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(graph_bytes)
@@ -214,10 +219,14 @@ def export_onnx(
                         offset = data.tell()
                         data.write(_digested_bytes(digest, name, tensor))
                         f.write(_initializer_fragment(name, tensor, location=location.name, offset=offset))
+                        written += _nbytes(tensor)
+                        progress(written, total)
             else:
                 for name, tensor in weights.items():
                     f.write(_initializer_fragment(name, tensor))
                     f.write(_digested_bytes(digest, name, tensor))
+                    written += _nbytes(tensor)
+                    progress(written, total)
             # Metadata entries merge into the model like the weights do; the digest is known only now.
             f.write(_metadata_fragment({WEIGHTS_DIGEST_KEY: digest.hexdigest(), EACH_DIGEST_KEY: digest.each_json()}))
     return path

@@ -238,3 +238,32 @@ def test_an_unreadable_checkpoint_gets_one_line_naming_it(tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["inspect", str(locked), "--arch", "vgg16"])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"fcconv: error: {locked}: permission denied"
+
+
+def test_quiet_leaves_only_the_result_line_and_the_exit_code(tmp_path):
+    sample = REPO / "sample_models" / "digits_lenet.pt"
+    out = tmp_path / "lenet.onnx"
+    converted = run("convert", sample, "-o", out, "--quiet")
+    assert converted.returncode == 0, converted.stderr
+    assert converted.stdout == f"wrote {out}\n" and converted.stderr == ""
+    verified = run("verify", out, "--reference", sample, "-q")
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout == f"{out} matches {sample}\n"
+    checked = run("check", out, "-q")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == f"{out} passed\n"
+    loud = run("verify", out, "--reference", sample)
+    assert "max abs" in loud.stdout and loud.stdout.endswith(f"{out} matches {sample}\n")
+
+
+def test_long_steps_show_progress_bars_on_a_terminal(tmp_path):
+    sample = REPO / "sample_models" / "digits_lenet.pt"
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "120"}
+    args = [*FCCONV, "convert", str(sample), "-o", str(tmp_path / "lenet.onnx")]
+    shown = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    for bar in ("Exporting lenet.onnx", "82.1/82.1 kB", "Running the original at 56×56", "Verifying at 56×56", "3/3"):
+        assert bar in shown.stdout, bar
+    quiet = subprocess.run([*args, "--quiet"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Exporting" not in quiet.stdout and "━" not in quiet.stdout
