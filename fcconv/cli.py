@@ -178,7 +178,7 @@ def _print_trunk(conversion, *, inspecting: bool = False) -> None:
             + " with free height and width",
             markup=False,
         )
-    if conversion.trunk_layers:
+    if getattr(conversion, "trunk_layers", None):
         console.print(trunk_table(conversion))
         if any(layer.after.startswith("kept") for layer in conversion.trunk_layers):
             console.print(
@@ -214,6 +214,71 @@ def _compare_and_show(exported, references):
     return report
 
 
+def is_onnx_file(path: Path) -> bool:
+    from fcconv.onnx_rewrite import is_onnx_file as is_onnx
+
+    return is_onnx(path)
+
+
+def _refuse_for_onnx(**given: Any) -> None:
+    """Refuse the options that only mean something for a PyTorch model, naming the first one given."""
+    for flag, value in given.items():
+        if value:
+            raise BadInputError(f"--{flag.replace('_', '-')} does not apply to an ONNX model")
+
+
+def _rewrite_onnx_file(path: Path, input_shape: str | None):
+    """Read an ONNX classifier and rewrite its head, with progress lines; returns both."""
+    from fcconv.load import parse_input_shape
+    from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx
+
+    shape = parse_input_shape(input_shape) if input_shape else None
+    with console.status(f"Loading {path}…"):
+        classifier = load_onnx_classifier(path, shape)
+    with console.status("Rewriting the head…"):
+        conversion = rewrite_onnx(classifier)
+    return classifier, conversion
+
+
+def _onnx_references(classifier, conversion, sizes, rtol, atol):
+    """The input ONNX model's outputs on the verification inputs, with a progress line."""
+    from fcconv.onnx_verify import onnx_reference_outputs
+
+    with console.status("Running the original…") as status:
+        return onnx_reference_outputs(
+            classifier, conversion, sizes=sizes, rtol=rtol, atol=atol,
+            on_size=lambda s: status.update(f"Running the original at {'×'.join(map(str, s))}…"),
+        )  # fmt: skip
+
+
+def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool) -> None:
+    """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
+    from fcconv.export import external_data_path, staged_onnx
+    from fcconv.onnx_rewrite import write_onnx
+    from fcconv.render import rewrite_table
+
+    classifier, conversion = _rewrite_onnx_file(model, input_shape)
+    if conversion.layers:
+        title = f"{model.name} (ONNX, opset {classifier.opset}): rewritten layers"
+        console.print(rewrite_table(conversion, title=title))
+    _print_trunk(conversion)
+    for item in conversion.removed:
+        console.print(f"  removed: {item}", markup=False)
+    with staged_onnx(target) as staged:
+        with console.status(f"Writing {target.name}…"):
+            write_onnx(conversion, staged, source=model, external_data=external_data or None)
+        data_file = external_data_path(staged).exists()
+        references = _onnx_references(classifier, conversion, sizes, rtol, atol)
+        del classifier, conversion
+        _release_memory()
+        report = _compare_and_show(staged, references)
+        if not report.passed:
+            error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
+            raise typer.Exit(EXIT_MISMATCH)
+    weights = f" (weights in {external_data_path(target).name})" if data_file else ""
+    console.print(f"wrote {target}{weights}", markup=False)
+
+
 def _release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
     import ctypes
@@ -234,8 +299,8 @@ def convert(
     model: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint: a state_dict (.pt, .pth, .bin, .safetensors), an ExportedProgram (.pt2) or, with "
-            "--trust, a pickled module.",
+            help="Checkpoint: a state_dict (.pt, .pth, .bin, .safetensors), an ExportedProgram (.pt2), a classifier "
+            "exported to ONNX (.onnx) or, with --trust, a pickled module.",
             readable=False,
         ),
     ],
@@ -272,7 +337,8 @@ def convert(
     """Rewrite MODEL's fully connected head as convolutions, export ONNX and verify the export.
 
     The ONNX file is written only when it matches the original (exit 0); on a mismatch
-    nothing is written and the exit code is 1.
+    nothing is written and the exit code is 1. An ONNX classifier is rewritten on its
+    graph and verified against itself in onnxruntime.
     """
     from fcconv.export import (
         HEAD_FORMATS,
@@ -298,6 +364,13 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK):
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
+    if is_onnx_file(model):
+        _refuse_for_onnx(
+            arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
+            device=device != "cpu", dtype=dtype, trust=trust,
+        )  # fmt: skip
+        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data)
+        return
     loaded = _load(model, arch, input_shape, trust, dtype)
     with console.status("Rewriting the head…"):
         conversion = rewrite(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
@@ -338,7 +411,10 @@ def verify(
         Path, typer.Argument(metavar="MODEL.onnx", help="An exported fully convolutional ONNX model.", readable=False)
     ],
     reference: Annotated[
-        Path, typer.Option("--reference", help="The original checkpoint to compare against.", readable=False)
+        Path,
+        typer.Option(
+            "--reference", help="The original checkpoint (or ONNX classifier) to compare against.", readable=False
+        ),
     ],
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
@@ -371,8 +447,14 @@ def verify(
     if pool is None:
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
-    loaded = _load(reference, arch, input_shape, trust, dtype)
-    report = _compare_and_show(exported, _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool))
+    if is_onnx_file(reference):
+        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, device=device != "cpu", dtype=dtype, trust=trust)
+        classifier, conversion = _rewrite_onnx_file(reference, input_shape)
+        references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
+    else:
+        loaded = _load(reference, arch, input_shape, trust, dtype)
+        references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)
+    report = _compare_and_show(exported, references)
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
         raise typer.Exit(EXIT_MISMATCH)
@@ -397,8 +479,12 @@ def inspect(
     from fcconv.rewrite import analyze
 
     _check_pool(pool)
-    loaded = _load(model, arch, input_shape, trust, dtype)
-    conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+    if is_onnx_file(model):
+        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
+        _, conversion = _rewrite_onnx_file(model, input_shape)
+    else:
+        loaded = _load(model, arch, input_shape, trust, dtype)
+        conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
     if conversion.layers:
         console.print(inspect_table(conversion))
     _print_trunk(conversion, inspecting=True)
