@@ -243,23 +243,52 @@ class _Graph:
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.shapes = shapes
         self.types = types
+        # What is computed from constants alone (an exporter's Identity of a shared weight, a Cast of a bias)
+        known = set(self.initializers)
+        self.foldable: dict[str, onnx.NodeProto] = {}
+        for node in self.nodes:
+            inputs = [n for n in node.input if n]
+            constant_op = node.op_type == "Constant" or (
+                inputs and all(n in known for n in inputs) and not _is_random(node)
+            )
+            if constant_op:
+                for name in node.output:
+                    if name:
+                        self.foldable[name] = node
+                        known.add(name)
+        self._values: dict[str, np.ndarray | None] = {}
 
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or of a Constant node's output; None for anything computed."""
+        """The value of an initializer, or of a tensor computed from constants alone; None for anything else."""
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is None or node.op_type != "Constant":
+        if name not in self.foldable:
             return None
-        for attribute in node.attribute:
-            value = helper.get_attribute_value(attribute)
-            if attribute.name == "value":
-                return numpy_helper.to_array(value)
-            if attribute.name in ("value_float", "value_floats"):
-                return np.array(value, dtype=np.float32)
-            if attribute.name in ("value_int", "value_ints"):
-                return np.array(value, dtype=np.int64)
-        return None
+        if name not in self._values:
+            node = self.foldable[name]
+            values = _constant_node_value(node) if node.op_type == "Constant" else self._fold(node)
+            self._values.update(zip(node.output, values))
+        return self._values.get(name)
+
+    def _fold(self, node: onnx.NodeProto) -> list[np.ndarray | None]:
+        """The node's outputs, computed by onnx's reference implementation from its constant inputs."""
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {name: self.constant(name) for name in dict.fromkeys(n for n in node.input if n)}
+        if any(value is None for value in feeds.values()):
+            return [None] * len(node.output)
+        inputs = [
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+            for name, value in feeds.items()
+        ]
+        outputs = [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in node.output if name]
+        graph = helper.make_graph([node], "fold", inputs, outputs)
+        try:
+            model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+            results = ReferenceEvaluator(model).run(None, feeds)
+        except Exception:  # noqa: BLE001 - what cannot be folded is treated as computed
+            return [None] * len(node.output)
+        return [np.asarray(value) for value in results]
 
     def is_float(self, name: str) -> bool:
         return self.types.get(name) in _FLOAT_TYPES
@@ -271,6 +300,23 @@ class _Graph:
             where = f" ({_label(node)})" if node is not None else ""
             raise NotConvertibleError(f"the shape of {name}{where} is not known at the native size")
         return shape
+
+
+def _is_random(node: onnx.NodeProto) -> bool:
+    return node.op_type.startswith("Random") or node.op_type in ("Multinomial", "Bernoulli")
+
+
+def _constant_node_value(node: onnx.NodeProto) -> list[np.ndarray | None]:
+    """The value a Constant node holds, whichever of its attributes holds it."""
+    for attribute in node.attribute:
+        value = helper.get_attribute_value(attribute)
+        if attribute.name == "value":
+            return [numpy_helper.to_array(value)]
+        if attribute.name in ("value_float", "value_floats"):
+            return [np.array(value, dtype=np.float32)]
+        if attribute.name in ("value_int", "value_ints"):
+            return [np.array(value, dtype=np.int64)]
+    return [None]
 
 
 def _skeleton(
@@ -349,35 +395,59 @@ def _measure_unknown_shapes(
         name
         for node in model.graph.node
         for name in node.output
-        if name and (shapes.get(name) is None or None in shapes[name])
+        if name and (shapes.get(name) is None or None in shapes[name]) and types.get(name)
     ]
     if not unknown:
         return
+    try:
+        shapes.update(_run_shapes(model, classifier.input_name, dims, unknown, types))
+    except Exception as exc:  # noqa: BLE001 - a model that does not run at its own size is not usable
+        raise BadInputError(f"the model does not run at its native size {tuple(dims)}: {_one_line(exc)}") from None
+
+
+def _run_shapes(
+    model: onnx.ModelProto,
+    input_name: str,
+    dims: Sequence[int],
+    names: Sequence[str],
+    types: Mapping[str, int],
+    *,
+    nodes: Sequence[onnx.NodeProto] | None = None,
+    extra: Sequence[onnx.TensorProto] = (),
+) -> dict[str, tuple]:
+    """The shapes of tensors ``names`` when ``nodes`` (default: the whole graph) run on zeros of shape ``dims``.
+
+    Only the nodes those tensors need run; onnxruntime's errors pass through.
+    """
     import onnxruntime as ort
 
-    outputs = [helper.make_tensor_value_info(name, types.get(name, TensorProto.UNDEFINED), None) for name in unknown]
-    graph_input = next(i for i in model.graph.input if i.name == classifier.input_name)
-    probe = _sub_model(model, model.graph.node, {}, [graph_input], outputs)
-    del probe.graph.input[0].type.tensor_type.shape.dim[:]
-    probe.graph.input[0].type.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d) for d in dims)
+    graph_input = next(i for i in model.graph.input if i.name == input_name)
+    elem_type = graph_input.type.tensor_type.elem_type
+    outputs = [helper.make_tensor_value_info(name, types[name], None) for name in names]
+    needed, kept = set(names), []
+    for node in reversed(model.graph.node if nodes is None else nodes):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(n for n in node.input if n)
+    nodes = kept[::-1]
+    runnable = _sub_model(
+        model, nodes, {t.name: t for t in extra}, [helper.make_tensor_value_info(input_name, elem_type, dims)], outputs
+    )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        dtype = helper.tensor_dtype_to_np_dtype(classifier.elem_type)
-        values = session.run(unknown, {classifier.input_name: np.zeros(dims, dtype)})
-    except Exception as exc:  # noqa: BLE001 - a model that does not run at its own size is not usable
-        raise BadInputError(f"the model does not run at its native size {dims}: {_one_line(exc)}") from None
-    for name, value in zip(unknown, values):
-        shapes[name] = tuple(np.shape(value))
-        types.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
+    session = ort.InferenceSession(runnable.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run(list(names), {input_name: np.zeros(dims, helper.tensor_dtype_to_np_dtype(elem_type))})
+    return {name: tuple(np.shape(value)) for name, value in zip(names, values)}
 
 
 def _failing_node(exc: Exception) -> str:
-    """The node an onnx shape-inference error names, as ``name (op)``, or the error's first words."""
+    """The node an onnx shape-inference or onnxruntime error names, as ``name (op)``, or the error's first words."""
     found = re.search(r"op_type:\s*([\w.]+),\s*node name:\s*([^)]*)\)", str(exc))
     if found:
         return f"{found.group(2).strip() or '(unnamed)'} ({found.group(1)})"
+    found = re.search(r"running (\w+) node\. Name:'([^']*)'", str(exc))
+    if found:
+        return f"{found.group(2) or '(unnamed)'} ({found.group(1)})"
     return _one_line(exc)
 
 
@@ -751,13 +821,15 @@ def _size_free_trunk(
     names = _NameMaker(_taken_names(graph.model))
     notes: list[str] = []
     while True:
-        probe = _probe_shapes(graph.model, input_name, probe_dims, nodes, constants, at_probe, map_name)
+        probe, types = _probe_shapes(graph.model, input_name, probe_dims, nodes, constants, at_probe, map_name)
         for node in nodes:
             if node.op_type != "Reshape" or node.output[0] in at_probe:
                 continue
             source, target = graph.shape(node.input[0]), graph.shape(node.output[0])
             grown = probe.get(node.input[0])
-            if grown is None or None in grown or len(grown) != len(source):
+            if grown is None or None in grown:
+                grown = _measure_at_probe(graph, input_name, probe_dims, node.input[0], nodes, constants, types)
+            if len(grown) != len(source):
                 raise NotConvertibleError(
                     f"the shape of {node.input[0]} read by {_label(node)} is not known at a larger size"
                 )
@@ -789,10 +861,34 @@ def _size_free_trunk(
             )
             break
         else:
-            probe = _probe_shapes(
+            probe, types = _probe_shapes(
                 graph.model, input_name, probe_dims, nodes, constants, at_probe, map_name, strict=True
             )
+            if probe.get(map_name) is None or None in probe[map_name]:
+                probe[map_name] = _measure_at_probe(graph, input_name, probe_dims, map_name, nodes, constants, types)
             return _SizeFreeTrunk(nodes, constants, notes, probe)
+
+
+def _measure_at_probe(
+    graph: _Graph,
+    input_name: str,
+    probe_dims: Sequence[int],
+    name: str,
+    nodes: Sequence[onnx.NodeProto],
+    constants: Sequence[onnx.TensorProto],
+    types: Mapping[str, int],
+) -> tuple[int, ...]:
+    """The probe-size shape of trunk tensor ``name``, measured in onnxruntime.
+
+    Shape inference leaves a shape unknown behind arithmetic it cannot follow (a
+    Slice whose ends are computed with Div, as the TorchScript exporter writes
+    ``x.chunk(2, dim=1)``).
+    """
+    try:
+        return _run_shapes(graph.model, input_name, probe_dims, [name], {**graph.types, **types}, nodes=nodes,
+                           extra=constants)[name]  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - onnxruntime names the node it stopped at
+        raise NotConvertibleError(f"{_failing_node(exc)} cannot take an input larger than the native size") from None
 
 
 def _probe_shapes(
@@ -805,8 +901,9 @@ def _probe_shapes(
     map_name: str,
     *,
     strict: bool = False,
-) -> dict[str, tuple]:
-    """The trunk's shapes at the probe size, each size-free Reshape reading its target's value there as a constant.
+) -> tuple[dict[str, tuple], dict[str, int]]:
+    """The trunk's shapes and types at the probe size, each size-free Reshape reading its target's value there as a
+    constant.
 
     onnx's shape inference does not follow shape arithmetic (Shape, Gather, Mul,
     Concat) far enough to compute those targets itself.
@@ -820,13 +917,12 @@ def _probe_shapes(
             node = node_at_probe
         variant.append(node)
     try:
-        shapes, _ = _infer(
+        return _infer(
             model, input_name, dims, strict=strict, nodes=variant, extra=[*constants, *at_probe.values()],
             outputs=[map_name],
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - onnx reports the node it stopped at
         raise NotConvertibleError(f"{_failing_node(exc)} cannot take an input larger than the native size") from None
-    return shapes
 
 
 def _taken_names(model: onnx.ModelProto) -> list[str]:
@@ -1006,6 +1102,7 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
     if final != output_name:
         identity = rewriter.names(f"{output_name}/identity")
         rewriter.nodes.append(helper.make_node("Identity", [final], [output_name], name=identity))
+    _materialize_constants(rewriter, trunk_nodes, classifier.input_name)
 
     converted = _assemble(classifier, [*trunk_nodes, *rewriter.nodes], rewriter.initializers, out_shape[1], head)
     trunk_part = _sub_model(
@@ -1038,6 +1135,25 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
         notes=notes,
         total_parameters=total,
     )
+
+
+def _materialize_constants(rewriter: _Rewriter, trunk_nodes: Sequence[onnx.NodeProto], input_name: str) -> None:
+    """Give every constant the rewritten head reads (a Constant node's or an Identity's output) an initializer.
+
+    The nodes that computed them are not part of the head, so they are not carried over.
+    """
+    graph = rewriter.graph
+    available = {input_name, *graph.initializers, *rewriter.initializers}
+    available.update(o for node in (*trunk_nodes, *rewriter.nodes) for o in node.output)
+    for node in rewriter.nodes:
+        for name in node.input:
+            if not name or name in available:
+                continue
+            value = graph.constant(name)
+            if value is None:
+                raise rewriter.refuse(node, f"reads {name}, which is neither a constant nor computed by the head")
+            rewriter.initializers[name] = numpy_helper.from_array(np.asarray(value), name)
+            available.add(name)
 
 
 def _rewrite_chain(rewriter: _Rewriter) -> None:

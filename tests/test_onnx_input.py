@@ -65,6 +65,41 @@ class ShuffledTrunk(nn.Module):
         return self.fc(torch.flatten(torch.relu(self.conv2(x)), 1))
 
 
+class SharedZeroBiases(nn.Module):
+    """Zero-initialized biases of equal size, as VGG's and EfficientNet's: the TorchScript exporter stores one and
+    reads the other through an Identity node; and a scale by a constant, written as a Constant node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.ReLU())
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8 * 5 * 5, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))) * 0.5)
+
+
+class ChunkedTrunk(nn.Module):
+    """A ShuffleNet V2 unit: the TorchScript exporter writes x.chunk(2, dim=1) as Slices whose ends it computes
+    with Div, which onnx's shape inference does not follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8 * 7 * 7, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        left, right = x.chunk(2, dim=1)
+        x = torch.cat((left, self.branch(right)), dim=1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
+
+
 def export(model: nn.Module, path, dynamo: bool, **kwargs) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -76,6 +111,8 @@ TORCH_MODELS = {  # name: (model, score map at 21×25)
     "flatten-matmul": (lambda: SmallNet(bias=False), (3, 5)),
     "pooled": (PooledNet, (1, 1)),
     "shuffled-trunk": (ShuffledTrunk, (4, 6)),  # a 9×11 map read in 6×6 windows
+    "shared-zero-biases": (SharedZeroBiases, (3, 5)),
+    "chunked-trunk": (ChunkedTrunk, (3, 5)),  # a 9×11 map read in 7×7 windows
 }
 
 
