@@ -27,6 +27,7 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_NOT_CONVERTIBLE = 0, 1, 2, 3
+ONNX_LINEAR = "Gemm or MatMul"  # what a Linear layer is in an ONNX graph
 
 ArchOption = Annotated[
     Optional[str],
@@ -167,13 +168,16 @@ def _check_pool(pool: str | None) -> str | None:
     return pool
 
 
-def _print_trunk(conversion, *, inspecting: bool = False) -> None:
-    """What the rewrite found or changed outside the head: per-position Linear layers, size-generic functions."""
+def _print_trunk(conversion, *, inspecting: bool = False, linear: str = "Linear layer") -> None:
+    """What the rewrite found or changed outside the head: per-position Linear layers, size-generic functions.
+
+    ``linear`` names the head's fully connected layers as the model spells them.
+    """
     from fcconv.render import trunk_table
 
     if conversion.fully_convolutional:
         console.print(
-            "already fully convolutional: the head holds no Linear layer, so only its flatten goes; "
+            f"already fully convolutional: the head holds no {linear}, so only its flatten goes; "
             + ("it is exported" if inspecting else "exported")
             + " with free height and width",
             markup=False,
@@ -261,7 +265,7 @@ def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, ext
     if conversion.layers:
         title = f"{model.name} (ONNX, opset {classifier.opset}): rewritten layers"
         console.print(rewrite_table(conversion, title=title))
-    _print_trunk(conversion)
+    _print_trunk(conversion, linear=ONNX_LINEAR)
     for item in conversion.removed:
         console.print(f"  removed: {item}", markup=False)
     with staged_onnx(target) as staged:
@@ -482,12 +486,14 @@ def inspect(
     if is_onnx_file(model):
         _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
         _, conversion = _rewrite_onnx_file(model, input_shape)
+        linear = ONNX_LINEAR
     else:
         loaded = _load(model, arch, input_shape, trust, dtype)
         conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+        linear = "Linear layer"
     if conversion.layers:
         console.print(inspect_table(conversion))
-    _print_trunk(conversion, inspecting=True)
+    _print_trunk(conversion, inspecting=True, linear=linear)
     for item in conversion.removed:
         console.print(f"  removed on conversion: {item}", markup=False)
     geometry = conversion.geometry

@@ -1169,8 +1169,10 @@ def _rewrite_chain(rewriter: _Rewriter) -> None:
             pooled = helper.make_node(op, [current], [node.output[0]], name=node.name or node.output[0])
             rewriter.nodes.append(pooled)
             if op != node.op_type:
-                rewriter.removed.append(f"{_label(node)}: now {op}, the same pooling of the N×C×H×W map")
+                rewriter.removed.append(f"{_label(node)}: written as {op}, the same pooling, keeping N×C×1×1")
             current = node.output[0]
+        elif head.pool is not None:
+            rewriter.removed.append(f"{_label(node)}: the pooled map stays N×C×1×1")
         else:
             rewriter.removed.append(f"{_label(node)}: its order is read into the first kernel")
     rewriter.renamed[head.collapse.output[0]] = current

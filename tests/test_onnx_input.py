@@ -100,6 +100,18 @@ class ChunkedTrunk(nn.Module):
         return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
 
 
+class ConvClassifier(nn.Module):
+    """SqueezeNet's ending: a convolution to the classes, a global pooling and a flatten, with no Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
 def export(model: nn.Module, path, dynamo: bool, **kwargs) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -113,6 +125,7 @@ TORCH_MODELS = {  # name: (model, score map at 21×25)
     "shuffled-trunk": (ShuffledTrunk, (4, 6)),  # a 9×11 map read in 6×6 windows
     "shared-zero-biases": (SharedZeroBiases, (3, 5)),
     "chunked-trunk": (ChunkedTrunk, (3, 5)),  # a 9×11 map read in 7×7 windows
+    "no-linear": (ConvClassifier, (1, 1)),
 }
 
 
@@ -289,6 +302,12 @@ def test_a_torch_export_converts_verifies_and_has_free_height_and_width(exported
     x = np.random.default_rng(1).standard_normal((2, 3, 21, 25)).astype(np.float32)
     scores = run_onnx(out, x)
     assert scores.shape == (2, 5, *TORCH_MODELS[name][1])
+
+
+def test_a_classifier_with_no_gemm_is_said_to_be_fully_convolutional_already(exported, tmp_path):
+    result = converts(exported["no-linear-dynamo"], tmp_path / "converted.onnx")
+    assert "already fully convolutional: the head holds no Gemm or MatMul" in result.stdout
+    assert "rewritten layers" not in result.stdout
 
 
 def test_a_free_batch_export_with_its_shape_arithmetic_converts(exported, tmp_path):
