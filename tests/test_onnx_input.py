@@ -100,6 +100,37 @@ class ChunkedTrunk(nn.Module):
         return self.fc(torch.flatten(nn.functional.max_pool2d(x, 2), 1))
 
 
+class LinearGate(nn.Module):
+    """A squeeze-and-excitation gate written with Linear layers (SENet): a collapse the trunk reads back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.squeeze, self.excite = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.fc = nn.Linear(8 * 14 * 14, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        n, c = x.shape[:2]
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3))))))
+        return self.fc(torch.flatten(x * gate.view(n, c, 1, 1), 1))
+
+
+class ShuffleThenFlatten(nn.Module):
+    """A channel shuffle right before the flatten: its reshapes and transpose are read into the first kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8 * 14 * 14, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(torch.flatten(x, 1))
+
+
 class ConvClassifier(nn.Module):
     """SqueezeNet's ending: a convolution to the classes, a global pooling and a flatten, with no Linear."""
 
@@ -126,6 +157,7 @@ TORCH_MODELS = {  # name: (model, score map at 21×25)
     "shared-zero-biases": (SharedZeroBiases, (3, 5)),
     "chunked-trunk": (ChunkedTrunk, (3, 5)),  # a 9×11 map read in 7×7 windows
     "no-linear": (ConvClassifier, (1, 1)),
+    "shuffle-then-flatten": (ShuffleThenFlatten, (6, 10)),
 }
 
 
@@ -152,7 +184,7 @@ MAP = (4, 10, 8)  # after the 3×3 convolution
 HIDDEN, CLASSES = 16, 5
 
 
-def keras_style(path, *, pooled=False, flatten="Reshape", opset=13, hidden=None, before_first=None):
+def keras_style(path, *, pooled=False, flatten="Reshape", opset=13, hidden=None, before_first=None, perm=(0, 2, 3, 1)):
     """NCHW trunk, Transpose to NHWC, Flatten or Reshape (or a ReduceMean over H, W), MatMul + Add layers, softmax.
 
     ``hidden`` adds a node after the first MatMul + Add (by op type); ``before_first`` one between the
@@ -172,7 +204,7 @@ def keras_style(path, *, pooled=False, flatten="Reshape", opset=13, hidden=None,
     nodes = [
         helper.make_node("Conv", ["input_1", "conv.w", "conv.b"], ["conv"], name="conv2d", kernel_shape=[3, 3]),
         helper.make_node("Relu", ["conv"], ["relu"], name="conv2d/Relu"),
-        helper.make_node("Transpose", ["relu"], ["nhwc"], name="conv2d/Relu__6", perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["relu"], ["nhwc"], name="conv2d/Relu__6", perm=list(perm)),
     ]
     if pooled:
         nodes.append(helper.make_node("ReduceMean", ["nhwc"], ["flat"], name="global_pool", axes=[1, 2], keepdims=0))
@@ -310,6 +342,19 @@ def test_a_classifier_with_no_gemm_is_said_to_be_fully_convolutional_already(exp
     assert "rewritten layers" not in result.stdout
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_a_squeeze_and_excitation_gate_written_with_linear_layers_stays_in_the_trunk(tmp_path, dynamo):
+    source = tmp_path / "gated.onnx"
+    export(seeded(LinearGate), source, dynamo)
+    result = converts(source, tmp_path / "gated.fcn.onnx")
+    assert "Gemm(1568 → 5)" in result.stdout and "14×14" in result.stdout
+    model = onnx.load(str(tmp_path / "gated.fcn.onnx"))
+    linear = [node for node in model.graph.node if node.op_type in ("Gemm", "MatMul")]
+    assert len(linear) == 2  # the gate's two layers, on the pooled (N, C) vector
+    x = np.random.default_rng(4).standard_normal((3, 3, 21, 25)).astype(np.float32)
+    assert run_onnx(tmp_path / "gated.fcn.onnx", x).shape == (3, 5, 6, 10)
+
+
 def test_a_free_batch_export_with_its_shape_arithmetic_converts(exported, tmp_path):
     result = converts(exported["shuffled-trunk-free-batch"], tmp_path / "converted.onnx")
     assert "Conv(8 → 5)" not in result.stdout  # the shuffle stays in the trunk, before conv2
@@ -336,10 +381,14 @@ def test_a_trunk_reshape_written_for_the_native_size_is_made_size_free(exported,
     assert run_onnx(tmp_path / "converted.onnx", x).shape == (3, 5, 4, 6)
 
 
-@pytest.mark.parametrize("flatten", ["Reshape", "Flatten"])
-def test_an_nhwc_flatten_gives_the_first_kernel_its_weight_reordered(tmp_path, flatten):
+@pytest.mark.parametrize(
+    ("flatten", "perm"),
+    [("Reshape", (0, 2, 3, 1)), ("Flatten", (0, 2, 3, 1)), ("Flatten", (0, 3, 2, 1))],
+    ids=["hwc-reshape", "hwc-flatten", "whc-flatten"],
+)
+def test_a_permuted_flatten_gives_the_first_kernel_its_weight_reordered(tmp_path, flatten, perm):
     source = tmp_path / "keras.onnx"
-    dense_kernel = keras_style(source, flatten=flatten)
+    dense_kernel = keras_style(source, flatten=flatten, perm=perm)
     out = tmp_path / "keras.fcn.onnx"
     result = cli("convert", source, "-o", out)
     assert result.exit_code == 0, result.stderr
@@ -351,10 +400,13 @@ def test_an_nhwc_flatten_gives_the_first_kernel_its_weight_reordered(tmp_path, f
     assert first.op_type == "Conv"
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     channels, height, width = MAP
-    # the MatMul's rows are in (h, w, c) order: row (h·W + w)·C + c of the (in, out) weight
-    expected = dense_kernel.T.reshape(HIDDEN, height, width, channels).transpose(0, 3, 1, 2)
+    sizes = {1: channels, 2: height, 3: width}
+    # the MatMul's rows are in the transposed map's order, e.g. (h, w, c): row (h·W + w)·C + c
+    flattened = dense_kernel.T.reshape(HIDDEN, *(sizes[axis] for axis in perm[1:]))
+    expected = flattened.transpose(0, *(1 + perm[1:].index(axis) for axis in (1, 2, 3)))
     assert np.array_equal(weights[first.input[1]], expected)
-    assert weights[first.input[1]][7, 2, 5, 3] == dense_kernel[(5 * width + 3) * channels + 2, 7]
+    row = {(0, 2, 3, 1): (5 * width + 3) * channels + 2, (0, 3, 2, 1): (3 * height + 5) * channels + 2}[perm]
+    assert weights[first.input[1]][7, 2, 5, 3] == dense_kernel[row, 7]  # channel 2 at (h, w) = (5, 3)
     assert_fully_convolutional(out)
 
 
@@ -427,6 +479,92 @@ def test_a_trunk_reshape_that_splits_a_growing_axis_exits_3_naming_it(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "back_to_map (Reshape)" in lines[0] and "size-free" in lines[0], result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spatial.onnx"]
+
+
+def plain_graph(path, nodes, weights, *, outputs=(("y", [1, 5]),), input_dims=(1, *NATIVE)) -> None:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_dims))],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name, dims in outputs],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def refused_graphs():
+    """Graphs that are classifiers at their native size but not fully convolutional: (nodes, weights, node named)."""
+    rng = np.random.default_rng(0)
+    conv = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)}
+    fc = {"fc": rng.standard_normal((5, 320)).astype(np.float32)}
+    head = [
+        helper.make_node("Flatten", ["map"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1),
+    ]
+    return {
+        "a crop to the native size": (
+            [
+                helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+                helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["map"], name="crop"),
+                *head,
+            ],
+            {**conv, **fc, "starts": np.array([0, 0], np.int64), "ends": np.array([10, 8], np.int64),
+             "axes": np.array([2, 3], np.int64)},
+            "crop (Slice)",
+        ),
+        "a position table of the native size": (
+            [
+                helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+                helper.make_node("Add", ["c", "positions"], ["map"], name="add_positions"),
+                *head,
+            ],
+            {**conv, **fc, "positions": rng.standard_normal((1, 4, 10, 8)).astype(np.float32)},
+            "add_positions (Add)",
+        ),
+        "a sum over the positions": (
+            [
+                helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+                helper.make_node("ReduceSum", ["c", "spatial"], ["summed"], name="sum_positions", keepdims=0),
+                helper.make_node("Gemm", ["summed", "fc4"], ["y"], name="fc", transB=1),
+            ],
+            {**conv, "spatial": np.array([2, 3], np.int64), "fc4": rng.standard_normal((5, 4)).astype(np.float32)},
+            "sum_positions (ReduceSum)",
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(refused_graphs()))
+def test_a_trunk_or_collapse_with_no_size_free_form_exits_3_naming_the_node(tmp_path, case):
+    nodes, weights, named = refused_graphs()[case]
+    source = tmp_path / "model.onnx"
+    plain_graph(source, nodes, weights)
+    result = cli("convert", source)
+    assert result.exit_code == 3, result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_several_outputs_and_a_channels_last_input_are_refused_for_now(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+               "fc": rng.standard_normal((5, 320)).astype(np.float32)}  # fmt: skip
+    two_outputs = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+        helper.make_node("Flatten", ["c"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1),
+        helper.make_node("Sigmoid", ["y"], ["p"], name="probabilities"),
+    ]
+    plain_graph(tmp_path / "two.onnx", two_outputs, weights, outputs=(("y", [1, 5]), ("p", [1, 5])))
+    channels_last = [
+        helper.make_node("Transpose", ["x"], ["nchw"], name="input_to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+        helper.make_node("Flatten", ["c"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1),
+    ]
+    plain_graph(tmp_path / "nhwc.onnx", channels_last, weights, input_dims=(1, 12, 10, 3))
+    for name, text in (("two.onnx", "2 outputs (y, p)"), ("nhwc.onnx", "channels-last")):
+        result = cli("convert", tmp_path / name)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 3 and len(lines) == 1 and text in lines[0], (name, result.stderr)
 
 
 def test_a_free_size_input_asks_for_the_native_size_and_converts_with_it(tmp_path):
