@@ -218,10 +218,11 @@ def _compare_and_show(exported, references):
     return report
 
 
-def is_onnx_file(path: Path) -> bool:
-    from fcconv.onnx_rewrite import is_onnx_file as is_onnx
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model (by suffix or content); onnx is imported only when asked."""
+    from fcconv.onnx_rewrite import is_onnx_file
 
-    return is_onnx(path)
+    return is_onnx_file(path)
 
 
 def _refuse_for_onnx(**given: Any) -> None:
@@ -368,7 +369,7 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK):
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
-    if is_onnx_file(model):
+    if _is_onnx(model):
         _refuse_for_onnx(
             arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
             device=device != "cpu", dtype=dtype, trust=trust,
@@ -451,7 +452,7 @@ def verify(
     if pool is None:
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
-    if is_onnx_file(reference):
+    if _is_onnx(reference):
         _refuse_for_onnx(arch=arch, dense=dense, pool=pool, device=device != "cpu", dtype=dtype, trust=trust)
         classifier, conversion = _rewrite_onnx_file(reference, input_shape)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
@@ -483,7 +484,7 @@ def inspect(
     from fcconv.rewrite import analyze
 
     _check_pool(pool)
-    if is_onnx_file(model):
+    if _is_onnx(model):
         _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
         _, conversion = _rewrite_onnx_file(model, input_shape)
         linear = ONNX_LINEAR
