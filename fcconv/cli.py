@@ -27,6 +27,7 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_NOT_CONVERTIBLE = 0, 1, 2, 3
+ONNX_LINEAR = "Gemm or MatMul"  # what a Linear layer is in an ONNX graph
 
 ArchOption = Annotated[
     Optional[str],
@@ -233,18 +234,21 @@ def _check_pool(pool: str | None) -> str | None:
     return pool
 
 
-def _print_trunk(conversion, *, inspecting: bool = False) -> None:
-    """What the rewrite found or changed outside the head: per-position Linear layers, size-generic functions."""
+def _print_trunk(conversion, *, inspecting: bool = False, linear: str = "Linear layer") -> None:
+    """What the rewrite found or changed outside the head: per-position Linear layers, size-generic functions.
+
+    ``linear`` names the head's fully connected layers as the model spells them.
+    """
     from fcconv.render import trunk_table
 
     if conversion.fully_convolutional:
         screen.show(
-            "already fully convolutional: the head holds no Linear layer, so only its flatten goes; "
+            f"already fully convolutional: the head holds no {linear}, so only its flatten goes; "
             + ("it is exported" if inspecting else "exported")
             + " with free height and width",
             markup=False,
         )
-    if conversion.trunk_layers:
+    if getattr(conversion, "trunk_layers", None):
         screen.show(trunk_table(conversion))
         if any(layer.after.startswith("kept") for layer in conversion.trunk_layers):
             screen.show(
@@ -311,6 +315,72 @@ def _check_report_paths(inputs: list[Path], *reports: Path | None) -> None:
             raise BadInputError(f"{option} {report} would overwrite an input")
 
 
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model (by suffix or content); onnx is imported only when asked."""
+    from fcconv.onnx_rewrite import is_onnx_file
+
+    return is_onnx_file(path)
+
+
+def _refuse_for_onnx(**given: Any) -> None:
+    """Refuse the options that only mean something for a PyTorch model, naming the first one given."""
+    for flag, value in given.items():
+        if value:
+            raise BadInputError(f"--{flag.replace('_', '-')} does not apply to an ONNX model")
+
+
+def _rewrite_onnx_file(path: Path, input_shape: str | None):
+    """Read an ONNX classifier and rewrite its head, with progress lines; returns both."""
+    from fcconv.load import parse_input_shape
+    from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx
+
+    shape = parse_input_shape(input_shape) if input_shape else None
+    with screen.status(f"Loading {path}…"):
+        classifier = load_onnx_classifier(path, shape)
+    with screen.status("Rewriting the head…"):
+        conversion = rewrite_onnx(classifier)
+    return classifier, conversion
+
+
+def _onnx_references(classifier, conversion, sizes, rtol, atol):
+    """The input ONNX model's outputs on the verification inputs, with a progress line."""
+    from fcconv.onnx_verify import onnx_reference_outputs
+
+    with screen.status("Running the original…") as update:
+        return onnx_reference_outputs(
+            classifier, conversion, sizes=sizes, rtol=rtol, atol=atol,
+            on_size=lambda s: update(f"Running the original at {'×'.join(map(str, s))}…"),
+        )  # fmt: skip
+
+
+def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool) -> None:
+    """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
+    from fcconv.export import external_data_path, staged_onnx
+    from fcconv.onnx_rewrite import write_onnx
+    from fcconv.render import rewrite_table
+
+    classifier, conversion = _rewrite_onnx_file(model, input_shape)
+    if conversion.layers:
+        title = f"{model.name} (ONNX, opset {classifier.opset}): rewritten layers"
+        screen.show(rewrite_table(conversion, title=title))
+    _print_trunk(conversion, linear=ONNX_LINEAR)
+    for item in conversion.removed:
+        screen.show(f"  removed: {item}", markup=False)
+    with staged_onnx(target) as staged:
+        with screen.status(f"Writing {target.name}…"):
+            write_onnx(conversion, staged, source=model, external_data=external_data or None)
+        data_file = external_data_path(staged).exists()
+        references = _onnx_references(classifier, conversion, sizes, rtol, atol)
+        del classifier, conversion
+        _release_memory()
+        report = _compare_and_show(staged, references)
+        if not report.passed:
+            error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
+            raise typer.Exit(EXIT_MISMATCH)
+    weights = f" (weights in {external_data_path(target).name})" if data_file else ""
+    console.print(f"wrote {target}{weights}", markup=False, soft_wrap=True)
+
+
 def _release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
     import ctypes
@@ -331,8 +401,8 @@ def convert(
     model: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint: a state_dict (.pt, .pth, .bin, .safetensors), an ExportedProgram (.pt2) or, with "
-            "--trust, a pickled module.",
+            help="Checkpoint: a state_dict (.pt, .pth, .bin, .safetensors), an ExportedProgram (.pt2), a classifier "
+            "exported to ONNX (.onnx) or, with --trust, a pickled module.",
             readable=False,
         ),
     ],
@@ -370,7 +440,8 @@ def convert(
     """Rewrite MODEL's fully connected head as convolutions, export ONNX and verify the export.
 
     The ONNX file is written only when it matches the original (exit 0); on a mismatch
-    nothing is written and the exit code is 1.
+    nothing is written and the exit code is 1. An ONNX classifier is rewritten on its
+    graph and verified against itself in onnxruntime.
     """
     from fcconv.export import (
         HEAD_FORMATS,
@@ -398,6 +469,13 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK):
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
+    if _is_onnx(model):
+        _refuse_for_onnx(
+            arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
+            device=device != "cpu", dtype=dtype, trust=trust,
+        )  # fmt: skip
+        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data)
+        return
     loaded = _load(model, arch, input_shape, trust, dtype)
     with screen.status("Rewriting the head…"):
         conversion = rewrite(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
@@ -446,7 +524,10 @@ def verify(
         Path, typer.Argument(metavar="MODEL.onnx", help="An exported fully convolutional ONNX model.", readable=False)
     ],
     reference: Annotated[
-        Path, typer.Option("--reference", help="The original checkpoint to compare against.", readable=False)
+        Path,
+        typer.Option(
+            "--reference", help="The original checkpoint (or ONNX classifier) to compare against.", readable=False
+        ),
     ],
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
@@ -487,9 +568,16 @@ def verify(
     if pool is None:
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
-    loaded = _load(reference, arch, input_shape, trust, dtype)
-    report = _compare_and_show(exported, _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool))
-    document = verification_document(report, onnx_model, reference, loaded.input_shape)
+    if _is_onnx(reference):
+        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, device=device != "cpu", dtype=dtype, trust=trust)
+        classifier, conversion = _rewrite_onnx_file(reference, input_shape)
+        references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
+    else:
+        loaded = _load(reference, arch, input_shape, trust, dtype)
+        references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)
+    report = _compare_and_show(exported, references)
+    shape = classifier.input_shape if _is_onnx(reference) else loaded.input_shape
+    document = verification_document(report, onnx_model, reference, shape)
     write_report(document, json_report, junit_report)
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
@@ -571,11 +659,17 @@ def inspect(
     from fcconv.rewrite import analyze
 
     _check_pool(pool)
-    loaded = _load(model, arch, input_shape, trust, dtype)
-    conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+    if _is_onnx(model):
+        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
+        _, conversion = _rewrite_onnx_file(model, input_shape)
+        linear = ONNX_LINEAR
+    else:
+        loaded = _load(model, arch, input_shape, trust, dtype)
+        conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+        linear = "Linear layer"
     if conversion.layers:
         console.print(inspect_table(conversion))
-    _print_trunk(conversion, inspecting=True)
+    _print_trunk(conversion, inspecting=True, linear=linear)
     for item in conversion.removed:
         console.print(f"  removed on conversion: {item}", markup=False)
     geometry = conversion.geometry

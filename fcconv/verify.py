@@ -203,7 +203,7 @@ class References:
 
 @torch.inference_mode()
 def reference_outputs(
-    original: nn.Module,
+    original: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     input_shape: Sequence[int] = (3, 224, 224),
     *,
     sizes: Sequence[Sequence[int]] | None = None,
@@ -223,6 +223,10 @@ def reference_outputs(
     (N, K) when ``pool``), unless ``dense``; at every size :func:`sliding_window_reference`,
     pooled when ``pool`` is 'avg' or 'max'. A given ``conversion`` says how the model
     was converted, in place of ``dense`` and ``pool``.
+
+    ``original`` may also be any callable on tensors with a ``dtype`` attribute (an
+    ONNX model run in onnxruntime); ``conversion`` is then required, and needs only
+    ``geometry`` and the ``features`` and ``head`` callables the sliding window runs.
     """
     input_shape = tuple(int(s) for s in input_shape)
     native = input_shape[1:]
@@ -232,13 +236,18 @@ def reference_outputs(
             shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
             raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
     device = _device(device)
-    original.eval()
-    if conversion is None:
-        conversion = analyze(original, input_shape, dense=dense, pool=pool)
+    if isinstance(original, nn.Module):
+        original.eval()
+        if conversion is None:
+            conversion = analyze(original, input_shape, dense=dense, pool=pool)
+        original.to(device)
+        params = [p for p in original.parameters() if p.is_floating_point()]
+        dtype = params[0].dtype if params else torch.float32
+    else:
+        if conversion is None:
+            raise TypeError("reference_outputs: an original that is not a module needs its conversion")
+        dtype = getattr(original, "dtype", torch.float32)
     dense, pool = conversion.geometry.dense, conversion.geometry.pool
-    original.to(device)
-    params = [p for p in original.parameters() if p.is_floating_point()]
-    dtype = params[0].dtype if params else torch.float32
     rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
     references = References([], rtol, atol, dtype, device)
