@@ -365,6 +365,33 @@ def _inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dic
     return shapes
 
 
+def onnx_output_shapes(model: Any) -> Callable[[tuple[int, ...]], tuple[int, ...] | None]:
+    """The output's shape for a batch-1 input of a given (C, *spatial) shape, by ONNX shape inference alone.
+
+    What :func:`~fcconv.grid.probe_output_grid` needs to measure an ONNX model's
+    total stride and receptive field without running it; None where inference
+    cannot determine every axis.
+    """
+    light = _shapes_only(model)
+    input_name, output_name = model.graph.input[0].name, model.graph.output[0].name
+
+    def output_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        dims = _inferred_shapes(light, input_name, (1, *shape)).get(output_name)
+        return None if dims is None or any(d is None for d in dims) else tuple(int(d) for d in dims)
+
+    return output_shape
+
+
+def onnx_weights_digest(model: Any, path: Path | None = None) -> WeightsDigest:
+    """:mod:`fcconv.weights_digest` of ``model``'s initializers (inline, or in external data beside ``path``)."""
+    digest = WeightsDigest()
+    with ExitStack() as stack:
+        mapped: dict[str, mmap.mmap] = {}
+        for tensor in model.graph.initializer:
+            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, mapped, stack)])
+    return digest
+
+
 # --- weights ----------------------------------------------------------------------------------------
 
 
@@ -377,11 +404,7 @@ def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult
     expected = meta.get(WEIGHTS_DIGEST_KEY)
     if expected is None:
         return CheckResult("weights digest", SKIP, f"no {WEIGHTS_DIGEST_KEY} metadata to compare the weights with")
-    digest = WeightsDigest()
-    with ExitStack() as stack:
-        mapped: dict[str, mmap.mmap] = {}
-        for tensor in model.graph.initializer:
-            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, mapped, stack)])
+    digest = onnx_weights_digest(model, path)
     actual = digest.hexdigest()
     if actual == expected:
         return CheckResult("weights digest", PASS, f"{len(digest.each)} initializers hash to sha256 {actual[:16]}…")
@@ -405,7 +428,7 @@ def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult
     )
 
 
-def _raw_bytes(tensor: Any, path: Path, mapped: dict[str, mmap.mmap], stack: ExitStack) -> bytes | memoryview:
+def _raw_bytes(tensor: Any, path: Path | None, mapped: dict[str, mmap.mmap], stack: ExitStack) -> bytes | memoryview:
     """The initializer's row-major little-endian bytes, from the file itself (memory-mapped when external)."""
     import numpy as np
     import onnx

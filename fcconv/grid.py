@@ -19,7 +19,7 @@ and returns None rather than a guess when the sizes it sees do not follow the fo
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,9 @@ class OutputGrid:
         )
 
 
-def probe_output_grid(module: nn.Module, input_shape: Sequence[int]) -> OutputGrid | None:
+def probe_output_grid(
+    module: nn.Module | Callable[[tuple[int, ...]], tuple[int, ...] | None], input_shape: Sequence[int]
+) -> OutputGrid | None:
     """Total stride and receptive field of ``module``'s (N, K, *map) output, found by probing sizes on shapes alone.
 
     ``input_shape`` is the native (C, *spatial) shape, which the module must take.
@@ -59,7 +61,7 @@ def probe_output_grid(module: nn.Module, input_shape: Sequence[int]) -> OutputGr
     """
     input_shape = tuple(int(s) for s in input_shape)
     native = input_shape[1:]
-    output_shape = _OutputShapes(module)
+    output_shape = _OutputShapes(module) if isinstance(module, nn.Module) else module
     seen: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def run(size: tuple[int, ...]) -> tuple[int, ...] | None:

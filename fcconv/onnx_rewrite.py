@@ -1518,18 +1518,44 @@ def write_onnx(
 ) -> Path:
     """Write the converted model to ``path`` with fcconv's metadata (``metadata`` added after it).
 
-    The metadata is what the PyTorch path writes where it applies: fcconv's version,
-    the native input shape, the window and stride of the head, the conversion mode
-    and, given ``source`` (the input file), its sha256. ``external_data`` writes the
+    The metadata is what the PyTorch path writes: fcconv's version, the native input
+    shape, the window and stride of the head, the conversion mode, the total stride
+    and receptive field (measured by ONNX shape inference), the class count, the
+    weights' digest and, given ``source`` (the input file), its sha256. ``external_data`` writes the
     weights to ``NAME.onnx.data`` beside the file; by default only when the file would
     pass protobuf's 2 GiB limit. Both files are written under temporary names and
     renamed into place.
     """
-    from fcconv.export import PROTOBUF_LIMIT, external_data_path, fcconv_metadata, staged_path
+    from fcconv.check import onnx_output_shapes, onnx_weights_digest
+    from fcconv.export import (
+        EACH_DIGEST_KEY,
+        PROTOBUF_LIMIT,
+        WEIGHTS_DIGEST_KEY,
+        external_data_path,
+        fcconv_metadata,
+        staged_path,
+    )
+    from fcconv.grid import probe_output_grid
 
     path = Path(path)
     model = conversion.model
-    props = {**fcconv_metadata(conversion.geometry, source=source), "fcconv.head_format": "conv", **(metadata or {})}
+    input_shape = conversion.geometry.input_shape
+    output_shape = onnx_output_shapes(model)
+    native_output = output_shape(tuple(input_shape))
+    grid = probe_output_grid(output_shape, input_shape) if conversion.geometry.mode == "map" else None
+    digest = onnx_weights_digest(model)
+    props = {
+        **fcconv_metadata(
+            conversion.geometry,
+            source=source,
+            grid=grid,
+            num_classes=native_output[1] if native_output and len(native_output) > 1 else None,
+        ),
+        "fcconv.head_format": "conv",
+        **(metadata or {}),
+        WEIGHTS_DIGEST_KEY: digest.hexdigest(),
+        EACH_DIGEST_KEY: digest.each_json(),
+    }
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

@@ -638,6 +638,32 @@ def test_the_export_records_what_verify_and_check_read(exported, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_the_export_passes_check_with_its_grid_and_weights_recorded_and_fails_it_when_tampered(
+    exported, tmp_path, exporter
+):
+    out = tmp_path / "converted.onnx"
+    converts(exported[f"flatten-gemm-{exporter}"], out)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    # SmallNet: 3×3 conv, 2×2 max pooling, 3×3 conv (unpadded), then a 5×5 window: 16 = 2·(5 + 2) + 2
+    assert meta["fcconv.total_stride"] == "2,2" and meta["fcconv.receptive_field"] == "16,16"
+    assert meta["fcconv.num_classes"] == "5" and meta["fcconv.mode"] == "map"
+    checked = cli("check", out, "--sizes", SIZES)
+    assert checked.exit_code == 0, checked.stderr + checked.stdout
+    assert "skipped" not in checked.stdout and "as predicted" in checked.stdout
+
+    model = onnx.load(str(out))
+    weight = next(t for t in model.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[7] += 0.25
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+    failed = cli("check", tampered, "--sizes", SIZES)
+    assert failed.exit_code == 1
+    assert f"initializer {weight.name!r} changed since export" in failed.stdout.replace("\n", "")
+
+
 def test_inspect_lists_the_head_of_an_onnx_classifier(exported):
     result = cli("inspect", exported["flatten-gemm-torchscript"])
     assert result.exit_code == 0, result.stderr
