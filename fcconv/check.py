@@ -37,7 +37,15 @@ from fcconv.weights_digest import EACH_DIGITS, WeightsDigest
 __all__ = ["CHECKS", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
-CHECKS = ("onnx checker", "free spatial axes", "no collapse", "weights digest", "runs", "output size")
+CHECKS = (
+    "onnx checker",
+    "free spatial axes",
+    "no collapse",
+    "weights digest",
+    "runs",
+    "output size",
+    "reference output",
+)
 # Initializers up to this many elements keep their values for shape inference (shape and slice constants);
 # larger ones, the weights, enter it as typed inputs without their data.
 _SMALL_INITIALIZER = 64
@@ -57,6 +65,10 @@ class CheckResult:
     input_size: tuple[int, ...] | None = None
     expected_shape: tuple[int | None, ...] | None = None
     actual_shape: tuple[int, ...] | None = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    tolerance: float | None = None
+    """``reference output`` only: the largest errors and the allowed absolute error."""
 
     @property
     def passed(self) -> bool:
@@ -70,6 +82,10 @@ class CheckReport:
     model: str
     input_shape: tuple[int, ...]
     results: list[CheckResult] = field(default_factory=list)
+    rtol: float | None = None
+    atol: float = 0.0
+    dtype: str = "float32"
+    """The tolerances and input dtype of the ``reference output`` check (``rtol`` None when it did not compare)."""
 
     @property
     def passed(self) -> bool:
@@ -88,6 +104,8 @@ def check_onnx(
     sizes: Sequence[Sequence[int]] | None = None,
     batch: int = 2,
     seed: int = 0,
+    rtol: float | None = None,
+    atol: float = 0.0,
     on_step: Callable[[str], None] | None = None,
 ) -> CheckReport:
     """Check the ONNX model at ``path`` without a reference; returns a :class:`CheckReport`, never raises on a failure.
@@ -97,6 +115,11 @@ def check_onnx(
     verify`` uses, :func:`fcconv.verify.default_sizes`). Raises
     :class:`~fcconv.errors.BadInputError` when the file is not an ONNX model, its
     external weights are missing, or no native size is known.
+
+    ``reference output`` compares the model's output on :func:`fcconv.verify.probe_input`
+    with the original's, which the export records (``fcconv.probe_output``): it passes
+    when ``max |output - recorded| <= atol + rtol * max |recorded|`` (``rtol`` default:
+    what ``fcconv verify`` uses for the input's dtype).
     """
     import onnx
 
@@ -127,7 +150,7 @@ def check_onnx(
     except Exception as exc:  # noqa: BLE001 - any checker or inference error fails this check, with its text
         report.results.insert(0, CheckResult("onnx checker", FAIL, _first_line(exc)))
 
-    report.results.extend(_runs(path, input_shape, sizes, batch, seed, expectation, step))
+    report.results.extend(_runs(path, input_shape, sizes, batch, seed, expectation, step, meta, report, atol, rtol))
     return report
 
 
@@ -504,8 +527,12 @@ def _runs(
     seed: int,
     expectation: _Expectation,
     step: Callable[[str], None],
+    meta: dict[str, str],
+    report: CheckReport,
+    atol: float,
+    rtol: float | None,
 ) -> list[CheckResult]:
-    """Run the model in onnxruntime at each size: finite outputs of the predicted shape."""
+    """Run the model in onnxruntime at each size (finite outputs of the predicted shape), then on the probe input."""
     import torch
 
     from fcconv.export import OnnxModel
@@ -515,7 +542,8 @@ def _runs(
         runner = OnnxModel(path)
     except BadInputError as exc:
         message = f"onnxruntime cannot load it: {exc}"
-        return [r for size in sizes for r in (CheckResult("runs", FAIL, message, size), _size_skipped(size))]
+        results = [r for size in sizes for r in (CheckResult("runs", FAIL, message, size), _size_skipped(size))]
+        return [*results, CheckResult("reference output", SKIP, "the model did not load")]
     dtype = _input_dtype(runner)
     generator = torch.Generator().manual_seed(seed)
     results = []
@@ -539,7 +567,56 @@ def _runs(
             )
         )
         results.append(_output_size(size, actual, expectation.shape(batch, size), expectation))
+    step("Comparing with the original's recorded output…")
+    results.append(_reference_output(runner, dtype, input_shape, meta, report, atol, rtol))
     return results
+
+
+def _reference_output(
+    runner: Any, dtype: Any, input_shape: tuple[int, ...], meta: dict[str, str], report: CheckReport,
+    atol: float, rtol: float | None,
+) -> CheckResult:  # fmt: skip
+    """The model on the probe input against the original's output recorded at export."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    from fcconv.export import PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY
+    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, probe_input
+
+    name = "reference output"
+    if PROBE_OUTPUT_KEY not in meta or PROBE_SHAPE_KEY not in meta:
+        return CheckResult(name, SKIP, f"no {PROBE_OUTPUT_KEY} metadata: the original's output was not recorded")
+    try:
+        shape = tuple(int(d) for d in meta[PROBE_SHAPE_KEY].split(","))
+        recorded = torch.from_numpy(np.frombuffer(base64.b64decode(meta[PROBE_OUTPUT_KEY]), dtype="<f4").copy())
+    except ValueError:
+        return CheckResult(name, FAIL, f"{PROBE_OUTPUT_KEY} is not what fcconv writes")
+    report.rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
+    report.atol, report.dtype = atol, str(dtype).removeprefix("torch.")
+    size = input_shape[1:]
+    try:
+        out = runner(probe_input(input_shape, dtype))
+    except Exception as exc:  # noqa: BLE001 - a failed run fails this check, with the reason
+        return CheckResult(name, FAIL, f"onnxruntime failed: {_first_line(exc)}", size, shape)
+    actual_shape = tuple(int(d) for d in out.shape)
+    if actual_shape != shape:
+        got = "×".join(map(str, actual_shape))
+        return CheckResult(name, FAIL, f"output {got}, recorded {'×'.join(map(str, shape))}", size, shape, actual_shape)
+    actual = out.reshape(-1)[: recorded.numel()].double()
+    expected = recorded.double()
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    tolerance = atol + report.rtol * scale
+    diff = (actual - expected).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    if not bool(torch.isfinite(diff).all()):
+        max_abs = math.inf
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    passed = max_abs <= tolerance
+    verdict = f"max abs {max_abs:.1e}, max rel {max_rel:.1e} {'<=' if passed else '>'} {report.rtol:g}"
+    message = f"{verdict} on the fixed probe input ({recorded.numel()} values recorded at export)"
+    return CheckResult(name, PASS if passed else FAIL, message, size, shape, actual_shape, max_abs, max_rel, tolerance)
 
 
 def _output_size(

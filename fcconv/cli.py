@@ -280,6 +280,17 @@ def _references(loaded, dense, sizes, rtol, atol, device, conversion=None, pool=
     return references
 
 
+def _probe_output(conversion, input_shape, references):
+    """The original's reading of :func:`~fcconv.verify.probe_input`, recorded in the export for ``fcconv check``."""
+    import torch
+
+    from fcconv.verify import full_float32_precision, probe_input, sliding_window_reference
+
+    probe = probe_input(input_shape, references.dtype).to(references.device)
+    with torch.inference_mode(), full_float32_precision():
+        return sliding_window_reference(conversion, probe)
+
+
 def _compare_and_show(exported, references):
     """Run ``exported`` on the reference inputs with a progress line, print the table, return the report."""
     from fcconv.render import verification_table
@@ -353,9 +364,19 @@ def _onnx_references(classifier, conversion, sizes, rtol, atol):
         )  # fmt: skip
 
 
+def _onnx_probe_output(classifier):
+    """The input ONNX model's output on :func:`~fcconv.verify.probe_input`, as the converted map's (1, K, 1, ...)."""
+    from fcconv.onnx_verify import OnnxRunner
+    from fcconv.verify import probe_input
+
+    runner = OnnxRunner(classifier.model)
+    out = runner(probe_input(classifier.input_shape, runner.dtype))
+    return out.reshape(*out.shape, *(1,) * (len(classifier.input_shape) - 1))
+
+
 def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool) -> None:
     """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
-    from fcconv.export import external_data_path, staged_onnx
+    from fcconv.export import append_metadata, external_data_path, probe_metadata, staged_onnx
     from fcconv.onnx_rewrite import write_onnx
     from fcconv.render import rewrite_table
 
@@ -371,6 +392,7 @@ def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, ext
             write_onnx(conversion, staged, source=model, external_data=external_data or None)
         data_file = external_data_path(staged).exists()
         references = _onnx_references(classifier, conversion, sizes, rtol, atol)
+        append_metadata(staged, probe_metadata(_onnx_probe_output(classifier)))
         del classifier, conversion
         _release_memory()
         report = _compare_and_show(staged, references)
@@ -445,10 +467,12 @@ def convert(
     """
     from fcconv.export import (
         HEAD_FORMATS,
+        append_metadata,
         export_onnx,
         external_data_path,
         fcconv_metadata,
         inline_external_data,
+        probe_metadata,
         staged_onnx,
     )
     from fcconv.heatmap import card_metadata
@@ -503,6 +527,7 @@ def convert(
                 on_progress=lambda done, total: advance(done, total=total),
             )
         references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
+        append_metadata(staged, probe_metadata(_probe_output(conversion, loaded.input_shape, references)))
         # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
         del loaded, conversion
         _release_memory()
@@ -601,6 +626,8 @@ def check(
         ),
     ] = None,
     sizes: SizesOption = None,
+    rtol: RtolOption = None,
+    atol: AtolOption = 0.0,
     json_report: JsonOption = None,
     junit_report: JunitOption = None,
     quiet: QuietOption = False,
@@ -610,8 +637,9 @@ def check(
 
     Each model must pass onnx.checker with full shape inference, have free spatial
     axes, fold no spatial axis into features, still hold the weights it was exported
-    with, and run in onnxruntime at every size with the output size its total stride
-    and receptive field predict. Checks that need fcconv's metadata are skipped on
+    with, run in onnxruntime at every size with the output size its total stride
+    and receptive field predict, and give the original's output, which the export
+    records, on a fixed input (--rtol, --atol). Checks that need fcconv's metadata are skipped on
     other models.
     """
     from fcconv.check import check_onnx
@@ -625,7 +653,7 @@ def check(
     reports = []
     for path in onnx_models:
         with screen.status(f"Checking {path}…") as update:
-            report = check_onnx(path, shape, sizes=check_sizes, on_step=update)
+            report = check_onnx(path, shape, sizes=check_sizes, rtol=rtol, atol=atol, on_step=update)
         screen.show(check_table(report))
         reports.append(report)
     write_report(check_document(reports), json_report, junit_report)

@@ -501,5 +501,30 @@ def fcconv_metadata(
     return meta
 
 
+PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"
+PROBE_VALUES = 4096  # the first this many values of the probe output are recorded
+
+
+def probe_metadata(expected: torch.Tensor) -> dict[str, str]:
+    """The original's output on :func:`fcconv.verify.probe_input`, as metadata ``fcconv check`` compares with.
+
+    Its shape, and its first :data:`PROBE_VALUES` values (C order) as float32
+    little-endian bytes in base64.
+    """
+    import base64
+
+    values = expected.detach().reshape(-1)[:PROBE_VALUES].to("cpu", torch.float32).numpy().astype("<f4")
+    return {
+        PROBE_SHAPE_KEY: ",".join(map(str, expected.shape)),
+        PROBE_OUTPUT_KEY: base64.b64encode(values.tobytes()).decode("ascii"),
+    }
+
+
+def append_metadata(path: str | Path, entries: Mapping[str, str]) -> None:
+    """Add metadata entries to the ONNX file at ``path`` without rewriting it (serialized messages merge)."""
+    with open(path, "ab") as f:
+        f.write(_metadata_fragment(entries))
+
+
 def _axes(values: tuple[int, ...] | None) -> str:
     return "unknown" if not values else ",".join(map(str, values))

@@ -27,7 +27,7 @@ SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
 
 def check_document(reports: Sequence[CheckReport]) -> dict[str, Any]:
-    """The report of ``fcconv check`` on one or more models (no tolerances: nothing is compared with a reference)."""
+    """The report of ``fcconv check`` on one or more models; tolerances are those of the ``reference output`` check."""
     models = [
         {
             "model": report.model,
@@ -42,13 +42,18 @@ def check_document(reports: Sequence[CheckReport]) -> dict[str, Any]:
                     actual_shape=r.actual_shape,
                     verdict=r.verdict,
                     message=r.message,
+                    max_abs=r.max_abs,
+                    max_rel=r.max_rel,
+                    tolerance=r.tolerance,
                 )
                 for r in report.results
             ],
         }
         for report in reports
     ]
-    return _document("check", models, tolerances=None)
+    compared = [report for report in reports if report.rtol is not None]
+    tolerances = {"rtol": compared[0].rtol, "atol": compared[0].atol, "dtype": compared[0].dtype} if compared else None
+    return _document("check", models, tolerances=tolerances)
 
 
 def verification_document(

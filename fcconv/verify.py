@@ -34,6 +34,7 @@ __all__ = [
     "VerificationReport",
     "compare_outputs",
     "default_sizes",
+    "probe_input",
     "reference_outputs",
     "sliding_window_reference",
     "verify",
@@ -76,6 +77,18 @@ class VerificationReport:
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(check.passed for check in self.checks)
+
+
+def probe_input(input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fixed input of the native shape, batch 1, made by a formula rather than a random generator.
+
+    An export records its original's output on this input (``fcconv.probe_output``),
+    so that ``fcconv check`` can compare the export with the trained model without it:
+    the same values on every machine and with every library version.
+    """
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in input_shape], indexing="ij")
+    phase = sum((0.61803 + 0.29 * i) * (axis + 1) for i, axis in enumerate(axes))
+    return (2 * torch.sin(phase) + torch.cos(0.37 * phase)).unsqueeze(0).to(dtype)
 
 
 def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:

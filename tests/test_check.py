@@ -27,6 +27,7 @@ from fcconv.cli import app
 from fcconv.export import OnnxModel
 from fcconv.grid import probe_output_grid
 from fcconv.report import SCHEMA_PATH
+from fcconv.weights_digest import WeightsDigest
 
 SAMPLE = REPO / "sample_models" / "digits_lenet.pt"
 FCCONV = [sys.executable, "-m", "fcconv"]
@@ -205,7 +206,8 @@ def test_a_good_export_passes_with_a_valid_json_report_and_a_junit_report_withou
     assert code == 0, stdout + stderr
     assert f"{good} passed" in stdout
     document, suite = reports(tmp_path / "r.json", tmp_path / "r.xml")
-    assert document["command"] == "check" and document["passed"] is True and document["tolerances"] is None
+    assert document["command"] == "check" and document["passed"] is True
+    assert document["tolerances"] == {"rtol": 1e-4, "atol": 0.0, "dtype": "float32"}
     (entry,) = document["models"]
     assert entry["model"] == str(good) and entry["input_shape"] == [1, 28, 28]
     assert {c["verdict"] for c in entry["checks"]} == {"pass"}
@@ -221,13 +223,40 @@ def test_a_changed_weight_fails_check_naming_the_initializer(sample_export, tmp_
     _, tampered = sample_export
     code, stdout, stderr = invoke("check", tampered, "--json", tmp_path / "r.json", "--junit", tmp_path / "r.xml")
     assert code == 1
-    assert stderr.strip() == f"fcconv: {tampered} failed: weights digest"
+    assert stderr.strip() == f"fcconv: {tampered} failed: weights digest, reference output"
     document, suite = reports(tmp_path / "r.json", tmp_path / "r.xml")
     assert document["passed"] is False
     failed = [c for c in document["models"][0]["checks"] if c["verdict"] == "fail"]
-    assert [c["check"] for c in failed] == ["weights digest"]
+    assert [c["check"] for c in failed] == ["weights digest", "reference output"]
     assert "'fc2.bias' changed since export" in failed[0]["message"]
-    assert list(junit_failures(suite)) == [f"{tampered}: weights digest"]
+    assert list(junit_failures(suite)) == [f"{tampered}: weights digest", f"{tampered}: reference output at 28×28"]
+
+
+def test_a_changed_model_with_a_matching_digest_still_fails_against_the_recorded_original(sample_export, tmp_path):
+    _, tampered = sample_export
+    model = onnx.load(str(tampered))
+    digest = WeightsDigest()
+    for t in model.graph.initializer:
+        digest.add(t.name, t.data_type, list(t.dims), [numpy_helper.to_array(t).tobytes()])
+    for entry in model.metadata_props:  # as if re-exported from changed weights: the digest agrees with them
+        if entry.key == "fcconv.weights_sha256":
+            entry.value = digest.hexdigest()
+        elif entry.key == "fcconv.initializer_sha256":
+            entry.value = digest.each_json()
+    redigested = tmp_path / "redigested.onnx"
+    onnx.save(model, str(redigested))
+    code, _, stderr = invoke("check", redigested, "--json", tmp_path / "r.json", "--junit", tmp_path / "r.xml")
+    assert code == 1
+    assert stderr.strip() == f"fcconv: {redigested} failed: reference output"
+    document, _ = reports(tmp_path / "r.json", tmp_path / "r.xml")
+    assert document["tolerances"] == {"rtol": 1e-4, "atol": 0.0, "dtype": "float32"}
+    [entry] = [c for c in document["models"][0]["checks"] if c["check"] == "reference output"]
+    # class 3's bias moved by 1: the error is 1 in absolute terms, over the 1e-4 × max |score| allowed
+    assert entry["verdict"] == "fail" and entry["max_abs"] == pytest.approx(1.0, abs=1e-4)
+    assert entry["tolerance"] < entry["max_abs"]
+    loose = invoke("check", redigested, "--rtol", "1", "--json", tmp_path / "loose.json")
+    assert loose[0] == 0, loose[2]
+    assert json.loads((tmp_path / "loose.json").read_text())["tolerances"]["rtol"] == 1.0
 
 
 def test_a_changed_weight_fails_verify_with_reports_naming_each_size(sample_export, tmp_path):
@@ -327,11 +356,11 @@ def test_a_model_fcconv_did_not_write_is_checked_with_input_shape_and_says_what_
     torch_export(model, (1, 3, 8, 8), path, {"input": {0: "n", 2: "h", 3: "w"}})
     code, stdout, stderr = invoke("check", path, "--input-shape", "3,8,8", "--json", tmp_path / "r.json")
     assert code == 0, stdout + stderr
-    assert "passed (4 checks skipped)" in stdout
+    assert "passed (5 checks skipped)" in stdout
     checks = json.loads((tmp_path / "r.json").read_text())["models"][0]["checks"]
     skipped = [(c["check"], c["input_size"]) for c in checks if c["verdict"] == "skip"]
     assert skipped == [("weights digest", None), ("output size", [8, 8]), ("output size", [11, 13]),
-                       ("output size", [16, 16])]  # fmt: skip
+                       ("output size", [16, 16]), ("reference output", None)]  # fmt: skip
     code, _, stderr = invoke("check", path)
     assert code == 2 and "give --input-shape" in stderr
 
@@ -475,4 +504,5 @@ def test_the_github_actions_example_checks_every_onnx_file_and_keeps_the_reports
         assert result.returncode == expected, result.stderr
         document, suite = reports(repo / "fcconv-report.json", repo / "fcconv-junit.xml")
         assert [m["model"] for m in document["models"]] == ["good.onnx", "tampered.onnx"][: 1 + expected]
-        assert list(junit_failures(suite)) == ([] if expected == 0 else ["tampered.onnx: weights digest"])
+        failures = ["tampered.onnx: weights digest", "tampered.onnx: reference output at 28×28"]
+        assert list(junit_failures(suite)) == ([] if expected == 0 else failures)
