@@ -33,7 +33,7 @@ import fcconv
 from fcconv.errors import NotConvertibleError
 from fcconv.export import OnnxModel, export_onnx
 from fcconv.layers import ChannelLayerNorm
-from fcconv.load import build_architecture, detect_architecture, native_input_shape
+from fcconv.load import build_architecture, detect_architecture, load_model, native_input_shape
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -615,6 +615,23 @@ def test_signal_and_volume_classifiers_convert_and_their_exports_keep_the_contra
     exported = fcconv.verify(model, path, shape, sizes=sizes, conversion=conversion)
     assert exported.passed, checks(exported)
     assert [c.output_shape for c in exported.checks] == [c.output_shape for c in report.checks]
+
+
+# the gemm format writes one slice per kernel cell: 31 for the signal's kernel, 512 for the volume's (slow to export)
+@pytest.mark.parametrize("name, head_format", [("signal", "gemm"), ("volume", "conv")])
+def test_exported_programs_of_signal_and_volume_classifiers_convert(name, head_format, tmp_path):
+    factory, shape, sizes, first, kernel = CLASSIFIERS[name]
+    model = seeded(factory)
+    torch.export.save(torch.export.export(model, (torch.randn(1, *shape),)), tmp_path / f"{name}.pt2")
+    loaded = load_model(tmp_path / f"{name}.pt2")
+    assert loaded.input_shape == shape  # the program's example input
+    conversion = fcconv.rewrite(loaded.module, loaded.input_shape)
+    assert (conversion.layers[0].after, conversion.layers[0].kernel) == (first, kernel)
+    path = export_onnx(conversion.module, tmp_path / f"{name}.onnx", shape, head_format=head_format)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ("MatMul" in ops) == (head_format == "gemm")
+    report = fcconv.verify(model, path, shape, sizes=sizes[:2], conversion=fcconv.analyze(model, shape))
+    assert report.passed, checks(report)
 
 
 # --- torchvision's video classifiers -------------------------------------------------------------------
