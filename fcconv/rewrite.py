@@ -1059,8 +1059,9 @@ def _refuse_class_token(
             _probe_larger_input(gm, input_shape, modules)
         except NotConvertibleError as exc:
             raise NotConvertibleError(f"{reads}; {exc}") from exc
-        raise NotConvertibleError(f"{reads}: one token has no per-position reading, so the model has no fully "
-                                  "convolutional form")  # fmt: skip
+        raise NotConvertibleError(
+            f"{reads}: one token has no per-position reading, so the model has no fully convolutional form"
+        )
 
 
 def _refuse_size_dependent_trunk(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:

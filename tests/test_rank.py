@@ -688,6 +688,29 @@ def test_the_transformer_video_classifiers_are_refused_with_the_reason(name, rea
     assert refused.value.exit_code == 3 and "\n" not in str(refused.value)
 
 
+class ClassTokenReadout(nn.Module):
+    """Patches as tokens with a class token in front, mixed by a softmax over the tokens; the head reads token 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches = nn.Conv3d(3, 8, 4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], 1)
+        tokens = tokens + (tokens.softmax(1) * tokens).sum(1, keepdim=True)
+        return self.head(tokens[:, 0])
+
+
+def test_a_class_token_readout_is_refused_even_where_its_layers_take_any_size():
+    reason = r"reads token 0 of a sequence of 65 tokens .*: one token has no per-position reading"
+    with pytest.raises(NotConvertibleError, match=reason) as refused:
+        fcconv.analyze(seeded(ClassTokenReadout), (3, 16, 16, 16))
+    assert refused.value.exit_code == 3
+
+
 @pytest.mark.parametrize("name", ["r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v2_s", "swin3d_t"])
 def test_a_video_classifiers_state_dict_is_detected(name):
     state = build_architecture(name, 10).state_dict()  # meta tensors: keys and shapes only
