@@ -758,9 +758,14 @@ def test_the_command_line_inspects_and_converts_a_volume_classifier(tmp_path):
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, "depth", "height", "width"]
 
 
-def test_an_input_shape_of_the_wrong_rank_is_bad_input(tmp_path):
+def test_inspect_takes_an_input_shape_of_the_models_rank_and_refuses_another(tmp_path):
     torch.save(seeded(SignalClassifier).state_dict(), tmp_path / "signal.pt")
     arch = ["--arch", "custom_models:SignalClassifier"]
+    inspected = run("inspect", tmp_path / "signal.pt", *arch, "--input-shape", "1,1000")
+    assert inspected.returncode == 0, inspected.stderr
+    for text in ("32×31", "Conv1d(32 → 64), kernel 31", "64×1", "Conv1d(64 → 5), kernel 1"):
+        assert text in inspected.stdout, text
+    assert "reads a 31 window of the 32×31 feature map, every 1 cells" in inspected.stdout
     wrong_rank = run("inspect", tmp_path / "signal.pt", *arch, "--input-shape", "1,32,32")
     assert wrong_rank.returncode == 2 and "cannot take an input of shape 1×32×32" in wrong_rank.stderr
     five_axes = run("inspect", tmp_path / "signal.pt", *arch, "--input-shape", "1,4,4,4,4")
