@@ -74,7 +74,11 @@ QuietOption = Annotated[
 ]
 SizesOption = Annotated[
     Optional[str],
-    typer.Option("--sizes", help="Spatial sizes to check, e.g. 224x224,320x480. [default: native, 1.25-1.5×, 2×]"),
+    typer.Option(
+        "--sizes",
+        help="Spatial sizes to check, e.g. 224x224,320x480 (1000,1301 in 1D; 16x112x112 in 3D). "
+        "[default: native, 1.25-1.5×, 2×]",
+    ),
 ]
 DeviceOption = Annotated[
     str, typer.Option("--device", help="Where the PyTorch models run during verification: cpu or cuda (TF32 off).")

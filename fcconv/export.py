@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from fcconv.errors import BadInputError
 from fcconv.grid import OutputGrid, probe_output_grid
-from fcconv.layers import FullyConnectedConvMixin, PointwiseConv2d, WindowGemm, as_plain_conv
+from fcconv.layers import POINTWISE_CONV, FullyConnectedConvMixin, WindowGemm, as_plain_conv
 from fcconv.weights_digest import WeightsDigest
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
         plain._modules = dict(module._modules)
     for name in fast:
         conv = module.get_submodule(name)
-        gemm = head_format == "gemm" and not isinstance(conv, PointwiseConv2d)  # the trunk's stay convolutions
+        # the trunk's stay convolutions
+        gemm = head_format == "gemm" and not isinstance(conv, tuple(POINTWISE_CONV.values()))
         plain.set_submodule(name, WindowGemm(conv) if gemm else as_plain_conv(conv), strict=False)
     return plain
 

@@ -249,37 +249,71 @@ def layer_norm_over_channels(norm: nn.LayerNorm) -> ChannelLayerNorm:
     return out
 
 
+class PointwiseConv1d(FullyConnectedConv1d):
+    """A Linear that acted on each position of a channels-last (N, L, C) map, now a 1-wide Conv1d on (N, C, L)."""
+
+
 class PointwiseConv2d(FullyConnectedConv2d):
     """A Linear that acted on each position of a channels-last map, now a 1×1 Conv2d on the channels-first map."""
 
 
-class ChannelsLastPointwiseConv2d(nn.Conv2d):
-    """A Linear over the last axis of a channels-last (N, H, W, C) map, held as a 1×1 Conv2d.
+class PointwiseConv3d(FullyConnectedConv3d):
+    """A Linear that acted on each position of a channels-last (N, D, H, W, C) map, now a 1×1×1 Conv3d."""
 
-    Its state_dict is a Conv2d's. It computes the Linear's GEMM in PyTorch, and
-    exports as Transpose → Conv → Transpose, so the ONNX graph holds a Conv, not a
-    MatMul, for it.
+
+POINTWISE_CONV: dict[int, type[nn.Module]] = {1: PointwiseConv1d, 2: PointwiseConv2d, 3: PointwiseConv3d}
+
+
+class ChannelsLastPointwiseMixin:
+    """Forward for a Linear over the last axis of a channels-last (N, *S, C) map, held as a pointwise convolution.
+
+    It computes the Linear's GEMM in PyTorch, and exports as Transpose → Conv →
+    Transpose, so the ONNX graph holds a Conv, not a MatMul, for it.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    kernel_size: tuple[int, ...]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see class docstring
-        if torch.onnx.is_in_onnx_export() and x.dim() == 4:
+        if torch.onnx.is_in_onnx_export() and x.dim() == len(self.kernel_size) + 2:
             return channels_last(self._conv_forward(channels_first(x), self.weight, self.bias))
         return F.linear(x, self.weight.reshape(self.weight.shape[0], -1), self.bias)
 
 
-def pointwise_conv(linear: nn.Linear, *, channels_last: bool) -> nn.Module:
-    """``linear`` as a 1×1 Conv2d sharing its storage: on the channels-first map, or on the channels-last one."""
-    cls = ChannelsLastPointwiseConv2d if channels_last else PointwiseConv2d
+class ChannelsLastPointwiseConv1d(ChannelsLastPointwiseMixin, nn.Conv1d):
+    """A Linear over the last axis of a channels-last (N, L, C) map, held as a 1-wide Conv1d (a Conv1d's state_dict)."""
+
+
+class ChannelsLastPointwiseConv2d(ChannelsLastPointwiseMixin, nn.Conv2d):
+    """A Linear over the last axis of a channels-last (N, H, W, C) map, held as a 1×1 Conv2d (a Conv2d's state_dict)."""
+
+
+class ChannelsLastPointwiseConv3d(ChannelsLastPointwiseMixin, nn.Conv3d):
+    """A Linear over the last axis of a channels-last (N, D, H, W, C) map, held as a 1×1×1 Conv3d."""
+
+
+CHANNELS_LAST_POINTWISE_CONV: dict[int, type[nn.Module]] = {
+    1: ChannelsLastPointwiseConv1d,
+    2: ChannelsLastPointwiseConv2d,
+    3: ChannelsLastPointwiseConv3d,
+}
+
+
+def pointwise_conv(linear: nn.Linear, *, channels_last: bool, rank: int = 2) -> nn.Module:
+    """``linear`` as a pointwise convolution of ``rank`` sharing its storage: on the channels-first map, or on the
+    channels-last one."""
+    cls = (CHANNELS_LAST_POINTWISE_CONV if channels_last else POINTWISE_CONV)[rank]
     conv = cls(
         linear.in_features,
         linear.out_features,
-        kernel_size=1,
+        kernel_size=(1,) * rank,
         bias=linear.bias is not None,
         device="meta",
         dtype=linear.weight.dtype,
     )
     conv.weight = nn.Parameter(
-        linear.weight.detach().reshape(linear.out_features, linear.in_features, 1, 1),
+        linear.weight.detach().reshape(linear.out_features, linear.in_features, *(1,) * rank),
         requires_grad=linear.weight.requires_grad,
     )
     if linear.bias is not None:

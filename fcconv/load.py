@@ -39,6 +39,7 @@ __all__ = [
     "native_input_shape",
     "parse_input_shape",
     "read_model_card",
+    "torchvision_classifier_names",
     "torchvision_signatures",
 ]
 
@@ -180,8 +181,9 @@ def _import_callable(spec: str, search_dir: str | None) -> Any:
 def build_architecture(arch: str, num_classes: int | None = None, *, search_dir: str | None = None) -> nn.Module:
     """Build ``arch`` on the meta device (no memory, no initialisation).
 
-    ``arch`` is a torchvision classification model name (``vgg16``) or
-    ``package.module:callable``, a class or factory taking no arguments.
+    ``arch`` is a torchvision classification model name (``vgg16``, or a video
+    classifier such as ``r3d_18``) or ``package.module:callable``, a class or
+    factory taking no arguments.
     """
     import torchvision
 
@@ -195,10 +197,9 @@ def build_architecture(arch: str, num_classes: int | None = None, *, search_dir:
         if not isinstance(model, nn.Module):
             raise BadInputError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
         return model
-    names = torchvision.models.list_models(module=torchvision.models)
-    if arch not in names:
+    if arch not in torchvision_classifier_names():
         raise BadInputError(
-            f"--arch {arch} is not a torchvision classification model (e.g. vgg16, resnet18) "
+            f"--arch {arch} is not a torchvision classification model (e.g. vgg16, resnet18, r3d_18) "
             "nor package.module:callable"
         )
     kwargs: dict[str, Any] = {"weights": None}
@@ -235,8 +236,25 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
+def torchvision_classifier_names() -> list[str]:
+    """torchvision's image classifiers (``torchvision.models``) and video classifiers (``torchvision.models.video``)."""
+    import torchvision
+
+    models = torchvision.models
+    return [*models.list_models(module=models), *models.list_models(module=models.video)]
+
+
+# The Kinetics-400 weights of torchvision's video ResNets and MViTs were evaluated on 16-frame clips;
+# their metadata gives the frame size only.
+CLIP_FRAMES = 16
+
+
 def native_input_shape(arch: str) -> tuple[int, ...] | None:
-    """The input size torchvision's weights for ``arch`` were trained at (their crop size), or None."""
+    """The input size torchvision's weights for ``arch`` were trained at (their crop size), or None.
+
+    An image classifier's is (3, H, W); a video classifier's (3, T, H, W), with T the
+    16 frames its weights were evaluated on, or more where its weights need more.
+    """
     import torchvision
 
     try:
@@ -246,6 +264,10 @@ def native_input_shape(arch: str) -> tuple[int, ...] | None:
     # The smallest: larger crops belong to weights that also change the architecture (vit_h_14's
     # 518×518 SWAG weights come with a larger position embedding than the model built without them).
     crops = [getattr(w.transforms, "keywords", {}).get("crop_size") for w in weights]
+    if arch in torchvision.models.list_models(module=torchvision.models.video):
+        frames = max([CLIP_FRAMES, *(w.meta.get("min_temporal_size", 1) for w in weights)])
+        sides = [tuple(c) for c in crops if isinstance(c, (tuple, list)) and len(c) == 2]
+        return (3, frames, *min(sides)) if sides else None
     crops = [c for c in crops if isinstance(c, int)]
     return (3, min(crops), min(crops)) if crops else None
 
@@ -258,7 +280,7 @@ def _cache_dir() -> Path:
 
 
 def torchvision_signatures() -> dict[str, dict[str, list[int]]]:
-    """Every torchvision classifier's state_dict as {arch: {key: shape}}, at its default class count.
+    """Every torchvision classifier's state_dict (image and video) as {arch: {key: shape}}, at its default class count.
 
     Building all of them takes tens of seconds, so the table is kept in the cache folder
     (``$FCCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fcconv`` or ``~/.cache/fcconv``), one
@@ -266,13 +288,14 @@ def torchvision_signatures() -> dict[str, dict[str, list[int]]]:
     """
     import torchvision
 
-    cache = _cache_dir() / f"torchvision-{torchvision.__version__}-classifiers.json"
+    # named apart from the tables of earlier fcconv versions, which held the image classifiers only
+    cache = _cache_dir() / f"torchvision-{torchvision.__version__}-image-and-video-classifiers.json"
     with contextlib.suppress(OSError, ValueError):
         table = json.loads(cache.read_text())
         if isinstance(table, dict) and table:
             return table
     table = {}
-    for arch in torchvision.models.list_models(module=torchvision.models):
+    for arch in torchvision_classifier_names():
         model = build_architecture(arch)
         table[arch] = {key: list(t.shape) for key, t in model.state_dict().items()}
     with contextlib.suppress(OSError):

@@ -27,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -506,8 +507,9 @@ def _plan(
     if pool not in (None, "avg", "max"):
         raise BadInputError(f"pool {pool!r} is not avg or max")
     gm = trace(model)
-    _propagate_shapes(gm, input_shape)
     modules = dict(gm.named_modules())
+    _refuse_size_dependent_trunk(gm, modules)
+    _propagate_shapes(gm, input_shape)
     graph = gm.graph
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -536,6 +538,7 @@ def _plan(
         break
     if collapse is None:
         _refuse_token_sequence(gm, modules, rank, live, input_shape)
+        _refuse_class_token(gm, modules, live, input_shape)
         out_shapes = [_shape(n) for n in graph.nodes if n.op == "output"]
         raise NotConvertibleError(
             "no flatten, view, reshape, mean or global pooling of a "
@@ -1036,6 +1039,55 @@ def _refuse_token_sequence(
             )
 
 
+def _refuse_class_token(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], live: set[fx.Node], input_shape: tuple[int, ...]
+) -> None:
+    """Refuse, naming it, a model whose classifier reads one token of a token sequence (MViT's class token).
+
+    The reason given is the first one the model has: where its layers cannot take a
+    larger input (MViT's fixed-length position embedding, or its attention's fixed
+    token grid), that layer; otherwise that one token has no per-position reading.
+    """
+    for node in gm.graph.nodes:
+        if node not in live or node.op != "call_function" or node.target is not operator.getitem:
+            continue
+        sequence, out, index = _shape(node.args[0]), _shape(node), node.args[1]
+        if sequence is None or out is None or len(sequence) != 3 or len(out) != 2:
+            continue
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], int)):
+            continue
+        reads = (
+            f"{_describe(node, modules)} reads token {index[1] % sequence[1]} of a sequence of {sequence[1]} tokens "
+            "(a class token), not a pooled or flattened feature map"
+        )
+        try:
+            _probe_larger_input(gm, input_shape, modules)
+        except NotConvertibleError as exc:
+            raise NotConvertibleError(f"{reads}; {exc}") from exc
+        raise NotConvertibleError(
+            f"{reads}: one token has no per-position reading, so the model has no fully convolutional form"
+        )
+
+
+def _refuse_size_dependent_trunk(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
+    """Refuse a model whose trunk calls a function that chooses what to compute from the map's size in Python,
+    where fcconv has no size-generic form of it (an export would keep the choice made at one size)."""
+    try:
+        from fcconv.trunk import size_dependent_functions
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return
+    refused = size_dependent_functions()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in refused:
+            stack = node.meta.get("nn_module_stack") or {}
+            where = node.name
+            if stack:
+                path, cls = list(stack.values())[-1]
+                where = f"{path} ({getattr(cls, '__name__', cls)})"
+            function = f"{node.target.__module__}.{node.target.__name__}"
+            raise NotConvertibleError(f"{where} calls {function}, {refused[node.target]}")
+
+
 class _NodeShapes(fx.Interpreter):
     """Runs a graph on fake tensors, recording each node's output shape and the node it failed at.
 
@@ -1058,6 +1110,20 @@ class _NodeShapes(fx.Interpreter):
         return result
 
 
+@contextlib.contextmanager
+def _fake_tensor_errors_unlogged() -> Iterator[None]:
+    """Keep torch's fake tensors from logging a traceback for an operator that refuses its shapes.
+
+    The refusal is reported in one line by the caller; the log would put a traceback on stderr.
+    """
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
 def _probe_larger_input(
     features: fx.GraphModule, input_shape: tuple[int, ...], modules: dict[str, nn.Module]
 ) -> dict[str, tuple[int, ...]]:
@@ -1073,7 +1139,8 @@ def _probe_larger_input(
         sample = torch.empty((2, *large), dtype=dtype, device=device)
     prop = _NodeShapes(features, fake_mode)
     try:
-        prop.run(sample)
+        with _fake_tensor_errors_unlogged():
+            prop.run(sample)
     except Exception as exc:  # noqa: BLE001 - the trunk refused the larger input: say where and why
         node = prop.current
         where = ""
@@ -1182,12 +1249,12 @@ def _pointwise_linears(
             )
         )
         if rewrite:
-            edits.append(_replace_submodule(node.target, _pointwise_builder(channels_last)))
+            edits.append(_replace_submodule(node.target, _pointwise_builder(channels_last, rank)))
     return layers, edits
 
 
-def _pointwise_builder(channels_last: bool) -> Callable[[nn.Module], nn.Module]:
-    return lambda linear: pointwise_conv(linear, channels_last=channels_last)
+def _pointwise_builder(channels_last: bool, rank: int) -> Callable[[nn.Module], nn.Module]:
+    return lambda linear: pointwise_conv(linear, channels_last=channels_last, rank=rank)
 
 
 def _size_generic_replacements() -> dict[Callable[..., Any], Callable[..., Any]]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["shifted_window_attention", "size_generic_replacements"]
+__all__ = ["shifted_window_attention", "size_dependent_functions", "size_generic_replacements"]
 
 
 def _roll_index(size: Any, shift: Any, device: torch.device) -> Tensor:
@@ -129,3 +129,22 @@ def size_generic_replacements() -> dict[Callable[..., Any], Callable[..., Any]]:
     from torchvision.models import swin_transformer
 
     return {swin_transformer.shifted_window_attention: shifted_window_attention}
+
+
+def size_dependent_functions() -> dict[Callable[..., Any], str]:
+    """Functions a traced trunk may call that choose what to compute from the map's size, with no replacement here.
+
+    Each maps to the end of the sentence that refuses the model: what the function
+    decides and why that keeps the model from converting.
+    """
+    from torchvision.models.video import swin_transformer as swin3d
+
+    return {
+        swin3d.shifted_window_attention_3d: (
+            "whose window and shift are chosen in Python from the size of the map (torchvision's "
+            "_get_window_and_shift_size shrinks the window to an axis no longer than it and drops the shift there, "
+            "editing its list arguments, which a traced graph holds immutable); a traced or exported graph keeps the "
+            "choice made at one size, and fcconv has a size-generic form of the 2D Swin's window attention but not "
+            "of this 3D one, so the model is not converted"
+        ),
+    }

@@ -47,3 +47,25 @@ class ShapesVGG(nn.Module):
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class SignalsNet(nn.Module):
+    """A 1D classifier for 1×512 signal windows: four unpadded conv/pool stages (stride 32), then a two-layer FC head.
+
+    Unpadded, so that each window of a longer recording at a multiple of 32 samples sees
+    exactly the features it would see alone: the converted model's map is this classifier
+    run on every such window.
+    """
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, 8, 9), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(8, 16, 9), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(16, 32, 9), nn.BatchNorm1d(32), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(32, 32, 5), nn.ReLU(), nn.MaxPool1d(4),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(nn.Linear(32 * 13, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))

@@ -218,3 +218,39 @@ class TinyResNet(nn.Module):
         for conv, shortcut in zip(self.convs, self.shortcuts):
             x = torch.relu(conv(x) + shortcut(x))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SignalClassifier(nn.Module):
+    """A 1D signal classifier for 1×1000 input: three Conv1d stages (padded, pooled), then flatten → Linear → Linear."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, 16, 7, padding=3), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(4),
+            nn.Conv1d(16, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(), nn.MaxPool1d(4),
+            nn.Conv1d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2),
+        )  # fmt: skip
+        self.fc1 = nn.Linear(32 * 31, 64)
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class VolumeClassifier(nn.Module):
+    """A 3D volume classifier for 1×64×64×64 input: three Conv3d stages, then ``x.view(N, -1)`` → Linear → Linear."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Conv3d(8, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Conv3d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(nn.Linear(16 * 8 * 8 * 8, 64), nn.ReLU(), nn.Dropout(0.5))
+        self.out = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.out(self.classifier(x.view(x.size(0), -1)))
