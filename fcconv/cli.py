@@ -475,6 +475,7 @@ def convert(
         export_onnx,
         external_data_path,
         fcconv_metadata,
+        file_sha256,
         inline_external_data,
         probe_metadata,
         staged_onnx,
@@ -514,6 +515,8 @@ def convert(
         screen.show(f"  removed: {item}", markup=False)
     if pool is not None:
         screen.show(f"  appended: global {pool} pooling of the score map (output N×K at any size)", markup=False)
+    with screen.progress(f"Reading {model.name} (its SHA-256 for the export's metadata)", 0, unit="bytes") as advance:
+        source_sha256 = file_sha256(loaded.path, on_progress=lambda done, size: advance(done, total=size))
     with staged_onnx(target) as staged:
         with screen.progress(f"Exporting {target.name}", 0, unit="bytes") as advance:
             # Staged with the weights in external data, which onnxruntime maps rather than copies.
@@ -523,7 +526,8 @@ def convert(
                 loaded.input_shape,
                 head_format=head_format,
                 metadata={
-                    **fcconv_metadata(source=loaded.path),
+                    **fcconv_metadata(),
+                    "fcconv.source_sha256": source_sha256,
                     "fcconv.pointwise": str(pointwise).lower(),
                     **card_metadata(loaded.card),
                 },

@@ -474,7 +474,6 @@ def fcconv_metadata(
     pooled output ``global``. The weights' digest is not here: :func:`export_onnx`
     appends it once the weights are written.
     """
-    import hashlib
 
     from fcconv import __version__
 
@@ -494,12 +493,22 @@ def fcconv_metadata(
     if num_classes is not None:
         meta["fcconv.num_classes"] = str(num_classes)
     if source is not None:
-        digest = hashlib.sha256()
-        with open(source, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        meta["fcconv.source_sha256"] = digest.hexdigest()
+        meta["fcconv.source_sha256"] = file_sha256(source)
     return meta
+
+
+def file_sha256(path: str | Path, on_progress: Callable[[int, int], None] | None = None) -> str:
+    """SHA-256 of the file at ``path``, read in 1 MB blocks; ``on_progress(bytes read, file size)`` after each."""
+    import hashlib
+
+    digest, done, size = hashlib.sha256(), 0, os.path.getsize(path)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            done += len(block)
+            if on_progress is not None:
+                on_progress(done, size)
+    return digest.hexdigest()
 
 
 PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"

@@ -506,3 +506,26 @@ def test_the_github_actions_example_checks_every_onnx_file_and_keeps_the_reports
         assert [m["model"] for m in document["models"]] == ["good.onnx", "tampered.onnx"][: 1 + expected]
         failures = ["tampered.onnx: weights digest", "tampered.onnx: reference output at 28×28"]
         assert list(junit_failures(suite)) == ([] if expected == 0 else failures)
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape", "sizes", "stride"),
+    [
+        ("SignalClassifier", (1, 1000), "1000,1301", "32"),
+        ("VolumeClassifier", (1, 64, 64, 64), "64x64x64,72x64x80", "8,8,8"),
+    ],
+)
+def test_1d_and_3d_exports_pass_every_check_with_their_grid_predicting_the_output(
+    tmp_path, factory, shape, sizes, stride
+):
+    model = seeded(getattr(__import__("custom_models"), factory)).eval()
+    conversion = fcconv.rewrite(model, shape)
+    path = fcconv.export_onnx(conversion.module, tmp_path / f"{factory}.onnx", shape)
+    assert metadata(path)["fcconv.total_stride"] == stride
+    code, stdout, stderr = invoke("check", path, "--sizes", sizes, "--json", tmp_path / "r.json")
+    assert code == 0, stdout + stderr
+    checks = json.loads((tmp_path / "r.json").read_text())["models"][0]["checks"]
+    verdicts = {(c["check"], tuple(c["input_size"] or ())): c["verdict"] for c in checks}
+    assert all(v == "pass" for k, v in verdicts.items() if k[0] != "reference output")
+    larger = [c for c in checks if c["check"] == "output size" and c["input_size"] != list(shape[1:])]
+    assert larger and all(c["actual_shape"] == c["expected_shape"] and c["actual_shape"][2] > 1 for c in larger)
