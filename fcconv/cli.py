@@ -596,13 +596,23 @@ def verify(
     meta = exported.metadata
     if input_shape is None and "fcconv.input_shape" in meta:
         input_shape = meta["fcconv.input_shape"]
+    given_dense, given_pool = dense, pool
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
     if pool is None:
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
     if _is_onnx(reference):
-        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, device=device != "cpu", dtype=dtype, trust=trust)
+        _refuse_for_onnx(
+            arch=arch, dense=given_dense, pool=given_pool not in (None, "none"), device=device != "cpu", dtype=dtype,
+            trust=trust,
+        )  # fmt: skip
+        if dense or pool:
+            how = "--dense" if dense else f"--pool {pool}"
+            raise BadInputError(
+                f"{onnx_model} was converted with {how} (its metadata says so), which an ONNX classifier is not: "
+                f"it cannot have come from {reference}"
+            )
         classifier, conversion = _rewrite_onnx_file(reference, input_shape)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
     else:

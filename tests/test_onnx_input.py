@@ -664,6 +664,22 @@ def test_the_export_passes_check_with_its_grid_and_weights_recorded_and_fails_it
     assert f"initializer {weight.name!r} changed since export" in failed.stdout.replace("\n", "")
 
 
+def test_verify_says_when_the_exports_own_metadata_rules_out_an_onnx_reference(exported, tmp_path):
+    source = exported["flatten-gemm-dynamo"]
+    out = tmp_path / "converted.onnx"
+    converts(source, out)
+    model = onnx.load(str(out))
+    for entry in model.metadata_props:
+        if entry.key == "fcconv.dense":
+            entry.value = "true"
+    dense = tmp_path / "dense.onnx"
+    onnx.save(model, str(dense))
+    result = cli("verify", dense, "--reference", source)
+    assert result.exit_code == 2
+    assert f"{dense} was converted with --dense (its metadata says so)" in result.stderr
+    assert "does not apply" not in result.stderr
+
+
 def test_inspect_lists_the_head_of_an_onnx_classifier(exported):
     result = cli("inspect", exported["flatten-gemm-torchscript"])
     assert result.exit_code == 0, result.stderr
