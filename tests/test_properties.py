@@ -1,18 +1,15 @@
 """The core contract, for every classifier hypothesis can build: random conv/pool trunks, sizes and heads.
 
-Each example is a :class:`Description`, a plain value hypothesis prints when a property
-fails; :func:`build` turns it into an eval-mode model whose weights come from its seed.
-The trunk's sizes and total stride are worked out from the description itself, never
-from fcconv, so the checks below do not lean on the code they check.
+Each example is a 2D :class:`~generated_classifiers.Description`, a plain value hypothesis
+prints when a property fails; :func:`~generated_classifiers.build` turns it into an eval-mode
+model whose weights come from its seed. The trunk's sizes and total stride are worked out from
+the description itself, never from fcconv, so the checks below do not lean on the code they check.
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import torch
+from generated_classifiers import ACTIVATIONS, FLATTENS, Conv, Dense, Description, Pool, build, feature_side
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -28,151 +25,6 @@ MAX_SIDE = 40
 PROPERTY = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-
-ACTIVATIONS = {
-    "ReLU": nn.ReLU,
-    "GELU": nn.GELU,
-    "Tanh": nn.Tanh,
-    "LeakyReLU": lambda: nn.LeakyReLU(0.1),
-    "ELU": nn.ELU,
-    "SiLU": nn.SiLU,
-    "Sigmoid": nn.Sigmoid,
-    "Hardswish": nn.Hardswish,
-    "Softplus": nn.Softplus,
-}
-FLATTENS = ("torch.flatten(x, 1)", "nn.Flatten()", "x.view(x.size(0), -1)", "x.reshape(x.shape[0], -1)")
-
-
-# --- what a generated classifier is ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Conv:
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    relu: bool
-
-
-@dataclass(frozen=True)
-class Pool:
-    kind: str  # "max" or "avg"
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Dense:
-    """A Linear, then (each optional) BatchNorm1d, an activation and Dropout."""
-
-    width: int
-    bias: bool
-    batch_norm: bool
-    activation: str | None
-    dropout: float | None
-
-
-@dataclass(frozen=True)
-class Description:
-    in_channels: int
-    size: tuple[int, int]
-    trunk: tuple[Conv | Pool, ...]
-    flatten: str
-    on_window: tuple[str, ...]  # element-wise layers between the flatten and the first Linear
-    head: tuple[Dense, ...]
-    seed: int
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        """The trunk's total stride: the product of its conv and pool strides."""
-        return math.prod(layer.stride[0] for layer in self.trunk), math.prod(layer.stride[1] for layer in self.trunk)
-
-    @property
-    def padded(self) -> bool:
-        return any(isinstance(layer, Conv) and layer.padding != (0, 0) for layer in self.trunk)
-
-    @property
-    def channels(self) -> int:
-        return [layer.out_channels for layer in self.trunk if isinstance(layer, Conv)][-1]
-
-    def feature_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """The trunk's output map for an input of ``size`` (a side below 1 means the map is empty)."""
-        return feature_side(self.trunk, size[0], 0), feature_side(self.trunk, size[1], 1)
-
-
-def feature_side(trunk: tuple[Conv | Pool, ...], side: int, axis: int) -> int:
-    for layer in trunk:
-        padding = layer.padding[axis] if isinstance(layer, Conv) else 0
-        if side + 2 * padding < layer.kernel[axis]:
-            return 0
-        side = (side + 2 * padding - layer.kernel[axis]) // layer.stride[axis] + 1
-    return side
-
-
-class GeneratedClassifier(nn.Module):
-    """``features`` (the trunk), the flatten spelt as the description says, ``classifier`` (the head)."""
-
-    def __init__(self, description: Description) -> None:
-        super().__init__()
-        trunk: list[nn.Module] = []
-        channels = description.in_channels
-        for layer in description.trunk:
-            if isinstance(layer, Conv):
-                trunk.append(nn.Conv2d(channels, layer.out_channels, layer.kernel, layer.stride, layer.padding))
-                channels = layer.out_channels
-                if layer.relu:
-                    trunk.append(nn.ReLU())
-            else:
-                pool = nn.MaxPool2d if layer.kind == "max" else nn.AvgPool2d
-                trunk.append(pool(layer.kernel, layer.stride))
-        self.features = nn.Sequential(*trunk)
-        self.flatten_as = description.flatten
-        if description.flatten == "nn.Flatten()":
-            self.flatten = nn.Flatten()
-
-        height, width = description.feature_size(description.size)
-        head: OrderedDict[str, nn.Module] = OrderedDict()
-        for name in description.on_window:
-            head[f"window_{name.lower()}"] = nn.Dropout(0.3) if name == "Dropout" else ACTIVATIONS[name]()
-        features = channels * height * width
-        for i, dense in enumerate(description.head, 1):
-            head[f"fc{i}"] = nn.Linear(features, dense.width, bias=dense.bias)
-            if dense.batch_norm:
-                head[f"bn{i}"] = nn.BatchNorm1d(dense.width)
-            if dense.activation is not None:
-                head[f"act{i}"] = ACTIVATIONS[dense.activation]()
-            if dense.dropout is not None:
-                head[f"drop{i}"] = nn.Dropout(dense.dropout)
-            features = dense.width
-        self.classifier = nn.Sequential(head)
-
-    def forward(self, x):
-        x = self.features(x)
-        if self.flatten_as == "torch.flatten(x, 1)":
-            x = torch.flatten(x, 1)
-        elif self.flatten_as == "nn.Flatten()":
-            x = self.flatten(x)
-        elif self.flatten_as == "x.view(x.size(0), -1)":
-            x = x.view(x.size(0), -1)
-        else:
-            x = x.reshape(x.shape[0], -1)
-        return self.classifier(x)
-
-
-def build(description: Description) -> GeneratedClassifier:
-    """The classifier in eval mode, its weights and BatchNorm statistics drawn from ``description.seed``."""
-    with torch.random.fork_rng():
-        torch.manual_seed(description.seed)
-        model = GeneratedClassifier(description)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm1d):  # trained-looking statistics, not the identity
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n) * 0.5)
-                module.running_var.copy_(torch.rand(n) * 1.5 + 0.25)
-                module.weight.data.copy_(torch.randn(n) * 0.5 + 1.0)
-                module.bias.data.copy_(torch.randn(n) * 0.5)
-    return model.eval()
 
 
 def random_input(description: Description, size: tuple[int, int], batch: int = 2) -> torch.Tensor:
