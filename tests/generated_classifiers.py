@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -166,3 +167,21 @@ def build(description: Description) -> GeneratedClassifier:
                 module.weight.data.copy_(torch.randn(n) * 0.5 + 1.0)
                 module.bias.data.copy_(torch.randn(n) * 0.5)
     return model.eval()
+
+
+def draw_head(draw) -> tuple[Dense, ...]:
+    """One to three Linear layers, each with its optional BatchNorm1d, activation and Dropout (hypothesis draws)."""
+    head = []
+    layers = draw(st.sampled_from([1, 2, 3]))
+    for i in range(layers):
+        last = i == layers - 1
+        head.append(
+            Dense(
+                width=draw(st.integers(2, 10) if last else st.integers(2, 16)),
+                bias=draw(st.booleans()),
+                batch_norm=draw(st.booleans()),
+                activation=draw(st.none() | st.sampled_from(list(ACTIVATIONS))),
+                dropout=draw(st.none() | st.sampled_from([0.1, 0.5])),
+            )
+        )
+    return tuple(head)

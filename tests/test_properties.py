@@ -9,7 +9,7 @@ the description itself, never from fcconv, so the checks below do not lean on th
 from __future__ import annotations
 
 import torch
-from generated_classifiers import ACTIVATIONS, FLATTENS, Conv, Dense, Description, Pool, build, feature_side
+from generated_classifiers import ACTIVATIONS, FLATTENS, Conv, Dense, Description, Pool, build, draw_head, feature_side
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -58,26 +58,14 @@ def descriptions(draw, may_pad: bool = True) -> Description:
     size = (draw(st.integers(max(8, smallest[0]), MAX_SIDE)), draw(st.integers(max(8, smallest[1]), MAX_SIDE)))
 
     on_window = draw(st.lists(st.sampled_from([*ACTIVATIONS, "Dropout"]), max_size=1))
-    head = []
-    layers = draw(st.sampled_from([1, 2, 3]))
-    for i in range(layers):
-        last = i == layers - 1
-        head.append(
-            Dense(
-                width=draw(st.integers(2, 10) if last else st.integers(2, 16)),
-                bias=draw(st.booleans()),
-                batch_norm=draw(st.booleans()),
-                activation=draw(st.none() | st.sampled_from(list(ACTIVATIONS))),
-                dropout=draw(st.none() | st.sampled_from([0.1, 0.5])),
-            )
-        )
+    head = draw_head(draw)
     description = Description(
         in_channels=draw(st.integers(1, 3)),
         size=size,
         trunk=trunk_,
         flatten=draw(st.sampled_from(FLATTENS)),
         on_window=tuple(on_window),
-        head=tuple(head),
+        head=head,
         seed=draw(st.integers(0, 2**16)),
     )
     assume(min(description.feature_size(size)) >= 1)

@@ -22,7 +22,19 @@ import torch
 import torchvision
 from conftest import TESTS, seeded
 from custom_models import SignalClassifier, VolumeClassifier
-from generated_classifiers import ACTIVATIONS, CONV, FLATTENS, POOL, Conv, Dense, Description, Pool, build, feature_side
+from generated_classifiers import (
+    ACTIVATIONS,
+    CONV,
+    FLATTENS,
+    POOL,
+    Conv,
+    Dense,
+    Description,
+    Pool,
+    build,
+    draw_head,
+    feature_side,
+)
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from test_properties import assert_within_tolerance
@@ -89,26 +101,14 @@ def descriptions(draw, rank: int, may_pad: bool = True) -> Description:
     smallest = [next((s for s in range(1, high + 1) if feature_side(trunk_, s, a) >= 1), None) for a in range(rank)]
     assume(None not in smallest)
     size = tuple(draw(st.integers(max(low, s), high)) for s in smallest)
-    head = []
-    layers = draw(st.sampled_from([1, 2, 3]))
-    for i in range(layers):
-        last = i == layers - 1
-        head.append(
-            Dense(
-                width=draw(st.integers(2, 10) if last else st.integers(2, 16)),
-                bias=draw(st.booleans()),
-                batch_norm=draw(st.booleans()),
-                activation=draw(st.none() | st.sampled_from(list(ACTIVATIONS))),
-                dropout=draw(st.none() | st.sampled_from([0.1, 0.5])),
-            )
-        )
+    head = draw_head(draw)
     description = Description(
         in_channels=draw(st.integers(1, 3)),
         size=size,
         trunk=trunk_,
         flatten=draw(st.sampled_from(FLATTENS)),
         on_window=tuple(draw(st.lists(st.sampled_from([*ACTIVATIONS, "Dropout"]), max_size=1))),
-        head=tuple(head),
+        head=head,
         seed=draw(st.integers(0, 2**16)),
     )
     assume(min(description.feature_size(size)) >= 1)
