@@ -122,9 +122,10 @@ class _Screen:
     def progress(self, text: str, total: float, *, unit: str = "steps") -> Iterator[Callable[..., None]]:
         """A progress bar over ``total`` steps (or bytes, ``unit="bytes"``); yields ``advance(done, text=None)``.
 
-        The bar is transient: it shows while the work runs and leaves the screen when it ends.
+        The bar is transient: it shows while the work runs and leaves the screen when it ends;
+        where the output is not a terminal (a log, a pipe) there is no bar.
         """
-        if self.quiet:
+        if self.quiet or not console.is_terminal:
             yield lambda done, text=None, total=None: None
             return
         from rich.progress import (

@@ -266,6 +266,9 @@ def test_long_steps_show_progress_bars_on_a_terminal(tmp_path):
             "Running the original at 56×56", "Verifying at 56×56", "3/3")  # fmt: skip
     for bar in bars:
         assert bar in shown.stdout, bar
+    plain = subprocess.run(args, capture_output=True, text=True)  # not a terminal: no bars, no blank lines
+    assert plain.returncode == 0, plain.stderr
+    assert "Exporting" not in plain.stdout and "\n\n" not in plain.stdout
     quiet = subprocess.run([*args, "--quiet"], capture_output=True, text=True, env=env)
     assert quiet.returncode == 0, quiet.stderr
     assert "Exporting" not in quiet.stdout and "━" not in quiet.stdout
