@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from architectures import SignalsNet  # noqa: E402
+from training import fit_classifier  # noqa: E402
 
 SEED = 0
 HELD_OUT_SEED = 1  # the held-out windows come from a generator of their own, so a test can rebuild them alone
@@ -78,22 +78,7 @@ def main() -> None:
     x_train, y_train = make_split(TRAIN_SAMPLES, SEED)
     x_test, y_test = held_out_split()
     model = SignalsNet(len(CLASSES))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(SEED)
-    for epoch in range(EPOCHS):
-        model.train()
-        order = torch.randperm(len(x_train), generator=generator)
-        for start in range(0, len(order), 128):
-            batch = order[start : start + 128]
-            optimizer.zero_grad()
-            loss = loss_fn(model(x_train[batch]), y_train[batch])
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-        print(f"epoch {epoch + 1}: held-out accuracy {accuracy:.4f}")
+    accuracy = fit_classifier(model, (x_train, y_train), (x_test, y_test), epochs=EPOCHS, seed=SEED)
     torch.save(model.state_dict(), HERE / "signals_net.pt")
     card = {
         "arch": "architectures:SignalsNet",
