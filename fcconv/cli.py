@@ -265,24 +265,30 @@ def _print_trunk(conversion, *, inspecting: bool = False, linear: str = "Linear 
         screen.show(f"  trunk: {note}", markup=False)
 
 
+@contextlib.contextmanager
+def _per_size(title: str, step: str, total: int) -> Iterator[Callable[[tuple[int, ...]], None]]:
+    """A progress bar of one step per input size; yields the ``on_size`` callback the library calls."""
+    with screen.progress(title, total) as advance:
+        done: list[tuple[int, ...]] = []
+
+        def on_size(size: tuple[int, ...]) -> None:
+            advance(len(done), f"{step} at {'×'.join(map(str, size))}")
+            done.append(size)
+
+        yield on_size
+        advance(total)
+
+
 def _references(loaded, dense, sizes, rtol, atol, device, conversion=None, pool=None):
-    """The original's outputs on the verification inputs, with a progress line."""
+    """The original's outputs on the verification inputs, with a progress bar."""
     from fcconv.verify import default_sizes, reference_outputs
 
     sizes = sizes or default_sizes(loaded.input_shape)
-    done = []
-
-    def on_size(size: tuple[int, ...]) -> None:
-        advance(len(done), f"Running the original at {'×'.join(map(str, size))}")
-        done.append(size)
-
-    with screen.progress("Running the original", len(sizes)) as advance:
-        references = reference_outputs(
+    with _per_size("Running the original", "Running the original", len(sizes)) as on_size:
+        return reference_outputs(
             loaded.module, loaded.input_shape, sizes=sizes, dense=dense, pool=pool, rtol=rtol, atol=atol, device=device,
             conversion=conversion, on_size=on_size,
         )  # fmt: skip
-        advance(len(sizes))
-    return references
 
 
 def _probe_output(conversion, input_shape, references):
@@ -301,15 +307,8 @@ def _compare_and_show(exported, references):
     from fcconv.render import verification_table
     from fcconv.verify import compare_outputs
 
-    done = []
-
-    def on_size(size: tuple[int, ...]) -> None:
-        advance(len(done), f"Verifying at {'×'.join(map(str, size))}")
-        done.append(size)
-
-    with screen.progress("Verifying against the original", len(references.cases)) as advance:
+    with _per_size("Verifying against the original", "Verifying", len(references.cases)) as on_size:
         report = compare_outputs(exported, references, on_size=on_size)
-        advance(len(references.cases))
     screen.show(verification_table(report))
     return report
 
@@ -359,13 +358,14 @@ def _rewrite_onnx_file(path: Path, input_shape: str | None):
 
 
 def _onnx_references(classifier, conversion, sizes, rtol, atol):
-    """The input ONNX model's outputs on the verification inputs, with a progress line."""
+    """The input ONNX model's outputs on the verification inputs, with a progress bar."""
     from fcconv.onnx_verify import onnx_reference_outputs
+    from fcconv.verify import default_sizes
 
-    with screen.status("Running the original…") as update:
+    sizes = sizes or default_sizes(classifier.input_shape)
+    with _per_size("Running the original", "Running the original", len(sizes)) as on_size:
         return onnx_reference_outputs(
-            classifier, conversion, sizes=sizes, rtol=rtol, atol=atol,
-            on_size=lambda s: update(f"Running the original at {'×'.join(map(str, s))}…"),
+            classifier, conversion, sizes=sizes, rtol=rtol, atol=atol, on_size=on_size
         )  # fmt: skip
 
 
