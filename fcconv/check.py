@@ -583,7 +583,7 @@ def _reference_output(
     import torch
 
     from fcconv.export import PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY
-    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, probe_input
+    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, compare_reading, probe_input
 
     name = "reference output"
     if PROBE_OUTPUT_KEY not in meta or PROBE_SHAPE_KEY not in meta:
@@ -604,19 +604,12 @@ def _reference_output(
     if actual_shape != shape:
         got = "×".join(map(str, actual_shape))
         return CheckResult(name, FAIL, f"output {got}, recorded {'×'.join(map(str, shape))}", size, shape, actual_shape)
-    actual = out.reshape(-1)[: recorded.numel()].double()
-    expected = recorded.double()
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    tolerance = atol + report.rtol * scale
-    diff = (actual - expected).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    if not bool(torch.isfinite(diff).all()):
-        max_abs = math.inf
-    max_rel = max_abs / scale if scale > 0 else max_abs
-    passed = max_abs <= tolerance
-    verdict = f"max abs {max_abs:.1e}, max rel {max_rel:.1e} {'<=' if passed else '>'} {report.rtol:g}"
+    c = compare_reading(size, name, recorded, out.reshape(-1)[: recorded.numel()], report.rtol, atol)
+    verdict = f"max abs {c.max_abs:.1e}, max rel {c.max_rel:.1e} {'<=' if c.passed else '>'} {report.rtol:g}"
     message = f"{verdict} on the fixed probe input ({recorded.numel()} values recorded at export)"
-    return CheckResult(name, PASS if passed else FAIL, message, size, shape, actual_shape, max_abs, max_rel, tolerance)
+    return CheckResult(
+        name, PASS if c.passed else FAIL, message, size, shape, actual_shape, c.max_abs, c.max_rel, c.tolerance
+    )
 
 
 def _output_size(

@@ -33,6 +33,7 @@ __all__ = [
     "SlidingWindowHead",
     "VerificationReport",
     "compare_outputs",
+    "compare_reading",
     "default_sizes",
     "probe_input",
     "reference_outputs",
@@ -150,9 +151,10 @@ def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> torch.T
     return SlidingWindowHead(conversion, chunk=HEAD_CHUNK)(x)
 
 
-def _compare(
+def compare_reading(
     size: tuple[int, ...], reference: str, expected: torch.Tensor, actual: torch.Tensor, rtol: float, atol: float
 ) -> SizeCheck:
+    """One reading compared: passes when ``max |actual - expected| <= atol + rtol * max |expected|``, all finite."""
     expected, actual = expected.detach().double().cpu(), actual.detach().double().cpu()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     tolerance = atol + rtol * scale
@@ -305,7 +307,7 @@ def compare_outputs(
                                                0.0, (), 0.0, False, f"the converted model failed: {text}"))  # fmt: skip
                 continue
             for reading, expected in case.expected.items():
-                report.checks.append(_compare(case.input_size, reading, expected, actual, rtol, atol))
+                report.checks.append(compare_reading(case.input_size, reading, expected, actual, rtol, atol))
     return report
 
 
