@@ -616,12 +616,13 @@ def verify(
             )
         classifier, conversion = _rewrite_onnx_file(reference, input_shape)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
+        native_shape = classifier.input_shape
     else:
         loaded = _load(reference, arch, input_shape, trust, dtype)
         references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)
+        native_shape = loaded.input_shape
     report = _compare_and_show(exported, references)
-    shape = classifier.input_shape if _is_onnx(reference) else loaded.input_shape
-    document = verification_document(report, onnx_model, reference, shape)
+    document = verification_document(report, onnx_model, reference, native_shape)
     write_report(document, json_report, junit_report)
     if not report.passed:
         error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
