@@ -1,0 +1,45 @@
+"""A model's outputs as one flat list of named tensors.
+
+A classifier returns one tensor; a model with several heads returns a tuple, a
+named tuple or a dict of them (class scores beside box regression). The converted
+model returns the same structure, one dense map per output, and every stage
+(verification, export, check) handles the outputs as this flat, ordered list.
+
+Names are the dict's keys or the named tuple's fields; a plain tuple's outputs are
+``output_0``, ``output_1``…; a single tensor is ``scores``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["SINGLE_OUTPUT_NAME", "named_outputs", "output_names"]
+
+SINGLE_OUTPUT_NAME = "scores"
+
+
+def named_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
+    """``value`` (a tensor, tuple, named tuple, list or dict of tensors) as ``[(name, tensor), ...]`` in order."""
+    if isinstance(value, torch.Tensor):
+        return [(SINGLE_OUTPUT_NAME, value)]
+    if isinstance(value, dict):
+        items = [(str(key), item) for key, item in value.items()]
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):
+        items = [(str(key), item) for key, item in zip(value._fields, value)]
+    elif isinstance(value, (tuple, list)):
+        if len(value) == 1 and isinstance(value[0], torch.Tensor):
+            return [(SINGLE_OUTPUT_NAME, value[0])]
+        items = [(f"output_{i}", item) for i, item in enumerate(value)]
+    else:
+        raise TypeError(f"the model returned a {type(value).__name__}, not a tensor, tuple or dict of tensors")
+    for name, item in items:
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"the model's output {name} is a {type(item).__name__}, not a tensor")
+    return items
+
+
+def output_names(value: Any) -> list[str]:
+    """The names :func:`named_outputs` gives ``value``'s tensors."""
+    return [name for name, _ in named_outputs(value)]
