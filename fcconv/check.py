@@ -427,10 +427,18 @@ def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult
     expected = meta.get(WEIGHTS_DIGEST_KEY)
     if expected is None:
         return CheckResult("weights digest", SKIP, f"no {WEIGHTS_DIGEST_KEY} metadata to compare the weights with")
-    digest = onnx_weights_digest(model, path)
+    return digest_verdict(onnx_weights_digest(model, path), meta, "initializers")
+
+
+def digest_verdict(digest: WeightsDigest, meta: dict[str, str], kind: str = "initializers") -> CheckResult:
+    """``weights digest``: ``digest`` against the one recorded in ``meta``, naming the first tensor that changed."""
+    expected = meta.get(WEIGHTS_DIGEST_KEY)
+    if expected is None:
+        return CheckResult("weights digest", SKIP, f"no {WEIGHTS_DIGEST_KEY} metadata to compare the weights with")
+    noun = kind.rstrip("s")
     actual = digest.hexdigest()
     if actual == expected:
-        return CheckResult("weights digest", PASS, f"{len(digest.each)} initializers hash to sha256 {actual[:16]}…")
+        return CheckResult("weights digest", PASS, f"{len(digest.each)} {kind} hash to sha256 {actual[:16]}…")
     try:
         each = json.loads(meta.get(EACH_DIGEST_KEY, "{}"))
     except ValueError:
@@ -439,16 +447,14 @@ def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult
     for name, value in digest.each.items():
         if name not in each:
             if each:
-                return CheckResult("weights digest", FAIL, f"initializer {name!r} was not in the export")
+                return CheckResult("weights digest", FAIL, f"{noun} {name!r} was not in the export")
             break
         if value.hex()[:EACH_DIGITS] != each[name]:
-            return CheckResult("weights digest", FAIL, f"initializer {name!r} changed since export")
+            return CheckResult("weights digest", FAIL, f"{noun} {name!r} changed since export")
     missing = [name for name in each if name not in digest.each]
     if missing:
-        return CheckResult("weights digest", FAIL, f"initializer {missing[0]!r} is missing")
-    return CheckResult(
-        "weights digest", FAIL, f"the initializers do not hash to the {WEIGHTS_DIGEST_KEY} of the export"
-    )
+        return CheckResult("weights digest", FAIL, f"{noun} {missing[0]!r} is missing")
+    return CheckResult("weights digest", FAIL, f"the {kind} do not hash to the {WEIGHTS_DIGEST_KEY} of the export")
 
 
 def _raw_bytes(tensor: Any, path: Path | None, mapped: dict[str, mmap.mmap], stack: ExitStack) -> bytes | memoryview:

@@ -408,6 +408,52 @@ def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, ext
     console.print(f"wrote {target}{weights}", markup=False, soft_wrap=True)
 
 
+PYTORCH_SUFFIXES = {".pt2": "a torch.export program", ".safetensors": "the converted state_dict"}
+
+
+def _convert_to_pytorch(loaded, conversion, target: Path, metadata, sizes, rtol, atol, device) -> None:
+    """``convert -o NAME.pt2`` or ``-o NAME.safetensors``: written beside the target, read back, verified, moved.
+
+    The program is the converted module exported with free batch and spatial axes;
+    the safetensors file its state_dict, verified by rebuilding the module from the
+    original and loading the file into it, as a reader of the file does.
+    """
+    from fcconv.export import fcconv_metadata, probe_metadata, staged_onnx
+    from fcconv.grid import probe_output_grid
+    from fcconv.torch_export import ProgramModel, export_program, rebuild, save_program, save_weights
+
+    program = target.suffix.lower() == ".pt2"
+    geometry = conversion.geometry
+    if program:
+        with screen.status(f"Exporting {target.name} with torch.export…"):
+            exported = export_program(conversion.module, loaded.input_shape)
+    references = _references(loaded, geometry.dense, sizes, rtol, atol, device, conversion)
+    probe = _probe_output(conversion, loaded.input_shape, references)
+    grid = probe_output_grid(conversion.module, loaded.input_shape) if geometry.mode == "map" else None
+    meta = {
+        **fcconv_metadata(geometry, grid=grid, num_classes=int(probe.shape[1])),
+        "fcconv.format": "pt2" if program else "state_dict",
+        **metadata,
+        **probe_metadata(probe),
+    }
+    with staged_onnx(target) as staged:
+        with screen.status(f"Writing {target.name}…"):
+            if program:
+                save_program(exported, staged, meta)
+                del exported
+            else:
+                save_weights(conversion.module, staged, meta)
+        if program:
+            written = ProgramModel(staged)
+        else:
+            written = rebuild(loaded.module, loaded.input_shape, meta, staged)
+        report = _compare_and_show(written, references)
+        if not report.passed:
+            error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
+            raise typer.Exit(EXIT_MISMATCH)
+    console.print(f"wrote {target}", markup=False, soft_wrap=True)
+
+
 def _release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
     import ctypes
@@ -434,7 +480,13 @@ def convert(
         ),
     ],
     output: Annotated[
-        Optional[Path], typer.Option("-o", "--output", help="ONNX file to write. [default: NAME.fcn.onnx beside MODEL]")
+        Optional[Path],
+        typer.Option(
+            "-o",
+            "--output",
+            help="File to write: NAME.onnx, NAME.pt2 (a torch.export program) or NAME.safetensors (the converted "
+            "state_dict). [default: NAME.fcn.onnx beside MODEL]",
+        ),
     ] = None,
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
@@ -466,8 +518,10 @@ def convert(
 ) -> None:
     """Rewrite MODEL's fully connected head as convolutions, export ONNX and verify the export.
 
-    The ONNX file is written only when it matches the original (exit 0); on a mismatch
-    nothing is written and the exit code is 1. An ONNX classifier is rewritten on its
+    The file is written only when it matches the original (exit 0); on a mismatch
+    nothing is written and the exit code is 1. ``-o NAME.pt2`` writes a torch.export
+    program with free batch and spatial axes, ``-o NAME.safetensors`` the converted
+    module's state_dict, each with the same metadata as the ONNX export. An ONNX classifier is rewritten on its
     graph and verified against itself in onnxruntime.
     """
     from fcconv.export import (
@@ -499,7 +553,15 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK):
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
+    pytorch_out = target.suffix.lower() in PYTORCH_SUFFIXES
+    if pytorch_out and (head_format != "conv" or external_data):
+        flag = "--head-format" if head_format != "conv" else "--external-data"
+        raise BadInputError(
+            f"{flag} applies to ONNX output; -o {target} writes {PYTORCH_SUFFIXES[target.suffix.lower()]}"
+        )
     if _is_onnx(model):
+        if pytorch_out:
+            raise BadInputError(f"-o {target}: an ONNX classifier is converted to ONNX only; name the output NAME.onnx")
         _refuse_for_onnx(
             arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
             device=device != "cpu", dtype=dtype, trust=trust,
@@ -518,6 +580,15 @@ def convert(
         screen.show(f"  appended: global {pool} pooling of the score map (output N×K at any size)", markup=False)
     with screen.progress(f"Reading {model.name} (its SHA-256 for the export's metadata)", 0, unit="bytes") as advance:
         source_sha256 = file_sha256(loaded.path, on_progress=lambda done, size: advance(done, total=size))
+    if pytorch_out:
+        metadata = {
+            "fcconv.source_sha256": source_sha256,
+            "fcconv.pointwise": str(pointwise).lower(),
+            "fcconv.arch": loaded.arch,
+            **card_metadata(loaded.card),
+        }
+        _convert_to_pytorch(loaded, conversion, target, metadata, check_sizes, rtol, atol, device)
+        return
     with staged_onnx(target) as staged:
         with screen.progress(f"Exporting {target.name}", 0, unit="bytes") as advance:
             # Staged with the weights in external data, which onnxruntime maps rather than copies.
@@ -555,7 +626,12 @@ def convert(
 @_handle_errors
 def verify(
     onnx_model: Annotated[
-        Path, typer.Argument(metavar="MODEL.onnx", help="An exported fully convolutional ONNX model.", readable=False)
+        Path,
+        typer.Argument(
+            metavar="MODEL",
+            help="What fcconv convert wrote: MODEL.onnx, MODEL.pt2 or MODEL.safetensors (rebuilt from the reference).",
+            readable=False,
+        ),
     ],
     reference: Annotated[
         Path,
@@ -590,11 +666,22 @@ def verify(
     """
     from fcconv.export import OnnxModel
     from fcconv.report import verification_document, write_report
+    from fcconv.torch_export import (
+        ProgramModel,
+        is_program_file,
+        is_weights_file,
+        read_weights_metadata,
+        rebuild,
+    )
 
     check_sizes = _parse_sizes(sizes)
     _check_report_paths([onnx_model, reference], json_report, junit_report)
-    exported = OnnxModel(onnx_model)
-    meta = exported.metadata
+    weights_only = is_weights_file(onnx_model)
+    if weights_only:
+        exported, meta = None, read_weights_metadata(onnx_model)  # the module is rebuilt from the reference below
+    else:
+        exported = ProgramModel(onnx_model, trust=trust) if is_program_file(onnx_model) else OnnxModel(onnx_model)
+        meta = exported.metadata
     if input_shape is None and "fcconv.input_shape" in meta:
         input_shape = meta["fcconv.input_shape"]
     given_dense, given_pool = dense, pool
@@ -604,6 +691,10 @@ def verify(
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
     if _is_onnx(reference):
+        if not isinstance(exported, OnnxModel):
+            raise BadInputError(
+                f"{onnx_model} was written for PyTorch: its reference is a PyTorch checkpoint, not ONNX"
+            )
         _refuse_for_onnx(
             arch=arch, dense=given_dense, pool=given_pool not in (None, "none"), device=device != "cpu", dtype=dtype,
             trust=trust,
@@ -621,6 +712,15 @@ def verify(
         loaded = _load(reference, arch, input_shape, trust, dtype)
         references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)
         native_shape = loaded.input_shape
+        if weights_only:
+            recorded = {**meta, "fcconv.dense": str(dense).lower(), "fcconv.pool": pool or "none"}
+            with screen.status(f"Rebuilding the converted module from {reference.name} and {onnx_model.name}…"):
+                try:
+                    exported = rebuild(loaded.module, native_shape, recorded, onnx_model)
+                except BadInputError as exc:  # weights of another model: a mismatch, not bad input
+                    error_console.print(f"fcconv: {one_line(str(exc))}", markup=False)
+                    error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
+                    raise typer.Exit(EXIT_MISMATCH) from None
     report = _compare_and_show(exported, references)
     document = verification_document(report, onnx_model, reference, native_shape)
     write_report(document, json_report, junit_report)
@@ -636,7 +736,9 @@ def check(
     onnx_models: Annotated[
         list[Path],
         typer.Argument(
-            metavar="MODEL.onnx...", help="ONNX models to check (fcconv's exports or others).", readable=False
+            metavar="MODEL...",
+            help="ONNX models (fcconv's exports or others), or .pt2 programs and .safetensors weights fcconv wrote.",
+            readable=False,
         ),
     ],
     input_shape: Annotated[
@@ -648,6 +750,16 @@ def check(
     sizes: SizesOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
+    reference: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--reference",
+            help="The original checkpoint: a .safetensors file is rebuilt from it and run. [default: digest only]",
+            readable=False,
+        ),
+    ] = None,
+    arch: ArchOption = None,
+    trust: TrustOption = False,
     json_report: JsonOption = None,
     junit_report: JunitOption = None,
     quiet: QuietOption = False,
@@ -661,19 +773,38 @@ def check(
     and receptive field predict, and give the original's output, which the export
     records, on a fixed input (--rtol, --atol). Checks that need fcconv's metadata are skipped on
     other models.
+
+    A .pt2 program gets the checks that apply to it: free spatial axes (its range
+    constraints), weights digest, the runs, output sizes and reference output. A
+    .safetensors file gets the weights digest; the checks that run the model are
+    skipped unless --reference (and --arch) rebuild the module to run them.
     """
     from fcconv.check import check_onnx
+    from fcconv.check_pytorch import check_program, check_weights
     from fcconv.load import parse_input_shape
     from fcconv.render import check_table
     from fcconv.report import check_document, write_report
+    from fcconv.torch_export import is_program_file, is_weights_file
 
     shape = parse_input_shape(input_shape) if input_shape else None
     check_sizes = _parse_sizes(sizes)
-    _check_report_paths(list(onnx_models), json_report, junit_report)
+    _check_report_paths([*onnx_models, *([reference] if reference else [])], json_report, junit_report)
+    weights_files = [path for path in onnx_models if is_weights_file(path)]
+    if (reference or arch) and not weights_files:
+        raise BadInputError("--reference and --arch rebuild a .safetensors file; none was given")
+    if arch and not reference:
+        raise BadInputError("--arch names the architecture of --reference; give --reference too")
+    original = _load(reference, arch, input_shape, trust) if reference else None
     reports = []
     for path in onnx_models:
         with screen.status(f"Checking {path}…") as update:
-            report = check_onnx(path, shape, sizes=check_sizes, rtol=rtol, atol=atol, on_step=update)
+            options = {"sizes": check_sizes, "rtol": rtol, "atol": atol, "on_step": update}
+            if path in weights_files:
+                report = check_weights(path, shape, rebuilt_from=original, **options)
+            elif is_program_file(path):
+                report = check_program(path, shape, trust=trust, **options)
+            else:
+                report = check_onnx(path, shape, **options)
         screen.show(check_table(report))
         reports.append(report)
     write_report(check_document(reports), json_report, junit_report)

@@ -1,0 +1,191 @@
+"""Check a converted model written for PyTorch on its own: a ``.pt2`` program, or ``.safetensors`` weights.
+
+The same checks as :func:`fcconv.check.check_onnx`, where they apply, in the same
+:class:`~fcconv.check.CheckReport`:
+
+* a program (:func:`check_program`): ``free spatial axes`` (the program's range
+  constraints on its spatial axes: from the native size up, with no upper bound),
+  ``weights digest``, then per size ``runs`` and ``output size``, and ``reference
+  output`` on the recorded probe input;
+* weights alone (:func:`check_weights`): ``weights digest``. A state_dict does not
+  run by itself, so the checks that run the model are reported as skipped, with
+  the reason, unless the module is rebuilt from the original checkpoint
+  (``rebuilt_from``), when they run on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fcconv.check import (
+    FAIL,
+    PASS,
+    SKIP,
+    CheckReport,
+    CheckResult,
+    _check_sizes,
+    _Expectation,
+    _first_line,
+    _native_shape,
+    _output_size,
+    _reference_output,
+    _size_skipped,
+    digest_verdict,
+)
+from fcconv.export import SPATIAL_AXIS_NAMES
+
+__all__ = ["check_program", "check_weights"]
+
+
+def check_program(
+    path: str | Path,
+    input_shape: Sequence[int] | None = None,
+    *,
+    sizes: Sequence[Sequence[int]] | None = None,
+    batch: int = 2,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    trust: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> CheckReport:
+    """Check the ExportedProgram at ``path`` (written by ``fcconv convert -o NAME.pt2``) without a reference."""
+    from fcconv.torch_export import ProgramModel, state_dict_digest
+    from fcconv.verify import default_sizes
+
+    path = Path(path)
+    step = on_step or (lambda _: None)
+    step("Loading the program…")
+    program = ProgramModel(path, trust=trust)
+    meta = program.metadata
+    input_shape = _native_shape(path, input_shape, meta, [])
+    sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
+    report = CheckReport(str(path), input_shape)
+    report.results.append(_free_axes(program.spatial_ranges(), input_shape))
+    step("Hashing the weights…")
+    report.results.append(digest_verdict(state_dict_digest(program.program.state_dict), meta, "tensors"))
+    report.results.extend(
+        _runs(program, program.dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step)
+    )
+    return report
+
+
+def check_weights(
+    path: str | Path,
+    input_shape: Sequence[int] | None = None,
+    *,
+    sizes: Sequence[Sequence[int]] | None = None,
+    batch: int = 2,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    rebuilt_from: Any = None,
+    on_step: Callable[[str], None] | None = None,
+) -> CheckReport:
+    """Check the state_dict at ``path`` (written by ``fcconv convert -o NAME.safetensors``).
+
+    ``rebuilt_from`` is the original, a :class:`~fcconv.load.LoadedModel`: the module
+    is rebuilt from it with the file's weights (:func:`fcconv.torch_export.rebuild`)
+    and run. Without it only the weights digest is checked.
+    """
+    from fcconv.torch_export import read_weights, read_weights_metadata, rebuild, state_dict_digest
+    from fcconv.verify import default_sizes
+
+    path = Path(path)
+    step = on_step or (lambda _: None)
+    meta = read_weights_metadata(path)
+    if input_shape is None and rebuilt_from is not None and "fcconv.input_shape" not in meta:
+        input_shape = rebuilt_from.input_shape
+    input_shape = _native_shape(path, input_shape, meta, [])
+    sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
+    report = CheckReport(str(path), input_shape)
+    step("Hashing the weights…")
+    tensors = read_weights(path)
+    report.results.append(digest_verdict(state_dict_digest(tensors), meta, "tensors"))
+    del tensors
+    if rebuilt_from is None:
+        why = "a state_dict does not run by itself: give --reference (and --arch) to rebuild the module"
+        report.results.append(CheckResult("free spatial axes", SKIP, why))
+        report.results += [CheckResult(name, SKIP, why, size) for size in sizes for name in ("runs", "output size")]
+        report.results.append(CheckResult("reference output", SKIP, why))
+        return report
+    step("Rebuilding the module…")
+    try:
+        module = rebuild(rebuilt_from.module, input_shape, meta, path)
+    except Exception as exc:  # noqa: BLE001 - weights that do not fit fail every check that runs them
+        why = f"the module could not be rebuilt: {_first_line(exc)}"
+        report.results.append(CheckResult("runs", FAIL, why))
+        return report
+    report.results.append(
+        CheckResult("free spatial axes", PASS, "a fully convolutional module: it takes any size from the native one")
+    )
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x)
+
+    report.results.extend(_runs(run, dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step))
+    return report
+
+
+def _free_axes(ranges: list[tuple[int, int | None]], input_shape: tuple[int, ...]) -> CheckResult:
+    """The program's spatial axes take every size from the native one up."""
+    native = input_shape[1:]
+    names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis {2 + i}" for i in range(len(native))))
+    if len(ranges) != len(native):
+        return CheckResult(
+            "free spatial axes", FAIL, f"the program takes {len(ranges)} spatial axes, not {len(native)}"
+        )
+    problems = []
+    for name, (lower, upper), n in zip(names, ranges, native):
+        if upper is not None and upper == lower:
+            problems.append(f"fixes {name} to {lower}")
+        elif upper is not None:
+            problems.append(f"bounds {name} at {upper}")
+        elif lower > n:
+            problems.append(f"takes {name} from {lower} only, above the native {n}")
+    if problems:
+        return CheckResult("free spatial axes", FAIL, f"the program {' and '.join(problems)}")
+    shown = ", ".join(f"{name} ≥ {lower}" for name, (lower, _) in zip(names, ranges))
+    return CheckResult("free spatial axes", PASS, f"range constraints: {shown}")
+
+
+def _runs(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    input_shape: tuple[int, ...],
+    sizes: list[tuple[int, ...]],
+    batch: int,
+    seed: int,
+    meta: dict[str, str],
+    report: CheckReport,
+    atol: float,
+    rtol: float | None,
+    step: Callable[[str], None],
+) -> list[CheckResult]:
+    """Run at each size (finite outputs of the shape the metadata predicts), then on the probe input."""
+    expectation = _Expectation.from_metadata(meta)
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for size in sizes:
+        step(f"Running at {'×'.join(map(str, size))}…")
+        x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype)
+        try:
+            out = run(x)
+        except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails there, with the reason
+            results += [CheckResult("runs", FAIL, f"it failed: {_first_line(exc)}", size), _size_skipped(size)]
+            continue
+        actual = tuple(int(s) for s in out.shape)
+        finite = bool(torch.isfinite(out).all())
+        message = "output finite" if finite else "the output holds NaN or infinity"
+        results.append(CheckResult("runs", PASS if finite else FAIL, message, size, actual_shape=actual))
+        results.append(_output_size(size, actual, expectation.shape(batch, size), expectation))
+    step("Comparing with the original's recorded output…")
+    results.append(_reference_output(run, dtype, input_shape, meta, report, atol, rtol))
+    return results

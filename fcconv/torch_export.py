@@ -1,0 +1,373 @@
+"""Write a converted model for PyTorch: an ExportedProgram (``.pt2``) or its weights alone (``.safetensors``).
+
+The FCN way of working fine-tunes a converted classifier in PyTorch, so ``fcconv
+convert`` also writes what PyTorch reads:
+
+* ``NAME.pt2``: the converted module's export form (:func:`~fcconv.export.as_export_module`,
+  plain convolutions) as a ``torch.export`` program with free batch and spatial
+  axes, each spatial axis from the native size up;
+* ``NAME.safetensors``: the converted module's state_dict (the first fully
+  connected layer as a k×k kernel), rebuilt by converting the architecture again
+  and loading it (``fcconv.convert(arch(), shape).load_state_dict(...)``).
+
+Both carry the same fcconv metadata as an ONNX export (:func:`~fcconv.export.fcconv_metadata`,
+the probe output, the weights' digest), so that ``fcconv verify`` and ``fcconv check``
+read them: in the program's archive as ``extra/fcconv_metadata.json``, in the
+safetensors header's ``__metadata__``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fcconv.errors import BadInputError, NotConvertibleError
+from fcconv.export import EACH_DIGEST_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY, as_export_module
+from fcconv.weights_digest import WeightsDigest
+
+__all__ = [
+    "METADATA_MEMBER",
+    "ProgramModel",
+    "export_program",
+    "is_program_file",
+    "is_weights_file",
+    "load_weights_into",
+    "read_program_metadata",
+    "read_weights_metadata",
+    "state_dict_digest",
+    "rebuild",
+    "save_program",
+    "save_weights",
+]
+
+METADATA_MEMBER = "fcconv_metadata.json"  # torch.export.save's extra_files: stored under the archive's extra/
+PROGRAM_SUFFIX, WEIGHTS_SUFFIX = ".pt2", ".safetensors"
+_DTYPE_CODES = {  # onnx.TensorProto.DataType numbers, so that a digest means the same as an ONNX export's
+    torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
+    torch.float16: 10, torch.float64: 11, torch.bfloat16: 16,
+}  # fmt: skip
+
+
+# --- digests ---------------------------------------------------------------------------------------
+
+
+def state_dict_digest(tensors: Mapping[str, torch.Tensor]) -> WeightsDigest:
+    """:mod:`fcconv.weights_digest` of a state_dict: each tensor by its name, dtype, shape and bytes."""
+    digest = WeightsDigest()
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_CODES:
+            raise BadInputError(f"weight {name!r} has dtype {tensor.dtype}, which fcconv cannot digest")
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+        digest.add(name, _DTYPE_CODES[tensor.dtype], list(tensor.shape), [data])
+    return digest
+
+
+def digest_metadata(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    digest = state_dict_digest(tensors)
+    return {WEIGHTS_DIGEST_KEY: digest.hexdigest(), EACH_DIGEST_KEY: digest.each_json()}
+
+
+# --- ExportedProgram --------------------------------------------------------------------------------
+
+
+def export_program(converted: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
+    """``converted`` as a ``torch.export`` program whose batch and spatial axes are free.
+
+    Each spatial axis is a ``torch.export.Dim`` from the native size up, the batch
+    one from 1 up. The program is traced at a larger, odd size (so that no axis of
+    the output map is 1 while tracing) with size-oblivious reasoning, which keeps
+    the tracer from specializing an axis that may be 1 at the native size. It is
+    then run at batch 1 on the native size, where such a guard would show.
+    Raises :class:`~fcconv.errors.NotConvertibleError` naming the reason when the
+    program cannot have free spatial axes.
+    """
+    import torch.fx.experimental._config as fx_config
+    from torch.export import Dim
+
+    input_shape = tuple(int(s) for s in input_shape)
+    native = input_shape[1:]
+    module = program_form(converted).eval()
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis{2 + i}" for i in range(len(native))))
+    dims = {0: Dim("batch", min=1), **{2 + i: Dim(name, min=n) for i, (name, n) in enumerate(zip(names, native))}}
+    example = torch.randn((2, input_shape[0], *(n + n // 2 + 1 for n in native)), dtype=dtype)
+    logging.disable(logging.WARNING)  # the tracer logs its failures before raising them
+    try:
+        with fx_config.patch(backed_size_oblivious=True):
+            program = torch.export.export(module, (example,), dynamic_shapes=(dims,))
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means the program cannot have free axes
+        raise NotConvertibleError(
+            "the converted model cannot be exported as a program with free spatial axes: "
+            f"torch.export says {_export_failure(exc)}"
+        ) from None
+    finally:
+        logging.disable(logging.NOTSET)
+    try:
+        with torch.inference_mode():
+            program.module()(torch.zeros((1, *input_shape), dtype=dtype))
+    except Exception as exc:  # noqa: BLE001 - a guard the tracer placed on the sizes
+        raise NotConvertibleError(
+            "the exported program does not run at batch 1 at the native "
+            f"{'×'.join(map(str, native))} ({_first_line(exc)}): torch.export fixed an axis while tracing"
+        ) from None
+    return program
+
+
+class MaxPool1dAs2d(nn.Module):
+    """``nn.MaxPool1d`` computed as a 2D max pooling over a height-1 map: the same values.
+
+    torch.export fixes the length of a 1D max pooling's input to the traced one
+    (its ATen implementation reads the size in C++), and not a 2D one's.
+    """
+
+    def __init__(self, pool: nn.MaxPool1d) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pool
+        one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731 - a 1D pooling's sizes are 1-tuples or ints
+        y = F.max_pool2d(x.unsqueeze(-2), (1, one(p.kernel_size)), (1, one(p.stride)), (0, one(p.padding)),
+                         (1, one(p.dilation)), p.ceil_mode)  # fmt: skip
+        return y.squeeze(-2)
+
+
+def program_form(converted: nn.Module) -> nn.Module:
+    """The module :func:`export_program` traces: the export form (plain convolutions), 1D max poolings as 2D ones.
+
+    Parameters are shared with ``converted`` and the state_dict's names are the same.
+    """
+    module = as_export_module(converted)
+    pools = [name for name, m in module.named_modules() if type(m) is nn.MaxPool1d and not m.return_indices]
+    if not pools or not isinstance(module, fx.GraphModule):
+        return module
+    # A new GraphModule has its own containers (the layers themselves are shared): the swap leaves ``converted`` be.
+    module = fx.GraphModule(module, module.graph, class_name=type(module).__name__)
+    for name in pools:
+        module.set_submodule(name, MaxPool1dAs2d(module.get_submodule(name)), strict=False)
+    return module
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Save ``program`` at ``path`` (a ``.pt2`` name) with ``metadata`` and its weights' digest in the archive.
+
+    Written in place: ``fcconv convert`` stages it beside the target and moves it there once verified.
+    """
+    path = Path(path)
+    meta = {**metadata, **digest_metadata(program.state_dict)}
+    torch.export.save(program, path, extra_files={METADATA_MEMBER: json.dumps(meta, sort_keys=True)})
+    return path
+
+
+def is_program_file(path: str | Path) -> bool:
+    """A ``torch.export.save`` archive, by its ``.pt2`` suffix or its content."""
+    from fcconv.load import _is_exported_program
+
+    path = Path(path)
+    return path.suffix.lower() == PROGRAM_SUFFIX or (path.is_file() and _is_exported_program(path))
+
+
+def read_program_metadata(path: str | Path) -> dict[str, str]:
+    """The fcconv metadata saved in a program's archive (empty when it has none), without loading the program."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_MEMBER}")), None)
+            text = archive.read(member).decode("utf-8") if member else ""
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not an ExportedProgram archive ({_first_line(exc)})") from None
+    if not text:
+        return {}
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise BadInputError(f"{path}: its {METADATA_MEMBER} is not JSON") from None
+    if not isinstance(meta, dict):
+        raise BadInputError(f"{path}: its {METADATA_MEMBER} is not a JSON object")
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+class ProgramModel:
+    """A saved ExportedProgram, loaded and called like a module on tensors, with its fcconv metadata.
+
+    The archive is checked first, as ``fcconv convert`` checks an ExportedProgram it
+    reads: a member that would unpickle code is refused unless ``trust``.
+    """
+
+    def __init__(self, path: str | Path, *, trust: bool = False) -> None:
+        from fcconv.load import _check_exported_program
+
+        path = Path(path)
+        self.metadata = read_program_metadata(path)
+        if not trust:
+            _check_exported_program(path)
+        logging.disable(logging.CRITICAL)
+        try:
+            self.program = torch.export.load(path)
+        except Exception as exc:  # noqa: BLE001 - corrupted archives raise many kinds of error
+            raise BadInputError(f"{path} is not a loadable ExportedProgram ({_first_line(exc)})") from None
+        finally:
+            logging.disable(logging.NOTSET)
+        self.module = self.program.module()
+        floats = [t for t in self.program.state_dict.values() if t.is_floating_point()]
+        self.dtype = floats[0].dtype if floats else torch.float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module(x.cpu())  # the program was saved on the CPU
+
+    def spatial_ranges(self) -> list[tuple[int, int | None]]:
+        """Each spatial axis's (lowest, highest) size the program accepts; None for no upper bound (or a fixed axis)."""
+        (placeholder,) = [
+            n for n in self.program.graph.nodes
+            if n.op == "placeholder" and n.name in self.program.graph_signature.user_inputs
+        ]  # fmt: skip
+        ranges = []
+        for size in placeholder.meta["val"].shape[2:]:
+            if isinstance(size, int):
+                ranges.append((size, size))
+                continue
+            bounds = self.program.range_constraints.get(size.node.expr)
+            lower = int(bounds.lower) if bounds is not None else 0
+            upper = None if bounds is None or bounds.upper.is_finite is False else _integer(bounds.upper)
+            ranges.append((lower, upper))
+        return ranges
+
+
+# --- state_dict -------------------------------------------------------------------------------------
+
+
+def save_weights(converted: nn.Module, path: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Save ``converted``'s state_dict at ``path`` as safetensors, ``metadata`` and the digest in its header.
+
+    Written in place: ``fcconv convert`` stages it beside the target and moves it there once verified.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors, seen = {}, set()
+    for name, tensor in converted.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        tensors[name] = tensor.clone() if key in seen else tensor  # safetensors refuses tensors sharing memory
+        seen.add(key)
+    meta = {**metadata, **digest_metadata(tensors)}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def is_weights_file(path: str | Path) -> bool:
+    from fcconv.load import _is_safetensors
+
+    path = Path(path)
+    return path.suffix.lower() == WEIGHTS_SUFFIX or (path.is_file() and _is_safetensors(path))
+
+
+def read_weights_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header's metadata (empty when it has none), without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadInputError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInputError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def load_weights_into(converted: nn.Module, tensors: Mapping[str, torch.Tensor], source: str | Path) -> nn.Module:
+    """``converted`` with ``tensors`` in place of its weights (strict: every name, every shape).
+
+    The tensors are assigned, not copied, so the module ``converted`` was made from
+    (which shares its weights) keeps its own. A state_dict that does not fit raises
+    :class:`~fcconv.errors.BadInputError` naming the first difference.
+    """
+    expected = converted.state_dict()
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    if missing or unexpected:
+        what = f"{missing[0]!r} is missing" if missing else f"{unexpected[0]!r} is not in the converted module"
+        raise BadInputError(f"{source} does not fit the converted module: {what}")
+    for name, tensor in expected.items():
+        if tuple(tensors[name].shape) != tuple(tensor.shape):
+            raise BadInputError(
+                f"{source} does not fit the converted module: {name!r} is "
+                f"{'×'.join(map(str, tensors[name].shape))}, the module's {'×'.join(map(str, tensor.shape))}"
+            )
+    converted.load_state_dict(dict(tensors), strict=True, assign=True)
+    return converted
+
+
+def rebuild(original: nn.Module, input_shape: Sequence[int], meta: Mapping[str, str], path: str | Path) -> nn.Module:
+    """The module a ``.safetensors`` file was written from: ``original`` converted as recorded, with the file's weights."""
+    import copy
+
+    from fcconv.rewrite import convert
+
+    dense = meta.get("fcconv.dense", "false") == "true"
+    pool = meta.get("fcconv.pool", "none")
+    pointwise = meta.get("fcconv.pointwise", "false") == "true"
+    # A copy: the converted module shares the trunk's layers with what it was made from, and the file's
+    # weights are assigned into them.
+    converted = convert(copy.deepcopy(original), tuple(input_shape), dense=dense, pool=None if pool == "none" else pool,
+                        pointwise=pointwise)  # fmt: skip
+    return load_weights_into(converted, read_weights(path), path).eval()
+
+
+def _integer(value: Any) -> int | None:
+    """A sympy bound as an int; None for infinity (the symbolic-shape ``int_oo`` included)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"{path}: empty file")
+
+
+def _export_failure(exc: BaseException) -> str:
+    """torch.export's reason in one line: its first line and its first listed violation, without the advice."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0].split(" For more information")[0] if lines else type(exc).__name__
+    listed = next((line.removeprefix("- ") for line in lines[1:] if line.startswith("- ")), "")
+    return " ".join(f"{first} {listed}".split())[:400]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.splitlines()[0].split())[:300]
+
+
+def spatial_shape(meta: Mapping[str, str]) -> Any:
+    """The native input shape the metadata records, or None."""
+    from fcconv.load import parse_input_shape
+
+    return parse_input_shape(meta["fcconv.input_shape"]) if "fcconv.input_shape" in meta else None
