@@ -1,0 +1,188 @@
+"""PyTorch out: ``convert -o NAME.pt2`` and ``-o NAME.safetensors``, and what verify and check make of them."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import safetensors.torch
+import torch
+from conftest import seeded
+from custom_models import LeNet, TinyVGG, VolumeClassifier
+from typer.testing import CliRunner
+
+import fcconv
+from fcconv.cli import app
+from fcconv.report import SCHEMA_PATH
+from fcconv.torch_export import METADATA_MEMBER, read_program_metadata, read_weights_metadata
+
+LENET = ["--arch", "custom_models:LeNet", "--input-shape", "1,28,28"]
+TINY_VGG = ["--arch", "custom_models:TinyVGG"]
+# What an ONNX export records about itself, and so must these files.
+METADATA_KEYS = {
+    "fcconv.version", "fcconv.input_shape", "fcconv.dense", "fcconv.pool", "fcconv.mode", "fcconv.window",
+    "fcconv.stride", "fcconv.total_stride", "fcconv.receptive_field", "fcconv.num_classes", "fcconv.source_sha256",
+    "fcconv.pointwise", "fcconv.probe_output", "fcconv.probe_shape", "fcconv.weights_sha256",
+    "fcconv.initializer_sha256",
+}  # fmt: skip
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("pytorch_out")
+
+
+@pytest.fixture(scope="module")
+def lenet_files(folder):
+    """LeNet's checkpoint, and what convert writes from it: a program and a state_dict."""
+    checkpoint = folder / "lenet.pt"
+    torch.save(seeded(LeNet).state_dict(), checkpoint)
+    for name in ("lenet.pt2", "lenet.safetensors"):
+        code, _, err = invoke("convert", checkpoint, *LENET, "-o", folder / name, "-q")
+        assert code == 0, err
+    return checkpoint, folder / "lenet.pt2", folder / "lenet.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_vgg_files(folder):
+    model = seeded(TinyVGG)
+    checkpoint = folder / "tiny_vgg.pt"
+    torch.save(model.state_dict(), checkpoint)
+    for name in ("tiny_vgg.pt2", "tiny_vgg.safetensors"):
+        code, _, err = invoke("convert", checkpoint, *TINY_VGG, "-o", folder / name, "-q")
+        assert code == 0, err
+    return model, folder / "tiny_vgg.pt2", folder / "tiny_vgg.safetensors"
+
+
+def test_the_program_loads_with_torch_export_and_runs_at_a_larger_non_square_size(tiny_vgg_files):
+    model, program_path, _ = tiny_vgg_files
+    program = torch.export.load(program_path)
+    fcn = fcconv.convert(seeded(TinyVGG), (3, 224, 224))
+    for shape in ((1, 3, 224, 224), (3, 3, 300, 261)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), fcn(x), rtol=1e-5, atol=1e-6)
+    assert program.module()(torch.randn(3, 3, 300, 261)).shape == (3, 10, 3, 2)
+    bounds = sorted((int(r.lower), str(r.upper)) for r in program.range_constraints.values())
+    assert bounds == [(1, "int_oo"), (224, "int_oo"), (224, "int_oo")]  # batch, height, width
+
+
+def test_both_files_carry_the_metadata_an_onnx_export_does(tiny_vgg_files):
+    _, program_path, weights_path = tiny_vgg_files
+    for meta in (read_program_metadata(program_path), read_weights_metadata(weights_path)):
+        assert METADATA_KEYS <= set(meta)
+        assert meta["fcconv.input_shape"] == "3,224,224" and meta["fcconv.num_classes"] == "10"
+        assert meta["fcconv.total_stride"] == "32,32" and meta["fcconv.receptive_field"] == "224,224"
+    assert read_program_metadata(program_path)["fcconv.format"] == "pt2"
+    assert read_weights_metadata(weights_path)["fcconv.format"] == "state_dict"
+
+
+def test_the_safetensors_holds_the_first_layer_as_a_kernel_and_the_readme_recipe_rebuilds_it(tiny_vgg_files):
+    model, _, weights_path = tiny_vgg_files
+    state = safetensors.torch.load_file(weights_path)
+    assert state["classifier.0.weight"].shape == (16, 8, 7, 7)
+    assert state["classifier.2.weight"].shape == (10, 16, 1, 1)
+
+    # The README's recipe, with TinyVGG for vgg16.
+    fcn = fcconv.convert(TinyVGG(), (3, 224, 224))
+    fcn.load_state_dict(safetensors.torch.load_file(weights_path))
+
+    x = torch.randn(2, 3, 256, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(fcn(x), fcconv.convert(model, (3, 224, 224))(x))
+
+
+@pytest.mark.parametrize("written", ["lenet.pt2", "lenet.safetensors"])
+def test_verify_and_check_pass_on_what_convert_wrote(lenet_files, written, tmp_path):
+    checkpoint, *_ = lenet_files
+    path = checkpoint.with_name(written)
+    code, out, err = invoke("verify", path, "--reference", checkpoint, *LENET, "--sizes", "28x28,37x45")
+    assert code == 0, err
+    assert f"{path} matches {checkpoint}" in out and "37×45" in out
+
+    report = tmp_path / "check.json"
+    code, out, err = invoke("check", path, "--json", report)
+    assert code == 0, err
+    document = json.loads(report.read_text())
+    jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
+    verdicts = {(c["check"], c["verdict"]) for c in document["models"][0]["checks"]}
+    if written.endswith(".pt2"):
+        assert {("free spatial axes", "pass"), ("weights digest", "pass"), ("reference output", "pass")} <= verdicts
+        assert {verdict for _, verdict in verdicts} == {"pass"}
+    else:  # weights alone do not run: skipped, with the reason, never passed
+        assert verdicts == {("weights digest", "pass"), ("free spatial axes", "skip"), ("runs", "skip"),
+                            ("output size", "skip"), ("reference output", "skip")}  # fmt: skip
+        assert "--reference" in out
+
+
+def test_check_rebuilds_the_safetensors_from_the_reference_and_runs_it(lenet_files):
+    checkpoint, _, weights_path = lenet_files
+    code, out, err = invoke("check", weights_path, "--reference", checkpoint, *LENET, "--sizes", "28x28,40x33")
+    assert code == 0, err
+    assert "skipped" not in out and f"{weights_path} passed" in out
+
+
+def tampered_program(source: Path, target: Path) -> Path:
+    """``source`` saved again with one weight changed and its recorded metadata kept."""
+    program = torch.export.load(source)
+    program.state_dict["fc2.weight"].data[3, 7] += 1.0
+    meta = json.dumps(read_program_metadata(source))
+    torch.export.save(program, target, extra_files={METADATA_MEMBER: meta})
+    return target
+
+
+def tampered_weights(source: Path, target: Path) -> Path:
+    state = safetensors.torch.load_file(source)
+    state["fc2.weight"][3, 7] += 1.0
+    safetensors.torch.save_file(state, target, metadata=read_weights_metadata(source))
+    return target
+
+
+@pytest.mark.parametrize("kind", ["pt2", "safetensors"])
+def test_a_changed_weight_fails_verify_and_check(lenet_files, tmp_path, kind):
+    checkpoint, program_path, weights_path = lenet_files
+    if kind == "pt2":
+        path = tampered_program(program_path, tmp_path / "tampered.pt2")
+    else:
+        path = tampered_weights(weights_path, tmp_path / "tampered.safetensors")
+
+    code, out, err = invoke("verify", path, "--reference", checkpoint, *LENET, "--sizes", "28x28")
+    assert code == 1
+    assert "FAIL" in out and "does not match" in err
+
+    code, out, err = invoke("check", path)
+    assert code == 1
+    assert "weights digest" in err and "'fc2.weight' changed since export" in out
+
+
+def test_verify_of_weights_from_another_model_is_a_clear_mismatch(lenet_files, tiny_vgg_files):
+    checkpoint, *_ = lenet_files
+    _, _, weights_path = tiny_vgg_files
+    code, _, err = invoke("verify", weights_path, "--reference", checkpoint, *LENET)
+    assert code == 1
+    assert "does not fit the converted module" in err and "does not match" in err
+
+
+@pytest.mark.parametrize("name", ["x.pt2", "x.safetensors"])
+def test_bad_output_paths_are_refused_before_any_work_with_nothing_written(lenet_files, tmp_path, name):
+    checkpoint, *_ = lenet_files
+    code, _, err = invoke("convert", checkpoint, *LENET, "-o", tmp_path / "missing" / name)
+    assert code == 2 and "does not exist" in err
+    code, _, err = invoke("convert", checkpoint, *LENET, "-o", tmp_path / name, "--head-format", "gemm")
+    assert code == 2 and "--head-format" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_whose_program_cannot_have_free_spatial_axes_is_refused(tmp_path):
+    checkpoint = tmp_path / "volume.pt"
+    torch.save(seeded(VolumeClassifier).state_dict(), checkpoint)
+    arch = ["--arch", "custom_models:VolumeClassifier", "--input-shape", "1,64,64,64"]
+    code, _, err = invoke("convert", checkpoint, *arch, "-o", tmp_path / "volume.pt2")
+    assert code == 3
+    assert "free spatial axes" in err or "native 64×64×64" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume.pt"]
