@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -264,6 +265,9 @@ def save_weights(converted: nn.Module, path: str | Path, metadata: Mapping[str, 
         seen.add(key)
     meta = {**metadata, **digest_metadata(tensors)}
     save_file(tensors, str(path), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates its files private; the result gets the usual permissions
     return path
 
 

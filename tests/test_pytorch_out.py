@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 import safetensors.torch
 import torch
-from conftest import seeded
+from conftest import REPO, seeded
 from custom_models import LeNet, TinyVGG, VolumeClassifier
 from typer.testing import CliRunner
 
@@ -186,3 +186,28 @@ def test_a_model_whose_program_cannot_have_free_spatial_axes_is_refused(tmp_path
     assert code == 3
     assert "free spatial axes" in err or "native 64×64×64" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["volume.pt"]
+
+
+def test_the_readme_recipe_rebuilds_vgg16_from_its_safetensors(tmp_path, monkeypatch):
+    """The README's one line, as written there, on a .safetensors of a converted torchvision vgg16."""
+    import torchvision
+
+    from fcconv.torch_export import save_weights
+
+    readme = (REPO / "README.md").read_text()
+    (recipe,) = [
+        line for line in readme.splitlines() if line.startswith("fcn = fcconv.convert(torchvision.models.vgg16()")
+    ]
+    torch.manual_seed(0)
+    written = fcconv.convert(torchvision.models.vgg16().eval(), (3, 224, 224))
+    save_weights(written, tmp_path / "vgg16.fcn.safetensors", {})
+    monkeypatch.chdir(tmp_path)
+
+    scope = {"fcconv": fcconv, "torchvision": torchvision, "safetensors": safetensors}
+    exec(recipe, scope)  # noqa: S102 - the README's own line
+
+    fcn = scope["fcn"]
+    assert fcn.get_submodule("classifier.0").weight.shape == (4096, 512, 7, 7)
+    x = torch.randn(1, 3, 256, 224)
+    with torch.no_grad():
+        assert torch.equal(fcn.eval()(x), written(x))
