@@ -1,5 +1,6 @@
 """PyTorch out: ``convert -o NAME.pt2`` and ``-o NAME.safetensors``, and what verify and check make of them."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -211,3 +212,40 @@ def test_the_readme_recipe_rebuilds_vgg16_from_its_safetensors(tmp_path, monkeyp
     x = torch.randn(1, 3, 256, 224)
     with torch.no_grad():
         assert torch.equal(fcn.eval()(x), written(x))
+
+
+def test_the_programs_module_takes_the_gradients_of_the_converted_module(tiny_vgg_files):
+    model, program_path, _ = tiny_vgg_files
+    program = torch.export.load(program_path).module()
+    fcn = fcconv.convert(seeded(TinyVGG), (3, 224, 224))
+    x = torch.randn(2, 3, 290, 260)
+    grads = []
+    for module in (program, fcn):
+        loss = module(x).square().mean()
+        params = [p for _, p in sorted(module.named_parameters())]
+        grads.append(torch.autograd.grad(loss, params))
+    assert len(grads[0]) == len(grads[1]) == 14
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["lenet.pt2", "lenet.safetensors"])
+def test_a_file_that_does_not_match_the_original_is_not_written_and_exits_1(lenet_files, tmp_path, monkeypatch, name):
+    """A fault injected between the converted module and the file: the verification of the staged file catches it."""
+    import fcconv.torch_export as torch_export
+
+    checkpoint, *_ = lenet_files
+    program_form, save_weights = torch_export.program_form, torch_export.save_weights
+
+    def off_by_one(module):
+        module = copy.deepcopy(module)
+        with torch.no_grad():
+            module.get_submodule("fc2").bias[3] += 1.0
+        return module
+
+    monkeypatch.setattr(torch_export, "program_form", lambda converted: off_by_one(program_form(converted)))
+    monkeypatch.setattr(torch_export, "save_weights", lambda converted, *a: save_weights(off_by_one(converted), *a))
+    code, out, err = invoke("convert", checkpoint, *LENET, "-o", tmp_path / name, "--sizes", "28x28")
+    assert code == 1
+    assert "FAIL" in out and f"{tmp_path / name} was not written" in err
+    assert list(tmp_path.iterdir()) == []
