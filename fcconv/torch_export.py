@@ -137,10 +137,14 @@ class MaxPool1dAs2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pool
-        one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731 - a 1D pooling's sizes are 1-tuples or ints
-        y = F.max_pool2d(x.unsqueeze(-2), (1, one(p.kernel_size)), (1, one(p.stride)), (0, one(p.padding)),
-                         (1, one(p.dilation)), p.ceil_mode)  # fmt: skip
+        kernel, stride, padding, dilation = (_single(v) for v in (p.kernel_size, p.stride, p.padding, p.dilation))
+        y = F.max_pool2d(x.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), (1, dilation), p.ceil_mode)
         return y.squeeze(-2)
+
+
+def _single(value: Any) -> int:
+    """A 1D layer's size, given as an int or a 1-tuple."""
+    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
 
 
 def program_form(converted: nn.Module) -> nn.Module:

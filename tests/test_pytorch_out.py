@@ -9,13 +9,13 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import REPO, seeded
-from custom_models import LeNet, TinyVGG, VolumeClassifier
+from custom_models import LeNet, SignalClassifier, TinyVGG, VolumeClassifier
 from typer.testing import CliRunner
 
 import fcconv
 from fcconv.cli import app
 from fcconv.report import SCHEMA_PATH
-from fcconv.torch_export import METADATA_MEMBER, read_program_metadata, read_weights_metadata
+from fcconv.torch_export import METADATA_MEMBER, export_program, read_program_metadata, read_weights_metadata
 
 LENET = ["--arch", "custom_models:LeNet", "--input-shape", "1,28,28"]
 TINY_VGG = ["--arch", "custom_models:TinyVGG"]
@@ -249,3 +249,15 @@ def test_a_file_that_does_not_match_the_original_is_not_written_and_exits_1(lene
     assert code == 1
     assert "FAIL" in out and f"{tmp_path / name} was not written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_classifier_exports_with_a_free_length():
+    """A 1D max pooling fixes the length in torch.export; the program computes it as a 2D one."""
+    model = seeded(SignalClassifier)
+    fcn = fcconv.convert(model, (1, 1000))
+    program = export_program(fcn, (1, 1000))
+    assert sorted(int(r.lower) for r in program.range_constraints.values()) == [1, 1000]
+    for length in (1000, 1333, 4096):
+        x = torch.randn(2, 1, length)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), fcn(x), rtol=1e-5, atol=1e-6)
