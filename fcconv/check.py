@@ -25,13 +25,14 @@ import math
 import mmap
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fcconv.errors import BadInputError
-from fcconv.export import EACH_DIGEST_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
+from fcconv.export import EACH_DIGEST_KEY, OUTPUT_CHANNELS_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
 from fcconv.grid import OutputGrid
+from fcconv.outputs import named_outputs
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest
 
 __all__ = ["CHECKS", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
@@ -69,6 +70,8 @@ class CheckResult:
     max_rel: float | None = None
     tolerance: float | None = None
     """``reference output`` only: the largest errors and the allowed absolute error."""
+    output: str | None = None
+    """For checks that read the model's outputs: which one (a model with several heads has one check per output)."""
 
     @property
     def passed(self) -> bool:
@@ -484,9 +487,16 @@ class _Expectation:
     pooled_to_vector: bool
     global_map: bool
     unknown: str = ""
+    output_channels: dict[str, int] = field(default_factory=dict)
+    """Each output's channel count, for a model with several outputs (``fcconv.output_channels``)."""
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> _Expectation:
+        expectation = cls._from_metadata(meta)
+        return replace(expectation, output_channels=parse_output_channels(meta))
+
+    @classmethod
+    def _from_metadata(cls, meta: dict[str, str]) -> _Expectation:
         classes = int(meta["fcconv.num_classes"]) if meta.get("fcconv.num_classes", "").isdigit() else None
         if "fcconv.mode" not in meta:
             return cls(classes, None, False, False, "no fcconv.mode metadata: the output size cannot be predicted")
@@ -500,13 +510,24 @@ class _Expectation:
             return cls(classes, None, False, False, unknown)
         return cls(classes, grid, False, False)
 
-    def shape(self, batch: int, size: tuple[int, ...]) -> tuple[int | None, ...] | None:
+    def shape(self, batch: int, size: tuple[int, ...], output: str | None = None) -> tuple[int | None, ...] | None:
         if self.unknown:
             return None
+        classes = self.output_channels.get(output, self.classes) if output else self.classes
         if self.pooled_to_vector:
-            return (batch, self.classes)
+            return (batch, classes)
         spatial = (1,) * len(size) if self.global_map else self.grid.output_size(size)
-        return (batch, self.classes, *spatial)
+        return (batch, classes, *spatial)
+
+
+def parse_output_channels(meta: dict[str, str]) -> dict[str, int]:
+    """``fcconv.output_channels`` ("name:K,name:K", written for a model with several outputs) as a dict."""
+    channels = {}
+    for item in meta.get(OUTPUT_CHANNELS_KEY, "").split(","):
+        name, _, count = item.rpartition(":")
+        if name and count.isdigit():
+            channels[name] = int(count)
+    return channels
 
 
 def metadata_grid(meta: dict[str, str]) -> OutputGrid | None:
@@ -551,64 +572,89 @@ def _runs(
         step(f"Running at {'×'.join(map(str, size))}…")
         x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype)
         try:
-            out = runner(x)
+            outputs = named_outputs(runner(x))
         except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails there, with the reason
             results += [CheckResult("runs", FAIL, f"onnxruntime failed: {_first_line(exc)}", size), _size_skipped(size)]
             continue
-        actual = tuple(int(s) for s in out.shape)
-        finite = bool(torch.isfinite(out).all())
-        results.append(
-            CheckResult(
-                "runs",
-                PASS if finite else FAIL,
-                "output finite" if finite else "the output holds NaN or infinity",
-                size,
-                actual_shape=actual,
+        several = len(outputs) > 1
+        for output, out in outputs:
+            named = output if several else None
+            actual = tuple(int(s) for s in out.shape)
+            finite = bool(torch.isfinite(out).all())
+            results.append(
+                CheckResult(
+                    "runs",
+                    PASS if finite else FAIL,
+                    "output finite" if finite else "the output holds NaN or infinity",
+                    size,
+                    actual_shape=actual,
+                    output=named,
+                )
             )
-        )
-        results.append(_output_size(size, actual, expectation.shape(batch, size), expectation))
+            expected = expectation.shape(batch, size, named)
+            results.append(replace(_output_size(size, actual, expected, expectation), output=named))
     step("Comparing with the original's recorded output…")
-    results.append(_reference_output(runner, dtype, input_shape, meta, report, atol, rtol))
+    results.extend(_reference_output(runner, dtype, input_shape, meta, report, atol, rtol))
     return results
 
 
 def _reference_output(
     runner: Any, dtype: Any, input_shape: tuple[int, ...], meta: dict[str, str], report: CheckReport,
     atol: float, rtol: float | None,
+) -> list[CheckResult]:  # fmt: skip
+    """The model on the probe input against the original's output recorded at export, one result per output."""
+    from fcconv.export import PROBE_OUTPUT_KEY, probe_keys
+    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, probe_input
+
+    name = "reference output"
+    if PROBE_OUTPUT_KEY not in meta:
+        return [CheckResult(name, SKIP, f"no {PROBE_OUTPUT_KEY} metadata: the original's output was not recorded")]
+    report.rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
+    report.atol, report.dtype = atol, str(dtype).removeprefix("torch.")
+    size = input_shape[1:]
+    try:
+        outputs = named_outputs(runner(probe_input(input_shape, dtype)))
+    except Exception as exc:  # noqa: BLE001 - a failed run fails this check, with the reason
+        return [CheckResult(name, FAIL, f"onnxruntime failed: {_first_line(exc)}", size)]
+    several = len(outputs) > 1
+    return [
+        _compare_with_recorded(out, meta, *probe_keys(i, output), size, report, atol, output if several else None)
+        for i, (output, out) in enumerate(outputs)
+    ]
+
+
+def _compare_with_recorded(
+    out: Any, meta: dict[str, str], shape_key: str, output_key: str, size: tuple[int, ...], report: CheckReport,
+    atol: float, output: str | None,
 ) -> CheckResult:  # fmt: skip
-    """The model on the probe input against the original's output recorded at export."""
+    """One output on the probe input against the values recorded under ``output_key``."""
     import base64
 
     import numpy as np
     import torch
 
-    from fcconv.export import PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY
-    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, compare_reading, probe_input
+    from fcconv.verify import compare_reading
 
     name = "reference output"
-    if PROBE_OUTPUT_KEY not in meta or PROBE_SHAPE_KEY not in meta:
-        return CheckResult(name, SKIP, f"no {PROBE_OUTPUT_KEY} metadata: the original's output was not recorded")
+    if output_key not in meta or shape_key not in meta:
+        return CheckResult(
+            name, SKIP, f"no {output_key} metadata: the original's output was not recorded", output=output
+        )
     try:
-        shape = tuple(int(d) for d in meta[PROBE_SHAPE_KEY].split(","))
-        recorded = torch.from_numpy(np.frombuffer(base64.b64decode(meta[PROBE_OUTPUT_KEY]), dtype="<f4").copy())
+        shape = tuple(int(d) for d in meta[shape_key].split(","))
+        recorded = torch.from_numpy(np.frombuffer(base64.b64decode(meta[output_key]), dtype="<f4").copy())
     except ValueError:
-        return CheckResult(name, FAIL, f"{PROBE_OUTPUT_KEY} is not what fcconv writes")
-    report.rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
-    report.atol, report.dtype = atol, str(dtype).removeprefix("torch.")
-    size = input_shape[1:]
-    try:
-        out = runner(probe_input(input_shape, dtype))
-    except Exception as exc:  # noqa: BLE001 - a failed run fails this check, with the reason
-        return CheckResult(name, FAIL, f"onnxruntime failed: {_first_line(exc)}", size, shape)
+        return CheckResult(name, FAIL, f"{output_key} is not what fcconv writes", output=output)
     actual_shape = tuple(int(d) for d in out.shape)
     if actual_shape != shape:
         got = "×".join(map(str, actual_shape))
-        return CheckResult(name, FAIL, f"output {got}, recorded {'×'.join(map(str, shape))}", size, shape, actual_shape)
+        message = f"output {got}, recorded {'×'.join(map(str, shape))}"
+        return CheckResult(name, FAIL, message, size, shape, actual_shape, output=output)
     c = compare_reading(size, name, recorded, out.reshape(-1)[: recorded.numel()], report.rtol, atol)
     verdict = f"max abs {c.max_abs:.1e}, max rel {c.max_rel:.1e} {'<=' if c.passed else '>'} {report.rtol:g}"
     message = f"{verdict} on the fixed probe input ({recorded.numel()} values recorded at export)"
     return CheckResult(
-        name, PASS if c.passed else FAIL, message, size, shape, actual_shape, c.max_abs, c.max_rel, c.tolerance
+        name, PASS if c.passed else FAIL, message, size, shape, actual_shape, c.max_abs, c.max_rel, c.tolerance, output
     )
 
 

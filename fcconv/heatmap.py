@@ -274,9 +274,16 @@ def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], di
     dtype = torch.float16 if element == "tensor(float16)" else torch.float64 if element == "tensor(double)" else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return model(x if dtype is None else x.to(dtype)).float()
+        return first_output(model(x if dtype is None else x.to(dtype))).float()
 
     return run, model.metadata
+
+
+def first_output(value: Any) -> torch.Tensor:
+    """The class scores of a model with several outputs: its first (the heads after it are drawn no map)."""
+    from fcconv.outputs import named_outputs
+
+    return named_outputs(value)[0][1]
 
 
 def _card_beside(path: Path) -> dict[str, Any]:
@@ -392,7 +399,7 @@ def load_dense_model(
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
-        return module(x)
+        return first_output(module(x))
 
     card = loaded.card
     return _finish(

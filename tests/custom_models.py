@@ -40,6 +40,33 @@ class HeadWithBatchNorm(nn.Module):
         return torch.softmax(self.fc2(x), dim=-1)
 
 
+class ScoresAndBoxes(nn.Module):
+    """A shared Linear → PReLU trunk splitting into class scores (softmax) and a box regression, returned as a dict.
+
+    3×10×12 in; no padding, so each output position reads exactly one input window.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(6 * 4 * 5, 24)
+        self.act = nn.PReLU(24)
+        self.classes = nn.Linear(24, 5)
+        self.boxes = nn.Linear(24, 4)
+
+    def forward(self, x):
+        hidden = self.act(self.fc(self.features(x).flatten(1)))
+        return {"class_scores": torch.softmax(self.classes(hidden), dim=1), "boxes": self.boxes(hidden)}
+
+
+class ScoresAndBoxesTuple(ScoresAndBoxes):
+    """The same two heads returned as a plain tuple (boxes first)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out["boxes"], out["class_scores"]
+
+
 class NormalizesTheWindow(nn.Module):
     """A LayerNorm over the flattened window before the first Linear: not a per-position operation."""
 
