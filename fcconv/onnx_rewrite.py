@@ -1375,7 +1375,7 @@ def _rewrite_chain(rewriter: _Rewriter) -> None:
     rewriter.renamed[head.collapse.output[0]] = current
     order = _flatten_axes(head.feature_order, rewriter.graph.shape(head.map_name)[1:])
     if head.pool is None and order not in (None, "(c, h, w)"):
-        rewriter.removed.append(f"the flatten's {order} order (undone: the first kernel takes its rows in that order)")
+        rewriter.removed.append(f"the flatten's {order} order: undone, the first kernel reads its weight's rows so")
     window = head.pool is not None or head.feature_order.size == rewriter.graph.shape(head.map_name)[1]
     rewriter.channels[head.collapse.output[0]] = head.feature_order if window else None
 
