@@ -67,6 +67,20 @@ DtypeOption = Annotated[
     Optional[str],
     typer.Option("--dtype", help="Convert in this dtype: float32, float16 or float64. [default: the checkpoint's]"),
 ]
+LogitsOption = Annotated[
+    bool,
+    typer.Option(
+        "--logits", help="Drop a final Softmax, LogSoftmax or Sigmoid from each output: the map holds the raw scores."
+    ),
+]
+UntilOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--until",
+        metavar="LAYER",
+        help="End the converted model at this layer of the head (e.g. fc7's ReLU): one dense feature-map output.",
+    ),
+]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 QuietOption = Annotated[
     bool,
@@ -344,14 +358,16 @@ def _refuse_for_onnx(**given: Any) -> None:
             raise BadInputError(f"--{flag.replace('_', '-')} does not apply to an ONNX model")
 
 
-def _rewrite_onnx_file(path: Path, input_shape: str | None):
-    """Read an ONNX classifier and rewrite its head, with progress lines; returns both."""
+def _rewrite_onnx_file(path: Path, input_shape: str | None, logits: bool = False, until: str | None = None):
+    """Read an ONNX classifier, cut it as ``--logits``/``--until`` ask, and rewrite its head, with progress lines;
+    returns the (cut) classifier and its conversion."""
     from fcconv.load import parse_input_shape
-    from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx
+    from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx, truncate_onnx_classifier
 
     shape = parse_input_shape(input_shape) if input_shape else None
     with screen.status(f"Loading {path}…"):
         classifier = load_onnx_classifier(path, shape)
+        classifier = truncate_onnx_classifier(classifier, logits=logits, until=until)
     with screen.status("Rewriting the head…"):
         conversion = rewrite_onnx(classifier)
     return classifier, conversion
@@ -363,44 +379,75 @@ def _onnx_references(classifier, conversion, sizes, rtol, atol):
     from fcconv.verify import default_sizes
 
     sizes = sizes or default_sizes(classifier.input_shape)
-    with _per_size("Running the original", "Running the original", len(sizes)) as on_size:
+    steps = len(sizes) * len(classifier.output_names)
+    with _per_size("Running the original", "Running the original", steps) as on_size:
         return onnx_reference_outputs(
             classifier, conversion, sizes=sizes, rtol=rtol, atol=atol, on_size=on_size
         )  # fmt: skip
 
 
+def _compare_onnx_and_show(converted, references, layout: str):
+    """Run the converted ONNX model on the reference inputs, every output, with a progress line; print the table."""
+    from fcconv.onnx_verify import compare_onnx_outputs
+    from fcconv.render import verification_table
+
+    with _per_size("Verifying against the original", "Verifying", len(references.cases)) as on_size:
+        report = compare_onnx_outputs(converted, references, layout=layout, on_size=on_size)
+    screen.show(verification_table(report))
+    return report
+
+
 def _onnx_probe_output(classifier):
-    """The input ONNX model's output on :func:`~fcconv.verify.probe_input`, as the converted map's (1, K, 1, ...)."""
+    """The input ONNX model's (first) output on :func:`~fcconv.verify.probe_input`, as the converted map's
+    (1, K, 1, ...), channels-first whatever the layout."""
     from fcconv.onnx_verify import OnnxRunner
     from fcconv.verify import probe_input
 
-    runner = OnnxRunner(classifier.model)
+    runner = OnnxRunner(classifier.model, nhwc_input=classifier.layout == "nhwc", output=0)
     out = runner(probe_input(classifier.input_shape, runner.dtype))
     return out.reshape(*out.shape, *(1,) * (len(classifier.input_shape) - 1))
 
 
-def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool) -> None:
+def _show_onnx_head(conversion, show: Callable[..., None]) -> None:
+    """The ONNX head beyond the table: the layout, each output's branch, the nodes carried per position, and what
+    ``--until`` accepts."""
+    if conversion.layout == "nhwc":
+        show("  layout: channels-last, kept: N×H×W×C in, each output (N, h, w, K)", markup=False)
+    for output in conversion.outputs:
+        show(f"  output {output.name} ({output.classes}): {' → '.join(output.nodes) or 'no head nodes'}", markup=False)
+    if conversion.carried:
+        show(f"  carried over to each position: {', '.join(conversion.carried)}", markup=False)
+    if conversion.until_names:
+        show(f"  --until accepts: {', '.join(conversion.until_names)}", markup=False)
+
+
+def _convert_onnx(
+    model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool, logits: bool, until: str | None
+) -> None:
     """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
     from fcconv.export import append_metadata, external_data_path, probe_metadata, staged_onnx
     from fcconv.onnx_rewrite import write_onnx
     from fcconv.render import rewrite_table
 
-    classifier, conversion = _rewrite_onnx_file(model, input_shape)
+    classifier, conversion = _rewrite_onnx_file(model, input_shape, logits, until)
     if conversion.layers:
         title = f"{model.name} (ONNX, opset {classifier.opset}): rewritten layers"
         screen.show(rewrite_table(conversion, title=title))
     _print_trunk(conversion, linear=ONNX_LINEAR)
     for item in conversion.removed:
         screen.show(f"  removed: {item}", markup=False)
+    if conversion.layout == "nhwc" or len(conversion.outputs) > 1:
+        _show_onnx_head(conversion, screen.show)
     with staged_onnx(target) as staged:
         with screen.status(f"Writing {target.name}…"):
             write_onnx(conversion, staged, source=model, external_data=external_data or None)
         data_file = external_data_path(staged).exists()
         references = _onnx_references(classifier, conversion, sizes, rtol, atol)
         append_metadata(staged, probe_metadata(_onnx_probe_output(classifier)))
+        layout = conversion.layout
         del classifier, conversion
         _release_memory()
-        report = _compare_and_show(staged, references)
+        report = _compare_onnx_and_show(staged, references, layout)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
@@ -461,6 +508,8 @@ def convert(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     trust: TrustOption = False,
+    logits: LogitsOption = False,
+    until: UntilOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -504,8 +553,11 @@ def convert(
             arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
             device=device != "cpu", dtype=dtype, trust=trust,
         )  # fmt: skip
-        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data)
+        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data, logits, until)
         return
+    if logits or until is not None:
+        flag = "--logits" if logits else "--until"
+        raise BadInputError(f"{flag} applies to ONNX models only in this version of convert")
     loaded = _load(model, arch, input_shape, trust, dtype)
     with screen.status("Rewriting the head…"):
         conversion = rewrite(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
@@ -614,14 +666,16 @@ def verify(
                 f"{onnx_model} was converted with {how} (its metadata says so), which an ONNX classifier is not: "
                 f"it cannot have come from {reference}"
             )
-        classifier, conversion = _rewrite_onnx_file(reference, input_shape)
+        logits, until = meta.get("fcconv.logits") == "true", meta.get("fcconv.until")
+        classifier, conversion = _rewrite_onnx_file(reference, input_shape, logits, until)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
         native_shape = classifier.input_shape
+        report = _compare_onnx_and_show(onnx_model, references, meta.get("fcconv.layout", "nchw"))
     else:
         loaded = _load(reference, arch, input_shape, trust, dtype)
         references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)
         native_shape = loaded.input_shape
-    report = _compare_and_show(exported, references)
+        report = _compare_and_show(exported, references)
     document = verification_document(report, onnx_model, reference, native_shape)
     write_report(document, json_report, junit_report)
     if not report.passed:
@@ -720,6 +774,8 @@ def inspect(
     _print_trunk(conversion, inspecting=True, linear=linear)
     for item in conversion.removed:
         console.print(f"  removed on conversion: {item}", markup=False)
+    if linear == ONNX_LINEAR:
+        _show_onnx_head(conversion, console.print)
     geometry = conversion.geometry
     reads = (
         "the whole feature map (global pooling kept)"
