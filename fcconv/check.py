@@ -134,13 +134,16 @@ def check_onnx(
     model = _read_model(path)
     meta = {entry.key: entry.value for entry in model.metadata_props}
     input_name, input_dims = _data_input(model, path)
+    channels_last = meta.get("fcconv.layout") == "nhwc"
+    if channels_last:  # an N×H×W×C model (from a Keras-style ONNX classifier): read as N×C×H×W from here on
+        input_dims = [*input_dims[:1], *input_dims[-1:], *input_dims[1:-1]]
     input_shape = _native_shape(path, input_shape, meta, input_dims)
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
     report = CheckReport(str(path), input_shape)
 
     step("Checking the graph's shapes at two sizes…")
     report.results.append(_free_axes(input_name, input_dims, len(input_shape) - 1))
-    report.results.append(_no_collapse(model, input_name, input_shape))
+    report.results.append(_no_collapse(model, input_name, input_shape, channels_last))
     step("Hashing the weights…")
     report.results.append(_weights_digest(model, path, meta))
     expectation = _Expectation.from_metadata(meta)
@@ -153,7 +156,9 @@ def check_onnx(
     except Exception as exc:  # noqa: BLE001 - any checker or inference error fails this check, with its text
         report.results.insert(0, CheckResult("onnx checker", FAIL, _first_line(exc)))
 
-    report.results.extend(_runs(path, input_shape, sizes, batch, seed, expectation, step, meta, report, atol, rtol))
+    report.results.extend(
+        _runs(path, input_shape, sizes, batch, seed, expectation, step, meta, report, atol, rtol, channels_last)
+    )
     return report
 
 
@@ -261,13 +266,17 @@ def _free_axes(name: str, dims: list[int | str | None], rank: int) -> CheckResul
     return CheckResult("free spatial axes", PASS, f"input {name!r} spatial axes: {shown}")
 
 
-def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...]) -> CheckResult:
+def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], channels_last: bool = False) -> CheckResult:
     """Shape inference at the native size and at a larger one: no contraction may read an axis that grows with it."""
     light = _shapes_only(model)
     native = input_shape[1:]
     larger = tuple(2 * n + 1 for n in native)
-    small = _inferred_shapes(light, input_name, (1, input_shape[0], *native))
-    large = _inferred_shapes(light, input_name, (1, input_shape[0], *larger))
+
+    def batch_of_one(size: tuple[int, ...]) -> tuple[int, ...]:
+        return (1, *size, input_shape[0]) if channels_last else (1, input_shape[0], *size)
+
+    small = _inferred_shapes(light, input_name, batch_of_one(native))
+    large = _inferred_shapes(light, input_name, batch_of_one(larger))
     producers = {out: node for node in light.graph.node for out in node.output}
     shown_small, shown_large = "×".join(map(str, native)), "×".join(map(str, larger))
     undetermined = 0
@@ -552,15 +561,20 @@ def _runs(
     report: CheckReport,
     atol: float,
     rtol: float | None,
+    channels_last: bool = False,
 ) -> list[CheckResult]:
-    """Run the model in onnxruntime at each size (finite outputs of the predicted shape), then on the probe input."""
+    """Run the model in onnxruntime at each size (finite outputs of the predicted shape), then on the probe input.
+
+    A channels-last model is given N×H×W×C inputs and its outputs are read channels-first.
+    """
     import torch
 
     from fcconv.export import OnnxModel
+    from fcconv.onnx_verify import OnnxRunner
 
     step("Loading the model in onnxruntime…")
     try:
-        runner = OnnxModel(path)
+        runner = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True) if channels_last else OnnxModel(path)
     except BadInputError as exc:
         message = f"onnxruntime cannot load it: {exc}"
         results = [r for size in sizes for r in (CheckResult("runs", FAIL, message, size), _size_skipped(size))]

@@ -379,33 +379,23 @@ def _onnx_references(classifier, conversion, sizes, rtol, atol):
     from fcconv.verify import default_sizes
 
     sizes = sizes or default_sizes(classifier.input_shape)
-    steps = len(sizes) * len(classifier.output_names)
-    with _per_size("Running the original", "Running the original", steps) as on_size:
+    with _per_size("Running the original", "Running the original", len(sizes)) as on_size:
         return onnx_reference_outputs(
             classifier, conversion, sizes=sizes, rtol=rtol, atol=atol, on_size=on_size
         )  # fmt: skip
 
 
-def _compare_onnx_and_show(converted, references, layout: str):
-    """Run the converted ONNX model on the reference inputs, every output, with a progress line; print the table."""
-    from fcconv.onnx_verify import compare_onnx_outputs
-    from fcconv.render import verification_table
-
-    with _per_size("Verifying against the original", "Verifying", len(references.cases)) as on_size:
-        report = compare_onnx_outputs(converted, references, layout=layout, on_size=on_size)
-    screen.show(verification_table(report))
-    return report
-
-
 def _onnx_probe_output(classifier):
-    """The input ONNX model's (first) output on :func:`~fcconv.verify.probe_input`, as the converted map's
+    """The input ONNX model's outputs on :func:`~fcconv.verify.probe_input`, each as the converted map's
     (1, K, 1, ...), channels-first whatever the layout."""
     from fcconv.onnx_verify import OnnxRunner
+    from fcconv.outputs import like, named_outputs
     from fcconv.verify import probe_input
 
-    runner = OnnxRunner(classifier.model, nhwc_input=classifier.layout == "nhwc", output=0)
+    runner = OnnxRunner(classifier.model, nhwc_input=classifier.layout == "nhwc")
     out = runner(probe_input(classifier.input_shape, runner.dtype))
-    return out.reshape(*out.shape, *(1,) * (len(classifier.input_shape) - 1))
+    spatial = (1,) * (len(classifier.input_shape) - 1)
+    return like(out, [value.reshape(*value.shape, *spatial) for _, value in named_outputs(out)])
 
 
 def _show_onnx_head(conversion, show: Callable[..., None]) -> None:
@@ -447,7 +437,9 @@ def _convert_onnx(
         layout = conversion.layout
         del classifier, conversion
         _release_memory()
-        report = _compare_onnx_and_show(staged, references, layout)
+        from fcconv.onnx_verify import converted_runner
+
+        report = _compare_and_show(converted_runner(staged, layout), references)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
@@ -670,7 +662,9 @@ def verify(
         classifier, conversion = _rewrite_onnx_file(reference, input_shape, logits, until)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
         native_shape = classifier.input_shape
-        report = _compare_onnx_and_show(onnx_model, references, meta.get("fcconv.layout", "nchw"))
+        from fcconv.onnx_verify import converted_runner
+
+        report = _compare_and_show(converted_runner(onnx_model, meta.get("fcconv.layout", "nchw")), references)
     else:
         loaded = _load(reference, arch, input_shape, trust, dtype)
         references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)

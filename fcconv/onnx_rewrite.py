@@ -1741,6 +1741,7 @@ def write_onnx(
         WEIGHTS_DIGEST_KEY,
         external_data_path,
         fcconv_metadata,
+        output_channels_metadata,
         staged_path,
     )
     from fcconv.grid import probe_output_grid
@@ -1761,6 +1762,7 @@ def write_onnx(
             grid=grid,
             num_classes=native_output[1] if native_output and len(native_output) > 1 else None,
         ),
+        **output_channels_metadata({output.name: output.classes for output in conversion.outputs}),
         "fcconv.head_format": "conv",
         "fcconv.layout": conversion.layout,
         "fcconv.logits": "true" if conversion.logits else "false",

@@ -9,7 +9,6 @@ map the trunk gives. The report and its table are the PyTorch path's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ from fcconv.errors import BadInputError
 from fcconv.onnx_rewrite import OnnxClassifier, OnnxConversion
 from fcconv.verify import References, VerificationReport, compare_outputs, reference_outputs
 
-__all__ = ["OnnxReferences", "OnnxRunner", "compare_onnx_outputs", "onnx_reference_outputs", "verify_onnx"]
+__all__ = ["OnnxRunner", "converted_runner", "onnx_reference_outputs", "verify_onnx"]
 
 _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
@@ -97,22 +96,6 @@ class OnnxRunner:
         return np.concatenate(pieces)
 
 
-@dataclass
-class OnnxReferences:
-    """The input model's readings of the verification inputs, one :class:`~fcconv.verify.References` per output.
-
-    One per output because :func:`fcconv.verify.reference_outputs` reads one output;
-    ``outputs`` are the output names, in the model's order.
-    """
-
-    outputs: list[str]
-    per_output: list[References]
-
-    @property
-    def cases(self) -> list:
-        return [case for references in self.per_output for case in references.cases]
-
-
 def onnx_reference_outputs(
     classifier: OnnxClassifier,
     conversion: OnnxConversion,
@@ -123,71 +106,29 @@ def onnx_reference_outputs(
     rtol: float | None = None,
     atol: float = 0.0,
     on_size: Callable[[tuple[int, ...]], None] | None = None,
-) -> OnnxReferences:
-    """The random inputs of a verification and the input model's readings of them (see :func:`verify_onnx`).
-
-    Every output is read on the same inputs (the same ``seed``).
-    """
+) -> References:
+    """The random inputs of a verification and the input model's readings of them, every output (see
+    :func:`verify_onnx`)."""
     nhwc = classifier.layout == "nhwc"
-    names = classifier.output_names
-    per_output = []
-    for index in range(len(names)):
-        original = OnnxRunner(classifier.model, nhwc_input=nhwc, output=index)
-        sliding = SimpleNamespace(
-            features=OnnxRunner(conversion.trunk, nhwc_input=nhwc),
-            head=OnnxRunner(conversion.head, output=index),
-            geometry=conversion.geometry,
-        )
-        per_output.append(
-            reference_outputs(
-                original,
-                classifier.input_shape,
-                sizes=sizes,
-                batch=batch,
-                seed=seed,
-                rtol=rtol,
-                atol=atol,
-                conversion=sliding,
-                on_size=on_size,
-            )  # fmt: skip
-        )
-    return OnnxReferences(names, per_output)
+    sliding = SimpleNamespace(
+        features=OnnxRunner(conversion.trunk, nhwc_input=nhwc),
+        head=OnnxRunner(conversion.head),
+        geometry=conversion.geometry,
+    )
+    return reference_outputs(
+        OnnxRunner(classifier.model, nhwc_input=nhwc), classifier.input_shape, sizes=sizes, batch=batch, seed=seed,
+        rtol=rtol, atol=atol, conversion=sliding, on_size=on_size,
+    )  # fmt: skip
 
 
-def compare_onnx_outputs(
-    converted: str | Path | onnx.ModelProto | Callable[[torch.Tensor], torch.Tensor],
-    references: OnnxReferences,
-    *,
-    layout: str = "nchw",
-    on_size: Callable[[tuple[int, ...]], None] | None = None,
-) -> VerificationReport:
-    """Run ``converted`` (an ONNX file or model of the given ``layout``, or a callable) on the reference inputs and
-    compare every output.
-
-    With several outputs each check's reading is prefixed with the output's name
-    (``class_scores: sliding window``), and the checks are listed size by size.
-    """
-    several = len(references.outputs) > 1
-    reports = []
-    for index, (name, part) in enumerate(zip(references.outputs, references.per_output)):
-        if callable(converted) and not isinstance(converted, (str, Path, onnx.ModelProto)):
-            run = converted if not several else _one_output(converted, name)
-        else:
-            nhwc = layout == "nhwc"
-            run = OnnxRunner(converted, nhwc_input=nhwc, nhwc_outputs=nhwc, output=index)
-        report = compare_outputs(run, part, on_size=on_size)
-        if several:
-            report.checks = [replace(check, reference=f"{name}: {check.reference}") for check in report.checks]
-        reports.append(report)
-    merged = VerificationReport(rtol=reports[0].rtol, atol=reports[0].atol, dtype=reports[0].dtype)
-    sizes = list(dict.fromkeys(check.input_size for report in reports for check in report.checks))
-    for size in sizes:
-        merged.checks.extend(check for report in reports for check in report.checks if check.input_size == size)
-    return merged
-
-
-def _one_output(run: Callable, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: run(x)[name]
+def converted_runner(
+    converted: str | Path | onnx.ModelProto | Callable[[torch.Tensor], torch.Tensor], layout: str = "nchw"
+) -> Callable[[torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]:
+    """``converted`` as a callable on channels-first tensors: an ONNX file or model of ``layout`` in onnxruntime."""
+    if isinstance(converted, (str, Path, onnx.ModelProto)):
+        nhwc = layout == "nhwc"
+        return OnnxRunner(converted, nhwc_input=nhwc, nhwc_outputs=nhwc)
+    return converted
 
 
 def verify_onnx(
@@ -213,4 +154,4 @@ def verify_onnx(
     references = onnx_reference_outputs(
         classifier, conversion, sizes=sizes, batch=batch, seed=seed, rtol=rtol, atol=atol
     )
-    return compare_onnx_outputs(converted, references, layout=conversion.layout)
+    return compare_outputs(converted_runner(converted, conversion.layout), references)

@@ -1,6 +1,8 @@
 """ONNX from Keras and TensorFlow: a channels-last input, MatMul + Add, PRelu, a softmax over the last axis and
 several outputs convert into a model that keeps the input's layout, every output (N, h, w, K)."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -198,16 +200,15 @@ def test_the_verification_compares_every_output_at_every_size(keras_model, conve
     classifier, conversion = converted
     report = verify_onnx(classifier, conversion.model, conversion, sizes=SIZES)
     assert report.passed
-    readings = {(check.input_size, check.reference) for check in report.checks}
+    readings = {(check.input_size, check.reference, check.output) for check in report.checks}
     for name in ("class_scores", "boxes"):
-        assert ((HEIGHT, WIDTH), f"{name}: original") in readings
+        assert ((HEIGHT, WIDTH), "original", name) in readings
         for size in SIZES:
-            assert (size, f"{name}: sliding window") in readings
-    assert (
-        next(c for c in report.checks if c.reference == "boxes: sliding window" and c.input_size == (19, 17))
-        .output_shape
-        == (2, BOX, *positions((19, 17)))
-    )  # fmt: skip
+            assert (size, "sliding window", name) in readings
+    boxes = next(
+        c for c in report.checks if (c.reference, c.output, c.input_size) == ("sliding window", "boxes", (19, 17))
+    )
+    assert boxes.output_shape == (2, BOX, *positions((19, 17)))
 
 
 def test_the_original_head_gives_every_output_for_one_window(converted):
@@ -262,7 +263,7 @@ def test_the_cli_converts_verifies_and_records_the_layout(tmp_path, batch):
     result = cli("convert", source, "-o", out, "--sizes", "14x12,19x17,28x24")
     assert result.exit_code == 0, result.stderr + result.stdout
     assert "FAIL" not in result.stdout and out.is_file()
-    for text in ("class_scores: sliding window", "boxes: original", "19×17", "(h, w, c)", "channels-last"):
+    for text in ("class_scores", "boxes", "sliding window", "19×17", "(h, w, c)", "channels-last"):
         assert text in result.stdout, text
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["fcconv.layout"] == "nhwc" and meta["fcconv.logits"] == "false" and "fcconv.until" not in meta
@@ -270,6 +271,31 @@ def test_the_cli_converts_verifies_and_records_the_layout(tmp_path, batch):
     assert meta["fcconv.total_stride"] == "2,2" and meta["fcconv.receptive_field"] == "14,12"
     again = cli("verify", out, "--reference", source, "--sizes", "14x12,17x15")
     assert again.exit_code == 0, again.stderr + again.stdout
+
+
+def test_check_reads_the_channels_last_export_and_every_output(tmp_path, keras_model):
+    out = tmp_path / "keras.fcn.onnx"
+    assert cli("convert", keras_model, "-o", out, "--sizes", "14x12,19x17").exit_code == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["fcconv.output_channels"] == f"class_scores:{CLASSES},boxes:{BOX}"
+    report = tmp_path / "check.json"
+    result = cli("check", out, "--json", report)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    checks = json.loads(report.read_text())["models"][0]["checks"]
+    compared = {c["output"]: c for c in checks if c["check"] == "reference output"}
+    assert set(compared) == {"class_scores", "boxes"} and all(c["verdict"] == "pass" for c in compared.values())
+    sizes = [c for c in checks if c["check"] == "output size" and c["output"] == "boxes"]
+    assert len(sizes) == 3 and all(c["actual_shape"] == [2, BOX, *positions(tuple(c["input_size"]))] for c in sizes)
+
+    model = onnx.load(str(out))
+    bias = next(t for t in model.graph.initializer if t.name == "boxes/kernel_bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 1, bias.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+    assert cli("check", tampered, "--json", report).exit_code == 1
+    failed = {(c["check"], c["output"]) for c in json.loads(report.read_text())["models"][0]["checks"]
+              if c["verdict"] == "fail"}  # fmt: skip
+    assert failed == {("weights digest", None), ("reference output", "boxes")}
 
 
 def test_the_cli_records_logits_and_until_and_verify_reads_them_back(tmp_path, keras_model):
