@@ -270,13 +270,18 @@ def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], di
     from fcconv.export import OnnxModel
 
     model = OnnxModel(path)
+    metadata = model.metadata
+    if metadata.get("fcconv.layout") == "nhwc":  # read channels-first, like every other model here
+        from fcconv.onnx_verify import OnnxRunner
+
+        model = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True)
     element = model.session.get_inputs()[0].type
     dtype = torch.float16 if element == "tensor(float16)" else torch.float64 if element == "tensor(double)" else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return first_output(model(x if dtype is None else x.to(dtype))).float()
 
-    return run, model.metadata
+    return run, metadata
 
 
 def first_output(value: Any) -> torch.Tensor:

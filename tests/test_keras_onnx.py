@@ -340,3 +340,15 @@ def test_a_normalization_over_the_flattened_window_exits_3_naming_it(tmp_path):
     assert len(lines) == 1 and "window_norm (LayerNormalization)" in lines[0], result.stderr
     assert "normalizes the whole flattened window" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keras.onnx"]
+
+
+def test_heatmap_reads_a_channels_last_export_channels_first(tmp_path, keras_model):
+    from PIL import Image
+
+    from fcconv.heatmap import load_dense_model, score_map
+
+    out = tmp_path / "keras.fcn.onnx"
+    assert cli("convert", keras_model, "-o", out, "--sizes", "14x12,19x17").exit_code == 0
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 26, 3), dtype=np.uint8))
+    scores = score_map(load_dense_model(out), picture)
+    assert scores.probabilities.shape == (CLASSES, *positions((30, 26)))
