@@ -55,6 +55,22 @@ PointwiseOption = Annotated[
         "Swin) into 1×1 convolutions, removing the permutations around them where that is exact.",
     ),
 ]
+LogitsOption = Annotated[
+    bool,
+    typer.Option(
+        "--logits",
+        help="Drop the softmax, log-softmax or sigmoid each output ends in: the map holds the raw scores.",
+    ),
+]
+UntilOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--until",
+        metavar="LAYER",
+        help="End the model at this layer of the head (e.g. classifier.4): the output is its dense feature map. "
+        "inspect lists the layers it accepts.",
+    ),
+]
 TrustOption = Annotated[
     bool,
     typer.Option(
@@ -447,6 +463,20 @@ def _convert_onnx(
     console.print(f"wrote {target}{weights}", markup=False, soft_wrap=True)
 
 
+def truncation_metadata(logits: bool, until: str | None) -> dict[str, str]:
+    """How the original was ended before conversion, for ``fcconv verify`` to end its reference the same way."""
+    return {"fcconv.logits": str(bool(logits)).lower(), **({"fcconv.until": until} if until else {})}
+
+
+def _truncated(loaded, logits: bool, until: str | None):
+    """``loaded`` with its module ended as ``--logits``/``--until`` say (the module itself when neither is given)."""
+    from fcconv.rewrite import truncate
+
+    if logits or until:
+        loaded.module = truncate(loaded.module, loaded.input_shape, logits=logits, until=until)
+    return loaded
+
+
 def _release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise)."""
     import ctypes
@@ -480,6 +510,8 @@ def convert(
     dense: DenseOption = False,
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
+    logits: LogitsOption = False,
+    until: UntilOption = None,
     head_format: Annotated[
         str,
         typer.Option(
@@ -542,8 +574,8 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
     if _is_onnx(model):
         _refuse_for_onnx(
-            arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
-            device=device != "cpu", dtype=dtype, trust=trust,
+            arch=arch, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until,
+            head_format=head_format != "conv", device=device != "cpu", dtype=dtype, trust=trust,
         )  # fmt: skip
         _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data, logits, until)
         return
@@ -552,7 +584,11 @@ def convert(
         raise BadInputError(f"{flag} applies to ONNX models only in this version of convert")
     loaded = _load(model, arch, input_shape, trust, dtype)
     with screen.status("Rewriting the head…"):
-        conversion = rewrite(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+        conversion = rewrite(
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
+        )
+    # with --logits or --until the model converted, and verified against, is the original ended there
+    loaded.module = conversion.source
     if conversion.layers:
         screen.show(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
     _print_trunk(conversion)
@@ -574,6 +610,7 @@ def convert(
                     **fcconv_metadata(),
                     "fcconv.source_sha256": source_sha256,
                     "fcconv.pointwise": str(pointwise).lower(),
+                    **truncation_metadata(logits, until),
                     **card_metadata(loaded.card),
                 },
                 external_data=True,
@@ -617,6 +654,18 @@ def verify(
         Optional[str],
         typer.Option("--pool", help="avg, max or none: how the model was converted. [default: from its metadata]"),
     ] = None,
+    logits: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--logits/--no-logits", help="How the model was converted. [default: from its fcconv.logits metadata]"
+        ),
+    ] = None,
+    until: Annotated[
+        Optional[str],
+        typer.Option(
+            "--until", metavar="LAYER", help="How the model was converted. [default: from its fcconv.until metadata]"
+        ),
+    ] = None,
     sizes: SizesOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
@@ -647,10 +696,15 @@ def verify(
     if pool is None:
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
+    given_logits, given_until = logits, until
+    if logits is None:
+        logits = meta.get("fcconv.logits", "false") == "true"
+    if until is None:
+        until = meta.get("fcconv.until") or None
     if _is_onnx(reference):
         _refuse_for_onnx(
-            arch=arch, dense=given_dense, pool=given_pool not in (None, "none"), device=device != "cpu", dtype=dtype,
-            trust=trust,
+            arch=arch, dense=given_dense, pool=given_pool not in (None, "none"), logits=given_logits,
+            until=given_until, device=device != "cpu", dtype=dtype, trust=trust,
         )  # fmt: skip
         if dense or pool:
             how = "--dense" if dense else f"--pool {pool}"
@@ -666,7 +720,7 @@ def verify(
 
         report = _compare_and_show(converted_runner(onnx_model, meta.get("fcconv.layout", "nchw")), references)
     else:
-        loaded = _load(reference, arch, input_shape, trust, dtype)
+        loaded = _truncated(_load(reference, arch, input_shape, trust, dtype), logits, until)
         references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)
         native_shape = loaded.input_shape
         report = _compare_and_show(exported, references)
@@ -746,22 +800,34 @@ def inspect(
     dense: DenseOption = False,
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
+    logits: LogitsOption = False,
+    until: UntilOption = None,
     dtype: DtypeOption = None,
     trust: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Show the fully connected head: each Linear, the map that feeds it, its convolution and its parameter share."""
-    from fcconv.render import inspect_table
+    """Show the fully connected head: each Linear, the map that feeds it, its convolution and its parameter share.
+
+    Also each output and the head layers on its path, a permutation the flatten read
+    the map through, the per-feature layers carried to every position, and the layers
+    --until accepts.
+    """
+    from fcconv.render import head_lines, inspect_table
     from fcconv.rewrite import analyze
 
     _check_pool(pool)
     if _is_onnx(model):
-        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
+        _refuse_for_onnx(
+            arch=arch, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until, dtype=dtype,
+            trust=trust,
+        )  # fmt: skip
         _, conversion = _rewrite_onnx_file(model, input_shape)
         linear = ONNX_LINEAR
     else:
         loaded = _load(model, arch, input_shape, trust, dtype)
-        conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+        conversion = analyze(
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
+        )
         linear = "Linear layer"
     if conversion.layers:
         console.print(inspect_table(conversion))
@@ -782,6 +848,8 @@ def inspect(
     console.print(f"  each output position reads {reads}", markup=False)
     if pool is not None:
         console.print(f"  the score map is then {pool}-pooled over its positions: the output is N×K", markup=False)
+    for line in head_lines(conversion):
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def _check_output(path: Path, suffix: str, option: str, inputs: tuple[Path, ...]) -> None:

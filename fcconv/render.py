@@ -51,6 +51,36 @@ def inspect_table(conversion: Conversion) -> Table:
     return table
 
 
+def head_lines(conversion: Conversion) -> list[str]:
+    """What ``inspect`` says besides the tables: outputs, the flatten's permutation, carried layers, cut points.
+
+    Read with ``getattr`` so that a conversion of an ONNX graph, which records fewer of these, prints what it has.
+    """
+    lines = []
+    branches = getattr(conversion, "branches", [])
+    if len(branches) > 1 or any(layers for _, layers in branches):
+        lines.append(f"  outputs ({len(branches)}):")
+        lines += [f"    {name} ← {' → '.join(layers) or '(no head layer)'}" for name, layers in branches]
+    permutation = getattr(conversion, "flatten_permutation", None)
+    if permutation is not None:
+        first = conversion.layers[0].name if conversion.layers else "the first Linear"
+        lines.append(
+            f"  the flatten read the map permuted by ({', '.join(map(str, permutation))}); "
+            f"{first}'s kernel is re-ordered to read it in (C, *S) order, and the permutation is gone"
+        )
+    for carried in getattr(conversion, "carried", []):
+        lines.append(f"  carried per position: {carried}")
+    geometry = conversion.geometry
+    if getattr(geometry, "logits", False):
+        lines.append("  --logits: the outputs hold the raw scores (trailing softmax, log-softmax or sigmoid dropped)")
+    if getattr(geometry, "until", None):
+        lines.append(f"  --until {geometry.until}: the output is that layer's dense feature map")
+    cut_points = getattr(conversion, "cut_points", [])
+    if cut_points:
+        lines.append(f"  --until accepts: {', '.join(cut_points)}")
+    return lines
+
+
 def trunk_table(conversion: Conversion) -> Table:
     """The Linear layers of the trunk that act on each position: squeeze-and-excitation gates, channels-last MLPs."""
     table = Table(title="Per-position Linear layers in the trunk", title_justify="left")
