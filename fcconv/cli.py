@@ -83,20 +83,6 @@ DtypeOption = Annotated[
     Optional[str],
     typer.Option("--dtype", help="Convert in this dtype: float32, float16 or float64. [default: the checkpoint's]"),
 ]
-LogitsOption = Annotated[
-    bool,
-    typer.Option(
-        "--logits", help="Drop a final Softmax, LogSoftmax or Sigmoid from each output: the map holds the raw scores."
-    ),
-]
-UntilOption = Annotated[
-    Optional[str],
-    typer.Option(
-        "--until",
-        metavar="LAYER",
-        help="End the converted model at this layer of the head (e.g. fc7's ReLU): one dense feature-map output.",
-    ),
-]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 QuietOption = Annotated[
     bool,
@@ -423,6 +409,10 @@ def _show_onnx_head(conversion, show: Callable[..., None]) -> None:
         show(f"  output {output.name} ({output.classes}): {' → '.join(output.nodes) or 'no head nodes'}", markup=False)
     if conversion.carried:
         show(f"  carried over to each position: {', '.join(conversion.carried)}", markup=False)
+    if conversion.logits:
+        show("  --logits: the outputs hold the raw scores (trailing softmax, log-softmax or sigmoid dropped)")
+    if conversion.until:
+        show(f"  --until {conversion.until}: the output is that tensor's dense feature map", markup=False)
     if conversion.until_names:
         show(f"  --until accepts: {', '.join(conversion.until_names)}", markup=False)
 
@@ -532,8 +522,6 @@ def convert(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     trust: TrustOption = False,
-    logits: LogitsOption = False,
-    until: UntilOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -574,14 +562,11 @@ def convert(
         raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
     if _is_onnx(model):
         _refuse_for_onnx(
-            arch=arch, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until,
-            head_format=head_format != "conv", device=device != "cpu", dtype=dtype, trust=trust,
+            arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
+            device=device != "cpu", dtype=dtype, trust=trust,
         )  # fmt: skip
         _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data, logits, until)
         return
-    if logits or until is not None:
-        flag = "--logits" if logits else "--until"
-        raise BadInputError(f"{flag} applies to ONNX models only in this version of convert")
     loaded = _load(model, arch, input_shape, trust, dtype)
     with screen.status("Rewriting the head…"):
         conversion = rewrite(
@@ -696,15 +681,14 @@ def verify(
     if pool is None:
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
-    given_logits, given_until = logits, until
     if logits is None:
         logits = meta.get("fcconv.logits", "false") == "true"
     if until is None:
         until = meta.get("fcconv.until") or None
     if _is_onnx(reference):
         _refuse_for_onnx(
-            arch=arch, dense=given_dense, pool=given_pool not in (None, "none"), logits=given_logits,
-            until=given_until, device=device != "cpu", dtype=dtype, trust=trust,
+            arch=arch, dense=given_dense, pool=given_pool not in (None, "none"), device=device != "cpu", dtype=dtype,
+            trust=trust,
         )  # fmt: skip
         if dense or pool:
             how = "--dense" if dense else f"--pool {pool}"
@@ -712,7 +696,6 @@ def verify(
                 f"{onnx_model} was converted with {how} (its metadata says so), which an ONNX classifier is not: "
                 f"it cannot have come from {reference}"
             )
-        logits, until = meta.get("fcconv.logits") == "true", meta.get("fcconv.until")
         classifier, conversion = _rewrite_onnx_file(reference, input_shape, logits, until)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
         native_shape = classifier.input_shape
@@ -817,11 +800,8 @@ def inspect(
 
     _check_pool(pool)
     if _is_onnx(model):
-        _refuse_for_onnx(
-            arch=arch, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until, dtype=dtype,
-            trust=trust,
-        )  # fmt: skip
-        _, conversion = _rewrite_onnx_file(model, input_shape)
+        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
+        _, conversion = _rewrite_onnx_file(model, input_shape, logits, until)
         linear = ONNX_LINEAR
     else:
         loaded = _load(model, arch, input_shape, trust, dtype)
@@ -848,8 +828,9 @@ def inspect(
     console.print(f"  each output position reads {reads}", markup=False)
     if pool is not None:
         console.print(f"  the score map is then {pool}-pooled over its positions: the output is N×K", markup=False)
-    for line in head_lines(conversion):
-        console.print(line, markup=False, soft_wrap=True)
+    if linear != ONNX_LINEAR:
+        for line in head_lines(conversion):
+            console.print(line, markup=False, soft_wrap=True)
 
 
 def _check_output(path: Path, suffix: str, option: str, inputs: tuple[Path, ...]) -> None:

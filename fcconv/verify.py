@@ -26,7 +26,7 @@ from torch import nn
 from fcconv.errors import BadInputError
 from fcconv.layers import channels_first, gather_windows
 from fcconv.outputs import SINGLE_OUTPUT_NAME, like, named_outputs
-from fcconv.rewrite import Conversion, analyze
+from fcconv.rewrite import Conversion, analyze, truncate
 
 __all__ = [
     "ReferenceCase",
@@ -370,6 +370,8 @@ def verify(
     ``sizes`` are spatial sizes (default: :func:`default_sizes`); ``dense`` says how
     the model was converted (default: as recorded on ``converted``, else False), and
     so does ``pool`` ('avg' or 'max': the output is the pooled score map, (N, K)).
+    A module converted with ``logits`` or ``until`` is compared with ``original``
+    ended at the same point (:func:`~fcconv.rewrite.truncate`).
     ``rtol`` defaults to 1e-4 in float32 and to a looser bound in float16 and
     bfloat16 (``RTOL_BY_DTYPE``); the report states the one used. On CUDA
     (``device="cuda"``, the models are moved there) float32 runs with TF32 off,
@@ -384,6 +386,10 @@ def verify(
         dense = bool(getattr(geometry, "dense", False))
     if pool is None:
         pool = getattr(geometry, "pool", None)
+    logits, until = bool(getattr(geometry, "logits", False)), getattr(geometry, "until", None)
+    if (logits or until) and conversion is None:
+        # converted with --logits or --until: the reference is the original ended at the same point
+        original = truncate(original, input_shape, logits=logits, until=until)
     references = reference_outputs(
         original, input_shape, sizes=sizes, dense=dense, pool=pool, batch=batch, seed=seed, rtol=rtol, atol=atol,
         device=device, conversion=conversion, on_size=on_size,

@@ -1,5 +1,7 @@
 """Heads as they are in the wild: permuted flattens, per-channel layers, several outputs, --logits and --until."""
 
+import json
+
 import onnx
 import pytest
 import torch
@@ -250,8 +252,7 @@ def test_logits_gives_the_pre_softmax_scores_of_every_window():
         i, j = divmod(k, grid[1])
         torch.testing.assert_close(score_map[:, :, i, j], model.classifier(window), rtol=1e-5, atol=1e-6)
 
-    truncated = fcconv.truncate(model, VGG_SHAPE, logits=True)
-    assert fcconv.verify(truncated, conversion.module, VGG_SHAPE, sizes=[(16, 16), (20, 20), (24, 32)]).passed
+    assert fcconv.verify(model, conversion.module, VGG_SHAPE, sizes=[(16, 16), (20, 20), (24, 32)]).passed
 
 
 @torch.no_grad()
@@ -274,7 +275,7 @@ def test_until_ends_the_model_at_a_head_layer_whose_output_becomes_a_dense_featu
 
     truncated = fcconv.truncate(model, VGG_SHAPE, until="classifier.4")
     assert truncated.get_submodule("classifier.0").weight is model.classifier[0].weight  # shares the weights
-    assert fcconv.verify(truncated, conversion.module, VGG_SHAPE, sizes=[(16, 16), (20, 28)]).passed
+    assert fcconv.verify(model, conversion.module, VGG_SHAPE, sizes=[(16, 16), (20, 28)]).passed
 
 
 def test_logits_drops_the_softmax_of_the_outputs_that_have_one():
@@ -346,6 +347,21 @@ def test_convert_until_exports_the_feature_map_of_that_layer(tmp_path, cli):
     assert again.exit_code == 0, again.stdout + again.stderr
 
 
+def test_the_detector_converts_verifies_and_checks_from_the_command_line(tmp_path, cli):
+    path, out = checkpoint(tmp_path, TwoHeadedDetector), tmp_path / "detector.fcn.onnx"
+    arch = ["--arch", "custom_models:TwoHeadedDetector", "--input-shape", "3,14,16"]
+    result = cli("convert", path, *arch, "--sizes", "14x16,18x18,16x22", "-o", out)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    model = onnx.load(str(out))
+    assert [o.name for o in model.graph.output] == ["class_scores", "boxes"]
+    assert "Transpose" not in {node.op_type for node in model.graph.node}  # the (W, H, C) permutation is gone
+    assert cli("verify", out, "--reference", path, *arch, "--sizes", "14x16,16x22").exit_code == 0
+    report = tmp_path / "check.json"
+    assert cli("check", out, "--json", report).exit_code == 0
+    checks = json.loads(report.read_text())["models"][0]["checks"]
+    assert {c["output"] for c in checks if c["check"] == "reference output"} == {"class_scores", "boxes"}
+
+
 def test_inspect_shows_the_outputs_the_permutation_the_carried_layers_and_the_cut_points(tmp_path, cli):
     path = checkpoint(tmp_path, TwoHeadedDetector)
     result = cli("inspect", path, "--arch", "custom_models:TwoHeadedDetector", "--input-shape", "3,14,16")
@@ -388,3 +404,10 @@ def test_the_cli_gives_one_line_and_exit_2_or_3_for_what_it_cannot_do(tmp_path, 
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and text in lines[0], (case, result.stderr)
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_verify_ends_the_original_where_the_converted_module_was_ended():
+    model = seeded(SoftmaxVGG)
+    for options in ({"logits": True}, {"until": "classifier.4"}):
+        converted = fcconv.convert(model, VGG_SHAPE, **options)
+        assert fcconv.verify(model, converted, VGG_SHAPE).passed, options
