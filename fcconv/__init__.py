@@ -2,7 +2,7 @@
 
 from fcconv.errors import BadInputError, FcconvError, NotConvertibleError
 from fcconv.export import export_onnx
-from fcconv.rewrite import Conversion, HeadGeometry, RewrittenLayer, analyze, convert, rewrite
+from fcconv.rewrite import Conversion, HeadGeometry, RewrittenLayer, analyze, convert, rewrite, truncate
 from fcconv.verify import SizeCheck, VerificationReport, sliding_window_reference, verify
 
 __version__ = "0.1.0"
@@ -21,5 +21,6 @@ __all__ = [
     "export_onnx",
     "rewrite",
     "sliding_window_reference",
+    "truncate",
     "verify",
 ]

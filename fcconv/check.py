@@ -25,13 +25,14 @@ import math
 import mmap
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fcconv.errors import BadInputError
-from fcconv.export import EACH_DIGEST_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
+from fcconv.export import EACH_DIGEST_KEY, OUTPUT_CHANNELS_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
 from fcconv.grid import OutputGrid
+from fcconv.outputs import named_outputs
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest
 
 __all__ = ["CHECKS", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
@@ -69,6 +70,8 @@ class CheckResult:
     max_rel: float | None = None
     tolerance: float | None = None
     """``reference output`` only: the largest errors and the allowed absolute error."""
+    output: str | None = None
+    """For checks that read the model's outputs: which one (a model with several heads has one check per output)."""
 
     @property
     def passed(self) -> bool:
@@ -131,16 +134,18 @@ def check_onnx(
     model = _read_model(path)
     meta = {entry.key: entry.value for entry in model.metadata_props}
     input_name, input_dims = _data_input(model, path)
+    channels_last = meta.get("fcconv.layout") == "nhwc"
+    if channels_last:  # an N×H×W×C model (from a Keras-style ONNX classifier): read as N×C×H×W from here on
+        input_dims = [*input_dims[:1], *input_dims[-1:], *input_dims[1:-1]]
     input_shape = _native_shape(path, input_shape, meta, input_dims)
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
     report = CheckReport(str(path), input_shape)
 
     step("Checking the graph's shapes at two sizes…")
     report.results.append(_free_axes(input_name, input_dims, len(input_shape) - 1))
-    report.results.append(_no_collapse(model, input_name, input_shape))
+    report.results.append(_no_collapse(model, input_name, input_shape, channels_last))
     step("Hashing the weights…")
     report.results.append(_weights_digest(model, path, meta))
-    expectation = _Expectation.from_metadata(meta)
     del model  # the weights of an inline model: free them before the checker and onnxruntime read the file
 
     step("Running onnx.checker with full shape inference…")
@@ -150,7 +155,7 @@ def check_onnx(
     except Exception as exc:  # noqa: BLE001 - any checker or inference error fails this check, with its text
         report.results.insert(0, CheckResult("onnx checker", FAIL, _first_line(exc)))
 
-    report.results.extend(_runs(path, input_shape, sizes, batch, seed, expectation, step, meta, report, atol, rtol))
+    report.results.extend(_runs(path, input_shape, sizes, batch, seed, step, meta, report, atol, rtol, channels_last))
     return report
 
 
@@ -258,13 +263,17 @@ def _free_axes(name: str, dims: list[int | str | None], rank: int) -> CheckResul
     return CheckResult("free spatial axes", PASS, f"input {name!r} spatial axes: {shown}")
 
 
-def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...]) -> CheckResult:
+def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], channels_last: bool = False) -> CheckResult:
     """Shape inference at the native size and at a larger one: no contraction may read an axis that grows with it."""
     light = _shapes_only(model)
     native = input_shape[1:]
     larger = tuple(2 * n + 1 for n in native)
-    small = _inferred_shapes(light, input_name, (1, input_shape[0], *native))
-    large = _inferred_shapes(light, input_name, (1, input_shape[0], *larger))
+
+    def batch_of_one(size: tuple[int, ...]) -> tuple[int, ...]:
+        return (1, *size, input_shape[0]) if channels_last else (1, input_shape[0], *size)
+
+    small = _inferred_shapes(light, input_name, batch_of_one(native))
+    large = _inferred_shapes(light, input_name, batch_of_one(larger))
     producers = {out: node for node in light.graph.node for out in node.output}
     shown_small, shown_large = "×".join(map(str, native)), "×".join(map(str, larger))
     undetermined = 0
@@ -490,9 +499,16 @@ class _Expectation:
     pooled_to_vector: bool
     global_map: bool
     unknown: str = ""
+    output_channels: dict[str, int] = field(default_factory=dict)
+    """Each output's channel count, for a model with several outputs (``fcconv.output_channels``)."""
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> _Expectation:
+        expectation = cls._from_metadata(meta)
+        return replace(expectation, output_channels=parse_output_channels(meta))
+
+    @classmethod
+    def _from_metadata(cls, meta: dict[str, str]) -> _Expectation:
         classes = int(meta["fcconv.num_classes"]) if meta.get("fcconv.num_classes", "").isdigit() else None
         if "fcconv.mode" not in meta:
             return cls(classes, None, False, False, "no fcconv.mode metadata: the output size cannot be predicted")
@@ -506,13 +522,24 @@ class _Expectation:
             return cls(classes, None, False, False, unknown)
         return cls(classes, grid, False, False)
 
-    def shape(self, batch: int, size: tuple[int, ...]) -> tuple[int | None, ...] | None:
+    def shape(self, batch: int, size: tuple[int, ...], output: str | None = None) -> tuple[int | None, ...] | None:
         if self.unknown:
             return None
+        classes = self.output_channels.get(output, self.classes) if output else self.classes
         if self.pooled_to_vector:
-            return (batch, self.classes)
+            return (batch, classes)
         spatial = (1,) * len(size) if self.global_map else self.grid.output_size(size)
-        return (batch, self.classes, *spatial)
+        return (batch, classes, *spatial)
+
+
+def parse_output_channels(meta: dict[str, str]) -> dict[str, int]:
+    """``fcconv.output_channels`` ("name:K,name:K", written for a model with several outputs) as a dict."""
+    channels = {}
+    for item in meta.get(OUTPUT_CHANNELS_KEY, "").split(","):
+        name, _, count = item.rpartition(":")
+        if name and count.isdigit():
+            channels[name] = int(count)
+    return channels
 
 
 def metadata_grid(meta: dict[str, str]) -> OutputGrid | None:
@@ -531,90 +558,141 @@ def _runs(
     sizes: list[tuple[int, ...]],
     batch: int,
     seed: int,
-    expectation: _Expectation,
     step: Callable[[str], None],
     meta: dict[str, str],
     report: CheckReport,
     atol: float,
     rtol: float | None,
+    channels_last: bool = False,
 ) -> list[CheckResult]:
-    """Run the model in onnxruntime at each size (finite outputs of the predicted shape), then on the probe input."""
-    import torch
+    """Run the model in onnxruntime at each size (finite outputs of the predicted shape), then on the probe input.
 
+    A channels-last model is given N×H×W×C inputs and its outputs are read channels-first.
+    """
     from fcconv.export import OnnxModel
+    from fcconv.onnx_verify import OnnxRunner
 
     step("Loading the model in onnxruntime…")
     try:
-        runner = OnnxModel(path)
+        runner = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True) if channels_last else OnnxModel(path)
     except BadInputError as exc:
         message = f"onnxruntime cannot load it: {exc}"
         results = [r for size in sizes for r in (CheckResult("runs", FAIL, message, size), _size_skipped(size))]
         return [*results, CheckResult("reference output", SKIP, "the model did not load")]
-    dtype = _input_dtype(runner)
+    return run_checks(runner, _input_dtype(runner), input_shape, sizes, batch, seed, meta, report, atol, rtol, step)
+
+
+def run_checks(
+    runner: Callable[[Any], Any],
+    dtype: Any,
+    input_shape: tuple[int, ...],
+    sizes: list[tuple[int, ...]],
+    batch: int,
+    seed: int,
+    meta: dict[str, str],
+    report: CheckReport,
+    atol: float,
+    rtol: float | None,
+    step: Callable[[str], None],
+    engine: str = "onnxruntime",
+) -> list[CheckResult]:
+    """``runs`` and ``output size`` at each size, for every output, then ``reference output`` on the probe input.
+
+    ``runner`` takes and gives channels-first tensors (a tensor, or a dict of them by
+    output name); ``engine`` names what runs it in the messages of a failed run.
+    """
+    import torch
+
+    expectation = _Expectation.from_metadata(meta)
     generator = torch.Generator().manual_seed(seed)
     results = []
     for size in sizes:
         step(f"Running at {'×'.join(map(str, size))}…")
         x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype)
         try:
-            out = runner(x)
+            outputs = named_outputs(runner(x))
         except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails there, with the reason
-            results += [CheckResult("runs", FAIL, f"onnxruntime failed: {_first_line(exc)}", size), _size_skipped(size)]
+            results += [CheckResult("runs", FAIL, f"{engine} failed: {_first_line(exc)}", size), _size_skipped(size)]
             continue
-        actual = tuple(int(s) for s in out.shape)
-        finite = bool(torch.isfinite(out).all())
-        results.append(
-            CheckResult(
-                "runs",
-                PASS if finite else FAIL,
-                "output finite" if finite else "the output holds NaN or infinity",
-                size,
-                actual_shape=actual,
+        several = len(outputs) > 1
+        for output, out in outputs:
+            named = output if several else None
+            actual = tuple(int(s) for s in out.shape)
+            finite = bool(torch.isfinite(out).all())
+            results.append(
+                CheckResult(
+                    "runs",
+                    PASS if finite else FAIL,
+                    "output finite" if finite else "the output holds NaN or infinity",
+                    size,
+                    actual_shape=actual,
+                    output=named,
+                )
             )
-        )
-        results.append(_output_size(size, actual, expectation.shape(batch, size), expectation))
+            expected = expectation.shape(batch, size, named)
+            results.append(replace(_output_size(size, actual, expected, expectation), output=named))
     step("Comparing with the original's recorded output…")
-    results.append(_reference_output(runner, dtype, input_shape, meta, report, atol, rtol))
+    results.extend(_reference_output(runner, dtype, input_shape, meta, report, atol, rtol, engine))
     return results
 
 
 def _reference_output(
     runner: Any, dtype: Any, input_shape: tuple[int, ...], meta: dict[str, str], report: CheckReport,
-    atol: float, rtol: float | None,
+    atol: float, rtol: float | None, engine: str = "onnxruntime",
+) -> list[CheckResult]:  # fmt: skip
+    """The model on the probe input against the original's output recorded at export, one result per output."""
+    from fcconv.export import PROBE_OUTPUT_KEY, probe_keys
+    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, probe_input
+
+    name = "reference output"
+    if PROBE_OUTPUT_KEY not in meta:
+        return [CheckResult(name, SKIP, f"no {PROBE_OUTPUT_KEY} metadata: the original's output was not recorded")]
+    report.rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
+    report.atol, report.dtype = atol, str(dtype).removeprefix("torch.")
+    size = input_shape[1:]
+    try:
+        outputs = named_outputs(runner(probe_input(input_shape, dtype)))
+    except Exception as exc:  # noqa: BLE001 - a failed run fails this check, with the reason
+        return [CheckResult(name, FAIL, f"{engine} failed: {_first_line(exc)}", size)]
+    several = len(outputs) > 1
+    return [
+        _compare_with_recorded(out, meta, *probe_keys(i, output), size, report, atol, output if several else None)
+        for i, (output, out) in enumerate(outputs)
+    ]
+
+
+def _compare_with_recorded(
+    out: Any, meta: dict[str, str], shape_key: str, output_key: str, size: tuple[int, ...], report: CheckReport,
+    atol: float, output: str | None,
 ) -> CheckResult:  # fmt: skip
-    """The model on the probe input against the original's output recorded at export."""
+    """One output on the probe input against the values recorded under ``output_key``."""
     import base64
 
     import numpy as np
     import torch
 
-    from fcconv.export import PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY
-    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, compare_reading, probe_input
+    from fcconv.verify import compare_reading
 
     name = "reference output"
-    if PROBE_OUTPUT_KEY not in meta or PROBE_SHAPE_KEY not in meta:
-        return CheckResult(name, SKIP, f"no {PROBE_OUTPUT_KEY} metadata: the original's output was not recorded")
+    if output_key not in meta or shape_key not in meta:
+        return CheckResult(
+            name, SKIP, f"no {output_key} metadata: the original's output was not recorded", output=output
+        )
     try:
-        shape = tuple(int(d) for d in meta[PROBE_SHAPE_KEY].split(","))
-        recorded = torch.from_numpy(np.frombuffer(base64.b64decode(meta[PROBE_OUTPUT_KEY]), dtype="<f4").copy())
+        shape = tuple(int(d) for d in meta[shape_key].split(","))
+        recorded = torch.from_numpy(np.frombuffer(base64.b64decode(meta[output_key]), dtype="<f4").copy())
     except ValueError:
-        return CheckResult(name, FAIL, f"{PROBE_OUTPUT_KEY} is not what fcconv writes")
-    report.rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
-    report.atol, report.dtype = atol, str(dtype).removeprefix("torch.")
-    size = input_shape[1:]
-    try:
-        out = runner(probe_input(input_shape, dtype))
-    except Exception as exc:  # noqa: BLE001 - a failed run fails this check, with the reason
-        return CheckResult(name, FAIL, f"onnxruntime failed: {_first_line(exc)}", size, shape)
+        return CheckResult(name, FAIL, f"{output_key} is not what fcconv writes", output=output)
     actual_shape = tuple(int(d) for d in out.shape)
     if actual_shape != shape:
         got = "×".join(map(str, actual_shape))
-        return CheckResult(name, FAIL, f"output {got}, recorded {'×'.join(map(str, shape))}", size, shape, actual_shape)
+        message = f"output {got}, recorded {'×'.join(map(str, shape))}"
+        return CheckResult(name, FAIL, message, size, shape, actual_shape, output=output)
     c = compare_reading(size, name, recorded, out.reshape(-1)[: recorded.numel()], report.rtol, atol)
     verdict = f"max abs {c.max_abs:.1e}, max rel {c.max_rel:.1e} {'<=' if c.passed else '>'} {report.rtol:g}"
     message = f"{verdict} on the fixed probe input ({recorded.numel()} values recorded at export)"
     return CheckResult(
-        name, PASS if c.passed else FAIL, message, size, shape, actual_shape, c.max_abs, c.max_rel, c.tolerance
+        name, PASS if c.passed else FAIL, message, size, shape, actual_shape, c.max_abs, c.max_rel, c.tolerance, output
     )
 
 

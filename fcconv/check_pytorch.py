@@ -28,13 +28,10 @@ from fcconv.check import (
     CheckReport,
     CheckResult,
     _check_sizes,
-    _Expectation,
     _first_line,
     _native_shape,
-    _output_size,
-    _reference_output,
-    _size_skipped,
     digest_verdict,
+    run_checks,
 )
 from fcconv.export import SPATIAL_AXIS_NAMES
 
@@ -69,7 +66,9 @@ def check_program(
     step("Hashing the weights…")
     report.results.append(digest_verdict(state_dict_digest(program.program.state_dict), meta, "tensors"))
     report.results.extend(
-        _runs(program, program.dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step)
+        run_checks(
+            program, program.dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, "the program"
+        )
     )
     return report
 
@@ -130,7 +129,9 @@ def check_weights(
         with torch.inference_mode():
             return module(x)
 
-    report.results.extend(_runs(run, dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step))
+    report.results.extend(
+        run_checks(run, dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, "the module")
+    )
     return report
 
 
@@ -154,38 +155,3 @@ def _free_axes(ranges: list[tuple[int, int | None]], input_shape: tuple[int, ...
         return CheckResult("free spatial axes", FAIL, f"the program {' and '.join(problems)}")
     shown = ", ".join(f"{name} ≥ {lower}" for name, (lower, _) in zip(names, ranges))
     return CheckResult("free spatial axes", PASS, f"range constraints: {shown}")
-
-
-def _runs(
-    run: Callable[[torch.Tensor], torch.Tensor],
-    dtype: torch.dtype,
-    input_shape: tuple[int, ...],
-    sizes: list[tuple[int, ...]],
-    batch: int,
-    seed: int,
-    meta: dict[str, str],
-    report: CheckReport,
-    atol: float,
-    rtol: float | None,
-    step: Callable[[str], None],
-) -> list[CheckResult]:
-    """Run at each size (finite outputs of the shape the metadata predicts), then on the probe input."""
-    expectation = _Expectation.from_metadata(meta)
-    generator = torch.Generator().manual_seed(seed)
-    results = []
-    for size in sizes:
-        step(f"Running at {'×'.join(map(str, size))}…")
-        x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype)
-        try:
-            out = run(x)
-        except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails there, with the reason
-            results += [CheckResult("runs", FAIL, f"it failed: {_first_line(exc)}", size), _size_skipped(size)]
-            continue
-        actual = tuple(int(s) for s in out.shape)
-        finite = bool(torch.isfinite(out).all())
-        message = "output finite" if finite else "the output holds NaN or infinity"
-        results.append(CheckResult("runs", PASS if finite else FAIL, message, size, actual_shape=actual))
-        results.append(_output_size(size, actual, expectation.shape(batch, size), expectation))
-    step("Comparing with the original's recorded output…")
-    results.append(_reference_output(run, dtype, input_shape, meta, report, atol, rtol))
-    return results

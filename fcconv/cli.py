@@ -55,6 +55,22 @@ PointwiseOption = Annotated[
         "Swin) into 1×1 convolutions, removing the permutations around them where that is exact.",
     ),
 ]
+LogitsOption = Annotated[
+    bool,
+    typer.Option(
+        "--logits",
+        help="Drop the softmax, log-softmax or sigmoid each output ends in: the map holds the raw scores.",
+    ),
+]
+UntilOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--until",
+        metavar="LAYER",
+        help="End the model at this layer of the head (e.g. classifier.4): the output is its dense feature map. "
+        "inspect lists the layers it accepts.",
+    ),
+]
 TrustOption = Annotated[
     bool,
     typer.Option(
@@ -344,14 +360,16 @@ def _refuse_for_onnx(**given: Any) -> None:
             raise BadInputError(f"--{flag.replace('_', '-')} does not apply to an ONNX model")
 
 
-def _rewrite_onnx_file(path: Path, input_shape: str | None):
-    """Read an ONNX classifier and rewrite its head, with progress lines; returns both."""
+def _rewrite_onnx_file(path: Path, input_shape: str | None, logits: bool = False, until: str | None = None):
+    """Read an ONNX classifier, cut it as ``--logits``/``--until`` ask, and rewrite its head, with progress lines;
+    returns the (cut) classifier and its conversion."""
     from fcconv.load import parse_input_shape
-    from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx
+    from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx, truncate_onnx_classifier
 
     shape = parse_input_shape(input_shape) if input_shape else None
     with screen.status(f"Loading {path}…"):
         classifier = load_onnx_classifier(path, shape)
+        classifier = truncate_onnx_classifier(classifier, logits=logits, until=until)
     with screen.status("Rewriting the head…"):
         conversion = rewrite_onnx(classifier)
     return classifier, conversion
@@ -370,37 +388,64 @@ def _onnx_references(classifier, conversion, sizes, rtol, atol):
 
 
 def _onnx_probe_output(classifier):
-    """The input ONNX model's output on :func:`~fcconv.verify.probe_input`, as the converted map's (1, K, 1, ...)."""
+    """The input ONNX model's outputs on :func:`~fcconv.verify.probe_input`, each as the converted map's
+    (1, K, 1, ...), channels-first whatever the layout."""
     from fcconv.onnx_verify import OnnxRunner
+    from fcconv.outputs import like, named_outputs
     from fcconv.verify import probe_input
 
-    runner = OnnxRunner(classifier.model)
+    runner = OnnxRunner(classifier.model, nhwc_input=classifier.layout == "nhwc")
     out = runner(probe_input(classifier.input_shape, runner.dtype))
-    return out.reshape(*out.shape, *(1,) * (len(classifier.input_shape) - 1))
+    spatial = (1,) * (len(classifier.input_shape) - 1)
+    return like(out, [value.reshape(*value.shape, *spatial) for _, value in named_outputs(out)])
 
 
-def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool) -> None:
+def _show_onnx_head(conversion, show: Callable[..., None]) -> None:
+    """The ONNX head beyond the table: the layout, each output's branch, the nodes carried per position, and what
+    ``--until`` accepts."""
+    if conversion.layout == "nhwc":
+        show("  layout: channels-last, kept: N×H×W×C in, each output (N, h, w, K)", markup=False)
+    for output in conversion.outputs:
+        show(f"  output {output.name} ({output.classes}): {' → '.join(output.nodes) or 'no head nodes'}", markup=False)
+    if conversion.carried:
+        show(f"  carried over to each position: {', '.join(conversion.carried)}", markup=False)
+    if conversion.logits:
+        show("  --logits: the outputs hold the raw scores (trailing softmax, log-softmax or sigmoid dropped)")
+    if conversion.until:
+        show(f"  --until {conversion.until}: the output is that tensor's dense feature map", markup=False)
+    if conversion.until_names:
+        show(f"  --until accepts: {', '.join(conversion.until_names)}", markup=False)
+
+
+def _convert_onnx(
+    model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool, logits: bool, until: str | None
+) -> None:
     """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
     from fcconv.export import append_metadata, external_data_path, probe_metadata, staged_onnx
     from fcconv.onnx_rewrite import write_onnx
     from fcconv.render import rewrite_table
 
-    classifier, conversion = _rewrite_onnx_file(model, input_shape)
+    classifier, conversion = _rewrite_onnx_file(model, input_shape, logits, until)
     if conversion.layers:
         title = f"{model.name} (ONNX, opset {classifier.opset}): rewritten layers"
         screen.show(rewrite_table(conversion, title=title))
     _print_trunk(conversion, linear=ONNX_LINEAR)
     for item in conversion.removed:
         screen.show(f"  removed: {item}", markup=False)
+    if conversion.layout == "nhwc" or len(conversion.outputs) > 1:
+        _show_onnx_head(conversion, screen.show)
     with staged_onnx(target) as staged:
         with screen.status(f"Writing {target.name}…"):
             write_onnx(conversion, staged, source=model, external_data=external_data or None)
         data_file = external_data_path(staged).exists()
         references = _onnx_references(classifier, conversion, sizes, rtol, atol)
         append_metadata(staged, probe_metadata(_onnx_probe_output(classifier)))
+        layout = conversion.layout
         del classifier, conversion
         _release_memory()
-        report = _compare_and_show(staged, references)
+        from fcconv.onnx_verify import converted_runner
+
+        report = _compare_and_show(converted_runner(staged, layout), references)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
@@ -411,15 +456,17 @@ def _convert_onnx(model: Path, target: Path, input_shape, sizes, rtol, atol, ext
 PYTORCH_SUFFIXES = {".pt2": "a torch.export program", ".safetensors": "the converted state_dict"}
 
 
-def _convert_to_pytorch(loaded, conversion, target: Path, metadata, sizes, rtol, atol, device) -> None:
+def _convert_to_pytorch(loaded, as_loaded, conversion, target: Path, metadata, sizes, rtol, atol, device) -> None:
     """``convert -o NAME.pt2`` or ``-o NAME.safetensors``: written beside the target, read back, verified, moved.
 
     The program is the converted module exported with free batch and spatial axes;
     the safetensors file its state_dict, verified by rebuilding the module from the
-    original and loading the file into it, as a reader of the file does.
+    original and loading the file into it, as a reader of the file does. ``as_loaded``
+    is the model before ``--logits``/``--until`` ended it; ``loaded.module`` the model converted.
     """
-    from fcconv.export import fcconv_metadata, probe_metadata, staged_onnx
+    from fcconv.export import fcconv_metadata, output_channels_metadata, probe_metadata, staged_onnx
     from fcconv.grid import probe_output_grid
+    from fcconv.outputs import named_outputs
     from fcconv.torch_export import ProgramModel, export_program, rebuild, save_program, save_weights
 
     program = target.suffix.lower() == ".pt2"
@@ -431,7 +478,8 @@ def _convert_to_pytorch(loaded, conversion, target: Path, metadata, sizes, rtol,
     probe = _probe_output(conversion, loaded.input_shape, references)
     grid = probe_output_grid(conversion.module, loaded.input_shape) if geometry.mode == "map" else None
     meta = {
-        **fcconv_metadata(geometry, grid=grid, num_classes=int(probe.shape[1])),
+        **fcconv_metadata(geometry, grid=grid),
+        **output_channels_metadata({name: int(value.shape[1]) for name, value in named_outputs(probe)}),
         "fcconv.format": "pt2" if program else "state_dict",
         **metadata,
         **probe_metadata(probe),
@@ -446,12 +494,26 @@ def _convert_to_pytorch(loaded, conversion, target: Path, metadata, sizes, rtol,
         if program:
             written = ProgramModel(staged)
         else:
-            written = rebuild(loaded.module, loaded.input_shape, meta, staged)
+            written = rebuild(as_loaded, loaded.input_shape, meta, staged)
         report = _compare_and_show(written, references)
         if not report.passed:
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
     console.print(f"wrote {target}", markup=False, soft_wrap=True)
+
+
+def truncation_metadata(logits: bool, until: str | None) -> dict[str, str]:
+    """How the original was ended before conversion, for ``fcconv verify`` to end its reference the same way."""
+    return {"fcconv.logits": str(bool(logits)).lower(), **({"fcconv.until": until} if until else {})}
+
+
+def _truncated(loaded, logits: bool, until: str | None):
+    """``loaded`` with its module ended as ``--logits``/``--until`` say (the module itself when neither is given)."""
+    from fcconv.rewrite import truncate
+
+    if logits or until:
+        loaded.module = truncate(loaded.module, loaded.input_shape, logits=logits, until=until)
+    return loaded
 
 
 def _release_memory() -> None:
@@ -493,6 +555,8 @@ def convert(
     dense: DenseOption = False,
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
+    logits: LogitsOption = False,
+    until: UntilOption = None,
     head_format: Annotated[
         str,
         typer.Option(
@@ -566,11 +630,15 @@ def convert(
             arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
             device=device != "cpu", dtype=dtype, trust=trust,
         )  # fmt: skip
-        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data)
+        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data, logits, until)
         return
     loaded = _load(model, arch, input_shape, trust, dtype)
     with screen.status("Rewriting the head…"):
-        conversion = rewrite(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+        conversion = rewrite(
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
+        )
+    # with --logits or --until the model converted, and verified against, is the original ended there
+    as_loaded, loaded.module = loaded.module, conversion.source
     if conversion.layers:
         screen.show(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
     _print_trunk(conversion)
@@ -585,9 +653,10 @@ def convert(
             "fcconv.source_sha256": source_sha256,
             "fcconv.pointwise": str(pointwise).lower(),
             "fcconv.arch": loaded.arch,
+            **truncation_metadata(logits, until),
             **card_metadata(loaded.card),
         }
-        _convert_to_pytorch(loaded, conversion, target, metadata, check_sizes, rtol, atol, device)
+        _convert_to_pytorch(loaded, as_loaded, conversion, target, metadata, check_sizes, rtol, atol, device)
         return
     with staged_onnx(target) as staged:
         with screen.progress(f"Exporting {target.name}", 0, unit="bytes") as advance:
@@ -601,6 +670,7 @@ def convert(
                     **fcconv_metadata(),
                     "fcconv.source_sha256": source_sha256,
                     "fcconv.pointwise": str(pointwise).lower(),
+                    **truncation_metadata(logits, until),
                     **card_metadata(loaded.card),
                 },
                 external_data=True,
@@ -649,6 +719,18 @@ def verify(
         Optional[str],
         typer.Option("--pool", help="avg, max or none: how the model was converted. [default: from its metadata]"),
     ] = None,
+    logits: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--logits/--no-logits", help="How the model was converted. [default: from its fcconv.logits metadata]"
+        ),
+    ] = None,
+    until: Annotated[
+        Optional[str],
+        typer.Option(
+            "--until", metavar="LAYER", help="How the model was converted. [default: from its fcconv.until metadata]"
+        ),
+    ] = None,
     sizes: SizesOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
@@ -690,6 +772,10 @@ def verify(
     if pool is None:
         pool = meta.get("fcconv.pool", "none")
     pool = None if pool == "none" else _check_pool(pool)
+    if logits is None:
+        logits = meta.get("fcconv.logits", "false") == "true"
+    if until is None:
+        until = meta.get("fcconv.until") or None
     if _is_onnx(reference):
         if not isinstance(exported, OnnxModel):
             raise BadInputError(
@@ -705,23 +791,31 @@ def verify(
                 f"{onnx_model} was converted with {how} (its metadata says so), which an ONNX classifier is not: "
                 f"it cannot have come from {reference}"
             )
-        classifier, conversion = _rewrite_onnx_file(reference, input_shape)
+        classifier, conversion = _rewrite_onnx_file(reference, input_shape, logits, until)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
         native_shape = classifier.input_shape
+        from fcconv.onnx_verify import converted_runner
+
+        report = _compare_and_show(converted_runner(onnx_model, meta.get("fcconv.layout", "nchw")), references)
     else:
         loaded = _load(reference, arch, input_shape, trust, dtype)
+        as_loaded = loaded.module
+        loaded = _truncated(loaded, logits, until)
         references = _references(loaded, dense, check_sizes, rtol, atol, device, pool=pool)
         native_shape = loaded.input_shape
         if weights_only:
-            recorded = {**meta, "fcconv.dense": str(dense).lower(), "fcconv.pool": pool or "none"}
+            recorded = {
+                **meta, "fcconv.dense": str(dense).lower(), "fcconv.pool": pool or "none",
+                **truncation_metadata(logits, until),
+            }  # fmt: skip
             with screen.status(f"Rebuilding the converted module from {reference.name} and {onnx_model.name}…"):
                 try:
-                    exported = rebuild(loaded.module, native_shape, recorded, onnx_model)
+                    exported = rebuild(as_loaded, native_shape, recorded, onnx_model)
                 except BadInputError as exc:  # weights of another model: a mismatch, not bad input
                     error_console.print(f"fcconv: {one_line(str(exc))}", markup=False)
                     error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
                     raise typer.Exit(EXIT_MISMATCH) from None
-    report = _compare_and_show(exported, references)
+        report = _compare_and_show(exported, references)
     document = verification_document(report, onnx_model, reference, native_shape)
     write_report(document, json_report, junit_report)
     if not report.passed:
@@ -829,28 +923,39 @@ def inspect(
     dense: DenseOption = False,
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
+    logits: LogitsOption = False,
+    until: UntilOption = None,
     dtype: DtypeOption = None,
     trust: TrustOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Show the fully connected head: each Linear, the map that feeds it, its convolution and its parameter share."""
-    from fcconv.render import inspect_table
+    """Show the fully connected head: each Linear, the map that feeds it, its convolution and its parameter share.
+
+    Also each output and the head layers on its path, a permutation the flatten read
+    the map through, the per-feature layers carried to every position, and the layers
+    --until accepts.
+    """
+    from fcconv.render import head_lines, inspect_table
     from fcconv.rewrite import analyze
 
     _check_pool(pool)
     if _is_onnx(model):
         _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
-        _, conversion = _rewrite_onnx_file(model, input_shape)
+        _, conversion = _rewrite_onnx_file(model, input_shape, logits, until)
         linear = ONNX_LINEAR
     else:
         loaded = _load(model, arch, input_shape, trust, dtype)
-        conversion = analyze(loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise)
+        conversion = analyze(
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
+        )
         linear = "Linear layer"
     if conversion.layers:
         console.print(inspect_table(conversion))
     _print_trunk(conversion, inspecting=True, linear=linear)
     for item in conversion.removed:
         console.print(f"  removed on conversion: {item}", markup=False)
+    if linear == ONNX_LINEAR:
+        _show_onnx_head(conversion, console.print)
     geometry = conversion.geometry
     reads = (
         "the whole feature map (global pooling kept)"
@@ -863,6 +968,9 @@ def inspect(
     console.print(f"  each output position reads {reads}", markup=False)
     if pool is not None:
         console.print(f"  the score map is then {pool}-pooled over its positions: the output is N×K", markup=False)
+    if linear != ONNX_LINEAR:
+        for line in head_lines(conversion):
+            console.print(line, markup=False, soft_wrap=True)
 
 
 def _check_output(path: Path, suffix: str, option: str, inputs: tuple[Path, ...]) -> None:

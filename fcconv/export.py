@@ -14,15 +14,16 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import fx, nn
 
 from fcconv.errors import BadInputError
-from fcconv.grid import OutputGrid, probe_output_grid
+from fcconv.grid import OutputGrid, output_names, probe_output_grid
 from fcconv.layers import POINTWISE_CONV, FullyConnectedConvMixin, WindowGemm, as_plain_conv
+from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
 from fcconv.weights_digest import WeightsDigest
 
 if TYPE_CHECKING:
@@ -40,11 +41,12 @@ __all__ = [
 
 SPATIAL_AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 INPUT_NAME = "input"
-OUTPUT_NAME = "scores"
+OUTPUT_NAME = SINGLE_OUTPUT_NAME
 OPSET = 18
 HEAD_FORMATS = ("conv", "gemm")
 WEIGHTS_DIGEST_KEY = "fcconv.weights_sha256"
 EACH_DIGEST_KEY = "fcconv.initializer_sha256"
+OUTPUT_CHANNELS_KEY = "fcconv.output_channels"
 
 
 def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
@@ -160,6 +162,7 @@ def export_onnx(
     dtype = params[0].dtype if params else torch.float32
     sample = torch.zeros((1, *input_shape), dtype=dtype)
     axes = {0: "batch", **{2 + i: name for i, name in enumerate(SPATIAL_AXIS_NAMES[rank])}}
+    outputs = output_names(module, input_shape)
 
     state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
     buffer = io.BytesIO()
@@ -176,8 +179,8 @@ def export_onnx(
                 (sample, *state.values()),
                 buffer,
                 input_names=[INPUT_NAME, *state],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+                output_names=outputs,
+                dynamic_axes={INPUT_NAME: axes, **dict.fromkeys(outputs, axes)},
                 opset_version=opset,
                 dynamo=False,
                 export_params=False,
@@ -192,7 +195,8 @@ def export_onnx(
             weights[graph_input.name] = state[graph_input.name]
         model.graph.input.remove(graph_input)
     props = {
-        **fcconv_metadata(geometry, grid=grid, num_classes=_output_channels(model)),
+        **fcconv_metadata(geometry, grid=grid),
+        **output_channels_metadata(_output_channels(model)),
         "fcconv.head_format": head_format,
         **(metadata or {}),
     }
@@ -300,10 +304,22 @@ def _digested_bytes(digest: WeightsDigest, name: str, tensor: torch.Tensor) -> m
     return data
 
 
-def _output_channels(model) -> int | None:
-    """The class count: axis 1 of the traced graph's output, when the exporter could state it."""
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    return dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
+def _output_channels(model) -> dict[str, int | None]:
+    """Each output's channel count (axis 1 of the traced graph's output), None where the exporter could not state it."""
+    channels = {}
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        channels[output.name] = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
+    return channels
+
+
+def output_channels_metadata(channels: Mapping[str, int | None]) -> dict[str, str]:
+    """``fcconv.num_classes`` (the first output's channels) and, for several outputs, ``fcconv.output_channels``."""
+    counts = list(channels.values())
+    meta = {} if not counts or counts[0] is None else {"fcconv.num_classes": str(counts[0])}
+    if len(channels) > 1 and None not in counts:
+        meta[OUTPUT_CHANNELS_KEY] = ",".join(f"{name}:{count}" for name, count in channels.items())
+    return meta
 
 
 class _WeightsAsInputs(nn.Module):
@@ -319,7 +335,7 @@ class _WeightsAsInputs(nn.Module):
         self.__dict__["model"] = module
         self.names = names
 
-    def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Each tensor goes into its module's registry as the very object the tracer was
         # given, so the trace reads the input, not a copy (torch.func.functional_call, which
         # does this swap, refuses to run under the tracer).
@@ -331,7 +347,8 @@ class _WeightsAsInputs(nn.Module):
             saved.append((registry, attr, registry[attr]))
             registry[attr] = tensor
         try:
-            return self.model(x)
+            # several outputs (a tuple, named tuple or dict) become the graph's outputs in order
+            return tuple(tensor for _, tensor in named_outputs(self.model(x)))
         finally:
             for registry, attr, original in reversed(saved):
                 registry[attr] = original
@@ -452,12 +469,16 @@ class OnnxModel:
             text = " ".join(str(exc).split())[:200]
             raise BadInputError(f"{path} is not an ONNX model onnxruntime can load: {text}") from exc
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [output.name for output in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The output as a tensor, or a dict by output name when the model has several."""
         outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().cpu().numpy())})
-        return torch.from_numpy(outputs[0])
+        if len(outputs) == 1:
+            return torch.from_numpy(outputs[0])
+        return {name: torch.from_numpy(value) for name, value in zip(self.output_names, outputs)}
 
 
 def fcconv_metadata(
@@ -515,19 +536,29 @@ PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"
 PROBE_VALUES = 4096  # the first this many values of the probe output are recorded
 
 
-def probe_metadata(expected: torch.Tensor) -> dict[str, str]:
+def probe_keys(index: int, name: str) -> tuple[str, str]:
+    """The metadata keys of output ``index`` (named ``name``): plain for the first, ``KEY:NAME`` for the others."""
+    if index == 0:
+        return PROBE_SHAPE_KEY, PROBE_OUTPUT_KEY
+    return f"{PROBE_SHAPE_KEY}:{name}", f"{PROBE_OUTPUT_KEY}:{name}"
+
+
+def probe_metadata(expected: Any) -> dict[str, str]:
     """The original's output on :func:`fcconv.verify.probe_input`, as metadata ``fcconv check`` compares with.
 
-    Its shape, and its first :data:`PROBE_VALUES` values (C order) as float32
-    little-endian bytes in base64.
+    For each output (``expected`` is a tensor, or a tuple or dict of them) its shape,
+    and its first :data:`PROBE_VALUES` values (C order) as float32 little-endian
+    bytes in base64, under :func:`probe_keys`.
     """
     import base64
 
-    values = expected.detach().reshape(-1)[:PROBE_VALUES].to("cpu", torch.float32).numpy().astype("<f4")
-    return {
-        PROBE_SHAPE_KEY: ",".join(map(str, expected.shape)),
-        PROBE_OUTPUT_KEY: base64.b64encode(values.tobytes()).decode("ascii"),
-    }
+    entries = {}
+    for index, (name, tensor) in enumerate(named_outputs(expected)):
+        values = tensor.detach().reshape(-1)[:PROBE_VALUES].to("cpu", torch.float32).numpy().astype("<f4")
+        shape_key, output_key = probe_keys(index, name)
+        entries[shape_key] = ",".join(map(str, tensor.shape))
+        entries[output_key] = base64.b64encode(values.tobytes()).decode("ascii")
+    return entries
 
 
 def append_metadata(path: str | Path, entries: Mapping[str, str]) -> None:

@@ -26,7 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutputGrid", "probe_output_grid"]
+from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
+from fcconv.outputs import output_names as names_of
+
+__all__ = ["OutputGrid", "output_names", "probe_output_grid"]
 
 # The period probe adds this many pixels to the native size: 8! is a multiple of every stride up to 10
 # and of every power of two up to 128, so it holds a whole number of periods of the usual total strides.
@@ -147,17 +150,20 @@ class _OutputShapes:
         self.use_meta = True
 
     def __call__(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        return self._shape(self.output(shape))
+
+    def output(self, shape: tuple[int, ...]) -> Any:
+        """The module's output (meta or fake tensors) for a batch-1 input of ``shape``, or None if it fails."""
         if self.use_meta:
             try:
-                return self._shape(self._meta_forward(shape))
+                return self._meta_forward(shape)
             except Exception:  # noqa: BLE001 - not runnable on meta tensors: fall back to fake ones
                 self.use_meta = False
         try:
             with self.fake_mode, torch.no_grad():
-                out = self.module(torch.empty((1, *shape), dtype=self.dtype, device=self.device))
+                return self.module(torch.empty((1, *shape), dtype=self.dtype, device=self.device))
         except Exception:  # noqa: BLE001 - a size the model refuses means the grid is unknown, not an error
             return None
-        return self._shape(out)
 
     def _meta_forward(self, shape: tuple[int, ...]) -> Any:
         from torch.func import functional_call
@@ -168,4 +174,17 @@ class _OutputShapes:
 
     @staticmethod
     def _shape(out: Any) -> tuple[int, ...] | None:
-        return tuple(int(s) for s in out.shape) if isinstance(out, torch.Tensor) else None
+        """The output's shape; for several outputs the first one's, when all lie on the same grid."""
+        try:
+            shapes = [tuple(int(s) for s in tensor.shape) for _, tensor in named_outputs(out)]
+        except TypeError:
+            return None
+        if any(len(shape) != len(shapes[0]) or shape[2:] != shapes[0][2:] for shape in shapes):
+            return None
+        return shapes[0]
+
+
+def output_names(module: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """The names of ``module``'s outputs (:mod:`fcconv.outputs`), found on shapes alone at ``input_shape``."""
+    out = _OutputShapes(module).output(tuple(int(s) for s in input_shape))
+    return names_of(out) if out is not None else [SINGLE_OUTPUT_NAME]

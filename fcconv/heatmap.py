@@ -270,13 +270,25 @@ def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], di
     from fcconv.export import OnnxModel
 
     model = OnnxModel(path)
+    metadata = model.metadata
+    if metadata.get("fcconv.layout") == "nhwc":  # read channels-first, like every other model here
+        from fcconv.onnx_verify import OnnxRunner
+
+        model = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True)
     element = model.session.get_inputs()[0].type
     dtype = torch.float16 if element == "tensor(float16)" else torch.float64 if element == "tensor(double)" else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return model(x if dtype is None else x.to(dtype)).float()
+        return first_output(model(x if dtype is None else x.to(dtype))).float()
 
-    return run, model.metadata
+    return run, metadata
+
+
+def first_output(value: Any) -> torch.Tensor:
+    """The class scores of a model with several outputs: its first (the heads after it are drawn no map)."""
+    from fcconv.outputs import named_outputs
+
+    return named_outputs(value)[0][1]
 
 
 def _card_beside(path: Path) -> dict[str, Any]:
@@ -392,7 +404,7 @@ def load_dense_model(
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
-        return module(x)
+        return first_output(module(x))
 
     card = loaded.card
     return _finish(

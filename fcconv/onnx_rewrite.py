@@ -19,7 +19,15 @@ rewritten, with onnx's own tools:
   features, softmax over the class axis) act on each position of the map;
 * a global pooling before the collapse stays, so the output is N×K×1×1 at any size;
 * the trunk's shape-dependent Reshapes are made size-free (their target computed from
-  the input's shape) where that is exact.
+  the input's shape) where that is exact;
+* a channels-last input (N×H×W×C with a Transpose to N×C×H×W inside, as keras2onnx
+  and tf2onnx write) stays channels-last, and each output ends with a Transpose to
+  (N, h, w, K), as a natively fully convolutional NHWC model answers;
+* several outputs that branch off the same head (class scores beside box
+  regression) are each converted, in their order and with their names.
+
+:func:`truncate_onnx_classifier` cuts the input model first where asked (``--logits``,
+``--until``), so that the conversion and its verification start from the cut model.
 
 Anything else raises :class:`NotConvertibleError` naming the node and its op.
 The results are plain dataclasses; :mod:`fcconv.onnx_verify` checks them.
@@ -27,6 +35,7 @@ The results are plain dataclasses; :mod:`fcconv.onnx_verify` checks them.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -41,7 +50,16 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.rewrite import HeadGeometry, RewrittenLayer
 
-__all__ = ["OnnxClassifier", "OnnxConversion", "is_onnx_file", "load_onnx_classifier", "rewrite_onnx", "write_onnx"]
+__all__ = [
+    "OnnxClassifier",
+    "OnnxConversion",
+    "OnnxOutput",
+    "is_onnx_file",
+    "load_onnx_classifier",
+    "rewrite_onnx",
+    "truncate_onnx_classifier",
+    "write_onnx",
+]
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 # Ops that compute each element from that element alone (extra inputs, where any, are constants).
@@ -54,6 +72,8 @@ _LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 _POOLS = {"GlobalAveragePool": "avg", "GlobalMaxPool": "max", "ReduceMean": "avg", "ReduceMax": "max"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 _CHANNEL_SOFTMAX = {"Softmax", "LogSoftmax", "Hardmax"}
+_FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")  # what --logits drops from the end of an output
+LAYOUTS = ("nchw", "nhwc")
 _SMALL_CONSTANT = 64  # initializers up to this many elements stay in the graph that shape inference reads
 MAP_AXES = ("batch", "height", "width")
 SCORE_AXES = ("batch", "map_height", "map_width")
@@ -72,10 +92,34 @@ class OnnxClassifier:
     """The input's fixed batch size, None when the batch axis is free."""
     elem_type: int
     """The input's onnx.TensorProto data type."""
+    layout: str = "nchw"
+    """``nhwc`` for a channels-last input (Keras, TensorFlow), which the converted model keeps."""
+    logits: bool = False
+    """Whether :func:`truncate_onnx_classifier` dropped the outputs' final softmax or sigmoid."""
+    until: str | None = None
+    """The head tensor or node :func:`truncate_onnx_classifier` cut the model at, if any."""
 
     @property
     def opset(self) -> int:
         return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+    def input_dims(self, batch, channels, height, width) -> tuple:
+        """The input's axes in its own order: (N, C, H, W), or (N, H, W, C) for a channels-last input."""
+        return (batch, height, width, channels) if self.layout == "nhwc" else (batch, channels, height, width)
+
+
+@dataclass
+class OnnxOutput:
+    """One output of the converted model: its name, its class count and the head nodes that compute it."""
+
+    name: str
+    classes: int
+    nodes: list[str] = field(default_factory=list)
+    """The head nodes after the collapse it is computed by, in graph order, as ``name (op)``."""
 
 
 @dataclass
@@ -98,6 +142,15 @@ class OnnxConversion:
     notes: list[str] = field(default_factory=list)
     """Changes to the trunk: the Reshapes whose target is now computed from the input's shape."""
     total_parameters: int = 0
+    layout: str = "nchw"
+    """``nhwc``: the input is N×H×W×C and every output (N, h, w, K); ``nchw``: N×C×H×W in, (N, K, h, w) out."""
+    outputs: list[OnnxOutput] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)
+    """The head nodes other than Gemm and MatMul that act on each position of the map, as ``name (op)``."""
+    until_names: list[str] = field(default_factory=list)
+    """What ``--until`` accepts: the head's node names and the tensors they compute."""
+    logits: bool = False
+    until: str | None = None
 
     @property
     def fully_convolutional(self) -> bool:
@@ -136,10 +189,11 @@ def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = N
     """Read the ONNX classifier at ``path`` and the input size it was exported for.
 
     The native size is the input's fixed (C, H, W); an input with free height and
-    width needs ``input_shape``, which must agree with every fixed dimension. The file
+    width needs ``input_shape`` (C, H, W also for a channels-last input, whose
+    layout is recorded), which must agree with every fixed dimension. The file
     is only read. Raises :class:`BadInputError` for a file that is not a valid ONNX
     model or a size that is missing or does not fit, and :class:`NotConvertibleError`
-    for a graph that is not a classifier of one N×C×H×W image input.
+    for a graph that is not a classifier of one N×C×H×W (or N×H×W×C) image input.
     """
     from fcconv.load import _check_readable
 
@@ -168,33 +222,29 @@ def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = N
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
     if len(dims) != 4:
         raise NotConvertibleError(
-            f"input {graph_input.name} has rank {len(dims)}; fcconv converts ONNX classifiers of an N×C×H×W image"
+            f"input {graph_input.name} has rank {len(dims)}; fcconv converts ONNX classifiers of an N×C×H×W "
+            "or N×H×W×C image"
         )
-    channels_last = _channels_last_input(model.graph, graph_input.name)
-    if channels_last:
-        raise NotConvertibleError(
-            f"input {graph_input.name} is channels-last (N×H×W×C, transposed to N×C×H×W by {channels_last}); "
-            "fcconv converts ONNX classifiers of an N×C×H×W input"
-        )
-    declared = tuple(dims[1:])
+    layout = "nhwc" if _channels_last_input(model.graph, graph_input.name) else "nchw"
+    declared = (dims[3], dims[1], dims[2]) if layout == "nhwc" else tuple(dims[1:])
+    written = "×".join("?" if d is None else str(d) for d in dims[1:])
+    written = f"N×{written}" + (" (N×H×W×C, channels-last)" if layout == "nhwc" else "")
     if input_shape is not None:
         wanted = tuple(int(s) for s in input_shape)
         if len(wanted) != 3 or any(d is not None and d != w for d, w in zip(declared, wanted)):
             raise BadInputError(
-                f"--input-shape {','.join(map(str, wanted))} does not fit input {graph_input.name}, "
-                f"which is N×{'×'.join('?' if d is None else str(d) for d in declared)}"
+                f"--input-shape {','.join(map(str, wanted))} does not fit input {graph_input.name}, which is {written}"
             )
         shape = wanted
     elif None in declared:
         raise BadInputError(
-            f"input {graph_input.name} of {path.name} has a free size "
-            f"(N×{'×'.join('?' if d is None else str(d) for d in declared)}); pass --input-shape C,H,W, "
+            f"input {graph_input.name} of {path.name} has a free size ({written}); pass --input-shape C,H,W, "
             "the size the classifier was trained at"
         )
     else:
         shape = declared
     batch = dims[0] if dims[0] else None
-    return OnnxClassifier(model, path, graph_input.name, shape, batch, tensor_type.elem_type)
+    return OnnxClassifier(model, path, graph_input.name, shape, batch, tensor_type.elem_type, layout)
 
 
 def _channels_last_input(graph: onnx.GraphProto, input_name: str) -> str | None:
@@ -228,8 +278,11 @@ def _label(node: onnx.NodeProto) -> str:
 class _Graph:
     """A graph's producers, consumers and constants, with its tensors' shapes and types at the native size."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: Mapping[str, tuple], types: Mapping[str, int]) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, shapes: Mapping[str, tuple], types: Mapping[str, int], layout: str = "nchw"
+    ) -> None:
         self.model = model
+        self.layout = layout
         self.nodes = list(model.graph.node)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -610,9 +663,10 @@ def _permuted_map(graph: _Graph, map_name: str, input_name: str) -> str:
     """How ``map_name`` is transposed from the input's N×C×H×W order ('' when it is not).
 
     Transposes compose; element-wise nodes keep their input's order; every other
-    node (Conv, pooling, Reshape) makes an N×C×H×W map.
+    node (Conv, pooling, Reshape) makes an N×C×H×W map. A channels-last input is
+    (N, H, W, C), so the Transpose(0, 3, 1, 2) that Keras exports begin with makes it N×C×H×W.
     """
-    order: dict[str, tuple[int, ...]] = {input_name: (0, 1, 2, 3)}
+    order: dict[str, tuple[int, ...]] = {input_name: (0, 2, 3, 1) if graph.layout == "nhwc" else (0, 1, 2, 3)}
     for node in graph.nodes:
         if not node.input or not node.output:
             continue
@@ -1038,37 +1092,138 @@ class _Rewriter:
         return copy
 
 
-def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
-    """Rewrite ``classifier``'s head as convolutions: a graph with free batch, height and width.
+@dataclass
+class _Analysis:
+    """The input model read at its native size: its graph, its head, and its outputs' (N, K) shapes."""
 
-    The converted graph keeps the input's and the outputs' names; its output is
-    (N, K, h, w), one score vector per window of the feature map (N×K×1×1 when a
-    global pooling is kept). Raises :class:`NotConvertibleError` naming the node
-    that cannot be rewritten exactly.
-    """
+    graph: _Graph
+    head: _Head
+    outputs: list[str]
+    classes: dict[str, int]
+
+
+def _analyze(classifier: OnnxClassifier) -> _Analysis:
+    """Infer the input model's shapes at its native size and find its head; refuse what is not a classifier."""
     model = classifier.model
-    if len(model.graph.output) != 1:
-        names = ", ".join(o.name for o in model.graph.output)
-        raise NotConvertibleError(
-            f"the graph has {len(model.graph.output)} outputs ({names}); fcconv converts ONNX classifiers of one output"
-        )
-    output_name = model.graph.output[0].name
-    batch = classifier.batch or 1
-    native_dims = (batch, *classifier.input_shape)
-    channels, height, width = classifier.input_shape
-    probe_dims = (batch + 1, channels, 2 * height, 2 * width)
+    native_dims = classifier.input_dims(classifier.batch or 1, *classifier.input_shape)
     try:
         shapes, types = _infer(model, classifier.input_name, native_dims)
     except Exception as exc:  # noqa: BLE001 - a model that fails at its own size is not usable
         raise BadInputError(f"shape inference fails at the native size {native_dims}: {_failing_node(exc)}") from None
     _measure_unknown_shapes(model, classifier, native_dims, shapes, types)
-    graph = _Graph(model, shapes, types)
-    out_shape = graph.shape(output_name)
-    if len(out_shape) != 2:
-        raise NotConvertibleError(
-            f"the output {output_name} is {'×'.join(map(str, out_shape))}, not N×classes: not a classifier fcconv reads"
+    graph = _Graph(model, shapes, types, classifier.layout)
+    outputs = classifier.output_names
+    classes = {}
+    for name in outputs:
+        out_shape = graph.shape(name)
+        if len(out_shape) != 2:
+            raise NotConvertibleError(
+                f"the output {name} is {'×'.join(map(str, out_shape))}, not N×classes: not a classifier fcconv reads"
+            )
+        classes[name] = out_shape[1]
+    return _Analysis(graph, _find_head(graph, classifier.input_name, outputs), outputs, classes)
+
+
+def _until_names(analysis: _Analysis) -> dict[str, str]:
+    """What ``--until`` accepts, each with the tensor it cuts at: a head node's name and the tensor it computes."""
+    graph, names = analysis.graph, {}
+    for node in analysis.head.nodes:
+        output = node.output[0] if node.output else ""
+        if not output or not graph.is_float(output) or len(graph.shapes.get(output) or ()) != 2:
+            continue
+        if node.name:
+            names[node.name] = output
+        names[output] = output
+    return names
+
+
+def truncate_onnx_classifier(
+    classifier: OnnxClassifier, *, logits: bool = False, until: str | None = None
+) -> OnnxClassifier:
+    """``classifier`` cut before its conversion, so that the verification compares with the cut model.
+
+    ``until`` (a head node's name, or a tensor it computes) ends the model at that
+    tensor, its one output; ``logits`` drops the Softmax, LogSoftmax or Sigmoid that
+    ends an output (each output that has one), leaving the raw scores under the
+    output's name. Raises :class:`BadInputError` for a name that is not in the head,
+    or ``logits`` on a model none of whose outputs ends in one of those.
+    """
+    if not logits and until is None:
+        return classifier
+    model = classifier.model
+    if until is not None:
+        analysis = _analyze(classifier)
+        accepted = _until_names(analysis)
+        if until not in accepted:
+            shown = ", ".join(accepted) or "none"
+            raise BadInputError(f"--until {until}: not a node or tensor of the head; it accepts {shown}")
+        model = _cut_at(classifier, analysis.graph, accepted[until])
+    if logits:
+        model = _without_final_activations(model)
+    return OnnxClassifier(
+        model, classifier.path, classifier.input_name, classifier.input_shape, classifier.batch,
+        classifier.elem_type, classifier.layout, logits=logits, until=until,
+    )  # fmt: skip
+
+
+def _cut_at(classifier: OnnxClassifier, graph: _Graph, tensor: str) -> onnx.ModelProto:
+    """The input model ending at ``tensor``: the nodes it is computed from, with ``tensor`` the one output."""
+    source = classifier.model
+    needed, kept = {tensor}, []
+    for node in reversed(graph.nodes):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(n for n in node.input if n)
+    graph_input = next(i for i in source.graph.input if i.name == classifier.input_name)
+    batch = "batch" if classifier.batch is None else classifier.batch
+    output = _value_info(tensor, graph.types[tensor], [batch, graph.shape(tensor)[1]])
+    cut = _sub_model(source, kept[::-1], {}, [graph_input], [output])
+    cut.producer_name, cut.producer_version = source.producer_name, source.producer_version
+    cut.metadata_props.extend(source.metadata_props)
+    return cut
+
+
+def _without_final_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the Softmax, LogSoftmax or Sigmoid that ends each output replaced by an Identity."""
+    producer = {o: node for node in model.graph.node for o in node.output if o}
+    ends = {}
+    for output in model.graph.output:
+        node = producer.get(output.name)
+        ends[output.name] = node
+    if not any(node is not None and node.op_type in _FINAL_ACTIVATIONS for node in ends.values()):
+        shown = "; ".join(
+            f"{name} ends in {_label(node) if node is not None else 'the input'}" for name, node in ends.items()
         )
-    head = _find_head(graph, classifier.input_name, [output_name])
+        raise BadInputError(
+            f"--logits: no output ends in a {', '.join(_FINAL_ACTIVATIONS[:-1])} or {_FINAL_ACTIVATIONS[-1]} "
+            f"({shown}); its scores are raw already"
+        )
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for index, node in enumerate(copy.graph.node):
+        if node.op_type in _FINAL_ACTIVATIONS and node.output[0] in ends:
+            identity = helper.make_node(
+                "Identity", [node.input[0]], [node.output[0]], name=f"{node.name or node.output[0]}/fcconv_logits"
+            )
+            copy.graph.node[index].CopyFrom(identity)
+    return copy
+
+
+def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
+    """Rewrite ``classifier``'s head as convolutions: a graph with free batch, height and width.
+
+    The converted graph keeps the input's and the outputs' names, in their order;
+    each output is (N, K, h, w), one score vector per window of the feature map
+    (N×K×1×1 when a global pooling is kept), or (N, h, w, K) for a channels-last
+    input, which stays N×H×W×C. Raises :class:`NotConvertibleError` naming the node
+    that cannot be rewritten exactly.
+    """
+    model = classifier.model
+    batch = classifier.batch or 1
+    channels, height, width = classifier.input_shape
+    probe_dims = classifier.input_dims(batch + 1, channels, 2 * height, 2 * width)
+    analysis = _analyze(classifier)
+    graph, head, outputs = analysis.graph, analysis.head, analysis.outputs
     map_shape = graph.shape(head.map_name)
 
     trunk_ids = _ancestors(graph, head.map_name)
@@ -1081,38 +1236,30 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
     rewriter.names.taken.update(o for n in trunk_nodes for o in n.output)
     rewriter.initializers.update((t.name, t) for t in trunk_constants)
     _rewrite_chain(rewriter)
+    carried = []
     for node in head.nodes:
         if id(node) in rewriter.folded:
             continue
         if node.op_type in ("Shape", "Size") or not any(graph.is_float(n) for n in node.input if n):
             continue  # shape arithmetic: nothing the map needs (what read it is removed or refused)
+        removed = len(rewriter.removed)
         _rewrite_head_node(rewriter, node)
-    final = rewriter.source(output_name)
-    order = rewriter.channels.get(output_name)
-    if order is None:
-        raise NotConvertibleError(
-            f"the flatten at {_label(head.collapse)} is not followed by a Gemm or MatMul; "
-            "a flattened window has no per-position reading"
-        )
-    if not np.array_equal(order, np.arange(order.size)):
-        raise NotConvertibleError(
-            f"the output {output_name} lists the map's channels in another order, and no Gemm or MatMul follows "
-            f"{_label(head.collapse)} to take them in that order"
-        )
-    if final != output_name:
-        identity = rewriter.names(f"{output_name}/identity")
-        rewriter.nodes.append(helper.make_node("Identity", [final], [output_name], name=identity))
+        if node.op_type not in ("Gemm", "MatMul") and len(rewriter.removed) == removed:
+            carried.append(_label(node))
+    for output_name in outputs:
+        _finish_output(rewriter, output_name, classifier.layout)
     _materialize_constants(rewriter, trunk_nodes, classifier.input_name)
 
-    converted = _assemble(classifier, [*trunk_nodes, *rewriter.nodes], rewriter.initializers, out_shape[1], head)
+    converted = _assemble(classifier, [*trunk_nodes, *rewriter.nodes], rewriter.initializers, analysis)
+    input_dims = classifier.input_dims(MAP_AXES[0], channels, *MAP_AXES[1:])
     trunk_part = _sub_model(
         model,
         trunk_nodes,
         {t.name: t for t in trunk_constants},
-        [_value_info(classifier.input_name, classifier.elem_type, (MAP_AXES[0], channels, *MAP_AXES[1:]))],
+        [_value_info(classifier.input_name, classifier.elem_type, input_dims)],
         [_value_info(head.map_name, graph.types[head.map_name], ("batch", map_shape[1], "map_height", "map_width"))],
     )
-    head_part = _original_head(classifier, graph, head, map_shape, output_name)
+    head_part = _original_head(classifier, graph, head, map_shape, analysis.classes)
     geometry = HeadGeometry(
         input_shape=tuple(classifier.input_shape),
         feature_shape=tuple(map_shape[1:]),
@@ -1124,6 +1271,11 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
     total = sum(
         math.prod(t.dims) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES and math.prod(t.dims) > 1
     )
+    branches = []
+    for name in outputs:
+        computed = _ancestors(graph, name)
+        nodes = [_label(node) for node in head.nodes if id(node) in computed and graph.is_float(node.output[0])]
+        branches.append(OnnxOutput(name, analysis.classes[name], nodes))
     return OnnxConversion(
         model=converted,
         trunk=trunk_part,
@@ -1134,7 +1286,52 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
         removed=rewriter.removed,
         notes=notes,
         total_parameters=total,
+        layout=classifier.layout,
+        outputs=branches,
+        carried=carried,
+        until_names=list(_until_names(analysis)),
+        logits=classifier.logits,
+        until=classifier.until,
     )
+
+
+def _finish_output(rewriter: _Rewriter, output_name: str, layout: str) -> None:
+    """End ``output_name`` in the converted graph: an Identity of the map that holds it, or for a channels-last
+    input a Transpose of it to (N, h, w, K).
+
+    Refuses an output whose features are not the map's channels in order.
+    """
+    head = rewriter.head
+    order = rewriter.channels.get(output_name)
+    if order is None:
+        raise NotConvertibleError(
+            f"the flatten at {_label(head.collapse)} is not followed by a Gemm or MatMul before {output_name}; "
+            "a flattened window has no per-position reading"
+        )
+    if not np.array_equal(order, np.arange(order.size)):
+        raise NotConvertibleError(
+            f"the output {output_name} lists the map's channels in another order, and no Gemm or MatMul follows "
+            f"{_label(head.collapse)} to take them in that order"
+        )
+    final = rewriter.source(output_name)
+    if layout == "nhwc":
+        if final == output_name:  # computed under the output's name: that name now goes to the transposed map
+            final = rewriter.names(f"{output_name}/channels_first")
+            _rename_tensor(rewriter.nodes, output_name, final)
+        name = rewriter.names(f"{output_name}/channels_last")
+        rewriter.nodes.append(helper.make_node("Transpose", [final], [output_name], name=name, perm=[0, 2, 3, 1]))
+    elif final != output_name:
+        identity = rewriter.names(f"{output_name}/identity")
+        rewriter.nodes.append(helper.make_node("Identity", [final], [output_name], name=identity))
+
+
+def _rename_tensor(nodes: Sequence[onnx.NodeProto], old: str, new: str) -> None:
+    """Rename tensor ``old`` to ``new`` wherever ``nodes`` compute or read it."""
+    for node in nodes:
+        for names in (node.input, node.output):
+            for index, name in enumerate(names):
+                if name == old:
+                    names[index] = new
 
 
 def _materialize_constants(rewriter: _Rewriter, trunk_nodes: Sequence[onnx.NodeProto], input_name: str) -> None:
@@ -1176,8 +1373,20 @@ def _rewrite_chain(rewriter: _Rewriter) -> None:
         else:
             rewriter.removed.append(f"{_label(node)}: its order is read into the first kernel")
     rewriter.renamed[head.collapse.output[0]] = current
+    order = _flatten_axes(head.feature_order, rewriter.graph.shape(head.map_name)[1:])
+    if head.pool is None and order not in (None, "(c, h, w)"):
+        rewriter.removed.append(f"the flatten's {order} order: undone, the first kernel reads its weight's rows so")
     window = head.pool is not None or head.feature_order.size == rewriter.graph.shape(head.map_name)[1]
     rewriter.channels[head.collapse.output[0]] = head.feature_order if window else None
+
+
+def _flatten_axes(order: np.ndarray, map_shape: Sequence[int]) -> str | None:
+    """The order of the map's axes the flatten lays its elements out in, as ``(h, w, c)``; None for another order."""
+    index = np.arange(math.prod(map_shape)).reshape(map_shape)
+    for perm in itertools.permutations(range(3)):
+        if np.array_equal(index.transpose(perm).reshape(-1), order):
+            return "(" + ", ".join("chw"[axis] for axis in perm) + ")"
+    return None
 
 
 def _rewrite_head_node(rewriter: _Rewriter, node: onnx.NodeProto) -> None:
@@ -1443,32 +1652,28 @@ def _assemble(
     classifier: OnnxClassifier,
     nodes: Sequence[onnx.NodeProto],
     new_weights: Mapping[str, onnx.TensorProto],
-    classes: int,
-    head: _Head,
+    analysis: _Analysis,
 ) -> onnx.ModelProto:
-    """The converted model: ``nodes`` without what the output does not need, free axes, the input's metadata."""
+    """The converted model: ``nodes`` without what the outputs do not need, free axes, the input's metadata."""
     from fcconv import __version__
 
     source = classifier.model
-    output = source.graph.output[0]
-    needed = {output.name}
+    needed = set(analysis.outputs)
     kept: list[onnx.NodeProto] = []
     for node in reversed(nodes):
         if any(o in needed for o in node.output if o):
             kept.append(node)
             needed.update(n for n in node.input if n)
     kept.reverse()
-    spatial = (1, 1) if head.pool is not None else SCORE_AXES[1:]
+    spatial = (1, 1) if analysis.head.pool is not None else SCORE_AXES[1:]
+    outputs = []
+    for output in source.graph.output:
+        classes = analysis.classes[output.name]
+        dims = (SCORE_AXES[0], *spatial, classes) if classifier.layout == "nhwc" else (SCORE_AXES[0], classes, *spatial)
+        outputs.append(_value_info(output.name, output.type.tensor_type.elem_type, dims))
+    input_dims = classifier.input_dims(MAP_AXES[0], classifier.input_shape[0], *MAP_AXES[1:])
     converted = _sub_model(
-        source,
-        kept,
-        new_weights,
-        [
-            _value_info(
-                classifier.input_name, classifier.elem_type, (MAP_AXES[0], classifier.input_shape[0], *MAP_AXES[1:])
-            )
-        ],
-        [_value_info(output.name, output.type.tensor_type.elem_type, (SCORE_AXES[0], classes, *spatial))],
+        source, kept, new_weights, [_value_info(classifier.input_name, classifier.elem_type, input_dims)], outputs
     )
     converted.producer_name, converted.producer_version = "fcconv", __version__
     converted.metadata_props.extend(source.metadata_props)
@@ -1478,9 +1683,9 @@ def _assemble(
 
 
 def _original_head(
-    classifier: OnnxClassifier, graph: _Graph, head: _Head, map_shape: Sequence[int], output_name: str
+    classifier: OnnxClassifier, graph: _Graph, head: _Head, map_shape: Sequence[int], classes: Mapping[str, int]
 ) -> onnx.ModelProto:
-    """The input model's own head, from the feature map to the output, cut out with onnx's Extractor.
+    """The input model's own head, from the feature map to every output, cut out with onnx's Extractor.
 
     It takes one native-size window per sample (or the whole map, when the head pools
     it), with the input model's batch size; its recorded intermediate shapes are
@@ -1491,10 +1696,11 @@ def _original_head(
     window = list(map_shape[2:]) if head.pool is None else ["map_height", "map_width"]
     extractor = onnx.utils.Extractor(classifier.model)
     extractor.value_infos[head.map_name] = _value_info(head.map_name, map_type, [batch, map_shape[1], *window])
-    output = classifier.model.graph.output[0]
-    classes = graph.shape(output_name)[1]
-    extractor.value_infos[output_name] = _value_info(output_name, output.type.tensor_type.elem_type, [batch, classes])
-    part = extractor.extract_model([head.map_name], [output_name])
+    for output in classifier.model.graph.output:
+        extractor.value_infos[output.name] = _value_info(
+            output.name, output.type.tensor_type.elem_type, [batch, classes[output.name]]
+        )
+    part = extractor.extract_model([head.map_name], list(classes))
     del part.graph.value_info[:]
     produced = {head.map_name} | {t.name for t in part.graph.initializer}
     produced |= {o for node in part.graph.node for o in node.output}
@@ -1520,8 +1726,10 @@ def write_onnx(
 
     The metadata is what the PyTorch path writes: fcconv's version, the native input
     shape, the window and stride of the head, the conversion mode, the total stride
-    and receptive field (measured by ONNX shape inference), the class count, the
-    weights' digest and, given ``source`` (the input file), its sha256. ``external_data`` writes the
+    and receptive field (measured by ONNX shape inference), the class count (of the
+    first output), the weights' digest and, given ``source`` (the input file), its
+    sha256; and the input's layout (``fcconv.layout``) and the cut made before the
+    conversion (``fcconv.logits``, ``fcconv.until``). ``external_data`` writes the
     weights to ``NAME.onnx.data`` beside the file; by default only when the file would
     pass protobuf's 2 GiB limit. Both files are written under temporary names and
     renamed into place.
@@ -1533,6 +1741,7 @@ def write_onnx(
         WEIGHTS_DIGEST_KEY,
         external_data_path,
         fcconv_metadata,
+        output_channels_metadata,
         staged_path,
     )
     from fcconv.grid import probe_output_grid
@@ -1541,6 +1750,8 @@ def write_onnx(
     model = conversion.model
     input_shape = conversion.geometry.input_shape
     output_shape = onnx_output_shapes(model)
+    if conversion.layout == "nhwc":
+        output_shape = _channels_first_shapes(output_shape)
     native_output = output_shape(tuple(input_shape))
     grid = probe_output_grid(output_shape, input_shape) if conversion.geometry.mode == "map" else None
     digest = onnx_weights_digest(model)
@@ -1551,7 +1762,11 @@ def write_onnx(
             grid=grid,
             num_classes=native_output[1] if native_output and len(native_output) > 1 else None,
         ),
+        **output_channels_metadata({output.name: output.classes for output in conversion.outputs}),
         "fcconv.head_format": "conv",
+        "fcconv.layout": conversion.layout,
+        "fcconv.logits": "true" if conversion.logits else "false",
+        **({"fcconv.until": conversion.until} if conversion.until is not None else {}),
         **(metadata or {}),
         WEIGHTS_DIGEST_KEY: digest.hexdigest(),
         EACH_DIGEST_KEY: digest.each_json(),
@@ -1581,3 +1796,13 @@ def write_onnx(
         else:
             onnx.save_model(model, str(tmp))
     return path
+
+
+def _channels_first_shapes(output_shape):
+    """A channels-last model's shape probe read as a channels-first one's: (C, H, W) in, (1, K, h, w) out."""
+
+    def channels_first(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        out = output_shape((*shape[1:], shape[0]))
+        return None if out is None or len(out) != 4 else (out[0], out[3], out[1], out[2])
+
+    return channels_first

@@ -15,59 +15,85 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto
 
 from fcconv.errors import BadInputError
 from fcconv.onnx_rewrite import OnnxClassifier, OnnxConversion
 from fcconv.verify import References, VerificationReport, compare_outputs, reference_outputs
 
-__all__ = ["OnnxRunner", "onnx_reference_outputs", "verify_onnx"]
+__all__ = ["OnnxRunner", "converted_runner", "onnx_reference_outputs", "verify_onnx"]
 
-_TORCH_DTYPES = {
-    TensorProto.FLOAT: torch.float32,
-    TensorProto.FLOAT16: torch.float16,
-    TensorProto.DOUBLE: torch.float64,
-}
+_TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
 
 class OnnxRunner:
-    """An in-memory ONNX model run with onnxruntime on the CPU, called like a module on tensors.
+    """An ONNX model (in memory, or a file) run with onnxruntime on the CPU, called like a module on tensors.
+
+    It takes and gives channels-first tensors whatever the model's layout, so that
+    the comparison sees (N, C, H, W) inputs and (N, K, h, w) outputs: ``nhwc_input``
+    transposes the input to N×H×W×C, ``nhwc_outputs`` every rank-4 output from
+    (N, h, w, K) back. It returns the output ``output`` (an index), or else the one
+    output, or a dict of all of them by name, in order, for a model with several.
 
     A model whose input has a fixed batch size (as most exports have) is run on
     pieces of exactly that size, the last one padded with zeros and cut back, so
     that any batch can be read through it.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto | str | Path,
+        *,
+        nhwc_input: bool = False,
+        nhwc_outputs: bool = False,
+        output: int | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - any load failure means the graph is not runnable
             text = " ".join(str(exc).split())[:200]
             raise BadInputError(f"onnxruntime cannot load the model: {text}") from exc
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
+        self.output_names = [o.name for o in self.session.get_outputs()]
         first = graph_input.shape[0] if graph_input.shape else None
         self.batch = first if isinstance(first, int) and first > 0 else None
-        self.dtype = _TORCH_DTYPES.get(model.graph.input[0].type.tensor_type.elem_type, torch.float32)
+        self.dtype = _TORCH_DTYPES.get(graph_input.type, torch.float32)
+        self.nhwc_input, self.nhwc_outputs, self.output = nhwc_input, nhwc_outputs, output
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         array = np.ascontiguousarray(x.detach().cpu().numpy())
+        if self.nhwc_input:
+            array = np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+        outputs = [self._run(array, index) for index in self._indices()]
+        if self.nhwc_outputs:
+            outputs = [out.transpose(0, 3, 1, 2) if out.ndim == 4 else out for out in outputs]
+        tensors = [torch.from_numpy(np.ascontiguousarray(out)) for out in outputs]
+        if self.output is not None or len(tensors) == 1:
+            return tensors[0]
+        return dict(zip(self.output_names, tensors))
+
+    def _indices(self) -> list[int]:
+        return [self.output] if self.output is not None else list(range(len(self.output_names)))
+
+    def _run(self, array: np.ndarray, index: int) -> np.ndarray:
+        names = [self.output_names[index]]
         if self.batch is None or len(array) == self.batch:
-            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+            return self.session.run(names, {self.input_name: array})[0]
         pieces = []
         for start in range(0, len(array), self.batch):
             piece = array[start : start + self.batch]
             short = self.batch - len(piece)
             if short:
                 piece = np.concatenate([piece, np.zeros((short, *piece.shape[1:]), piece.dtype)])
-            out = self.session.run(None, {self.input_name: piece})[0]
+            out = self.session.run(names, {self.input_name: piece})[0]
             pieces.append(out[: len(out) - short])
-        return torch.from_numpy(np.concatenate(pieces))
+        return np.concatenate(pieces)
 
 
 def onnx_reference_outputs(
@@ -81,20 +107,33 @@ def onnx_reference_outputs(
     atol: float = 0.0,
     on_size: Callable[[tuple[int, ...]], None] | None = None,
 ) -> References:
-    """The random inputs of a verification and the input model's readings of them (see :func:`verify_onnx`)."""
-    original = OnnxRunner(classifier.model)
+    """The random inputs of a verification and the input model's readings of them, every output (see
+    :func:`verify_onnx`)."""
+    nhwc = classifier.layout == "nhwc"
     sliding = SimpleNamespace(
-        features=OnnxRunner(conversion.trunk), head=OnnxRunner(conversion.head), geometry=conversion.geometry
+        features=OnnxRunner(conversion.trunk, nhwc_input=nhwc),
+        head=OnnxRunner(conversion.head),
+        geometry=conversion.geometry,
     )
     return reference_outputs(
-        original, classifier.input_shape, sizes=sizes, batch=batch, seed=seed, rtol=rtol, atol=atol,
-        conversion=sliding, on_size=on_size,
+        OnnxRunner(classifier.model, nhwc_input=nhwc), classifier.input_shape, sizes=sizes, batch=batch, seed=seed,
+        rtol=rtol, atol=atol, conversion=sliding, on_size=on_size,
     )  # fmt: skip
+
+
+def converted_runner(
+    converted: str | Path | onnx.ModelProto | Callable[[torch.Tensor], torch.Tensor], layout: str = "nchw"
+) -> Callable[[torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]:
+    """``converted`` as a callable on channels-first tensors: an ONNX file or model of ``layout`` in onnxruntime."""
+    if isinstance(converted, (str, Path, onnx.ModelProto)):
+        nhwc = layout == "nhwc"
+        return OnnxRunner(converted, nhwc_input=nhwc, nhwc_outputs=nhwc)
+    return converted
 
 
 def verify_onnx(
     classifier: OnnxClassifier,
-    converted: str | Path | Callable[[torch.Tensor], torch.Tensor],
+    converted: str | Path | onnx.ModelProto | Callable[[torch.Tensor], torch.Tensor],
     conversion: OnnxConversion,
     *,
     sizes: Sequence[Sequence[int]] | None = None,
@@ -103,15 +142,16 @@ def verify_onnx(
     rtol: float | None = None,
     atol: float = 0.0,
 ) -> VerificationReport:
-    """Compare ``converted`` (an ONNX file, or any callable) with the ONNX classifier it came from.
+    """Compare ``converted`` (an ONNX file or model, or any callable) with the ONNX classifier it came from.
 
     At the native size the reference is the input model's own (N, K) output, as
     (N, K, 1, 1); at every size (default: :func:`fcconv.verify.default_sizes`) it is
     the sliding-window reading: ``conversion.trunk`` on the whole input, then the
-    input model's head on every window of the map. Returns the report; does not raise
+    input model's head on every window of the map. Every output is compared, a
+    channels-last model's read channels-first. Returns the report; does not raise
     when the check fails.
     """
     references = onnx_reference_outputs(
         classifier, conversion, sizes=sizes, batch=batch, seed=seed, rtol=rtol, atol=atol
     )
-    return compare_outputs(converted, references)
+    return compare_outputs(converted_runner(converted, conversion.layout), references)

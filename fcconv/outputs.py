@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SINGLE_OUTPUT_NAME", "named_outputs", "output_names"]
+__all__ = ["SINGLE_OUTPUT_NAME", "like", "named_outputs", "output_names"]
 
 SINGLE_OUTPUT_NAME = "scores"
 
@@ -43,3 +43,15 @@ def named_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
 def output_names(value: Any) -> list[str]:
     """The names :func:`named_outputs` gives ``value``'s tensors."""
     return [name for name, _ in named_outputs(value)]
+
+
+def like(template: Any, tensors: list[torch.Tensor]) -> Any:
+    """``tensors`` in the container ``template`` has (the inverse of :func:`named_outputs`)."""
+    if isinstance(template, torch.Tensor):
+        (tensor,) = tensors
+        return tensor
+    if isinstance(template, dict):
+        return dict(zip(template.keys(), tensors))
+    if isinstance(template, tuple) and hasattr(template, "_fields"):
+        return type(template)(*tensors)
+    return type(template)(tensors)

@@ -51,6 +51,36 @@ def inspect_table(conversion: Conversion) -> Table:
     return table
 
 
+def head_lines(conversion: Conversion) -> list[str]:
+    """What ``inspect`` says besides the tables: outputs, the flatten's permutation, carried layers, cut points.
+
+    Read with ``getattr`` so that a conversion of an ONNX graph, which records fewer of these, prints what it has.
+    """
+    lines = []
+    branches = getattr(conversion, "branches", [])
+    if len(branches) > 1 or any(layers for _, layers in branches):
+        lines.append(f"  outputs ({len(branches)}):")
+        lines += [f"    {name} ← {' → '.join(layers) or '(no head layer)'}" for name, layers in branches]
+    permutation = getattr(conversion, "flatten_permutation", None)
+    if permutation is not None:
+        first = conversion.layers[0].name if conversion.layers else "the first Linear"
+        lines.append(
+            f"  the flatten read the map permuted by ({', '.join(map(str, permutation))}); "
+            f"{first}'s kernel is re-ordered to read it in (C, *S) order, and the permutation is gone"
+        )
+    for carried in getattr(conversion, "carried", []):
+        lines.append(f"  carried per position: {carried}")
+    geometry = conversion.geometry
+    if getattr(geometry, "logits", False):
+        lines.append("  --logits: the outputs hold the raw scores (trailing softmax, log-softmax or sigmoid dropped)")
+    if getattr(geometry, "until", None):
+        lines.append(f"  --until {geometry.until}: the output is that layer's dense feature map")
+    cut_points = getattr(conversion, "cut_points", [])
+    if cut_points:
+        lines.append(f"  --until accepts: {', '.join(cut_points)}")
+    return lines
+
+
 def trunk_table(conversion: Conversion) -> Table:
     """The Linear layers of the trunk that act on each position: squeeze-and-excitation gates, channels-last MLPs."""
     table = Table(title="Per-position Linear layers in the trunk", title_justify="left")
@@ -71,17 +101,19 @@ def verification_table(report: VerificationReport) -> Table:
     table = Table(
         title=f"Verification (rtol {report.rtol:g}, atol {report.atol:g}, {report.dtype})", title_justify="left"
     )
-    for column in ("input", "reference", "output"):
+    several = len({check.output for check in report.checks}) > 1
+    for column in ("input", "reference", *(("output",) if several else ()), "shape"):
         table.add_column(column)
     for column in ("max abs", "mean abs", "max rel", "mean rel"):
         table.add_column(column, justify="right")
     table.add_column("worst at")
     table.add_column("result")
     for check in report.checks:
-        verdict = "[green]ok[/green]" if check.passed else f"[red]FAIL[/red] {check.message}".rstrip()
+        verdict = "[green]ok[/green]" if check.passed else f"[red]FAIL[/red] {escape(check.message)}".rstrip()
         table.add_row(
             _dims(check.input_size),
             check.reference,
+            *((escape(check.output),) if several else ()),
             _dims(check.output_shape),
             _sci(check.max_abs),
             _sci(check.mean_abs),
@@ -116,7 +148,8 @@ def peaks_table(score_map: ScoreMap, peaks: list[Peak]) -> Table:
 def check_table(report: CheckReport) -> Table:
     """One row per check of ``fcconv check`` (per input size for the runs): shapes, verdict and why."""
     table = Table(title=f"Check of {report.model} (native input {_dims(report.input_shape)})", title_justify="left")
-    for column in ("check", "input", "expected", "output", "result", "details"):
+    several = any(result.output for result in report.results)
+    for column in ("check", "input", *(("output",) if several else ()), "expected", "shape", "result", "details"):
         table.add_column(column)
     verdicts = {"pass": "[green]ok[/green]", "fail": "[red]FAIL[/red]", "skip": "[yellow]skipped[/yellow]"}
     for result in report.results:
@@ -124,6 +157,7 @@ def check_table(report: CheckReport) -> Table:
         table.add_row(
             result.check,
             _dims(result.input_size) if result.input_size else "",
+            *((escape(result.output or ""),) if several else ()),
             "×".join("?" if d is None else str(d) for d in expected) if expected else "",
             _dims(result.actual_shape) if result.actual_shape else "",
             verdicts[result.verdict],

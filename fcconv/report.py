@@ -45,6 +45,7 @@ def check_document(reports: Sequence[CheckReport]) -> dict[str, Any]:
                     max_abs=r.max_abs,
                     max_rel=r.max_rel,
                     tolerance=r.tolerance,
+                    output=r.output,
                 )
                 for r in report.results
             ],
@@ -61,6 +62,7 @@ def verification_document(
 ) -> dict[str, Any]:
     """The report of ``fcconv verify``: one entry per reading (original, sliding window) and input size."""
     checks = []
+    several = len({c.output for c in report.checks}) > 1
     for c in report.checks:
         ran = c.reference != "-"
         checks.append(
@@ -78,6 +80,7 @@ def verification_document(
                 worst_at=c.worst or None,
                 verdict="pass" if c.passed else "fail",
                 message=c.message or _error_message(c.max_abs, c.tolerance, c.passed),
+                output=c.output if several else None,
             )
         )
     entry = {
@@ -124,6 +127,7 @@ def _entry(
     scale: float | None = None,
     tolerance: float | None = None,
     worst_at: Sequence[int] | None = None,
+    output: str | None = None,
 ) -> dict[str, Any]:
     """One check at one size, with every field present (null where it does not apply)."""
     return {
@@ -140,6 +144,7 @@ def _entry(
         "worst_at": _ints(worst_at),
         "verdict": verdict,
         "message": message,
+        "output": output,
     }
 
 
@@ -162,6 +167,8 @@ def junit_tree(document: dict[str, Any]) -> ET.ElementTree:
     suite = ET.SubElement(root, "testsuite", {"name": f"fcconv {document['command']}", **counts})
     for model, check in cases:
         where = "" if check["input_size"] is None else " at " + "×".join(map(str, check["input_size"]))
+        if check.get("output"):
+            where += f" ({check['output']})"
         case = ET.SubElement(
             suite,
             "testcase",

@@ -42,7 +42,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.layers import layer_norm_over_channels, linear_as_conv, pointwise_conv
 
-__all__ = ["Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "lower_exported_program", "rewrite"]
+__all__ = [
+    "Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "lower_exported_program", "rewrite",
+    "truncate",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,10 @@ class HeadGeometry:
     dense: bool
     pool: str | None = None
     """'avg' or 'max' when a global pooling was appended to the score map (output (N, K))."""
+    logits: bool = False
+    """True when a trailing softmax, log-softmax or sigmoid was dropped from each output (raw scores)."""
+    until: str | None = None
+    """The head layer the model was ended at (its output is that layer's dense feature map), or None."""
 
     @property
     def mode(self) -> str:
@@ -102,6 +109,18 @@ class Conversion:
     Linear layers over a channels-last map (rewritten with ``pointwise=True``, otherwise listed and kept)."""
     notes: list[str] = field(default_factory=list)
     """Other changes to the trunk, each the same function computed in a form an export keeps at every size."""
+    flatten_permutation: tuple[int, ...] | None = None
+    """The permutation of the (N, C, *S) map the flatten read (``(0, 2, 3, 1)`` for channels-last), undone by
+    re-ordering the first Linear's weight; None when the flatten read the map as it is."""
+    carried: list[str] = field(default_factory=list)
+    """The head's per-feature layers and how each carries over to every position of the map."""
+    branches: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Each output (named as :func:`fcconv.outputs.output_names` names them) and the head layers on its path."""
+    cut_points: list[str] = field(default_factory=list)
+    """The head layers a model may be ended at (``until``): the first Linear and every layer after it."""
+    source: nn.Module | None = None
+    """The model the conversion computes: the given model, or, with ``logits`` or ``until``, its :func:`truncate` form
+    (verification compares with this one)."""
 
     @property
     def fully_convolutional(self) -> bool:
@@ -164,6 +183,11 @@ _ATEN_AS_TORCH: dict[Any, Callable[..., Any]] = {
 _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_NORMALIZATIONS = (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.RMSNorm)
+_PERMUTING = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
+_SQUASHING_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
+_SQUASHING_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.sigmoid, F.sigmoid}
+_SQUASHING_METHODS = {"softmax", "log_softmax", "sigmoid"}
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -292,6 +316,8 @@ def convert(
     dense: bool = False,
     pool: str | None = None,
     pointwise: bool = False,
+    logits: bool = False,
+    until: str | None = None,
 ) -> nn.Module:
     """Return ``model`` as a fully convolutional module.
 
@@ -304,7 +330,9 @@ def convert(
     the output is (N, K) at any size (test-time pooling). With ``pointwise=True``
     the Linear layers of the trunk that act on each position of a channels-last
     map (ConvNeXt's and Swin's MLPs) become 1×1 convolutions too, with the
-    permutations around them removed where that is exact.
+    permutations around them removed where that is exact. ``logits`` and ``until``
+    convert the model as :func:`truncate` ends it: without its trailing softmax, or
+    at a layer of its head.
 
     The result shares its weights with ``model`` (reshaped views, no copies).
     Raises :class:`~fcconv.errors.NotConvertibleError` when the head holds
@@ -317,7 +345,7 @@ def convert(
         >>> fcn(torch.randn(1, 3, 448, 448)).shape
         torch.Size([1, 1000, 8, 8])
     """
-    return rewrite(model, input_shape, dense=dense, pool=pool, pointwise=pointwise).module
+    return rewrite(model, input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until).module
 
 
 def rewrite(
@@ -327,12 +355,15 @@ def rewrite(
     dense: bool = False,
     pool: str | None = None,
     pointwise: bool = False,
+    logits: bool = False,
+    until: str | None = None,
 ) -> Conversion:
     """Like :func:`convert`, returning the :class:`Conversion` with what was rewritten."""
-    plan = _plan(model, input_shape, dense=dense, pool=pool, pointwise=pointwise)
+    source = truncate(model, input_shape, logits=logits, until=until) if logits or until else model
+    plan = _plan(source, input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until)
     module = _apply(plan)
     module.fcconv_geometry = plan.geometry
-    return _conversion(plan, module, model)
+    return _conversion(plan, module, model, source)
 
 
 def analyze(
@@ -342,23 +373,32 @@ def analyze(
     dense: bool = False,
     pool: str | None = None,
     pointwise: bool = False,
+    logits: bool = False,
+    until: str | None = None,
 ) -> Conversion:
     """Plan the rewrite without building the converted module (``module`` is the traced original)."""
-    plan = _plan(model, input_shape, dense=dense, pool=pool, pointwise=pointwise)
-    return _conversion(plan, plan.traced, model)
+    source = truncate(model, input_shape, logits=logits, until=until) if logits or until else model
+    plan = _plan(source, input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until)
+    return _conversion(plan, plan.traced, model, source)
 
 
-def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module) -> Conversion:
+def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module, source: nn.Module) -> Conversion:
+    removed = [*getattr(source, "fcconv_truncated", []), *plan.removed]
     return Conversion(
         module=module,
         features=plan.features,
         head=plan.head,
         geometry=plan.geometry,
         layers=plan.layers,
-        removed=plan.removed,
+        removed=removed,
         total_parameters=sum(p.numel() for p in model.parameters()),
         trunk_layers=plan.trunk_layers,
         notes=plan.notes,
+        flatten_permutation=plan.flatten_permutation,
+        carried=plan.carried,
+        branches=plan.branches,
+        cut_points=plan.cut_points,
+        source=source,
     )
 
 
@@ -376,6 +416,10 @@ class _Plan:
     edits: list[Callable[[fx.GraphModule], None]]
     trunk_layers: list[RewrittenLayer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    flatten_permutation: tuple[int, ...] | None = None
+    carried: list[str] = field(default_factory=list)
+    branches: list[tuple[str, list[str]]] = field(default_factory=list)
+    cut_points: list[str] = field(default_factory=list)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -497,15 +541,23 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return _reachable(node, lambda n: n.users)
 
 
-def _plan(
-    model: nn.Module, input_shape: tuple[int, ...], *, dense: bool, pool: str | None = None, pointwise: bool = False
-) -> _Plan:
-    input_shape = tuple(int(s) for s in input_shape)
+@dataclass
+class _Located:
+    """The traced model with its shapes at the native size, and the node that collapses its map to a vector."""
+
+    gm: fx.GraphModule
+    modules: dict[str, nn.Module]
+    rank: int
+    gates: list[_Gate]
+    collapse: fx.Node
+    kind: str
+
+
+def _locate_head(model: nn.Module, input_shape: tuple[int, ...]) -> _Located:
+    """Trace ``model``, propagate its shapes and find where the head starts; refuse a model that has none."""
     rank = len(input_shape) - 1
     if rank not in (1, 2, 3) or any(s <= 0 for s in input_shape):
         raise BadInputError(f"input shape {input_shape} is not (C, L), (C, H, W) or (C, D, H, W) with positive sizes")
-    if pool not in (None, "avg", "max"):
-        raise BadInputError(f"pool {pool!r} is not avg or max")
     gm = trace(model)
     modules = dict(gm.named_modules())
     _refuse_size_dependent_trunk(gm, modules)
@@ -546,6 +598,27 @@ def _plan(
             f"was found before the output{f' {out_shapes[0]}' if out_shapes and out_shapes[0] else ''}; "
             "either the model is already fully convolutional or its input has another rank than --input-shape"
         )
+    return _Located(gm, modules, rank, gates, *collapse)
+
+
+def _plan(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    dense: bool,
+    pool: str | None = None,
+    pointwise: bool = False,
+    logits: bool = False,
+    until: str | None = None,
+) -> _Plan:
+    input_shape = tuple(int(s) for s in input_shape)
+    if pool not in (None, "avg", "max"):
+        raise BadInputError(f"pool {pool!r} is not avg or max")
+    located = _locate_head(model, input_shape)
+    gm, modules, rank, gates = located.gm, located.modules, located.rank, located.gates
+    graph = gm.graph
+    in_gates = {n for gate in gates for n in gate.nodes}
+    collapse = (located.collapse, located.kind)
     collapse_node, collapse_kind = collapse
     collapsed = collapse_node.args[0]
     assert isinstance(collapsed, fx.Node)
@@ -555,25 +628,20 @@ def _plan(
     # LayerNorm2d, which permutes to channels-last, normalizes the channels and permutes back).
     pooled_chain = _pooled_chain(collapsed, modules, rank) if collapse_kind == "flatten" else None
     channel_axis = 1
+    permuted: _PermutedFlatten | None = None
     if pooled_chain is not None:
         pool_node, pool_kind, _, channel_axis = pooled_chain
         entry = pool_node.args[0]
-    elif _permute_dims(collapsed) is not None or getattr(collapsed.target, "__name__", collapsed.target) in (
-        "permute",
-        "transpose",
-    ):
-        raise NotConvertibleError(
-            f"{_describe(collapse_node, modules)} flattens a permuted map ({_describe(collapsed, modules)}) that is "
-            "not a globally pooled map; its axes are not read in channel order, so it has no sliding-window reading"
-        )
     else:
-        pool_kind = _adaptive_pool(collapsed, modules) if collapse_kind == "flatten" else None
-        if pool_kind is not None and len(collapsed.users) == 1:
-            pool_node = collapsed
-            entry = collapsed.args[0]
+        permuted = _permuted_flatten(collapsed, collapse_node, modules, rank) if collapse_kind == "flatten" else None
+        unpermuted = permuted.source if permuted is not None else collapsed
+        pool_kind = _adaptive_pool(unpermuted, modules) if collapse_kind == "flatten" else None
+        if pool_kind is not None and len(unpermuted.users) == 1:
+            pool_node = unpermuted
+            entry = unpermuted.args[0]
         else:
             pool_node = None
-            entry = collapsed
+            entry = unpermuted
     assert isinstance(entry, fx.Node)
     entry_shape = _shape(entry)
     if entry_shape is None or len(entry_shape) != rank + 2:
@@ -585,6 +653,7 @@ def _plan(
     removed: list[str] = []
     notes: dict[str, str] = {}
     fold: Callable[[torch.Tensor], torch.Tensor] | None = None
+    folded_pool = False
 
     if collapse_kind in ("global-avg", "global-max"):
         dims = _arg(collapse_node, 1, "dim", None)
@@ -624,6 +693,7 @@ def _plan(
                 window, kernel, stride = feature_size, pooled, factor
             elif pool_kind == "avg":
                 fold = _adaptive_avg_fold(channels, feature_size, pooled)
+                folded_pool = True
                 edits.append(_replace_with_input(pool_node.name))
                 removed.append(f"{pool_name} (folded into the first kernel)")
                 window, kernel, stride = feature_size, feature_size, (1,) * rank
@@ -634,6 +704,15 @@ def _plan(
                 )
         else:
             window, kernel, stride = feature_size, feature_size, (1,) * rank
+        if permuted is not None:
+            for step in permuted.nodes:
+                edits.append(_replace_with_input(step.name))
+                removed.append(f"{_describe(step, modules)} (undone in the first Linear's kernel)")
+            if permuted.permutation is not None:
+                reorder = _unpermute_weight(permuted.permutation, _shape(collapsed)[1:])
+                fold = reorder if fold is None else _compose(reorder, fold)
+                shown = ", ".join(map(str, permuted.permutation))
+                notes["permutation"] = f"weight re-ordered (a copy) to undo the flatten's permute({shown})"
         if channel_axis != 1:
             # the pooled map reached the flatten channels-last: (N, 1, 1, C) read as (N, C, 1, 1)
             edits.append(_replace_with_function(collapse_node.name, torch.movedim, channel_axis, 1))
@@ -649,6 +728,7 @@ def _plan(
     windowed = math.prod(kernel) > 1  # before the first Linear each position holds a whole window
     stage: dict[fx.Node, str] = {collapse_node: "window" if windowed else "features"}
     layers: list[RewrittenLayer] = []
+    carried: list[str] = []
     for node in head_nodes:
         if node.op == "output" or _shape(node) is None:
             continue  # sizes and other non-tensor values are not rewritten; unused ones are dropped
@@ -679,11 +759,13 @@ def _plan(
                 params = mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
                 conv_name = f"Conv{rank}d" if rank > 1 else "Conv1d"
                 note = notes.pop("pool", "")
-                if layer_fold is not None:
+                if layer_fold is not None and folded_pool:
                     note = "adaptive pooling folded into the kernel"
                     params = mod.out_features * channels * math.prod(feature_size) + (
                         mod.out_features if mod.bias is not None else 0
                     )
+                if layer_fold is not None and "permutation" in notes:
+                    note = "; ".join(filter(None, [note, notes.pop("permutation")]))
                 layers.append(
                     RewrittenLayer(
                         name=node.target,
@@ -697,32 +779,52 @@ def _plan(
                 )
                 stage[node] = "features"
                 continue
+            kind = type(mod).__name__
             if isinstance(mod, _ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
+                if isinstance(mod, nn.PReLU):
+                    carried.append(f"{node.target} (PReLU, 1 slope) → element-wise")
+                elif isinstance(mod, (nn.Sigmoid, nn.LogSigmoid)):
+                    carried.append(f"{node.target} ({kind}) → element-wise")
                 stage[node] = current
                 continue
             if current == "window":
+                if isinstance(mod, nn.PReLU):
+                    reason = (
+                        f"has one slope per element of the flattened window ({mod.num_parameters} slopes), "
+                        "not one per channel"
+                    )
+                elif isinstance(mod, _NORMALIZATIONS):
+                    reason = "normalizes over the flattened window"
+                else:
+                    reason = "acts on the flattened window as a whole"
                 raise NotConvertibleError(
-                    f"{where} acts on the flattened window as a whole, not per position; "
+                    f"{where} {reason}, not per position; "
                     "only element-wise layers may stand between the flatten and the first Linear"
                 )
             if isinstance(mod, nn.PReLU):
+                carried.append(f"{node.target} (PReLU, {mod.num_parameters} slopes) → per channel")
                 stage[node] = current
                 continue
             if isinstance(mod, nn.BatchNorm1d):
                 edits.append(_replace_batchnorm(node.target, rank))
+                carried.append(f"{node.target} (BatchNorm1d) → BatchNorm{rank}d, per channel")
                 stage[node] = current
                 continue
             if _is_feature_layer_norm(mod, node):
                 # over the features of one position: the LayerNorm of each position's channel vector
                 edits.append(_replace_submodule(node.target, layer_norm_over_channels))
+                carried.append(f"{node.target} (LayerNorm over {mod.normalized_shape[0]}) → over the channels")
                 stage[node] = current
                 continue
             if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim in (1, -1):
                 edits.append(_replace_with_module(node, type(mod)(dim=1)))
+                carried.append(f"{node.target} ({kind} over the features) → over the channels")
                 stage[node] = current
                 continue
             raise NotConvertibleError(f"{where} has no exact per-position equivalent")
         if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            if node.target in (torch.sigmoid, F.sigmoid, F.logsigmoid):
+                carried.append(f"{node.name} ({node.target.__name__}) → element-wise")
             stage[node] = current
             continue
         if _is_reshape(node, modules) and _shape(node) == _shape(node.args[0]):
@@ -733,6 +835,8 @@ def _plan(
             stage[node] = current
             continue
         if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            if node.target in ("sigmoid", "sigmoid_"):
+                carried.append(f"{node.name} (.{node.target}()) → element-wise")
             stage[node] = current
             continue
         if node.op == "call_function" and node.target in _ARITHMETIC:
@@ -747,6 +851,9 @@ def _plan(
             dim = _arg(node, 1, "dim", None)
             if dim in (1, -1):
                 edits.append(_set_kwarg(node.name, "dim", 1, positional_index=1))
+                carried.append(
+                    f"{node.name} ({getattr(node.target, '__name__', node.target)} over the features) → over the channels"
+                )
                 stage[node] = current
                 continue
         raise NotConvertibleError(f"{where} has no exact per-position equivalent")
@@ -774,7 +881,11 @@ def _plan(
         stride=tuple(stride),
         dense=dense,
         pool=pool,
+        logits=logits,
+        until=until,
     )
+    branches = [(name, _layers_on_path(value, head_nodes, modules)) for name, value in _output_items(output.args[0])]
+    cut_points = _cut_points(head_nodes, modules)
     features, head = _split(gm, entry, trunk, collapse_node if collapse_kind == "flatten" else None)
 
     # The trunk is kept, so it must take larger inputs: run it at twice the native size (shapes only).
@@ -805,7 +916,235 @@ def _plan(
             f"{count} call{'s' if count > 1 else ''} of {function.__module__}.{function.__name__} computed by "
             f"{new.__module__}.{new.__name__}: the same values, with its size-dependent choices kept in the export"
         )
-    return _Plan(gm, features, head, geometry, layers, removed, edits, trunk_layers, notes)
+    return _Plan(
+        gm, features, head, geometry, layers, removed, edits, trunk_layers, notes,
+        flatten_permutation=permuted.permutation if permuted is not None else None,
+        carried=carried, branches=branches, cut_points=cut_points,
+    )  # fmt: skip
+
+
+# --- permuted flattens, outputs, and where a head may be ended ---------------------------------
+
+
+@dataclass
+class _PermutedFlatten:
+    """The permutes, transposes and ``.contiguous()`` calls between the map and its flatten."""
+
+    source: fx.Node
+    """The un-permuted (N, C, *S) map."""
+    nodes: list[fx.Node]
+    """The calls, the flatten's input first."""
+    permutation: tuple[int, ...] | None
+    """The flattened tensor is ``source.permute(permutation)``; None when the calls add up to no permutation."""
+
+
+def _axis_permutation(node: fx.Node, ndim: int) -> list[int] | None:
+    """The permutation a permute, transpose/swapaxes or movedim call applies to an ``ndim``-axis tensor, or None."""
+    name = getattr(node.target, "__name__", node.target)
+    if name == "permute":
+        dims = _permute_dims(node)
+        if dims is None or len(dims) != ndim:
+            return None
+        dims = [d % ndim for d in dims]
+        return dims if sorted(dims) == list(range(ndim)) else None
+    moves = name in ("movedim", "moveaxis")
+    first = _arg(node, 1, "source" if moves else "dim0", None)
+    second = _arg(node, 2, "destination" if moves else "dim1", None)
+    if not isinstance(first, int) or not isinstance(second, int):
+        return None
+    first, second = first % ndim, second % ndim
+    order = list(range(ndim))
+    if moves:
+        order.remove(first)
+        order.insert(second, first)
+    else:
+        order[first], order[second] = second, first
+    return order
+
+
+def _permuted_flatten(
+    collapsed: fx.Node, flatten: fx.Node, modules: dict[str, nn.Module], rank: int
+) -> _PermutedFlatten | None:
+    """The permutation the flatten reads its map through, or None when it reads the map as it is.
+
+    A call is part of the permutation only when the flatten's path is its one tensor
+    use (a ``x.size(0)`` beside it is not a use), so that removing it changes nothing else.
+    Refuses a permutation that moves the batch axis, or one whose axes are not constants.
+    """
+    ndim = rank + 2
+    permutation = list(range(ndim))  # axis j of the flattened tensor is axis permutation[j] of the source
+    nodes: list[fx.Node] = []
+    node, user = collapsed, flatten
+    while node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", node.target)
+        if not (name in _PERMUTING or (node.op == "call_method" and name == "contiguous")):
+            break
+        if [u for u in node.users if _shape(u) is not None] != [user] or not isinstance(node.args[0], fx.Node):
+            break
+        if name in _PERMUTING:
+            step = _axis_permutation(node, ndim)
+            if step is None:
+                raise NotConvertibleError(
+                    f"{_describe(flatten, modules)} flattens a map permuted by {_describe(node, modules)}, "
+                    f"whose axes fcconv cannot read as a permutation of the {ndim} axes of an (N, C, *S) map"
+                )
+            permutation = [step[p] for p in permutation]
+        nodes.append(node)
+        node, user = node.args[0], node
+    if not nodes:
+        return None
+    if permutation[0] != 0:
+        permuting = next(n for n in nodes if n.op != "call_method" or n.target != "contiguous")
+        raise NotConvertibleError(
+            f"{_describe(flatten, modules)} flattens a map whose batch axis {_describe(permuting, modules)} "
+            f"moved (to axis {permutation.index(0)}): each sample's features are mixed with other samples', "
+            "so the flatten has no per-window reading"
+        )
+    identity = permutation == list(range(ndim))
+    return _PermutedFlatten(node, nodes, None if identity else tuple(permutation))
+
+
+def _unpermute_weight(
+    permutation: tuple[int, ...], permuted: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Map a Linear's weight over a permuted, flattened map to the weight over the map in (C, *S) order.
+
+    The weight, viewed as (O, *permuted axes), is permuted back to (O, C, *S): the
+    same products, each weight now beside the element it multiplies in channel order.
+    """
+    inverse = [permutation.index(axis) for axis in range(len(permutation))]
+
+    def reorder(weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach().reshape(weight.shape[0], *permuted).permute(inverse)
+        return w.reshape(weight.shape[0], -1).clone(memory_format=torch.contiguous_format)
+
+    return reorder
+
+
+def _compose(first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor]):
+    """``then(first(weight))``."""
+    return lambda weight: then(first(weight))
+
+
+def _output_items(value: Any) -> list[tuple[str, fx.Node]]:
+    """The nodes the graph's output returns, named as :func:`fcconv.outputs.named_outputs` names a model's outputs."""
+    from fcconv.outputs import SINGLE_OUTPUT_NAME
+
+    if isinstance(value, fx.Node):
+        return [(SINGLE_OUTPUT_NAME, value)]
+    if isinstance(value, dict):
+        items = [(str(key), item) for key, item in value.items()]
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):
+        items = [(str(key), item) for key, item in zip(value._fields, value)]
+    elif isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return _output_items(value[0])
+        items = [(f"output_{i}", item) for i, item in enumerate(value)]
+    else:
+        return []
+    return [(name, item) for name, item in items if isinstance(item, fx.Node)]
+
+
+def _is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A node a person would call a layer of the head: a module other than dropout and identity, or a softmax."""
+    if node.op == "call_module":
+        return not isinstance(modules[node.target], (nn.Dropout, nn.AlphaDropout, nn.Identity))
+    return _is_squashing(node, modules)
+
+
+def _layer_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _layers_on_path(value: fx.Node, head_nodes: list[fx.Node], modules: dict[str, nn.Module]) -> list[str]:
+    """The head layers ``value`` is computed through, in graph order."""
+    ancestors = _ancestors(value)
+    return [_layer_name(n) for n in head_nodes if n in ancestors and _is_layer(n, modules)]
+
+
+def _cut_points(head_nodes: list[fx.Node], modules: dict[str, nn.Module]) -> list[str]:
+    """The head's module layers from its first Linear on: where :func:`truncate` may end the model."""
+    linears = {n for n in head_nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)}
+    names: list[str] = []
+    for node in head_nodes:
+        if node.op == "call_module" and (node in linears or _ancestors(node) & linears):
+            if node.target not in names:
+                names.append(str(node.target))
+    return names
+
+
+def _is_squashing(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A softmax, log-softmax or sigmoid: what turns raw scores into probabilities."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _SQUASHING_MODULES)
+    if node.op == "call_function":
+        return node.target in _SQUASHING_FUNCTIONS
+    return node.op == "call_method" and node.target in _SQUASHING_METHODS
+
+
+def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A node that hands its input on unchanged in value: dropout in eval, identity, a no-op reshape or copy."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.Dropout, nn.AlphaDropout, nn.Identity))
+    if node.op == "call_method" and node.target in ("contiguous", "float"):
+        return True
+    return _is_reshape(node, modules) and _shape(node) == _shape(node.args[0])
+
+
+def truncate(
+    model: nn.Module, input_shape: tuple[int, ...], *, logits: bool = False, until: str | None = None
+) -> fx.GraphModule:
+    """``model`` ended earlier: at the head layer ``until``, and (``logits``) before a trailing softmax.
+
+    ``until`` names a layer of the head from its first Linear on (``classifier.4``,
+    VGG16's fc7 ReLU): the model's one output becomes that layer's output.
+    ``logits`` drops the softmax, log-softmax or sigmoid each output ends in, so the
+    outputs hold the raw scores. The result is a graph module sharing ``model``'s
+    weights; converting it (and verifying against it) gives the dense map of that
+    cut point. Raises :class:`~fcconv.errors.BadInputError` for an ``until`` that is
+    not a layer of the head, listing those that are, and for ``logits`` on a model
+    none of whose outputs ends in a softmax, log-softmax or sigmoid.
+    """
+    located = _locate_head(model, tuple(int(s) for s in input_shape))
+    gm, modules = located.gm, located.modules
+    head_nodes = [n for n in gm.graph.nodes if n in _descendants(located.collapse) and n is not located.collapse]
+    cut = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Truncated{type(model).__name__}")
+    output = next(n for n in cut.graph.nodes if n.op == "output")
+    dropped: list[str] = []
+    if until is not None:
+        accepted = _cut_points(head_nodes, modules)
+        if until not in accepted:
+            raise BadInputError(
+                f"--until {until!r} is not a layer of the head; it accepts {', '.join(accepted) or 'none'}"
+            )
+        end = next(n for n in head_nodes if n.op == "call_module" and n.target == until)
+        output.args = (_find(cut, end.name),)
+        dropped.append(f"everything after {until} (--until {until})")
+    if logits:
+        items = _output_items(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        if until is not None:
+            items = [(name, _find(gm, node.name)) for name, node in _output_items(output.args[0])]
+        found, ends = [], []
+        for name, value in items:
+            node = value
+            while _is_passthrough(node, modules) and isinstance(node.args[0], fx.Node):
+                node = node.args[0]
+            if _is_squashing(node, modules):
+                found.append(node)
+            else:
+                ends.append(f"{name} ends in {_describe(node, modules)}")
+        if not found:
+            raise BadInputError(
+                f"--logits: no output ends in a softmax, log-softmax or sigmoid to drop ({'; '.join(ends)})"
+            )
+        for node in dict.fromkeys(found):
+            _replace_with_input(node.name)(cut)
+            dropped.append(f"{_describe(node, modules)} (--logits: the raw scores instead)")
+    cut.graph.eliminate_dead_code()
+    cut.delete_all_unused_submodules()
+    cut.recompile()
+    cut.fcconv_truncated = dropped
+    return cut.eval()
 
 
 # --- layers that act on each position, gates, and trunks that must take larger inputs -------------

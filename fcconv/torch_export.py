@@ -329,7 +329,10 @@ def load_weights_into(converted: nn.Module, tensors: Mapping[str, torch.Tensor],
 
 
 def rebuild(original: nn.Module, input_shape: Sequence[int], meta: Mapping[str, str], path: str | Path) -> nn.Module:
-    """The module a ``.safetensors`` file was written from: ``original`` converted as recorded, with the file's weights."""
+    """The module a ``.safetensors`` file was written from: ``original`` converted as recorded, with the file's weights.
+
+    ``original`` is the model as loaded; ``fcconv.logits`` and ``fcconv.until`` in ``meta`` end it as the
+    conversion did."""
     import copy
 
     from fcconv.rewrite import convert
@@ -337,10 +340,11 @@ def rebuild(original: nn.Module, input_shape: Sequence[int], meta: Mapping[str, 
     dense = meta.get("fcconv.dense", "false") == "true"
     pool = meta.get("fcconv.pool", "none")
     pointwise = meta.get("fcconv.pointwise", "false") == "true"
+    logits, until = meta.get("fcconv.logits", "false") == "true", meta.get("fcconv.until") or None
     # A copy: the converted module shares the trunk's layers with what it was made from, and the file's
     # weights are assigned into them.
     converted = convert(copy.deepcopy(original), tuple(input_shape), dense=dense, pool=None if pool == "none" else pool,
-                        pointwise=pointwise)  # fmt: skip
+                        pointwise=pointwise, logits=logits, until=until)  # fmt: skip
     return load_weights_into(converted, read_weights(path), path).eval()
 
 

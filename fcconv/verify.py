@@ -18,13 +18,15 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from fcconv.errors import BadInputError
 from fcconv.layers import channels_first, gather_windows
-from fcconv.rewrite import Conversion, analyze
+from fcconv.outputs import SINGLE_OUTPUT_NAME, like, named_outputs
+from fcconv.rewrite import Conversion, analyze, truncate
 
 __all__ = [
     "ReferenceCase",
@@ -64,6 +66,8 @@ class SizeCheck:
     tolerance: float
     passed: bool
     message: str = ""
+    output: str = SINGLE_OUTPUT_NAME
+    """Which of the model's outputs was compared (see :mod:`fcconv.outputs`)."""
 
 
 @dataclass
@@ -104,7 +108,9 @@ def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:
 class SlidingWindowHead(nn.Module):
     """The original model read as sliding windows: its features, then its head on every window.
 
-    Returns (N, K, *map). ``chunk`` bounds how many windows the head sees per call.
+    Returns (N, K, *map), or one such map per output in the container the head
+    returns (a tuple or dict) for a head with several outputs. ``chunk`` bounds how
+    many windows the head sees per call.
     """
 
     def __init__(self, conversion: Conversion, chunk: int | None = None) -> None:
@@ -117,50 +123,60 @@ class SlidingWindowHead(nn.Module):
         self.pool = conversion.geometry.pool
         self.chunk = chunk
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
         scores = self.score_map(x)
         if self.pool is None:
             return scores
-        spatial = tuple(range(2, scores.dim()))
-        return scores.mean(spatial) if self.pool == "avg" else scores.amax(spatial)
+        pooled = []
+        for _, score_map in named_outputs(scores):
+            spatial = tuple(range(2, score_map.dim()))
+            pooled.append(score_map.mean(spatial) if self.pool == "avg" else score_map.amax(spatial))
+        return like(scores, pooled)
 
-    def score_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, K, *map): the original head on every window of the original features of ``x``."""
+    def score_map(self, x: torch.Tensor) -> Any:
+        """(N, K, *map): the original head on every window of the original features of ``x``, per output."""
         feats = self.features(x)
         n = feats.shape[0]
         rank = feats.dim() - 2
         if self.window is None:
             scores = self.head(feats)
-            return scores.reshape(n, scores.shape[1], *(1,) * rank)
+            return like(scores, [s.reshape(n, s.shape[1], *(1,) * rank) for _, s in named_outputs(scores)])
         rows = gather_windows(feats, self.window, self.stride)  # (N, *positions, C·∏window)
         positions = rows.shape[1:-1]
         windows = rows.reshape(-1, self.channels, *self.window)
-        if self.chunk is None:
-            scores = self.head(windows)
-        else:
-            scores = torch.cat([self.head(part) for part in windows.split(self.chunk)])
-        return channels_first(scores.reshape(n, *positions, scores.shape[1]))
+        parts = [self.head(part) for part in ([windows] if self.chunk is None else windows.split(self.chunk))]
+        per_output = zip(*[[s for _, s in named_outputs(part)] for part in parts])
+        maps = [torch.cat(pieces) for pieces in per_output]
+        return like(parts[0], [channels_first(s.reshape(n, *positions, s.shape[1])) for s in maps])
 
 
 @torch.inference_mode()
-def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> torch.Tensor:
+def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> Any:
     """The original head applied to every window of the original features of ``x``: (N, K, *map).
 
     For a conversion with a pooled output (``pool``) the map is pooled the same way: (N, K).
+    A head with several outputs gives one such tensor per output, in the head's container.
     """
     return SlidingWindowHead(conversion, chunk=HEAD_CHUNK)(x)
 
 
 def compare_reading(
-    size: tuple[int, ...], reference: str, expected: torch.Tensor, actual: torch.Tensor, rtol: float, atol: float
+    size: tuple[int, ...],
+    reference: str,
+    expected: torch.Tensor,
+    actual: torch.Tensor,
+    rtol: float,
+    atol: float,
+    output: str = SINGLE_OUTPUT_NAME,
 ) -> SizeCheck:
-    """One reading compared: passes when ``max |actual - expected| <= atol + rtol * max |expected|``, all finite."""
+    """One reading of one output compared: passes when ``max |actual - expected| <= atol + rtol * max |expected|``."""
     expected, actual = expected.detach().double().cpu(), actual.detach().double().cpu()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     tolerance = atol + rtol * scale
     if tuple(actual.shape) != tuple(expected.shape):
         return SizeCheck(size, reference, tuple(expected.shape), tuple(actual.shape), math.inf, math.inf, math.inf,
-                         math.inf, scale, (), tolerance, False, "output shape differs from the reference")  # fmt: skip
+                         math.inf, scale, (), tolerance, False, "output shape differs from the reference",
+                         output)  # fmt: skip
     diff = (actual - expected).abs()
     finite = bool(torch.isfinite(diff).all())
     max_abs = float(diff.max()) if finite else math.inf
@@ -181,6 +197,7 @@ def compare_reading(
         tolerance=tolerance,
         passed=finite and max_abs <= tolerance,
         message="" if finite else "the output holds NaN or infinity",
+        output=output,
     )
 
 
@@ -198,11 +215,12 @@ def _runner(
 
 @dataclass
 class ReferenceCase:
-    """One random input and what the original makes of it: the expected outputs, by reading."""
+    """One random input and what the original makes of it: by reading, each output's expected value."""
 
     input_size: tuple[int, ...]
     input: torch.Tensor
-    expected: dict[str, torch.Tensor]
+    expected: dict[str, dict[str, torch.Tensor]]
+    """reading ('original', 'sliding window') → output name → tensor."""
 
 
 @dataclass
@@ -276,11 +294,19 @@ def reference_outputs(
             samples = x.split(1)
             expected = {}
             if size == native and not dense:
-                out = torch.cat([original(sample) for sample in samples])
-                expected["original"] = out if pool else out.reshape(*out.shape, *(1,) * len(native))
-            expected["sliding window"] = torch.cat([sliding_window_reference(conversion, s) for s in samples])
+                outputs = _concatenated([original(sample) for sample in samples])
+                expected["original"] = {
+                    name: out if pool else out.reshape(*out.shape, *(1,) * len(native)) for name, out in outputs.items()
+                }
+            expected["sliding window"] = _concatenated([sliding_window_reference(conversion, s) for s in samples])
             references.cases.append(ReferenceCase(size, x, expected))
     return references
+
+
+def _concatenated(per_sample: list[Any]) -> dict[str, torch.Tensor]:
+    """Per-sample model outputs joined along the batch axis, by output name."""
+    named = [named_outputs(value) for value in per_sample]
+    return {name: torch.cat([sample[i][1] for sample in named]) for i, (name, _) in enumerate(named[0])}
 
 
 @torch.inference_mode()
@@ -306,8 +332,18 @@ def compare_outputs(
                 report.checks.append(SizeCheck(case.input_size, "-", (), (), math.inf, math.inf, math.inf, math.inf,
                                                0.0, (), 0.0, False, f"the converted model failed: {text}"))  # fmt: skip
                 continue
+            produced = dict(named_outputs(actual))
             for reading, expected in case.expected.items():
-                report.checks.append(compare_reading(case.input_size, reading, expected, actual, rtol, atol))
+                for name, value in expected.items():
+                    if name not in produced:
+                        report.checks.append(SizeCheck(case.input_size, reading, tuple(value.shape), (), math.inf,
+                                                       math.inf, math.inf, math.inf, 0.0, (), 0.0, False,
+                                                       f"the converted model has no output {name} "
+                                                       f"(it has {', '.join(produced)})", name))  # fmt: skip
+                        continue
+                    report.checks.append(
+                        compare_reading(case.input_size, reading, value, produced[name], rtol, atol, name)
+                    )
     return report
 
 
@@ -334,6 +370,8 @@ def verify(
     ``sizes`` are spatial sizes (default: :func:`default_sizes`); ``dense`` says how
     the model was converted (default: as recorded on ``converted``, else False), and
     so does ``pool`` ('avg' or 'max': the output is the pooled score map, (N, K)).
+    A module converted with ``logits`` or ``until`` is compared with ``original``
+    ended at the same point (:func:`~fcconv.rewrite.truncate`).
     ``rtol`` defaults to 1e-4 in float32 and to a looser bound in float16 and
     bfloat16 (``RTOL_BY_DTYPE``); the report states the one used. On CUDA
     (``device="cuda"``, the models are moved there) float32 runs with TF32 off,
@@ -348,6 +386,10 @@ def verify(
         dense = bool(getattr(geometry, "dense", False))
     if pool is None:
         pool = getattr(geometry, "pool", None)
+    logits, until = bool(getattr(geometry, "logits", False)), getattr(geometry, "until", None)
+    if (logits or until) and conversion is None:
+        # converted with --logits or --until: the reference is the original ended at the same point
+        original = truncate(original, input_shape, logits=logits, until=until)
     references = reference_outputs(
         original, input_shape, sizes=sizes, dense=dense, pool=pool, batch=batch, seed=seed, rtol=rtol, atol=atol,
         device=device, conversion=conversion, on_size=on_size,

@@ -40,6 +40,33 @@ class HeadWithBatchNorm(nn.Module):
         return torch.softmax(self.fc2(x), dim=-1)
 
 
+class ScoresAndBoxes(nn.Module):
+    """A shared Linear → PReLU trunk splitting into class scores (softmax) and a box regression, returned as a dict.
+
+    3×10×12 in; no padding, so each output position reads exactly one input window.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(6 * 4 * 5, 24)
+        self.act = nn.PReLU(24)
+        self.classes = nn.Linear(24, 5)
+        self.boxes = nn.Linear(24, 4)
+
+    def forward(self, x):
+        hidden = self.act(self.fc(self.features(x).flatten(1)))
+        return {"class_scores": torch.softmax(self.classes(hidden), dim=1), "boxes": self.boxes(hidden)}
+
+
+class ScoresAndBoxesTuple(ScoresAndBoxes):
+    """The same two heads returned as a plain tuple (boxes first)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out["boxes"], out["class_scores"]
+
+
 class NormalizesTheWindow(nn.Module):
     """A LayerNorm over the flattened window before the first Linear: not a per-position operation."""
 
@@ -254,3 +281,56 @@ class VolumeClassifier(nn.Module):
     def forward(self, x):
         x = self.features(x)
         return self.out(self.classifier(x.view(x.size(0), -1)))
+
+
+class TwoHeadedDetector(nn.Module):
+    """A detector's head as Keras ports write it: 3×14×16 in, no padding (total stride 2), a 6×4×5 map
+    flattened in (W, H, C) order by ``x.permute(0, 3, 2, 1)``, Linear → PReLU (one slope per feature), then
+    class scores (Linear → softmax) and box regression (Linear, 4), returned as a dict (or a tuple)."""
+
+    def __init__(self, as_tuple: bool = False) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 6, 3), nn.ReLU())
+        self.fc = nn.Linear(5 * 4 * 6, 32)
+        self.act = nn.PReLU(32)
+        self.classes = nn.Linear(32, 5)
+        self.boxes = nn.Linear(32, 4)
+
+    def forward(self, x):
+        hidden = self.act(self.fc(self.features(x).permute(0, 3, 2, 1).flatten(1)))
+        scores, boxes = torch.softmax(self.classes(hidden), dim=1), self.boxes(hidden)
+        return (scores, boxes) if self.as_tuple else {"class_scores": scores, "boxes": boxes}
+
+
+class SoftmaxVGG(nn.Module):
+    """VGG16's layout at 3×16×16: padded convolutions to a 16×4×4 map, an adaptive pooling that is the
+    identity there, ``classifier`` = Linear → ReLU → Dropout → Linear → ReLU → Dropout → Linear, then softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.avgpool = nn.AdaptiveAvgPool2d((4, 4))
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Dropout(),
+            nn.Linear(32, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 6),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return torch.softmax(self.classifier(torch.flatten(self.avgpool(self.features(x)), 1)), dim=1)
+
+
+class SlopePerWindowElement(nn.Module):
+    """A PReLU with one slope per element of the flattened 4×6×6 window, before the first Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = nn.PReLU(4 * 6 * 6)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x).flatten(1)))

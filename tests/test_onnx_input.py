@@ -543,7 +543,9 @@ def test_a_trunk_or_collapse_with_no_size_free_form_exits_3_naming_the_node(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-def test_several_outputs_and_a_channels_last_input_are_refused_for_now(tmp_path):
+def test_several_outputs_and_a_channels_last_input_convert(tmp_path):
+    """Two outputs, one the other's input, each (N, K, h, w); a channels-last input stays N×H×W×C, its output
+    (N, h, w, K). tests/test_keras_onnx.py holds the Keras-style graphs in full."""
     rng = np.random.default_rng(0)
     weights = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
                "fc": rng.standard_normal((5, 320)).astype(np.float32)}  # fmt: skip
@@ -561,10 +563,16 @@ def test_several_outputs_and_a_channels_last_input_are_refused_for_now(tmp_path)
         helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1),
     ]
     plain_graph(tmp_path / "nhwc.onnx", channels_last, weights, input_dims=(1, 12, 10, 3))
-    for name, text in (("two.onnx", "2 outputs (y, p)"), ("nhwc.onnx", "channels-last")):
-        result = cli("convert", tmp_path / name)
-        lines = result.stderr.strip().splitlines()
-        assert result.exit_code == 3 and len(lines) == 1 and text in lines[0], (name, result.stderr)
+    x = np.random.default_rng(1).standard_normal((2, 3, 15, 13)).astype(np.float32)
+    for name, given, shapes in (
+        ("two", x, {"y": (2, 5, 4, 4), "p": (2, 5, 4, 4)}),
+        ("nhwc", x.transpose(0, 2, 3, 1), {"y": (2, 4, 4, 5)}),
+    ):
+        result = cli("convert", tmp_path / f"{name}.onnx", "--sizes", "12x10,15x13")
+        assert result.exit_code == 0, (name, result.stderr + result.stdout)
+        session = ort.InferenceSession(str(tmp_path / f"{name}.fcn.onnx"), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"x": np.ascontiguousarray(given)})
+        assert {o.name: out.shape for o, out in zip(session.get_outputs(), outputs)} == shapes
 
 
 def test_a_free_size_input_asks_for_the_native_size_and_converts_with_it(tmp_path):

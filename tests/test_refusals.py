@@ -21,14 +21,16 @@ class ConcatenatesABranch(nn.Module):
         return self.fc(torch.cat([flat, x.mean((1, 2, 3)).unsqueeze(1)], 1))
 
 
-class Transposed(nn.Module):
+class MovesTheBatchAxis(nn.Module):
+    """Swaps the batch and channel axes before the flatten (two channels, as the shape probe's batch of two)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 3)
         self.fc = nn.Linear(2 * 6 * 6, 3)
 
     def forward(self, x):
-        return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))
+        return self.fc(self.conv(x).permute(1, 0, 2, 3).flatten(1))
 
 
 def test_a_normalization_over_the_flattened_window_is_refused_by_name():
@@ -46,9 +48,9 @@ def test_mixing_the_flattened_window_with_another_branch_is_refused():
         fcconv.convert(seeded(ConcatenatesABranch), (1, 8, 8))
 
 
-def test_a_permuted_flatten_is_refused_rather_than_read_in_the_wrong_order():
-    with pytest.raises(NotConvertibleError, match="permute"):
-        fcconv.convert(seeded(Transposed), (1, 8, 8))
+def test_a_flatten_of_a_map_whose_batch_axis_moved_is_refused_naming_the_permute():
+    with pytest.raises(NotConvertibleError, match=r"permute \(\.permute\(\)\) moved \(to axis 1\)"):
+        fcconv.convert(seeded(MovesTheBatchAxis), (1, 8, 8))
 
 
 def test_an_input_shape_the_model_cannot_take_is_bad_input(lenet):
