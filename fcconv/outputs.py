@@ -15,24 +15,34 @@ from typing import Any
 
 import torch
 
-__all__ = ["SINGLE_OUTPUT_NAME", "like", "named_outputs", "output_names"]
+__all__ = ["SINGLE_OUTPUT_NAME", "like", "named_items", "named_outputs", "output_names"]
 
 SINGLE_OUTPUT_NAME = "scores"
 
 
-def named_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
-    """``value`` (a tensor, tuple, named tuple, list or dict of tensors) as ``[(name, tensor), ...]`` in order."""
-    if isinstance(value, torch.Tensor):
+def named_items(value: Any, leaf: type | tuple[type, ...] = torch.Tensor) -> list[tuple[str, Any]] | None:
+    """``value`` (a ``leaf``, or a tuple, named tuple, list or dict of them) as ``[(name, item), ...]`` in order.
+
+    None for a value that is neither; the items are not checked to be ``leaf`` (the
+    rewriter names a traced graph's output nodes the same way, with ``leaf=fx.Node``).
+    """
+    if isinstance(value, leaf):
         return [(SINGLE_OUTPUT_NAME, value)]
     if isinstance(value, dict):
-        items = [(str(key), item) for key, item in value.items()]
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):
-        items = [(str(key), item) for key, item in zip(value._fields, value)]
-    elif isinstance(value, (tuple, list)):
-        if len(value) == 1 and isinstance(value[0], torch.Tensor):
+        return [(str(key), item) for key, item in value.items()]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return [(str(key), item) for key, item in zip(value._fields, value)]
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1 and isinstance(value[0], leaf):
             return [(SINGLE_OUTPUT_NAME, value[0])]
-        items = [(f"output_{i}", item) for i, item in enumerate(value)]
-    else:
+        return [(f"output_{i}", item) for i, item in enumerate(value)]
+    return None
+
+
+def named_outputs(value: Any) -> list[tuple[str, torch.Tensor]]:
+    """``value`` (a tensor, tuple, named tuple, list or dict of tensors) as ``[(name, tensor), ...]`` in order."""
+    items = named_items(value)
+    if items is None:
         raise TypeError(f"the model returned a {type(value).__name__}, not a tensor, tuple or dict of tensors")
     for name, item in items:
         if not isinstance(item, torch.Tensor):

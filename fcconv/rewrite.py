@@ -1028,21 +1028,9 @@ def _compose(first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torc
 
 def _output_items(value: Any) -> list[tuple[str, fx.Node]]:
     """The nodes the graph's output returns, named as :func:`fcconv.outputs.named_outputs` names a model's outputs."""
-    from fcconv.outputs import SINGLE_OUTPUT_NAME
+    from fcconv.outputs import named_items
 
-    if isinstance(value, fx.Node):
-        return [(SINGLE_OUTPUT_NAME, value)]
-    if isinstance(value, dict):
-        items = [(str(key), item) for key, item in value.items()]
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):
-        items = [(str(key), item) for key, item in zip(value._fields, value)]
-    elif isinstance(value, (tuple, list)):
-        if len(value) == 1:
-            return _output_items(value[0])
-        items = [(f"output_{i}", item) for i, item in enumerate(value)]
-    else:
-        return []
-    return [(name, item) for name, item in items if isinstance(item, fx.Node)]
+    return [(name, item) for name, item in named_items(value, fx.Node) or [] if isinstance(item, fx.Node)]
 
 
 def _is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.export import EACH_DIGEST_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY, as_export_module
+from fcconv.load import _check_readable
 from fcconv.weights_digest import WeightsDigest
 
 __all__ = [
@@ -185,7 +186,7 @@ def is_program_file(path: str | Path) -> bool:
 def read_program_metadata(path: str | Path) -> dict[str, str]:
     """The fcconv metadata saved in a program's archive (empty when it has none), without loading the program."""
     path = Path(path)
-    _check_file(path)
+    _check_readable(path)
     try:
         with zipfile.ZipFile(path) as archive:
             member = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_MEMBER}")), None)
@@ -287,7 +288,7 @@ def read_weights_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    _check_file(path)
+    _check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -354,15 +355,6 @@ def _integer(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError, OverflowError, AttributeError):
         return None
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory")
-    if path.stat().st_size == 0:
-        raise BadInputError(f"{path}: empty file")
 
 
 def _export_failure(exc: BaseException) -> str:
