@@ -409,10 +409,10 @@ def _show_onnx_head(conversion, show: Callable[..., None]) -> None:
         show(f"  output {output.name} ({output.classes}): {' → '.join(output.nodes) or 'no head nodes'}", markup=False)
     if conversion.carried:
         show(f"  carried over to each position: {', '.join(conversion.carried)}", markup=False)
-    if conversion.logits:
+    if conversion.geometry.logits:
         show("  --logits: the outputs hold the raw scores (trailing softmax, log-softmax or sigmoid dropped)")
-    if conversion.until:
-        show(f"  --until {conversion.until}: the output is that tensor's dense feature map", markup=False)
+    if conversion.geometry.until:
+        show(f"  --until {conversion.geometry.until}: the output is that tensor's dense feature map", markup=False)
     if conversion.until_names:
         show(f"  --until accepts: {', '.join(conversion.until_names)}", markup=False)
 
@@ -500,11 +500,6 @@ def _convert_to_pytorch(loaded, as_loaded, conversion, target: Path, metadata, s
             error_console.print(f"fcconv: verification failed; {target} was not written", markup=False)
             raise typer.Exit(EXIT_MISMATCH)
     console.print(f"wrote {target}", markup=False, soft_wrap=True)
-
-
-def truncation_metadata(logits: bool, until: str | None) -> dict[str, str]:
-    """How the original was ended before conversion, for ``fcconv verify`` to end its reference the same way."""
-    return {"fcconv.logits": str(bool(logits)).lower(), **({"fcconv.until": until} if until else {})}
 
 
 def _truncated(loaded, logits: bool, until: str | None):
@@ -653,7 +648,6 @@ def convert(
             "fcconv.source_sha256": source_sha256,
             "fcconv.pointwise": str(pointwise).lower(),
             "fcconv.arch": loaded.arch,
-            **truncation_metadata(logits, until),
             **card_metadata(loaded.card),
         }
         _convert_to_pytorch(loaded, as_loaded, conversion, target, metadata, check_sizes, rtol, atol, device)
@@ -670,7 +664,6 @@ def convert(
                     **fcconv_metadata(),
                     "fcconv.source_sha256": source_sha256,
                     "fcconv.pointwise": str(pointwise).lower(),
-                    **truncation_metadata(logits, until),
                     **card_metadata(loaded.card),
                 },
                 external_data=True,
@@ -746,7 +739,7 @@ def verify(
 
     --json and --junit reports are written on a pass and on a fail, never on bad input (exit 2).
     """
-    from fcconv.export import OnnxModel
+    from fcconv.export import OnnxModel, truncation_metadata
     from fcconv.report import verification_document, write_report
     from fcconv.torch_export import (
         ProgramModel,

@@ -510,12 +510,19 @@ def fcconv_metadata(
             "fcconv.stride": ",".join(map(str, geometry.stride)),
             "fcconv.total_stride": "global" if pooled else _axes(grid and grid.total_stride),
             "fcconv.receptive_field": "global" if pooled else _axes(grid and grid.receptive_field),
+            **truncation_metadata(geometry.logits, geometry.until),
         })  # fmt: skip
     if num_classes is not None:
         meta["fcconv.num_classes"] = str(num_classes)
     if source is not None:
         meta["fcconv.source_sha256"] = file_sha256(source)
     return meta
+
+
+def truncation_metadata(logits: bool, until: str | None) -> dict[str, str]:
+    """How the original was ended before conversion (``--logits``, ``--until``), for ``fcconv verify`` to end its
+    reference the same way: ``fcconv.logits`` always, ``fcconv.until`` when set."""
+    return {"fcconv.logits": str(bool(logits)).lower(), **({"fcconv.until": until} if until else {})}
 
 
 def file_sha256(path: str | Path, on_progress: Callable[[int, int], None] | None = None) -> str:

@@ -149,8 +149,6 @@ class OnnxConversion:
     """The head nodes other than Gemm and MatMul that act on each position of the map, as ``name (op)``."""
     until_names: list[str] = field(default_factory=list)
     """What ``--until`` accepts: the head's node names and the tensors they compute."""
-    logits: bool = False
-    until: str | None = None
 
     @property
     def fully_convolutional(self) -> bool:
@@ -1267,6 +1265,8 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
         stride=(1, 1),
         dense=False,
         pool=None,
+        logits=classifier.logits,
+        until=classifier.until,
     )
     total = sum(
         math.prod(t.dims) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES and math.prod(t.dims) > 1
@@ -1290,8 +1290,6 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
         outputs=branches,
         carried=carried,
         until_names=list(_until_names(analysis)),
-        logits=classifier.logits,
-        until=classifier.until,
     )
 
 
@@ -1765,8 +1763,6 @@ def write_onnx(
         **output_channels_metadata({output.name: output.classes for output in conversion.outputs}),
         "fcconv.head_format": "conv",
         "fcconv.layout": conversion.layout,
-        "fcconv.logits": "true" if conversion.logits else "false",
-        **({"fcconv.until": conversion.until} if conversion.until is not None else {}),
         **(metadata or {}),
         WEIGHTS_DIGEST_KEY: digest.hexdigest(),
         EACH_DIGEST_KEY: digest.each_json(),
