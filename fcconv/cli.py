@@ -672,7 +672,7 @@ def convert(
         references = _references(loaded, dense, check_sizes, rtol, atol, device, conversion)
         append_metadata(staged, probe_metadata(_probe_output(conversion, loaded.input_shape, references)))
         # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
-        del loaded, conversion
+        del loaded, conversion, as_loaded
         _release_memory()
         report = _compare_and_show(staged, references)
         if not report.passed:

@@ -184,6 +184,39 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(tmp_path, lenet, monkeypat
         assert after == before, case
 
 
+def test_convert_frees_the_pytorch_weights_before_onnxruntime_runs_the_export(tmp_path, lenet, monkeypatch):
+    """Peak memory: the export holds its own copy of the weights, so the PyTorch ones must be gone by then."""
+    import weakref
+
+    from typer.testing import CliRunner
+
+    import fcconv.cli
+    from fcconv.cli import app
+
+    verify_module = sys.modules["fcconv.verify"]  # the package's `verify` attribute is the function
+
+    torch.save(lenet.state_dict(), tmp_path / "lenet.pt")
+    loaded_models, alive_at_comparison = [], []
+    real_load, real_compare = fcconv.cli._load, verify_module.compare_outputs
+
+    def load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded_models.append(weakref.ref(loaded.module))
+        return loaded
+
+    def compare(*args, **kwargs):
+        alive_at_comparison.extend(ref() is not None for ref in loaded_models)
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(fcconv.cli, "_load", load)
+    monkeypatch.setattr(verify_module, "compare_outputs", compare)
+    monkeypatch.chdir(TESTS)
+    args = ["convert", str(tmp_path / "lenet.pt"), "--arch", "custom_models:LeNet", "--input-shape", "1,28,28"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert alive_at_comparison == [False]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run("convert", tmp_path / "nope.pt", "--arch", "vgg16", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
