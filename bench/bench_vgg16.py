@@ -1,7 +1,7 @@
 """VGG16: converted against original, side by side in one process; prints medians and ratios.
 
     python bench/bench_vgg16.py [--runs 7] [--threads 2] [--skip-onnx] [--skip-dense]
-    python bench/bench_vgg16.py --device cuda [--dtypes float32,bfloat16] [--batches 1,8,64]
+    python bench/bench_vgg16.py --device cuda [--dtypes float32,bfloat16] [--batches 1,8,64] [--cuda-graphs]
 
 Every figure is the median of paired runs (original and converted alternate), so
 drifts of a shared machine hit both sides alike. Ratios are converted / original
@@ -10,6 +10,9 @@ counted with torch.utils.flop_counter. On CUDA each timing is ``--reps`` calls
 followed by one synchronization, float32 runs with TF32 off unless ``--tf32``
 (the setting fcconv verifies with), and the dense map is also compared with the
 features alone, the goal there being the FLOP rate of the convolutional part.
+With ``--cuda-graphs`` both sides are captured into CUDA graphs and replayed,
+which times the GPU's work alone: eager calls on one image are often paced by
+the host that issues the kernels rather than by the GPU.
 """
 
 from __future__ import annotations
@@ -36,10 +39,28 @@ from fcconv.layers import gather_windows  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], Callable[[], float]]:
-    """Wrap ``fn`` into a timing of one call (on CUDA: the mean of ``reps`` calls, synchronized)."""
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once into a CUDA graph; the returned callable replays it (the GPU's work, without the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def timer(
+    device: torch.device, reps: int, graphs: bool = False
+) -> Callable[[Callable[[], object]], Callable[[], float]]:
+    """Wrap ``fn`` into a timing of one call (on CUDA: the mean of ``reps`` calls, synchronized, or graph replays)."""
 
     def wrap(fn: Callable[[], object]) -> Callable[[], float]:
+        if graphs:
+            fn = cuda_graph(fn)
         if device.type != "cuda":
 
             def once() -> float:
@@ -126,6 +147,11 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="native-size batches [default: 1,8 on CPU, 1,8,64 on CUDA]")
     parser.add_argument("--reps", type=int, default=20, help="calls per CUDA timing")
     parser.add_argument("--tf32", action="store_true", help="let CUDA use TF32 for float32 (its cuDNN default)")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time CUDA graph replays of both sides: the GPU's time, not the host's",
+    )
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="also time fc6 alone in each of its forms")
@@ -137,12 +163,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     batches = [int(b) for b in (args.batches or ("1,8,64" if cuda else "1,8")).split(",")]
-    timed = timer(device, args.reps)
+    timed = timer(device, args.reps, graphs=cuda and args.cuda_graphs)
     torch.manual_seed(0)
     cpu_model = torchvision.models.vgg16(weights=None).eval()
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}, {where}, median of {args.runs} paired runs", end="")
-    print(f", {args.reps} calls per timing, TF32 {'on' if args.tf32 else 'off'}" if cuda else "")
+    graphs = ", CUDA graph replays" if args.cuda_graphs else ""
+    print(f", {args.reps} calls per timing, TF32 {'on' if args.tf32 else 'off'}{graphs}" if cuda else "")
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         model = cpu_model.to(device=device, dtype=dtype)
@@ -154,7 +181,8 @@ def main() -> None:
 
 def run_dtype(args, model, converted, device, dtype, dtype_name, batches, timed) -> None:
     cuda = device.type == "cuda"
-    runtime = "PyTorch eager" + (f", CUDA {dtype_name}" if cuda else "")
+    runtime = "PyTorch, CUDA graphs" if cuda and args.cuda_graphs else "PyTorch eager"
+    runtime += f", CUDA {dtype_name}" if cuda else ""
     print(f"\n## Native size (224×224), {dtype_name}: latency, ms\n")
     print("| runtime, batch | original | converted | converted / original (median of pairs) |\n|---|---|---|---|")
     with torch.inference_mode():

@@ -1,5 +1,8 @@
 """The core contract: same scores at the native size, sliding-window scores at larger sizes."""
 
+import pickle
+from copy import deepcopy
+
 import pytest
 import torch
 import torchvision
@@ -81,6 +84,37 @@ def test_the_original_model_is_left_unchanged(vgg16):
     fcconv.convert(vgg16, (3, 224, 224))
     assert isinstance(vgg16.classifier[0], torch.nn.Linear)
     assert all(torch.equal(before[k], v) for k, v in vgg16.classifier.state_dict().items())
+
+
+def test_the_forward_reaches_its_layers_without_module_getattr_and_stays_a_normal_module(lenet, monkeypatch):
+    """Submodule lookups cost host time on every call; the converted module binds them and stays editable."""
+    fcn = fcconv.convert(lenet, (1, 28, 28))
+    x = torch.randn(2, 1, 36, 40)
+    with torch.no_grad():
+        expected = fcn(x)
+    lookups = []
+    original_getattr = torch.nn.Module.__getattr__
+
+    def counting(self, name):
+        if name in self.__dict__.get("_modules", {}):
+            lookups.append(name)
+        return original_getattr(self, name)
+
+    monkeypatch.setattr(torch.nn.Module, "__getattr__", counting)
+    with torch.no_grad():
+        assert torch.equal(fcn(x), expected)
+    assert lookups == []
+    monkeypatch.undo()
+
+    name = next(name for name, module in fcn.named_modules() if isinstance(module, torch.nn.ReLU))
+    fcn.set_submodule(name, torch.nn.Tanh())  # a replaced layer is the one that runs
+    with torch.no_grad():
+        assert not torch.equal(fcn(x), expected)
+    fcn.set_submodule(name, torch.nn.ReLU())
+    for copy in (deepcopy(fcn), pickle.loads(pickle.dumps(fcn))):
+        with torch.no_grad():
+            assert torch.equal(copy(x), expected)
+    assert set(fcn.state_dict()) == set(lenet.state_dict())
 
 
 def test_the_head_holds_about_89_percent_of_vgg16(vgg16):

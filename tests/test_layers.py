@@ -1,5 +1,7 @@
 """Every fast path of the converted layers gives the plain convolution's numbers."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,19 +65,39 @@ def test_state_dict_is_a_plain_convolutions():
     assert isinstance(conv, FULLY_CONNECTED_CONV[2]) and isinstance(conv, nn.Conv2d)
 
 
+@pytest.mark.parametrize("kernel", [(3, 4), (1, 1), (5,), (2, 3, 2)])
+def test_window_rows_are_the_gathered_windows(kernel):
+    x = torch.randn(2, 3, *(k + 3 for k in kernel))
+    assert torch.equal(layers.window_rows(x, kernel), layers.gather_windows(x, kernel))
+
+
 @pytest.mark.parametrize(
     "kernel,spatial",
-    [((3, 4), (6, 9)), ((3, 4), (3, 4)), ((1, 1), (5, 7)), ((1,), (9,)), ((1, 1, 1), (3, 4, 5))],
+    [((3, 4), (6, 9)), ((1, 1), (5, 7)), ((1,), (9,)), ((1, 1, 1), (3, 4, 5))],
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_im2col_form_used_on_cuda_equals_the_plain_convolution(kernel, spatial, bias):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_forms_used_on_cuda_equal_the_plain_convolution(kernel, spatial, bias, batch):
+    """Run here on the CPU: the columns form of a channels-first 1×1 map, and the GEMM with the bias added after."""
     rank = len(kernel)
     _, conv = make(rank, 5, kernel, bias=bias)
-    x = torch.randn(3, 5, *spatial)
+    x = torch.randn(batch, 5, *spatial)
     expected = CONV[rank](x, conv.weight, conv.bias)
-    actual = layers.im2col_linear(x, conv.weight, conv.bias)
-    assert actual.shape == expected.shape
-    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    rows = layers.window_rows(x, kernel)
+    forms = [layers.channels_first(layers.rows_times_weight(rows, conv.weight, conv.bias, bias_after=True))]
+    if math.prod(kernel) == 1:
+        forms.append(layers.pointwise_columns(x, conv.weight, conv.bias))
+    for actual in forms:
+        assert actual.shape == expected.shape
+        assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pointwise_layer_reads_the_channels_last_output_of_the_layer_before_without_a_copy():
+    _, first = make(2, 5, (3, 3))
+    _, second = make(2, 6, (1, 1), out=4)
+    y = first(torch.randn(2, 5, 7, 8))
+    assert layers.channels_last(y).is_contiguous()
+    assert torch.allclose(second(y), F.conv2d(y, second.weight, second.bias), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
