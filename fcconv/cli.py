@@ -456,19 +456,22 @@ def _convert_onnx(
 PYTORCH_SUFFIXES = {".pt2": "a torch.export program", ".safetensors": "the converted state_dict"}
 
 
-def _convert_to_pytorch(loaded, as_loaded, conversion, target: Path, metadata, sizes, rtol, atol, device) -> None:
+def _convert_to_pytorch(models: dict, target: Path, metadata, sizes, rtol, atol, device) -> None:
     """``convert -o NAME.pt2`` or ``-o NAME.safetensors``: written beside the target, read back, verified, moved.
 
     The program is the converted module exported with free batch and spatial axes;
     the safetensors file its state_dict, verified by rebuilding the module from the
-    original and loading the file into it, as a reader of the file does. ``as_loaded``
-    is the model before ``--logits``/``--until`` ended it; ``loaded.module`` the model converted.
+    original and loading the file into it, as a reader of the file does. ``models``
+    holds ``loaded`` (``loaded.module`` the model converted), ``as_loaded`` (the model
+    before ``--logits``/``--until`` ended it) and ``conversion``; it is emptied here,
+    so that the models are freed before a program is read back beside them.
     """
     from fcconv.export import fcconv_metadata, output_channels_metadata, probe_metadata, staged_onnx
     from fcconv.grid import probe_output_grid
     from fcconv.outputs import named_outputs
     from fcconv.torch_export import ProgramModel, export_program, rebuild, save_program, save_weights
 
+    loaded, as_loaded, conversion = models.pop("loaded"), models.pop("as_loaded"), models.pop("conversion")
     program = target.suffix.lower() == ".pt2"
     geometry = conversion.geometry
     if program:
@@ -492,6 +495,8 @@ def _convert_to_pytorch(loaded, as_loaded, conversion, target: Path, metadata, s
             else:
                 save_weights(conversion.module, staged, meta)
         if program:
+            del loaded, as_loaded, conversion  # the program holds its own copy of the weights
+            _release_memory()
             written = ProgramModel(staged)
         else:
             written = rebuild(as_loaded, loaded.input_shape, meta, staged)
@@ -650,7 +655,10 @@ def convert(
             "fcconv.arch": loaded.arch,
             **card_metadata(loaded.card),
         }
-        _convert_to_pytorch(loaded, as_loaded, conversion, target, metadata, check_sizes, rtol, atol, device)
+        # Handed over in a dict that the callee empties, so that it can free the models before reading the file back.
+        models = {"loaded": loaded, "as_loaded": as_loaded, "conversion": conversion}
+        del loaded, as_loaded, conversion
+        _convert_to_pytorch(models, target, metadata, check_sizes, rtol, atol, device)
         return
     with staged_onnx(target) as staged:
         with screen.progress(f"Exporting {target.name}", 0, unit="bytes") as advance:

@@ -184,8 +184,9 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(tmp_path, lenet, monkeypat
         assert after == before, case
 
 
-def test_convert_frees_the_pytorch_weights_before_onnxruntime_runs_the_export(tmp_path, lenet, monkeypatch):
-    """Peak memory: the export holds its own copy of the weights, so the PyTorch ones must be gone by then."""
+@pytest.mark.parametrize("output", ["lenet.fcn.onnx", "lenet.fcn.pt2"])
+def test_convert_frees_the_pytorch_weights_before_the_written_file_is_verified(tmp_path, lenet, monkeypatch, output):
+    """Peak memory: the file read back holds its own copy of the weights, so the PyTorch ones must be gone by then."""
     import weakref
 
     from typer.testing import CliRunner
@@ -212,9 +213,11 @@ def test_convert_frees_the_pytorch_weights_before_onnxruntime_runs_the_export(tm
     monkeypatch.setattr(verify_module, "compare_outputs", compare)
     monkeypatch.chdir(TESTS)
     args = ["convert", str(tmp_path / "lenet.pt"), "--arch", "custom_models:LeNet", "--input-shape", "1,28,28"]
+    args += ["-o", str(tmp_path / output)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert alive_at_comparison == [False]
+    assert (tmp_path / output).is_file()
 
 
 def test_debug_shows_the_traceback(tmp_path):
