@@ -92,12 +92,19 @@ def test_the_forms_used_on_cuda_equal_the_plain_convolution(kernel, spatial, bia
         assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_pointwise_layer_reads_the_channels_last_output_of_the_layer_before_without_a_copy():
+def test_a_pointwise_layer_reads_the_channels_last_output_of_the_layer_before_without_a_copy(monkeypatch):
     _, first = make(2, 5, (3, 3))
     _, second = make(2, 6, (1, 1), out=4)
     y = first(torch.randn(2, 5, 7, 8))
     assert layers.channels_last(y).is_contiguous()
+    multiplied = []
+    real = layers.rows_times_weight
+    monkeypatch.setattr(
+        layers, "rows_times_weight", lambda rows, *a, **k: multiplied.append(rows) or real(rows, *a, **k)
+    )
     assert torch.allclose(second(y), F.conv2d(y, second.weight, second.bias), rtol=1e-5, atol=1e-5)
+    (rows,) = multiplied
+    assert rows.data_ptr() == y.data_ptr() and rows.is_contiguous()  # y's own memory, read as rows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
