@@ -329,11 +329,20 @@ def load_weights_into(converted: nn.Module, tensors: Mapping[str, torch.Tensor],
     return converted
 
 
-def rebuild(original: nn.Module, input_shape: Sequence[int], meta: Mapping[str, str], path: str | Path) -> nn.Module:
+def rebuild(
+    original: nn.Module,
+    input_shape: Sequence[int],
+    meta: Mapping[str, str],
+    path: str | Path,
+    *,
+    consume_original: bool = False,
+) -> nn.Module:
     """The module a ``.safetensors`` file was written from: ``original`` converted as recorded, with the file's weights.
 
     ``original`` is the model as loaded; ``fcconv.logits`` and ``fcconv.until`` in ``meta`` end it as the
-    conversion did."""
+    conversion did. The converted module shares its trunk's layers with ``original``, so ``original`` is
+    copied first, unless ``consume_original``: then its layers take the file's weights in place of its own,
+    which saves a copy of the weights for a caller that has no further use for ``original``."""
     import copy
 
     from fcconv.rewrite import convert
@@ -342,9 +351,8 @@ def rebuild(original: nn.Module, input_shape: Sequence[int], meta: Mapping[str, 
     pool = meta.get("fcconv.pool", "none")
     pointwise = meta.get("fcconv.pointwise", "false") == "true"
     logits, until = meta.get("fcconv.logits", "false") == "true", meta.get("fcconv.until") or None
-    # A copy: the converted module shares the trunk's layers with what it was made from, and the file's
-    # weights are assigned into them.
-    converted = convert(copy.deepcopy(original), tuple(input_shape), dense=dense, pool=None if pool == "none" else pool,
+    source = original if consume_original else copy.deepcopy(original)
+    converted = convert(source, tuple(input_shape), dense=dense, pool=None if pool == "none" else pool,
                         pointwise=pointwise, logits=logits, until=until)  # fmt: skip
     return load_weights_into(converted, read_weights(path), path).eval()
 

@@ -184,7 +184,7 @@ def test_bad_input_gets_one_line_exit_2_and_no_output(tmp_path, lenet, monkeypat
         assert after == before, case
 
 
-@pytest.mark.parametrize("output", ["lenet.fcn.onnx", "lenet.fcn.pt2"])
+@pytest.mark.parametrize("output", ["lenet.fcn.onnx", "lenet.fcn.pt2", "lenet.fcn.safetensors"])
 def test_convert_frees_the_pytorch_weights_before_the_written_file_is_verified(tmp_path, lenet, monkeypatch, output):
     """Peak memory: the file read back holds its own copy of the weights, so the PyTorch ones must be gone by then."""
     import weakref
