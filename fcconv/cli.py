@@ -814,11 +814,14 @@ def verify(
             }  # fmt: skip
             with screen.status(f"Rebuilding the converted module from {reference.name} and {onnx_model.name}…"):
                 try:
-                    exported = rebuild(as_loaded, native_shape, recorded, onnx_model)
+                    # the references are made: the original's layers can take the file's weights
+                    exported = rebuild(as_loaded, native_shape, recorded, onnx_model, consume_original=True)
                 except BadInputError as exc:  # weights of another model: a mismatch, not bad input
                     error_console.print(f"fcconv: {one_line(str(exc))}", markup=False)
                     error_console.print(f"fcconv: {onnx_model} does not match {reference}", markup=False)
                     raise typer.Exit(EXIT_MISMATCH) from None
+        del loaded, as_loaded  # the model compared holds its own weights
+        _release_memory()
         report = _compare_and_show(exported, references)
     document = verification_document(report, onnx_model, reference, native_shape)
     write_report(document, json_report, junit_report)

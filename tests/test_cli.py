@@ -219,6 +219,19 @@ def test_convert_frees_the_pytorch_weights_before_the_written_file_is_verified(t
     assert alive_at_comparison == [False]
     assert (tmp_path / output).is_file()
 
+    loaded_models.clear()
+    args = [
+        "verify",
+        str(tmp_path / output),
+        "--reference",
+        str(tmp_path / "lenet.pt"),
+        "--arch",
+        "custom_models:LeNet",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert alive_at_comparison == [False, False]  # verify, too, compares without the original in memory
+
 
 def test_debug_shows_the_traceback(tmp_path):
     result = run("convert", tmp_path / "nope.pt", "--arch", "vgg16", "--debug")
