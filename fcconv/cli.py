@@ -494,13 +494,12 @@ def _convert_to_pytorch(models: dict, target: Path, metadata, sizes, rtol, atol,
                 del exported
             else:
                 save_weights(conversion.module, staged, meta)
-        input_shape = loaded.input_shape
         if program:
             del loaded, as_loaded, conversion  # the program holds its own copy of the weights
             _release_memory()
             written = ProgramModel(staged)
         else:  # the references are made: the original's layers can take the file's weights
-            written = rebuild(as_loaded, input_shape, meta, staged, consume_original=True)
+            written = rebuild(as_loaded, loaded.input_shape, meta, staged, consume_original=True)
             del loaded, as_loaded, conversion
             _release_memory()
         report = _compare_and_show(written, references)

@@ -155,7 +155,7 @@ def pointwise_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """A 1×1 convolution of a channels-first ``x`` (N, C, *S) as weight @ (C, positions) for each image."""
     n, channels = x.shape[:2]
     columns = x.reshape(n, channels, -1)
-    flat = weight.reshape(weight.shape[0], -1)
+    flat = weight.flatten(1)
     if n == 1 and bias is not None:  # one fused GEMM with the bias: fewer kernel launches at batch 1
         y = torch.addmm(bias[:, None], flat, columns[0])[None]
     else:
