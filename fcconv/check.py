@@ -165,12 +165,9 @@ def check_onnx(
 def _read_model(path: Path) -> Any:
     import onnx
 
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory")
-    if path.stat().st_size == 0:
-        raise BadInputError(f"{path}: empty file")
+    from fcconv.load import check_readable
+
+    check_readable(path, "model")
     try:
         # Parsed from a memory map, not from a bytes copy of the file as onnx.load reads it: while the
         # weights of an inline model are parsed, the file's pages stay reclaimable page cache.

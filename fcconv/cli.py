@@ -194,6 +194,15 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
+        except SystemExit as exc:  # the model's own code (an --arch callable, its forward) called sys.exit
+            if debug:
+                raise
+            error_console.print(
+                f"fcconv: error: the model's code tried to end the process (sys.exit({exc.code!r})); "
+                "nothing was written",
+                markup=False,
+            )
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:  # noqa: BLE001 - anything unforeseen still gets one line, not a traceback
             if debug:
                 raise

@@ -453,9 +453,10 @@ class OnnxModel:
     def __init__(self, path: str | Path, optimize: str = "basic") -> None:
         import onnxruntime as ort
 
+        from fcconv.load import check_readable
+
         path = Path(path)
-        if not path.is_file():
-            raise BadInputError(f"{path}: no such file")
+        check_readable(path, "model")
         options = ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: a failed run is reported by its caller, not logged
         levels = {

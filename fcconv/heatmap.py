@@ -424,11 +424,10 @@ def read_picture(path: str | Path, mode: str | None = None) -> Any:
     """The picture at ``path`` as a PIL image (in ``mode`` when given); unreadable files raise :class:`BadInputError`."""
     from PIL import Image, UnidentifiedImageError
 
+    from fcconv.load import check_readable
+
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, not a picture")
+    check_readable(path, "picture")
     try:
         with Image.open(path) as picture:
             picture.load()

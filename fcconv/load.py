@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import json
 import os
 import pickle
-import re
+import stat
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from fcconv.archive import (
+    check_archive_sizes,
+    is_exported_program,
+    load_exported_program,
+    refused_global,
+)
 from fcconv.errors import BadInputError
 
 __all__ = [
     "LoadedModel",
     "build_architecture",
+    "check_readable",
+    "code_beside",
     "detect_architecture",
     "load_model",
     "native_input_shape",
@@ -94,21 +103,31 @@ def read_model_card(path: Path) -> dict[str, Any]:
     return card
 
 
-def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, not a checkpoint")
+def check_readable(path: Path, kind: str = "checkpoint") -> None:
+    """Refuse what is not a readable, non-empty regular file, before anything opens it.
+
+    A named pipe, socket or device would block or never end if read, so only the file's
+    status is looked at.
+    """
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise BadInputError(f"{path}: is a directory, not a {kind}")
+    if not stat.S_ISREG(status.st_mode):
+        raise BadInputError(f"{path}: is {_special_file_kind(status.st_mode)}, not a regular file; it was not read")
     if not os.access(path, os.R_OK):
         raise BadInputError(f"{path}: permission denied")
-    if path.stat().st_size == 0:
+    if status.st_size == 0:
         raise BadInputError(f"{path}: file is empty")
 
 
-def _refused_global(message: str) -> str | None:
-    """The Python global a weights-only load refused (e.g. torchvision.models.vgg.VGG), if any."""
-    found = re.search(r"GLOBAL ([\w.]+)", message)
-    return found.group(1).rstrip(".") if found else None
+def _special_file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
 
 
 def _torch_load(path: Path, trust: bool) -> Any:
@@ -118,11 +137,13 @@ def _torch_load(path: Path, trust: bool) -> Any:
         except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint
             raise BadInputError(f"{path} is not a PyTorch checkpoint ({_one_line(exc)})") from exc
     mmap = zipfile.is_zipfile(path)
+    if mmap:
+        check_archive_sizes(path, path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        what = _refused_global(text)
+        what = refused_global(text)
         if what is not None:
             raise BadInputError(
                 f"{path} holds a pickled {what}, not a state_dict: unpickling it would run code from the file, "
@@ -163,13 +184,17 @@ def _is_tensor_mapping(obj: Mapping) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _import_callable(spec: str, search_dir: str | None) -> Any:
+def _import_callable(spec: str, search_dirs: Sequence[str]) -> Any:
     module_name, _, attr = spec.partition(":")
-    for directory in (os.getcwd(), search_dir):
-        if directory and directory not in sys.path:
+    for directory in search_dirs:
+        if directory not in sys.path:
             sys.path.insert(0, directory)
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:
+        raise BadInputError(
+            f"--arch {spec}: importing {module_name} tried to end the process ({_exit_text(exc)})"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - report the import failure in one line
         raise BadInputError(f"--arch {spec}: cannot import {module_name} ({_one_line(exc)})") from None
     try:
@@ -178,20 +203,48 @@ def _import_callable(spec: str, search_dir: str | None) -> Any:
         raise BadInputError(f"--arch {spec}: {module_name} has no attribute {attr}") from None
 
 
-def build_architecture(arch: str, num_classes: int | None = None, *, search_dir: str | None = None) -> nn.Module:
+def _exit_text(exc: SystemExit) -> str:
+    return f"sys.exit({exc.code!r})"
+
+
+def code_beside(spec: str, folders: Sequence[str | Path]) -> Path | None:
+    """The file in one of ``folders`` that importing ``spec``'s module would run, or None.
+
+    A model card that names ``module:callable`` runs that module when it is imported. Code
+    already imported (fcconv itself, torch, the standard library) or installed elsewhere
+    (torchvision, timm) is the user's own; a module found in the checkpoint's folder or
+    the working directory came with the files, and runs only when the user trusts them.
+    Nothing is imported to find out.
+    """
+    top = spec.partition(":")[0].split(".")[0]
+    if not top or top in sys.modules:
+        return None
+    for folder in folders:
+        found = importlib.machinery.PathFinder.find_spec(top, [str(folder)])
+        if found is not None:
+            return Path(found.origin) if found.origin else Path(folder) / top
+    return None
+
+
+def build_architecture(
+    arch: str, num_classes: int | None = None, *, search_dirs: Sequence[str] | None = None
+) -> nn.Module:
     """Build ``arch`` on the meta device (no memory, no initialisation).
 
     ``arch`` is a torchvision classification model name (``vgg16``, or a video
     classifier such as ``r3d_18``) or ``package.module:callable``, a class or
-    factory taking no arguments.
+    factory taking no arguments, imported with ``search_dirs`` (default: the working
+    directory) put first on ``sys.path``.
     """
     import torchvision
 
     if ":" in arch:
-        factory = _import_callable(arch, search_dir)
+        factory = _import_callable(arch, [os.getcwd()] if search_dirs is None else search_dirs)
         try:
             with torch.device("meta"):
                 model = factory()
+        except SystemExit as exc:
+            raise BadInputError(f"--arch {arch}: calling it tried to end the process ({_exit_text(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - user code failing is bad input
             raise BadInputError(f"--arch {arch}: calling it failed ({_one_line(exc)})") from None
         if not isinstance(model, nn.Module):
@@ -399,19 +452,30 @@ def load_model(
     Every failure raises :class:`BadInputError` with one line.
     """
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise BadInputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     card = read_model_card(path)
+    search_dirs = None  # --arch: the working directory
+    if not arch and ":" in str(card.get("arch", "")):
+        # a card's code is imported from its folder only when trusted; otherwise only installed code is
+        search_dirs = [os.getcwd(), card["_dir"]] if trust else []
+        shipped = code_beside(card["arch"], [card["_dir"], os.getcwd()])
+        if shipped is not None and not trust:
+            raise BadInputError(
+                f"{path.with_suffix('.json')} names Python code as the architecture ({card['arch']}): running it "
+                f"would run {shipped}, so it was not run; pass --trust if you trust its source, or name the "
+                "architecture with --arch"
+            )
     arch = arch or card.get("arch")
     if input_shape is None and "input_shape" in card:
         input_shape = parse_input_shape(card["input_shape"])
     if path.suffix == ".onnx":
         raise BadInputError(f"{path} is an ONNX model; convert reads PyTorch checkpoints")
     detected = False
-    if _is_exported_program(path):
+    if is_exported_program(path):
         module, example_shape = _read_exported_program(path, trust)
         shape = tuple(input_shape or example_shape)
         return LoadedModel(_cast(module, dtype), path, arch or "ExportedProgram", shape, card)
@@ -427,7 +491,7 @@ def load_model(
     if not arch:
         arch = detect_architecture(state, path)
         detected = True
-    model = build_architecture(arch, search_dir=card.get("_dir"))
+    model = build_architecture(arch, search_dirs=search_dirs)
     num_classes = _num_classes(model, state)
     if num_classes is not None and ":" not in arch:
         model = build_architecture(arch, num_classes)
@@ -468,89 +532,11 @@ def _cast(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return model
 
 
-def _is_exported_program(path: Path) -> bool:
-    """A ``torch.export.save`` archive: a zip whose ``archive_format`` member says ``pt2``."""
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as archive:
-            marker = next((n for n in archive.namelist() if n.endswith("archive_format")), None)
-            return marker is not None and archive.read(marker).strip() == b"pt2"
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
-
-
-PICKLED_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream, or torch.save's zip format
-
-
-def _check_exported_program(path: Path) -> None:
-    """Refuse an ExportedProgram archive unless every member torch.export.load would unpickle is plain data.
-
-    ``torch.export.load`` unpickles some members with full pickle (custom objects,
-    constants, and a fallback for weights), which can run code. Raw weights (listed
-    with ``use_pickle: false`` in the archive's weight and constant configs) are bytes;
-    every other member that is a pickle must load with ``weights_only=True``, and
-    compiled code is refused outright.
-    """
-    import zlib
-
-    try:
-        _check_archive_members(path)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as exc:
-        raise BadInputError(f"{path} is not a readable ExportedProgram archive ({_one_line(exc)})") from None
-
-
-def _check_archive_members(path: Path) -> None:
-    import io
-
-    with zipfile.ZipFile(path) as archive:
-        raw: set[str] = set()
-        for name in archive.namelist():
-            if name.endswith("_config.json") and "/data/" in name:
-                try:
-                    config = json.loads(archive.read(name)).get("config", {})
-                except (ValueError, AttributeError):
-                    raise BadInputError(f"{path}: {name} is not valid JSON") from None
-                folder = name.rsplit("/", 1)[0]
-                raw.update(f"{folder}/{entry['path_name']}" for entry in config.values()
-                           if isinstance(entry, dict) and not entry.get("use_pickle", True) and "path_name" in entry)  # fmt: skip
-        for name in archive.namelist():
-            if name in raw:
-                continue
-            if name.endswith((".so", ".dll", ".dylib", ".py", ".cubin")):
-                raise BadInputError(
-                    f"{path} holds compiled or Python code ({name}); it was not loaded: pass --trust if you trust "
-                    "its source"
-                )
-            data = archive.read(name)
-            if not data.startswith(PICKLED_MAGIC):
-                continue
-            try:
-                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - anything but plain tensors and containers is refused
-                what = _refused_global(str(exc))
-                held = f"a pickled {what}" if what else "pickled data that is not plain tensors"
-                raise BadInputError(
-                    f"{path}: {name} holds {held}; unpickling it could run code from the file, so it was not "
-                    "loaded: pass --trust if you trust its source"
-                ) from None
-
-
 def _read_exported_program(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...]]:
     """The program saved at ``path`` as a module the rewriter reads, and its example input's per-sample shape."""
     from fcconv.rewrite import lower_exported_program
 
-    if not trust:
-        _check_exported_program(path)
-    import logging
-
-    logging.disable(logging.CRITICAL)  # torch.export.load logs a traceback for some corrupted archives
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:  # noqa: BLE001 - corrupted archives raise many kinds of error
-        raise BadInputError(f"{path} is not a loadable ExportedProgram ({_one_line(exc)})") from None
-    finally:
-        logging.disable(logging.NOTSET)
+    program = load_exported_program(path, trust=trust)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(program)]
     if len(inputs) != 1:
         raise BadInputError(f"{path}: the program takes {len(inputs)} inputs; fcconv converts models with one")

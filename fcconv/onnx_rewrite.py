@@ -168,6 +168,8 @@ def is_onnx_file(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return True
+    if not path.is_file():  # a named pipe would block the read below; the loader refuses it
+        return False
     try:
         with open(path, "rb") as f:
             start = f.read(3)
@@ -193,10 +195,10 @@ def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = N
     model or a size that is missing or does not fit, and :class:`NotConvertibleError`
     for a graph that is not a classifier of one N×C×H×W (or N×H×W×C) image input.
     """
-    from fcconv.load import _check_readable
+    from fcconv.load import check_readable
 
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign files all end here

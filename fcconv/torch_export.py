@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fcconv.archive import check_archive_sizes, is_exported_program, load_exported_program, read_member
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.export import EACH_DIGEST_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY, as_export_module
-from fcconv.load import _check_readable
+from fcconv.load import check_readable
 from fcconv.weights_digest import WeightsDigest
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 METADATA_MEMBER = "fcconv_metadata.json"  # torch.export.save's extra_files: stored under the archive's extra/
+METADATA_LIMIT = 16 << 20  # far above what fcconv writes (a digest per weight); larger is refused unread
 PROGRAM_SUFFIX, WEIGHTS_SUFFIX = ".pt2", ".safetensors"
 _DTYPE_CODES = {  # onnx.TensorProto.DataType numbers, so that a digest means the same as an ONNX export's
     torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
@@ -177,24 +180,27 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path, metada
 
 def is_program_file(path: str | Path) -> bool:
     """A ``torch.export.save`` archive, by its ``.pt2`` suffix or its content."""
-    from fcconv.load import _is_exported_program
-
     path = Path(path)
-    return path.suffix.lower() == PROGRAM_SUFFIX or (path.is_file() and _is_exported_program(path))
+    return path.suffix.lower() == PROGRAM_SUFFIX or is_exported_program(path)
 
 
 def read_program_metadata(path: str | Path) -> dict[str, str]:
     """The fcconv metadata saved in a program's archive (empty when it has none), without loading the program."""
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
+    check_archive_sizes(path, path)
     try:
         with zipfile.ZipFile(path) as archive:
             member = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_MEMBER}")), None)
-            text = archive.read(member).decode("utf-8") if member else ""
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as exc:
+            text = read_member(archive, member, limit=METADATA_LIMIT + 1).decode("utf-8") if member else ""
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnicodeDecodeError) as exc:
         raise BadInputError(f"{path} is not an ExportedProgram archive ({_first_line(exc)})") from None
     if not text:
         return {}
+    if len(text) > METADATA_LIMIT:
+        raise BadInputError(
+            f"{path}: its {METADATA_MEMBER} is larger than {METADATA_LIMIT:,} bytes, more than fcconv writes"
+        )
     try:
         meta = json.loads(text)
     except ValueError:
@@ -212,19 +218,9 @@ class ProgramModel:
     """
 
     def __init__(self, path: str | Path, *, trust: bool = False) -> None:
-        from fcconv.load import _check_exported_program
-
         path = Path(path)
         self.metadata = read_program_metadata(path)
-        if not trust:
-            _check_exported_program(path)
-        logging.disable(logging.CRITICAL)
-        try:
-            self.program = torch.export.load(path)
-        except Exception as exc:  # noqa: BLE001 - corrupted archives raise many kinds of error
-            raise BadInputError(f"{path} is not a loadable ExportedProgram ({_first_line(exc)})") from None
-        finally:
-            logging.disable(logging.NOTSET)
+        self.program = load_exported_program(path, trust=trust)
         self.module = self.program.module()
         floats = [t for t in self.program.state_dict.values() if t.is_floating_point()]
         self.dtype = floats[0].dtype if floats else torch.float32
@@ -288,7 +284,7 @@ def read_weights_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

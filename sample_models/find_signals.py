@@ -21,10 +21,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from architectures import SignalsNet  # noqa: E402
 from train_signals import CLASSES, WINDOW, generate_signal  # noqa: E402
 
 import fcconv  # noqa: E402
+from fcconv.samples import SignalsNet  # noqa: E402
 
 RECORDING_SEED = 3
 SEGMENTS = ["noise", "sine", "chirp", "square", "noise", "sawtooth", "chirp", "sine", "square", "sawtooth"]

@@ -21,8 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from architectures import DigitsLeNet  # noqa: E402
 from training import fit_classifier  # noqa: E402
+
+from fcconv.samples import DigitsLeNet  # noqa: E402
 
 SEED = 0
 CLASSES = [str(d) for d in range(10)]
@@ -76,7 +77,7 @@ def main() -> None:
     accuracy = fit_classifier(model, (x_train, y_train), (x_test, y_test), epochs=6, seed=SEED)
     torch.save(model.state_dict(), HERE / "digits_lenet.pt")
     card = {
-        "arch": "architectures:DigitsLeNet",
+        "arch": "fcconv.samples:DigitsLeNet",
         "input_shape": [1, 28, 28],
         "classes": CLASSES,
         "preprocess": {"mode": "L", "mean": [0.0], "std": [1.0]},

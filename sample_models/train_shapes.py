@@ -31,7 +31,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from architectures import ShapesVGG  # noqa: E402
+from fcconv.samples import ShapesVGG  # noqa: E402
 
 SEED = 0
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -217,7 +217,7 @@ def main() -> None:
         print(f"epoch {epoch + 1}: loss {loss.item():.3f}, held-out accuracy {held_out:.4f}", flush=True)
     torch.save(model.state_dict(), HERE / "shapes_vgg.pt")
     card = {
-        "arch": "architectures:ShapesVGG",
+        "arch": "fcconv.samples:ShapesVGG",
         "input_shape": [3, SIZE, SIZE],
         "classes": CLASSES,
         "background_class": BACKGROUND,

@@ -21,8 +21,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from architectures import SignalsNet  # noqa: E402
 from training import fit_classifier  # noqa: E402
+
+from fcconv.samples import SignalsNet  # noqa: E402
 
 SEED = 0
 HELD_OUT_SEED = 1  # the held-out windows come from a generator of their own, so a test can rebuild them alone
@@ -81,7 +82,7 @@ def main() -> None:
     accuracy = fit_classifier(model, (x_train, y_train), (x_test, y_test), epochs=EPOCHS, seed=SEED)
     torch.save(model.state_dict(), HERE / "signals_net.pt")
     card = {
-        "arch": "architectures:SignalsNet",
+        "arch": "fcconv.samples:SignalsNet",
         "input_shape": [1, WINDOW],
         "classes": CLASSES,
         "held_out_accuracy": round(accuracy, 4),

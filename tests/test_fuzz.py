@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -133,16 +132,6 @@ def assert_refused(result, what, expected=()):
     for text in expected:
         alternatives = text if isinstance(text, tuple) else (text,)
         assert any(t in lines[0] for t in alternatives), (what, text, lines[0])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sample_architecture():
-    """The model card names ``architectures:DigitsLeNet``; import it once from sample_models."""
-    sys.path.insert(0, str(SAMPLE.parent))
-    try:
-        importlib.import_module("architectures")
-    finally:
-        sys.path.remove(str(SAMPLE.parent))
 
 
 # --- the valid checkpoints and where their structure lies ------------------------------------------

@@ -58,7 +58,7 @@ def digits():
 
 def test_each_position_scores_the_window_of_pixels_it_is_placed_on(digits):
     """The LeNet's trunk has no padding, so position (i, j) is exactly the original run on the window it is drawn on."""
-    from architectures import DigitsLeNet
+    from fcconv.samples import DigitsLeNet
 
     original = DigitsLeNet().eval()
     original.load_state_dict(torch.load(DIGITS, weights_only=True))

@@ -7,20 +7,20 @@ import pytest
 import torch
 from conftest import REPO
 
+from fcconv import samples
 from fcconv.heatmap import load_dense_model, score_map
 
 SAMPLES = REPO / "sample_models"
 sys.path.insert(0, str(SAMPLES))
 
-import architectures  # noqa: E402
 import demo_canvas  # noqa: E402
 import train_digits  # noqa: E402
 import train_shapes  # noqa: E402
 
 # (checkpoint stem, architecture, held-out split as pictures in [0, 1] and labels)
 HELD_OUT = {
-    "digits_lenet": (architectures.DigitsLeNet, lambda: train_digits.splits()[1]),
-    "shapes_vgg": (architectures.ShapesVGG, train_shapes.held_out_split),
+    "digits_lenet": (samples.DigitsLeNet, lambda: train_digits.splits()[1]),
+    "shapes_vgg": (samples.ShapesVGG, train_shapes.held_out_split),
 }
 
 

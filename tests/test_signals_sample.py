@@ -27,7 +27,7 @@ def classifier():
 
 
 def test_the_card_describes_the_shipped_classifier():
-    assert CARD["arch"] == "architectures:SignalsNet"
+    assert CARD["arch"] == "fcconv.samples:SignalsNet"
     assert CARD["input_shape"] == [1, train_signals.WINDOW]
     assert CARD["classes"] == train_signals.CLASSES
     assert CARD["held_out_samples"] == train_signals.HELD_OUT_SAMPLES
@@ -84,6 +84,6 @@ def test_the_sample_converts_by_path_alone(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    for text in ("architectures:SignalsNet", "Linear(416 → 64)", "Conv1d(32 → 64)", "│ 13 ", "2×5×17", "ok"):
+    for text in ("fcconv.samples:SignalsNet", "Linear(416 → 64)", "Conv1d(32 → 64)", "│ 13 ", "2×5×17", "ok"):
         assert text in result.stdout, text
     assert "FAIL" not in result.stdout and out.is_file()

@@ -1,4 +1,9 @@
-"""Architectures of the sample classifiers shipped in this folder."""
+"""Architectures of the sample classifiers in ``sample_models/``.
+
+They live in the package so that the samples' model cards name installed code
+(``fcconv.samples:DigitsLeNet``), which a card may name without ``--trust``; a card that
+names a module lying beside the checkpoint is refused unless trusted.
+"""
 
 import torch
 from torch import nn
