@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from functools import wraps
@@ -168,11 +170,54 @@ class _Screen:
 screen = _Screen()
 
 
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the command is, so that it unwinds as Ctrl-C does: its staging removed.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way takes it for a failure.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminations_raised() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process at once.
+
+    Only signals left at their default action are taken over (a SIGHUP that ``nohup`` ignores stays
+    ignored), and their handlers are put back afterwards. Once one has arrived both are ignored, so that
+    a second one cannot cut the clean-up short.
+    """
+    if threading.current_thread() is not threading.main_thread():  # Python handles signals in the main thread only
+        yield
+        return
+    taken = [s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
+
+    def terminate(signum: int, frame: Any) -> None:
+        for s in taken:
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for s in taken:
+        signal.signal(s, terminate)
+    try:
+        yield
+    finally:
+        for s in taken:
+            signal.signal(s, signal.SIG_DFL)
+
+
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line on stderr and the documented exit code.
 
     Library warnings are not shown (the command reports what matters itself) unless
-    ``--debug``, which also lets the traceback of an error through.
+    ``--debug``, which also lets the traceback of an error through. Ctrl-C, SIGTERM and
+    SIGHUP stop the command as an error does, nothing written, with 128 + the signal's
+    number as the exit code (130, 143, 129), as a shell reports a process those signals end.
     """
 
     @wraps(command)
@@ -180,7 +225,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         debug = kwargs.get("debug", False)
         screen.quiet = bool(kwargs.get("quiet", False))
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _terminations_raised():
                 if not debug:
                     warnings.simplefilter("ignore")
                 return command(*args, **kwargs)
@@ -192,6 +237,11 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             error_console.print("fcconv: interrupted", markup=False)
             raise typer.Exit(130) from None
+        except Terminated as exc:
+            name = signal.Signals(exc.signum).name
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                error_console.print(f"fcconv: stopped by {name}", markup=False)
+            raise typer.Exit(128 + exc.signum) from None
         except (typer.Exit, typer.Abort):
             raise
         except SystemExit as exc:  # the model's own code (an --arch callable, its forward) called sys.exit
@@ -1064,7 +1114,7 @@ def heatmap(
     """
     import numpy as np
 
-    from fcconv.export import staged_path
+    from fcconv.export import staged_paths
     from fcconv.figure import heatmap_figure, write_png
     from fcconv.heatmap import load_dense_model, read_picture, score_map
     from fcconv.load import parse_input_shape
@@ -1108,10 +1158,10 @@ def heatmap(
     screen.show(peaks_table(scores, peaks))
     title = f"{image.name} ({width}×{height}) through {model.name}: class probabilities, {scores.probability_source}"
     figure = heatmap_figure(scores, peaks, title)
-    with staged_path(target) as staged_png:
-        write_png(figure, staged_png)
+    with staged_paths(target, *([save_map] if save_map is not None else [])) as staged:  # both or neither
+        write_png(figure, staged[0])
         if save_map is not None:
-            with staged_path(save_map) as staged_npy, open(staged_npy, "wb") as f:
+            with open(staged[1], "wb") as f:
                 np.save(f, np.ascontiguousarray(scores.probabilities, dtype=np.float32))
     console.print(
         f"wrote {target}" + (f" and {save_map}" if save_map is not None else ""), markup=False, soft_wrap=True

@@ -18,12 +18,14 @@ safetensors header's ``__metadata__``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import struct
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +107,9 @@ def export_program(converted: nn.Module, input_shape: Sequence[int]) -> torch.ex
     dtype = params[0].dtype if params else torch.float32
     names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis{2 + i}" for i in range(len(native))))
     dims = {0: Dim("batch", min=1), **{2 + i: Dim(name, min=n) for i, (name, n) in enumerate(zip(names, native))}}
-    example = torch.randn((2, input_shape[0], *(n + n // 2 + 1 for n in native)), dtype=dtype)
+    # seeded: torch.export.save writes the example into the archive, which is then the same on every run
+    example_shape = (2, input_shape[0], *(n + n // 2 + 1 for n in native))
+    example = torch.randn(example_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     logging.disable(logging.WARNING)  # the tracer logs its failures before raising them
     try:
         with fx_config.patch(backed_size_oblivious=True):
@@ -174,8 +178,40 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path, metada
     """
     path = Path(path)
     meta = {**metadata, **digest_metadata(program.state_dict)}
-    torch.export.save(program, path, extra_files={METADATA_MEMBER: json.dumps(meta, sort_keys=True)})
+    with _graphs_numbered(program):
+        torch.export.save(program, path, extra_files={METADATA_MEMBER: json.dumps(meta, sort_keys=True)})
     return path
+
+
+@contextlib.contextmanager
+def _graphs_numbered(program: torch.export.ExportedProgram) -> Iterator[None]:
+    """The program's node provenance with each graph named by a number in order of appearance, not by its address.
+
+    torch.fx records where each node came from (``node.meta["from_node"]``) by the ``id()`` of its graph,
+    an address that differs from one process to the next, and ``torch.export.save`` writes it into the
+    archive. Numbered, the same conversion saves the same bytes; nodes from one graph still share a number.
+    The program's own provenance is put back afterwards.
+    """
+    from torch.fx.traceback import NodeSource
+
+    numbers: dict[int, int] = {}
+
+    def numbered(source: dict[str, Any]) -> dict[str, Any]:
+        graph = source.get("graph_id", -1)  # -1: no graph recorded
+        graph = graph if graph == -1 else numbers.setdefault(graph, len(numbers))
+        return {**source, "graph_id": graph, "from_node": [numbered(s) for s in source.get("from_node") or []]}
+
+    saved = []
+    for module in program.graph_module.modules():
+        for node in module.graph.nodes if isinstance(module, fx.GraphModule) else ():
+            if node.meta.get("from_node"):
+                saved.append((node, node.meta["from_node"]))
+                node.meta["from_node"] = [NodeSource._from_dict(numbered(s.to_dict())) for s in node.meta["from_node"]]
+    try:
+        yield
+    finally:
+        for node, sources in saved:
+            node.meta["from_node"] = sources
 
 
 def is_program_file(path: str | Path) -> bool:
@@ -266,10 +302,28 @@ def save_weights(converted: nn.Module, path: str | Path, metadata: Mapping[str, 
         seen.add(key)
     meta = {**metadata, **digest_metadata(tensors)}
     save_file(tensors, str(path), metadata=meta)
+    _sort_header_metadata(path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # safetensors creates its files private; the result gets the usual permissions
     return path
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Put the ``__metadata__`` of the safetensors file at ``path`` in key order, in place.
+
+    safetensors writes it in the order of a hash map seeded anew in each process, so the same weights and
+    metadata gave different bytes on every run. Sorted, the header is the same JSON in another order: it
+    keeps its length (padded with spaces, as safetensors pads it) and every tensor its offset.
+    """
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= length:  # always, with the same escapes as safetensors' serde_json
+            f.seek(8)
+            f.write(text.ljust(length, b" "))
 
 
 def is_weights_file(path: str | Path) -> bool:

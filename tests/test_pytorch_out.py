@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -249,6 +251,23 @@ def test_a_file_that_does_not_match_the_original_is_not_written_and_exits_1(lene
     assert code == 1
     assert "FAIL" in out and f"{tmp_path / name} was not written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["digits.pt2", "digits.safetensors"])
+def test_converting_twice_in_separate_processes_writes_byte_identical_files(tmp_path, name):
+    """Object addresses and hash seeds differ from one process to the next; the bytes written must not."""
+    written = []
+    for run in ("first", "second"):
+        out = tmp_path / run / name  # the same file name: a .pt2 archive is named after its file
+        out.parent.mkdir()
+        result = subprocess.run(
+            [sys.executable, "-m", "fcconv", "convert", REPO / "sample_models" / "digits_lenet.pt", "-o", out, "-q"],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        written.append(out.read_bytes())
+    assert written[0] == written[1]
 
 
 def test_a_signal_classifier_exports_with_a_free_length():
