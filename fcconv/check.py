@@ -31,6 +31,7 @@ from typing import Any
 
 from fcconv.errors import BadInputError
 from fcconv.export import EACH_DIGEST_KEY, OUTPUT_CHANNELS_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
+from fcconv.external_data import check_external_data, external_data, map_external_data
 from fcconv.grid import OutputGrid
 from fcconv.outputs import named_outputs
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest
@@ -181,11 +182,7 @@ def _read_model(path: Path) -> Any:
         raise BadInputError(f"{path} is not an ONNX model ({_first_line(exc)[:200]})") from None
     if not model.graph.node or not model.graph.output:
         raise BadInputError(f"{path} is not an ONNX model (no graph with nodes and outputs)")
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            data = path.parent / _external_info(tensor)["location"]
-            if not data.is_file():
-                raise BadInputError(f"{path}: its weights file {data.name} is missing beside it")
+    check_external_data(model, path)
     return model
 
 
@@ -418,17 +415,12 @@ def onnx_weights_digest(model: Any, path: Path | None = None) -> WeightsDigest:
     """:mod:`fcconv.weights_digest` of ``model``'s initializers (inline, or in external data beside ``path``)."""
     digest = WeightsDigest()
     with ExitStack() as stack:
-        mapped: dict[str, mmap.mmap] = {}
         for tensor in model.graph.initializer:
-            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, mapped, stack)])
+            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, stack)])
     return digest
 
 
 # --- weights ----------------------------------------------------------------------------------------
-
-
-def _external_info(tensor: Any) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
 
 
 def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult:
@@ -466,21 +458,14 @@ def digest_verdict(digest: WeightsDigest, meta: dict[str, str], kind: str = "ini
     return CheckResult("weights digest", FAIL, f"the {kind} do not hash to the {WEIGHTS_DIGEST_KEY} of the export")
 
 
-def _raw_bytes(tensor: Any, path: Path | None, mapped: dict[str, mmap.mmap], stack: ExitStack) -> bytes | memoryview:
-    """The initializer's row-major little-endian bytes, from the file itself (memory-mapped when external)."""
+def _raw_bytes(tensor: Any, path: Path | None, stack: ExitStack) -> bytes | memoryview:
+    """The initializer's row-major little-endian bytes, from the file itself (its window memory-mapped when external)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = _external_info(tensor)
-        location = info["location"]
-        if location not in mapped:
-            handle = stack.enter_context(open(path.parent / location, "rb"))
-            mapped[location] = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else len(mapped[location]) - offset
-        return memoryview(mapped[location])[offset : offset + length]
+        return map_external_data(external_data(tensor, path), stack)
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     array = numpy_helper.to_array(tensor)

@@ -453,6 +453,8 @@ class OnnxModel:
     def __init__(self, path: str | Path, optimize: str = "basic") -> None:
         import onnxruntime as ort
 
+        from fcconv.external_data import check_file_external_data
+
         path = Path(path)
         if not path.is_file():
             raise BadInputError(f"{path}: no such file")
@@ -463,6 +465,7 @@ class OnnxModel:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         options.graph_optimization_level = levels[optimize]
+        check_file_external_data(path)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - any load failure means the file is not a usable ONNX model

@@ -46,8 +46,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx.external_data_helper import load_external_data_for_model
 
 from fcconv.errors import BadInputError, NotConvertibleError
+from fcconv.external_data import check_external_data
 from fcconv.rewrite import HeadGeometry, RewrittenLayer
 
 __all__ = [
@@ -198,9 +200,14 @@ def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = N
     path = Path(path)
     _check_readable(path)
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign files all end here
         raise BadInputError(f"{path} is not an ONNX model ({_one_line(exc)})") from None
+    check_external_data(model, path)
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # noqa: BLE001 - a weights file that cannot be read makes the model unusable
+        raise BadInputError(f"{path}: its weights cannot be read ({_one_line(exc)})") from None
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - the checker's reasons vary; any of them makes the file unusable

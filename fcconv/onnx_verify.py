@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from fcconv.errors import BadInputError
+from fcconv.external_data import check_file_external_data
 from fcconv.onnx_rewrite import OnnxClassifier, OnnxConversion
 from fcconv.verify import References, VerificationReport, compare_outputs, reference_outputs
 
@@ -52,6 +53,8 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if isinstance(model, (str, Path)):
+            check_file_external_data(model)
         source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
