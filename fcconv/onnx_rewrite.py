@@ -479,6 +479,8 @@ def _run_shapes(
     """
     import onnxruntime as ort
 
+    from fcconv.export import inference_session
+
     graph_input = next(i for i in model.graph.input if i.name == input_name)
     elem_type = graph_input.type.tensor_type.elem_type
     outputs = [helper.make_tensor_value_info(name, types[name], None) for name in names]
@@ -493,7 +495,7 @@ def _run_shapes(
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(runnable.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = inference_session(runnable.SerializeToString(), options)
     values = session.run(list(names), {input_name: np.zeros(dims, helper.tensor_dtype_to_np_dtype(elem_type))})
     return {name: tuple(np.shape(value)) for name, value in zip(names, values)}
 
