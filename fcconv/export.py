@@ -84,11 +84,29 @@ def staged_path(path: str | Path) -> Iterator[Path]:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
     try:
-        yield Path(tmp)
+        with _naming(path, instead_of=Path(tmp)):
+            yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _naming(target: Path, instead_of: Path) -> Iterator[None]:
+    """Errors raised in the block name ``target`` where they name the staged file: a message names the file the
+    user asked for, never a hidden staging path."""
+
+    def renamed(text: Any) -> Any:
+        return text.replace(str(instead_of), str(target)) if isinstance(text, str) else text
+
+    try:
+        yield
+    except Exception as exc:
+        exc.args = tuple(renamed(arg) for arg in exc.args)
+        if isinstance(exc, OSError):  # its text is made from these, not from args
+            exc.filename, exc.filename2 = renamed(exc.filename), renamed(exc.filename2)
+        raise
 
 
 @contextlib.contextmanager
@@ -102,7 +120,8 @@ def staged_onnx(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
         staged = Path(folder) / path.name
-        yield staged
+        with _naming(path, instead_of=staged):
+            yield staged
         for item in sorted(Path(folder).iterdir()):
             os.replace(item, path.parent / item.name)
 

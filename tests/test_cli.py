@@ -318,6 +318,29 @@ def test_dtype_float64_writes_every_format_verified_and_checked_in_float64(tmp_p
     assert [c["verdict"] for c in checks if c["check"] == "reference output"] == ["pass"]
 
 
+def fail_reading_back(path, *args, **kwargs):
+    raise RuntimeError(f"cannot read {path}")
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2", ".safetensors"])
+def test_a_failure_while_the_output_is_staged_names_the_output_never_the_staging_folder(tmp_path, monkeypatch, suffix):
+    import onnxruntime
+    import safetensors.torch
+    from typer.testing import CliRunner
+
+    from fcconv.cli import app
+
+    for reader in (onnxruntime, "InferenceSession"), (torch.export, "load"), (safetensors.torch, "load_file"):
+        monkeypatch.setattr(*reader, fail_reading_back)
+    target = tmp_path / f"lenet{suffix}"
+    result = CliRunner().invoke(app, ["convert", str(REPO / "sample_models" / "digits_lenet.pt"), "-o", str(target)])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith(f"fcconv: error: {target} ") and f"cannot read {target}" in line, line
+    assert f".{target.name}." not in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unreadable_checkpoint_gets_one_line_naming_it(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
