@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from fcconv.errors import BadInputError
-from fcconv.export import EACH_DIGEST_KEY, OUTPUT_CHANNELS_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
+from fcconv.export import EACH_DIGEST_KEY, ONNXRUNTIME, OUTPUT_CHANNELS_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
+from fcconv.external_data import check_external_data, external_data, map_external_data
 from fcconv.grid import OutputGrid
 from fcconv.outputs import named_outputs
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest
@@ -47,6 +48,8 @@ CHECKS = (
     "output size",
     "reference output",
 )
+RECORDED_RTOL = 1e-7
+"""The default rtol of ``reference output`` at least: above float32's rounding (2**-24) of the recorded values."""
 # Initializers up to this many elements keep their values for shape inference (shape and slice constants);
 # larger ones, the weights, enter it as typed inputs without their data.
 _SMALL_INITIALIZER = 64
@@ -178,11 +181,7 @@ def _read_model(path: Path) -> Any:
         raise BadInputError(f"{path} is not an ONNX model ({_first_line(exc)[:200]})") from None
     if not model.graph.node or not model.graph.output:
         raise BadInputError(f"{path} is not an ONNX model (no graph with nodes and outputs)")
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            data = path.parent / _external_info(tensor)["location"]
-            if not data.is_file():
-                raise BadInputError(f"{path}: its weights file {data.name} is missing beside it")
+    check_external_data(model, path)
     return model
 
 
@@ -415,17 +414,12 @@ def onnx_weights_digest(model: Any, path: Path | None = None) -> WeightsDigest:
     """:mod:`fcconv.weights_digest` of ``model``'s initializers (inline, or in external data beside ``path``)."""
     digest = WeightsDigest()
     with ExitStack() as stack:
-        mapped: dict[str, mmap.mmap] = {}
         for tensor in model.graph.initializer:
-            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, mapped, stack)])
+            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, stack)])
     return digest
 
 
 # --- weights ----------------------------------------------------------------------------------------
-
-
-def _external_info(tensor: Any) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
 
 
 def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult:
@@ -463,21 +457,14 @@ def digest_verdict(digest: WeightsDigest, meta: dict[str, str], kind: str = "ini
     return CheckResult("weights digest", FAIL, f"the {kind} do not hash to the {WEIGHTS_DIGEST_KEY} of the export")
 
 
-def _raw_bytes(tensor: Any, path: Path | None, mapped: dict[str, mmap.mmap], stack: ExitStack) -> bytes | memoryview:
-    """The initializer's row-major little-endian bytes, from the file itself (memory-mapped when external)."""
+def _raw_bytes(tensor: Any, path: Path | None, stack: ExitStack) -> bytes | memoryview:
+    """The initializer's row-major little-endian bytes, from the file itself (its window memory-mapped when external)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = _external_info(tensor)
-        location = info["location"]
-        if location not in mapped:
-            handle = stack.enter_context(open(path.parent / location, "rb"))
-            mapped[location] = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else len(mapped[location]) - offset
-        return memoryview(mapped[location])[offset : offset + length]
+        return map_external_data(external_data(tensor, path), stack)
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     array = numpy_helper.to_array(tensor)
@@ -576,7 +563,15 @@ def _runs(
         message = f"onnxruntime cannot load it: {exc}"
         results = [r for size in sizes for r in (CheckResult("runs", FAIL, message, size), _size_skipped(size))]
         return [*results, CheckResult("reference output", SKIP, "the model did not load")]
-    return run_checks(runner, _input_dtype(runner), input_shape, sizes, batch, seed, meta, report, atol, rtol, step)
+    results = run_checks(
+        runner, runner.dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, runner.engine
+    )
+    if runner.engine != ONNXRUNTIME:  # a float64 model: say what ran it
+        results = [
+            replace(r, message=f"{r.message}, run in {runner.engine}") if r.check == "runs" and r.passed else r
+            for r in results
+        ]
+    return results
 
 
 def run_checks(
@@ -644,7 +639,8 @@ def _reference_output(
     name = "reference output"
     if PROBE_OUTPUT_KEY not in meta:
         return [CheckResult(name, SKIP, f"no {PROBE_OUTPUT_KEY} metadata: the original's output was not recorded")]
-    report.rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
+    # The recorded output is float32: a float64 model is compared no tighter than float32 rounds it.
+    report.rtol = max(RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL), RECORDED_RTOL) if rtol is None else rtol
     report.atol, report.dtype = atol, str(dtype).removeprefix("torch.")
     size = input_shape[1:]
     try:
@@ -718,12 +714,3 @@ def _output_size(
 
 def _size_skipped(size: tuple[int, ...]) -> CheckResult:
     return CheckResult("output size", SKIP, "the model did not run at this size", size)
-
-
-def _input_dtype(runner: Any) -> Any:
-    import numpy as np
-    import torch
-
-    text = runner.session.get_inputs()[0].type  # e.g. 'tensor(float)'
-    numpy_names = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-    return torch.from_numpy(np.zeros(0, dtype=numpy_names.get(text, np.float32))).dtype

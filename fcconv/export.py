@@ -40,10 +40,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OnnxModel",
+    "ReferenceSession",
     "SPATIAL_AXIS_NAMES",
     "export_onnx",
     "external_data_path",
     "fcconv_metadata",
+    "inference_session",
     "remove_abandoned_staging",
     "signals_held",
     "staged_onnx",
@@ -160,7 +162,8 @@ def staged_paths(*paths: str | Path) -> Iterator[list[Path]]:
             staged.append((fd, tmp))
             _lock(fd)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
-        yield [Path(tmp) for _, tmp in staged]
+        with _naming({tmp: path for (_, tmp), path in zip(staged, paths)}):
+            yield [Path(tmp) for _, tmp in staged]
         with signals_held():
             for (_, tmp), path in zip(staged, paths):
                 os.replace(tmp, path)
@@ -180,6 +183,26 @@ def staged_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _naming(targets: Mapping[str | Path, Path]) -> Iterator[None]:
+    """Errors raised in the block name each target where they name its staged file (``targets`` maps staged to
+    target): a message names the file the user asked for, never a hidden staging path."""
+
+    def renamed(text: Any) -> Any:
+        if isinstance(text, str):
+            for staged, target in targets.items():
+                text = text.replace(str(staged), str(target))
+        return text
+
+    try:
+        yield
+    except Exception as exc:
+        exc.args = tuple(renamed(arg) for arg in exc.args)
+        if isinstance(exc, OSError):  # its text is made from these, not from args
+            exc.filename, exc.filename2 = renamed(exc.filename), renamed(exc.filename2)
+        raise
+
+
+@contextlib.contextmanager
 def staged_onnx(path: str | Path) -> Iterator[Path]:
     """A path for an ONNX file, in a temporary folder beside ``path``, moved onto ``path`` when the block succeeds.
 
@@ -195,7 +218,8 @@ def staged_onnx(path: str | Path) -> Iterator[Path]:
         fd = os.open(folder, os.O_RDONLY)
         try:
             _lock(fd)
-            yield Path(folder) / path.name
+            with _naming({Path(folder) / path.name: path}):
+                yield Path(folder) / path.name
             with signals_held():
                 for item in sorted(Path(folder).iterdir()):
                     os.replace(item, path.parent / item.name)
@@ -568,18 +592,26 @@ def _field_header(field: int, length: int) -> bytes:
     return _varint(field << 3 | 2) + _varint(length)
 
 
+ONNXRUNTIME = "onnxruntime"
+TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+"""The torch dtype of an input, by the element type onnxruntime names."""
+
+
 class OnnxModel:
     """An ONNX file run with onnxruntime on the CPU, called like a module on tensors.
 
     ``optimize="basic"`` (the default, for verification) applies onnxruntime's basic
     graph optimizations only: constant folding and removal of redundant nodes; the
     layout and fusion passes of ``"all"`` (onnxruntime's own default, for timing)
-    take seconds to set up on a large head.
+    take seconds to set up on a large head. A float64 model, whose convolutions
+    onnxruntime cannot run, runs in onnx's reference evaluator (:func:`inference_session`);
+    ``engine`` names the one that runs it.
     """
 
     def __init__(self, path: str | Path, optimize: str = "basic") -> None:
         import onnxruntime as ort
 
+        from fcconv.external_data import check_file_external_data
         from fcconv.load import check_readable
 
         path = Path(path)
@@ -591,12 +623,16 @@ class OnnxModel:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         options.graph_optimization_level = levels[optimize]
+        check_file_external_data(path)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = inference_session(str(path), options)
         except Exception as exc:  # noqa: BLE001 - any load failure means the file is not a usable ONNX model
             text = " ".join(str(exc).split())[:200]
             raise BadInputError(f"{path} is not an ONNX model onnxruntime can load: {text}") from exc
-        self.input_name = self.session.get_inputs()[0].name
+        self.engine = getattr(self.session, "engine", ONNXRUNTIME)
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        self.dtype = TORCH_DTYPES.get(graph_input.type, torch.float32)
         self.output_names = [output.name for output in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
@@ -607,6 +643,66 @@ class OnnxModel:
         if len(outputs) == 1:
             return torch.from_numpy(outputs[0])
         return {name: torch.from_numpy(value) for name, value in zip(self.output_names, outputs)}
+
+
+def inference_session(source: str | bytes, options: Any) -> Any:
+    """An onnxruntime session on the CPU for ``source`` (a path or a serialized model), or for a float64 model a
+    :class:`ReferenceSession`.
+
+    onnxruntime's CPU provider has no float64 convolution (it raises NOT_IMPLEMENTED); onnx's
+    reference evaluator runs every standard op in float64, so that a float64 export is run,
+    and verified, in float64 as written rather than in a lower precision.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
+
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except NoKernel:
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
+        weights = {t.name for t in model.graph.initializer}
+        inputs = [i.type.tensor_type.elem_type for i in model.graph.input if i.name not in weights]
+        if onnx.TensorProto.DOUBLE not in inputs:
+            raise
+        return ReferenceSession(model)
+
+
+class ReferenceSession:
+    """onnx's reference evaluator (numpy, slower than onnxruntime) behind the calls of onnxruntime's
+    InferenceSession that fcconv makes: ``run``, ``get_inputs``, ``get_outputs`` and ``get_modelmeta``."""
+
+    engine = "onnx's reference evaluator"
+
+    def __init__(self, model: Any) -> None:
+        from types import SimpleNamespace
+
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        def described(value: Any) -> SimpleNamespace:  # as onnxruntime's NodeArg: name, type, shape
+            tensor_type = value.type.tensor_type
+            kind = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+            return SimpleNamespace(name=value.name, type=f"tensor({kind})", shape=dims)
+
+        weights = {t.name for t in model.graph.initializer}
+        self._inputs = [described(i) for i in model.graph.input if i.name not in weights]
+        self._outputs = [described(o) for o in model.graph.output]
+        self._meta = SimpleNamespace(custom_metadata_map={e.key: e.value for e in model.metadata_props})
+        self._evaluator = ReferenceEvaluator(model)
+
+    def get_inputs(self) -> list[Any]:
+        return self._inputs
+
+    def get_outputs(self) -> list[Any]:
+        return self._outputs
+
+    def get_modelmeta(self) -> Any:
+        return self._meta
+
+    def run(self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self._evaluator.run(names, dict(feeds)))
 
 
 def fcconv_metadata(

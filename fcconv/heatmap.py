@@ -275,11 +275,9 @@ def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], di
         from fcconv.onnx_verify import OnnxRunner
 
         model = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True)
-    element = model.session.get_inputs()[0].type
-    dtype = torch.float16 if element == "tensor(float16)" else torch.float64 if element == "tensor(double)" else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return first_output(model(x if dtype is None else x.to(dtype))).float()
+        return first_output(model(x.to(model.dtype))).float()
 
     return run, metadata
 

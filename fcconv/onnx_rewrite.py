@@ -46,8 +46,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx.external_data_helper import load_external_data_for_model
 
 from fcconv.errors import BadInputError, NotConvertibleError
+from fcconv.external_data import check_external_data
 from fcconv.rewrite import HeadGeometry, RewrittenLayer
 
 __all__ = [
@@ -200,9 +202,14 @@ def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = N
     path = Path(path)
     check_readable(path)
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign files all end here
         raise BadInputError(f"{path} is not an ONNX model ({_one_line(exc)})") from None
+    check_external_data(model, path)
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # noqa: BLE001 - a weights file that cannot be read makes the model unusable
+        raise BadInputError(f"{path}: its weights cannot be read ({_one_line(exc)})") from None
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - the checker's reasons vary; any of them makes the file unusable
@@ -474,6 +481,8 @@ def _run_shapes(
     """
     import onnxruntime as ort
 
+    from fcconv.export import inference_session
+
     graph_input = next(i for i in model.graph.input if i.name == input_name)
     elem_type = graph_input.type.tensor_type.elem_type
     outputs = [helper.make_tensor_value_info(name, types[name], None) for name in names]
@@ -488,7 +497,7 @@ def _run_shapes(
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(runnable.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = inference_session(runnable.SerializeToString(), options)
     values = session.run(list(names), {input_name: np.zeros(dims, helper.tensor_dtype_to_np_dtype(elem_type))})
     return {name: tuple(np.shape(value)) for name, value in zip(names, values)}
 

@@ -17,12 +17,12 @@ import onnx
 import torch
 
 from fcconv.errors import BadInputError
+from fcconv.export import ONNXRUNTIME, TORCH_DTYPES, inference_session
+from fcconv.external_data import check_file_external_data
 from fcconv.onnx_rewrite import OnnxClassifier, OnnxConversion
 from fcconv.verify import References, VerificationReport, compare_outputs, reference_outputs
 
 __all__ = ["OnnxRunner", "converted_runner", "onnx_reference_outputs", "verify_onnx"]
-
-_TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
 
 class OnnxRunner:
@@ -52,9 +52,11 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if isinstance(model, (str, Path)):
+            check_file_external_data(model)
         source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
         try:
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            self.session = inference_session(source, options)
         except Exception as exc:  # noqa: BLE001 - any load failure means the graph is not runnable
             text = " ".join(str(exc).split())[:200]
             raise BadInputError(f"onnxruntime cannot load the model: {text}") from exc
@@ -63,7 +65,8 @@ class OnnxRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
         first = graph_input.shape[0] if graph_input.shape else None
         self.batch = first if isinstance(first, int) and first > 0 else None
-        self.dtype = _TORCH_DTYPES.get(graph_input.type, torch.float32)
+        self.dtype = TORCH_DTYPES.get(graph_input.type, torch.float32)
+        self.engine = getattr(self.session, "engine", ONNXRUNTIME)
         self.nhwc_input, self.nhwc_outputs, self.output = nhwc_input, nhwc_outputs, output
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -98,8 +98,9 @@ def _sci(value: float) -> str:
 
 def verification_table(report: VerificationReport) -> Table:
     """One row per input size and reference: errors, tolerance, worst element and verdict."""
+    engine = f", run in {report.engine}" if report.engine else ""
     table = Table(
-        title=f"Verification (rtol {report.rtol:g}, atol {report.atol:g}, {report.dtype})", title_justify="left"
+        title=f"Verification (rtol {report.rtol:g}, atol {report.atol:g}, {report.dtype}{engine})", title_justify="left"
     )
     several = len({check.output for check in report.checks}) > 1
     for column in ("input", "reference", *(("output",) if several else ()), "shape"):

@@ -78,6 +78,8 @@ class VerificationReport:
     rtol: float = DEFAULT_RTOL
     atol: float = 0.0
     dtype: str = "float32"
+    engine: str = ""
+    """What ran the converted model where it was not onnxruntime or PyTorch: onnx's reference evaluator (float64)."""
 
     @property
     def passed(self) -> bool:
@@ -316,11 +318,15 @@ def compare_outputs(
     on_size: Callable[[tuple[int, ...]], None] | None = None,
 ) -> VerificationReport:
     """Run ``converted`` (a module, an ONNX file or any callable) on each reference input and compare."""
+    from fcconv.export import ONNXRUNTIME
+
     if isinstance(converted, nn.Module):
         converted.to(references.device)
     run = _runner(converted)
     rtol, atol = references.rtol, references.atol
     report = VerificationReport(rtol=rtol, atol=atol, dtype=str(references.dtype).removeprefix("torch."))
+    if getattr(run, "engine", ONNXRUNTIME) != ONNXRUNTIME:
+        report.engine = run.engine
     with full_float32_precision():
         for case in references.cases:
             if on_size is not None:

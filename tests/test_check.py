@@ -1,7 +1,10 @@
 """fcconv check, the metadata it reads, and the JSON and JUnit reports that CI reads from check and verify."""
 
+import builtins
 import hashlib
+import io
 import json
+import mmap
 import os
 import shlex
 import shutil
@@ -311,6 +314,101 @@ def test_external_weights_are_hashed_from_the_data_file_and_a_change_there_is_na
     digest = next(c for c in json.loads((tmp_path / "r.json").read_text())["models"][0]["checks"]
                   if c["check"] == "weights digest")  # fmt: skip
     assert digest["verdict"] == "fail" and "'conv2.bias' changed since export" in digest["message"]
+
+
+def model_reading_outside_data(tmp_path, how):
+    """A LeNet export in ``tmp_path/model`` whose ``conv1.weight`` reads its bytes ``how``; and the location it names.
+
+    ``outside.bin``, beside the folder, is a copy of the real data file: were it read, the weights
+    digest would pass, and the verdict would tell what that file holds.
+    """
+    from custom_models import LeNet
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    conversion = fcconv.rewrite(seeded(LeNet), (1, 28, 28))
+    path = fcconv.export_onnx(conversion.module, folder / "lenet.onnx", (1, 28, 28), external_data=True)
+    outside = tmp_path / "outside.bin"
+    shutil.copy(folder / "lenet.onnx.data", outside)
+    (folder / "link.data").symlink_to(outside)
+    locations = {"absolute": str(outside), "parent": "../outside.bin", "symlink": "link.data"}
+    location = locations.get(how, "lenet.onnx.data")
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.name == "conv1.weight")
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+        if entry.key == "length" and how == "past the end":
+            entry.value = str(outside.stat().st_size + 1)
+    onnx.save(model, str(path))
+    return path, location
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Every path this process opens from Python from now on, resolved (symbolic links followed)."""
+    paths = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            paths.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    def spy_os_open(file, *args, **kwargs):
+        paths.append(Path(file).resolve())
+        return real_os_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(io, "open", spy_open)
+    monkeypatch.setattr(os, "open", spy_os_open)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "how,why",
+    [
+        ("absolute", "leads outside the model's folder"),
+        ("parent", "leads outside the model's folder"),
+        ("symlink", "leads outside the model's folder"),
+        ("past the end", "at bytes 0 to 1740841, past the end of the file (1740840 bytes)"),
+    ],
+)
+def test_external_data_outside_the_folder_or_past_its_file_exits_2_naming_the_initializer_and_is_never_opened(
+    tmp_path, opened, how, why
+):
+    path, location = model_reading_outside_data(tmp_path, how)
+    commands = [["check", path], ["verify", path, "--reference", SAMPLE], ["convert", path, "-o", tmp_path / "x.onnx"]]
+    for command in commands:
+        opened.clear()
+        code, stdout, stderr = invoke(*command)
+        assert code == 2, (command[0], stdout + stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and why in lines[0], (command[0], stderr)
+        assert lines[0].startswith(f"fcconv: error: {path}: initializer 'conv1.weight' has its data in {location!r}")
+        assert (tmp_path / "outside.bin").resolve() not in opened, command[0]
+
+
+def test_check_maps_only_each_initializers_own_bytes_of_the_data_file(tmp_path, monkeypatch):
+    from custom_models import LeNet
+
+    conversion = fcconv.rewrite(seeded(LeNet), (1, 28, 28))
+    path = fcconv.export_onnx(conversion.module, tmp_path / "lenet.onnx", (1, 28, 28), external_data=True)
+    data = (tmp_path / "lenet.onnx.data").resolve()
+    lengths = [int({e.key: e.value for e in t.external_data}["length"])
+               for t in onnx.load(str(path), load_external_data=False).graph.initializer]  # fmt: skip
+    mapped, real_mmap = [], mmap.mmap
+
+    def spy_mmap(fileno, length, *args, **kwargs):
+        if Path(os.readlink(f"/proc/self/fd/{fileno}")) == data:
+            mapped.append(length)
+        return real_mmap(fileno, length, *args, **kwargs)
+
+    monkeypatch.setattr(mmap, "mmap", spy_mmap)
+    assert invoke("check", path)[0] == 0
+    assert len(mapped) == len(lengths)
+    # each window starts at most one allocation granule before the initializer's offset, as mmap requires
+    assert all(0 <= m - n < mmap.ALLOCATIONGRANULARITY for m, n in zip(mapped, lengths)), (mapped, lengths)
 
 
 def test_a_fixed_input_size_fails_naming_the_input_and_the_node_that_collapses_the_map(torch_exports, tmp_path):

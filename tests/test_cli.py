@@ -1,6 +1,7 @@
 """The command line: convert, verify, inspect, and how each treats bad input."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -272,6 +273,71 @@ def test_reduced_precision_checkpoints_convert_and_say_which_tolerance_was_used(
     assert {t.data_type for t in initializers} == {expected}
     forced = run("convert", tmp_path / "digits_lenet.pt", "--dtype", "float32", "-o", tmp_path / "f32.onnx")
     assert forced.returncode == 0 and "Verification (rtol 0.0001, atol 0, float32)" in forced.stdout
+
+
+def float64_sample(folder):
+    """The shipped LeNet sample saved in float64, with its model card and architecture beside it."""
+    sample = REPO / "sample_models"
+    for name in ("digits_lenet.json", "architectures.py"):
+        shutil.copy(sample / name, folder / name)
+    state = torch.load(sample / "digits_lenet.pt", weights_only=True)
+    torch.save({k: v.to(torch.float64) for k, v in state.items()}, folder / "digits_lenet.pt")
+    return folder / "digits_lenet.pt"
+
+
+def test_a_float64_checkpoint_becomes_a_float64_onnx_verified_and_checked_in_float64(tmp_path):
+    checkpoint = float64_sample(tmp_path)
+    result = run("convert", checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert "Verification (rtol 1e-08, atol 0, float64, run in onnx's reference evaluator)" in result.stdout
+    exported = tmp_path / "digits_lenet.fcn.onnx"
+    assert f".{exported.name}." not in result.stdout + result.stderr  # the staging folder is never named
+    model = onnx.load(str(exported))
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.DOUBLE}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+    verified = run("verify", exported, "--reference", checkpoint)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    checked = run("check", exported)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "output finite, run in onnx's reference evaluator" in checked.stdout
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2", ".safetensors"])
+def test_dtype_float64_writes_every_format_verified_and_checked_in_float64(tmp_path, suffix):
+    sample = REPO / "sample_models" / "digits_lenet.pt"
+    target = tmp_path / f"lenet64{suffix}"
+    result = run("convert", sample, "--dtype", "float64", "-o", target)
+    assert result.returncode == 0, result.stderr
+    assert "Verification (rtol 1e-08, atol 0, float64" in result.stdout
+    assert f".{target.name}." not in result.stdout + result.stderr
+    reference = ["--reference", sample] if suffix == ".safetensors" else []  # a state_dict runs in its module
+    checked = run("check", target, *reference, "--json", tmp_path / "check.json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checks = json.loads((tmp_path / "check.json").read_text())["models"][0]["checks"]
+    assert [c["verdict"] for c in checks if c["check"] == "reference output"] == ["pass"]
+
+
+def fail_reading_back(path, *args, **kwargs):
+    raise RuntimeError(f"cannot read {path}")
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2", ".safetensors"])
+def test_a_failure_while_the_output_is_staged_names_the_output_never_the_staging_folder(tmp_path, monkeypatch, suffix):
+    import onnxruntime
+    import safetensors.torch
+    from typer.testing import CliRunner
+
+    from fcconv.cli import app
+
+    for reader in (onnxruntime, "InferenceSession"), (torch.export, "load"), (safetensors.torch, "load_file"):
+        monkeypatch.setattr(*reader, fail_reading_back)
+    target = tmp_path / f"lenet{suffix}"
+    result = CliRunner().invoke(app, ["convert", str(REPO / "sample_models" / "digits_lenet.pt"), "-o", str(target)])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith(f"fcconv: error: {target} ") and f"cannot read {target}" in line, line
+    assert f".{target.name}." not in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unreadable_checkpoint_gets_one_line_naming_it(tmp_path, monkeypatch):
