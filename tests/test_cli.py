@@ -276,10 +276,9 @@ def test_reduced_precision_checkpoints_convert_and_say_which_tolerance_was_used(
 
 
 def float64_sample(folder):
-    """The shipped LeNet sample saved in float64, with its model card and architecture beside it."""
+    """The shipped LeNet sample saved in float64, with its model card beside it."""
     sample = REPO / "sample_models"
-    for name in ("digits_lenet.json", "architectures.py"):
-        shutil.copy(sample / name, folder / name)
+    shutil.copy(sample / "digits_lenet.json", folder / "digits_lenet.json")
     state = torch.load(sample / "digits_lenet.pt", weights_only=True)
     torch.save({k: v.to(torch.float64) for k, v in state.items()}, folder / "digits_lenet.pt")
     return folder / "digits_lenet.pt"

@@ -35,8 +35,8 @@ SAMPLE = REPO / "sample_models"
 DIGITS = SAMPLE / "digits_lenet.pt"
 
 
-def run(*args, cwd=None, env=None):
-    return subprocess.run([*FCCONV, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+def run(*args, cwd=None, timeout=300):
+    return subprocess.run([*FCCONV, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def assert_refused(result, *expected):
@@ -424,5 +424,5 @@ def test_a_named_pipe_is_refused_at_once(args, tmp_path):
     given = [str(a).replace("{pipe}", str(tmp_path / "pipe")) for a in args]
     pipe = Path(next(a for a in given if str(tmp_path) in a))
     os.mkfifo(pipe)
-    result = run(*given)  # a read of the pipe would block until the timeout
+    result = run(*given, timeout=120)  # a read of the pipe would block until then
     assert_refused(result, str(pipe), "named pipe")
