@@ -142,6 +142,9 @@ def check_onnx(
         input_dims = [*input_dims[:1], *input_dims[-1:], *input_dims[1:-1]]
     input_shape = _native_shape(path, input_shape, meta, input_dims)
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
+    input_type = next(i for i in model.graph.input if i.name == input_name).type.tensor_type.elem_type
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(input_type).itemsize
+    refuse_runs_beyond_memory(model, input_shape, sizes, batch, itemsize, channels_last=channels_last)
     report = CheckReport(str(path), input_shape)
 
     step("Checking the graph's shapes at two sizes…")
@@ -233,6 +236,17 @@ def _check_sizes(sizes: Sequence[Sequence[int]], input_shape: tuple[int, ...]) -
             shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
             raise BadInputError(f"size {shown} is not a {len(native)}-axis size of at least the native {smallest}")
     return out
+
+
+def refuse_runs_beyond_memory(
+    model: Any, input_shape: tuple[int, ...], sizes: list[tuple[int, ...]], batch: int, itemsize: int, **options: Any
+) -> None:
+    """Raise :class:`BadInputError` before anything is allocated when running ``model`` at ``sizes`` cannot fit in
+    memory (:func:`fcconv.memory.run_bytes`)."""
+    from fcconv.memory import refuse_beyond_memory, run_bytes
+
+    needs = run_bytes(model, input_shape, sizes, batch, itemsize, **options)
+    refuse_beyond_memory(needs, "checking", "check at smaller sizes (--sizes)")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -31,6 +31,7 @@ from fcconv.check import (
     _first_line,
     _native_shape,
     digest_verdict,
+    refuse_runs_beyond_memory,
     run_checks,
 )
 from fcconv.export import SPATIAL_AXIS_NAMES
@@ -61,6 +62,7 @@ def check_program(
     meta = program.metadata
     input_shape = _native_shape(path, input_shape, meta, [])
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
+    refuse_runs_beyond_memory(program.module, input_shape, sizes, batch, program.dtype.itemsize)
     report = CheckReport(str(path), input_shape)
     report.results.append(_free_axes(program.spatial_ranges(), input_shape))
     step("Hashing the weights…")
@@ -124,6 +126,7 @@ def check_weights(
     )
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
+    refuse_runs_beyond_memory(module, input_shape, sizes, batch, dtype.itemsize)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -271,6 +272,8 @@ def one_line(text: str) -> str:
 
 
 def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
+    from fcconv.load import INPUT_BATCH, MAX_TENSOR_ELEMENTS
+
     if not text:
         return None
     sizes = []
@@ -281,6 +284,10 @@ def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
             raise BadInputError(f"--sizes {text!r}: {item!r} is not a size like 224x224") from None
         if not size or any(s <= 0 for s in size):
             raise BadInputError(f"--sizes {text!r}: {item!r} is not a positive size")
+        if INPUT_BATCH * math.prod(size) > MAX_TENSOR_ELEMENTS:  # too large whatever the channel count
+            raise BadInputError(
+                f"--sizes {text!r}: {item!r} is larger than any tensor can be (a tensor holds at most 2^63 - 1 values)"
+            )
         sizes.append(size)
     return sizes
 
@@ -588,7 +595,17 @@ def _release_memory() -> None:
 
 
 def _default_output(path: Path) -> Path:
+    if not path.name:  # '' (which arrives as '.') or a folder such as '/'
+        raise BadInputError(f"{path}: is a directory, not a checkpoint")
     return path.with_name(f"{path.name.split('.')[0]}.fcn.onnx")
+
+
+def _refuse_nameless(path: Path, option: str, example: str) -> None:
+    """Refuse an output path that names no file: an empty one (which arrives as '.'), '..' or '/'."""
+    if path.name in ("", ".."):
+        raise BadInputError(
+            f"{option} {str(path)!r} is empty or a folder, not a file name: give the file to write, such as {example}"
+        )
 
 
 @app.command()
@@ -663,11 +680,14 @@ def convert(
     from fcconv.heatmap import card_metadata
     from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
+    from fcconv.verify import default_sizes, refuse_sizes_beyond_memory
 
     if head_format not in HEAD_FORMATS:
         raise BadInputError(f"--head-format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
     _check_pool(pool)
     check_sizes = _parse_sizes(sizes)
+    if output is not None:
+        _refuse_nameless(output, "-o", _default_output(model).name)
     target = output or _default_output(model)
     for written in (target, external_data_path(target)):
         if written.exists() and written.resolve() == model.resolve():
@@ -700,6 +720,10 @@ def convert(
         )
     # with --logits or --until the model converted, and verified against, is the original ended there
     as_loaded, loaded.module = loaded.module, conversion.source
+    # the export runs the model at the native size: refuse sizes that cannot be verified before it
+    refuse_sizes_beyond_memory(
+        conversion, loaded.input_shape, check_sizes or default_sizes(loaded.input_shape), loaded.dtype
+    )
     if conversion.layers:
         screen.show(rewrite_table(conversion, title=f"{model.name} ({loaded.arch}): rewritten layers"))
     _print_trunk(conversion)
@@ -1124,6 +1148,8 @@ def heatmap(
         raise BadInputError("--class and --top choose the panels two ways; give one of them")
     if top is not None and top < 1:
         raise BadInputError(f"--top {top}: give at least 1")
+    if not image.name:  # '' (which arrives as '.') or a folder such as '/'
+        raise BadInputError(f"{image}: is a directory, not a picture")
     target = output or image.with_name(f"{image.name.split('.')[0]}.heatmap.png")
     _check_output(target, ".png", "-o", (model, image))
     if save_map is not None:

@@ -20,6 +20,7 @@ positions are spread evenly over the picture and :attr:`Placement.sliding` is Fa
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -153,7 +154,10 @@ class DenseModel:
     ``run`` takes a 1×C×H×W float32 tensor and returns 1×K×h×w scores. ``stride`` is
     the measured step between positions in pixels, per axis (None where the map
     does not step like a sliding window). ``check`` is the native-size comparison of
-    an in-memory conversion with the original, None for an ONNX file.
+    an in-memory conversion with the original, None for an ONNX file. ``activations``
+    gives the peak activation bytes of ``run`` at an input shape
+    (:func:`fcconv.memory.activation_bytes`), so that a picture too large to run is
+    refused before it is run.
     """
 
     run: Callable[[torch.Tensor], torch.Tensor]
@@ -164,6 +168,7 @@ class DenseModel:
     stride: tuple[int, int] | None
     background_class: str | None = None
     check: VerificationReport | None = None
+    activations: Callable[[tuple[int, ...]], tuple[int, tuple[int, ...]] | None] | None = None
 
 
 def card_metadata(card: Mapping[str, Any]) -> dict[str, str]:
@@ -266,12 +271,15 @@ def _measure_stride(
     return strides[0], strides[1]
 
 
-def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
+def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str], Callable[..., Any]]:
+    """``run`` on the ONNX file, its metadata, and its activations' estimate (see :class:`DenseModel`)."""
     from fcconv.export import OnnxModel
+    from fcconv.memory import activation_bytes
 
     model = OnnxModel(path)
     metadata = model.metadata
-    if metadata.get("fcconv.layout") == "nhwc":  # read channels-first, like every other model here
+    channels_last = metadata.get("fcconv.layout") == "nhwc"
+    if channels_last:  # read channels-first, like every other model here
         from fcconv.onnx_verify import OnnxRunner
 
         model = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True)
@@ -279,7 +287,8 @@ def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], di
     def run(x: torch.Tensor) -> torch.Tensor:
         return first_output(model(x.to(model.dtype))).float()
 
-    return run, metadata
+    itemsize = (dtype or torch.float32).itemsize
+    return run, metadata, functools.partial(activation_bytes, path, itemsize=itemsize, channels_last=channels_last)
 
 
 def first_output(value: Any) -> torch.Tensor:
@@ -299,7 +308,7 @@ def _card_beside(path: Path) -> dict[str, Any]:
 def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> DenseModel:
     from fcconv.load import parse_input_shape
 
-    run, meta = _onnx_runner(path)
+    run, meta, activations = _onnx_runner(path)
     if meta.get("fcconv.pool", "none") != "none":
         raise BadInputError(
             f"{path} was exported with --pool {meta['fcconv.pool']}: its output is one score per class, not a map; "
@@ -327,7 +336,10 @@ def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> DenseModel:
     except ValueError:
         raise BadInputError(f"{path}: its fcconv.classes or fcconv.preprocess metadata is not valid JSON") from None
     background = meta.get("fcconv.background_class", background)
-    return _finish(run, f"{path.name} (ONNX, onnxruntime)", input_shape, classes, preprocess_spec, background, where)
+    return _finish(
+        run, f"{path.name} (ONNX, onnxruntime)", input_shape, classes, preprocess_spec, background, where,
+        activations=activations,
+    )  # fmt: skip
 
 
 def _finish(
@@ -340,6 +352,7 @@ def _finish(
     where: str,
     arch: str | None = None,
     check: VerificationReport | None = None,
+    activations: Callable[[tuple[int, ...]], Any] | None = None,
 ) -> DenseModel:
     """Measure the model's output (class count, stride) and resolve its class names and preprocessing."""
     if len(input_shape) != 3:
@@ -360,7 +373,7 @@ def _finish(
     if background is not None and background not in names:
         raise BadInputError(f"{where}: background_class {background!r} is not one of the model's classes")
     stride = _measure_stride(run, input_shape)
-    return DenseModel(run, description, input_shape, names, preprocess, stride, background, check)
+    return DenseModel(run, description, input_shape, names, preprocess, stride, background, check, activations)
 
 
 def load_dense_model(
@@ -388,6 +401,7 @@ def load_dense_model(
     if path.suffix == ".onnx":
         return _load_onnx(path, input_shape)
     from fcconv.load import load_model
+    from fcconv.memory import activation_bytes
     from fcconv.rewrite import rewrite
     from fcconv.verify import verify
 
@@ -395,6 +409,7 @@ def load_dense_model(
     loaded.module.float()
     conversion = rewrite(loaded.module, loaded.input_shape, dense=True)
     module = conversion.module.eval()
+    activations = functools.partial(activation_bytes, module, itemsize=torch.float32.itemsize)
     report = None
     if check:
         native = tuple(loaded.input_shape[1:])
@@ -415,6 +430,7 @@ def load_dense_model(
         str(path),
         arch=loaded.arch,
         check=report,
+        activations=activations,
     )
 
 
@@ -473,6 +489,7 @@ def score_map(model: DenseModel, picture: Any) -> ScoreMap:
         raise BadInputError(
             f"the picture is {width}×{height} pixels, smaller than the model's native {native[1]}×{native[0]} input"
         )
+    _refuse_picture_beyond_memory(model, width, height)
     scores = model.run(model.preprocess.tensor(picture))
     scores = scores.detach().float().cpu().numpy()[0]
     probabilities, log_probabilities, source = _probabilities(scores)
@@ -487,6 +504,19 @@ def score_map(model: DenseModel, picture: Any) -> ScoreMap:
         background_class=model.background_class,
         probability_source=source,
     )
+
+
+def _refuse_picture_beyond_memory(model: DenseModel, width: int, height: int) -> None:
+    """Refuse a picture whose run cannot fit in memory, before it is run: the picture as float32 pixels, twice
+    (normalized, then transposed channels-first), and the model's activations at its size."""
+    from fcconv.memory import refuse_beyond_memory
+
+    if model.activations is None:
+        return
+    shape = (1, model.input_shape[0], height, width)
+    run = model.activations(shape)
+    needed = 2 * math.prod(shape) * torch.float32.itemsize + (run[0] if run else 0)
+    refuse_beyond_memory([((width, height), needed)], "drawing the heatmap", "scale the picture down")
 
 
 def _placement(model: DenseModel, size: tuple[int, int], positions: tuple[int, ...]) -> Placement:

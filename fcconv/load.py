@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import importlib.machinery
 import json
+import math
 import os
 import pickle
 import stat
@@ -85,7 +86,23 @@ def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...
         raise BadInputError(f"--input-shape {text!r} is not a list of integers like 3,224,224") from None
     if not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape):
         raise BadInputError(f"--input-shape {text!r} must be C,L or C,H,W or C,D,H,W with positive sizes")
+    _check_tensor_size(shape, text)
     return shape
+
+
+# Tensors count their elements in a signed 64-bit integer; fcconv runs inputs in batches of two.
+MAX_TENSOR_ELEMENTS = 2**63 - 1
+INPUT_BATCH = 2
+
+
+def _check_tensor_size(shape: tuple[int, ...], text: Any) -> None:
+    """Refuse an input shape no tensor can have: a batch of two such inputs holds more than 2^63 - 1 values."""
+    values = INPUT_BATCH * math.prod(shape)
+    if values > MAX_TENSOR_ELEMENTS:
+        raise BadInputError(
+            f"--input-shape {text!r} is larger than any tensor can be: a batch of two such inputs holds "
+            f"{values:.2e} values, more than the 2^63 - 1 a tensor can hold"
+        )
 
 
 def read_model_card(path: Path) -> dict[str, Any]:
@@ -249,6 +266,7 @@ def build_architecture(
             raise BadInputError(f"--arch {arch}: calling it failed ({_one_line(exc)})") from None
         if not isinstance(model, nn.Module):
             raise BadInputError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+        _refuse_deep_nesting(model, f"--arch {arch}")
         return model
     if arch not in torchvision_classifier_names():
         raise BadInputError(
@@ -484,6 +502,7 @@ def load_model(
     else:
         obj = _torch_load(path, trust)
         if isinstance(obj, nn.Module):
+            _refuse_deep_nesting(obj, str(path))
             model = _cast(obj.eval(), dtype)
             shape = tuple(input_shape or (native_input_shape(arch) if arch else None) or DEFAULT_INPUT_SHAPE)
             return LoadedModel(model, path, arch or type(obj).__name__, shape, card)
@@ -501,6 +520,7 @@ def load_model(
     kinds = {t.dtype for t in state.values()}
     if not any(k.is_floating_point for k in kinds):
         raise BadInputError(f"{path} holds no floating-point weights ({', '.join(sorted(map(str, kinds)))})")
+    _refuse_integer_weights(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
@@ -512,6 +532,45 @@ def load_model(
 
 
 DEFAULT_INPUT_SHAPE = (3, 224, 224)
+
+# torch walks a model's submodules recursively (state_dict, fx tracing), several Python frames a level:
+# under Python's default recursion limit (1000 frames) tracing fails between 130 and 150 levels. The
+# deepest torchvision classifier (maxvit_t) nests 9.
+MAX_NESTING = 100
+
+
+def _refuse_deep_nesting(model: nn.Module, what: str) -> None:
+    """Refuse a model whose submodules nest deeper than :data:`MAX_NESTING`, measured without recursion."""
+    depth, seen, level = 0, {id(model)}, [model]
+    while True:  # one level of submodules at a time, each module once
+        children = {id(c): c for m in level for c in m._modules.values() if c is not None and id(c) not in seen}
+        if not children:
+            break
+        seen.update(children)
+        level = list(children.values())
+        depth += 1
+    if depth > MAX_NESTING:
+        raise BadInputError(
+            f"{what}: the model's modules nest {depth} levels deep; fcconv reads models nested at most "
+            f"{MAX_NESTING} levels (torch walks them recursively, within Python's recursion limit)"
+        )
+
+
+def _refuse_integer_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse integer tensors where the model has floating-point ones (a quantized or half-converted checkpoint).
+
+    They cannot be loaded as they are, and cast they would be wrong: a quantized tensor's
+    scale and zero point are not in a state_dict.
+    """
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            floats = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+            raise BadInputError(
+                f"{path}: {key} is {str(tensor.dtype).removeprefix('torch.')} while the other weights are "
+                f"{' and '.join(floats)}: fcconv reads floating-point weights, and an integer (quantized) tensor's "
+                "scale is not in a state_dict; save the checkpoint with floating-point weights"
+            )
 
 
 def _main_dtype(tensors: Any) -> torch.dtype:

@@ -68,6 +68,7 @@ class OnnxRunner:
         self.dtype = TORCH_DTYPES.get(graph_input.type, torch.float32)
         self.engine = getattr(self.session, "engine", ONNXRUNTIME)
         self.nhwc_input, self.nhwc_outputs, self.output = nhwc_input, nhwc_outputs, output
+        self.source = model  # what the memory estimate reads the graph's shapes from
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         array = np.ascontiguousarray(x.detach().cpu().numpy())

@@ -601,6 +601,17 @@ def _locate_head(model: nn.Module, input_shape: tuple[int, ...]) -> _Located:
     return _Located(gm, modules, rank, gates, *collapse)
 
 
+def _refuse_zero_width(model: nn.Module) -> None:
+    """Refuse a Linear with no input or output features: a convolution needs at least one channel each way."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and 0 in (module.in_features, module.out_features):
+            side = "output" if module.out_features == 0 else "input"
+            raise NotConvertibleError(
+                f"{name} is Linear({module.in_features} → {module.out_features}), with no {side} features: a "
+                "convolution needs at least one channel in and out, so the model cannot be made fully convolutional"
+            )
+
+
 def _plan(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -614,6 +625,7 @@ def _plan(
     input_shape = tuple(int(s) for s in input_shape)
     if pool not in (None, "avg", "max"):
         raise BadInputError(f"pool {pool!r} is not avg or max")
+    _refuse_zero_width(model)
     located = _locate_head(model, input_shape)
     gm, modules, rank, gates = located.gm, located.modules, located.rank, located.gates
     graph = gm.graph

@@ -39,6 +39,7 @@ __all__ = [
     "default_sizes",
     "probe_input",
     "reference_outputs",
+    "refuse_sizes_beyond_memory",
     "sliding_window_reference",
     "verify",
 ]
@@ -283,6 +284,7 @@ def reference_outputs(
             raise TypeError("reference_outputs: an original that is not a module needs its conversion")
         dtype = getattr(original, "dtype", torch.float32)
     dense, pool = conversion.geometry.dense, conversion.geometry.pool
+    refuse_sizes_beyond_memory(conversion, input_shape, sizes, dtype, batch)
     rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
     references = References([], rtol, atol, dtype, device)
@@ -303,6 +305,34 @@ def reference_outputs(
             expected["sliding window"] = _concatenated([sliding_window_reference(conversion, s) for s in samples])
             references.cases.append(ReferenceCase(size, x, expected))
     return references
+
+
+def refuse_sizes_beyond_memory(
+    conversion: Conversion | Any,
+    input_shape: Sequence[int],
+    sizes: Sequence[Sequence[int]],
+    dtype: torch.dtype,
+    batch: int = 2,
+) -> None:
+    """Raise :class:`BadInputError` before anything is allocated when verifying at ``sizes`` cannot fit in memory.
+
+    ``conversion`` needs ``features`` (a traced module or an ``OnnxRunner``) and
+    ``geometry``; the estimate is :func:`fcconv.memory.verification_bytes`.
+    """
+    from fcconv.memory import machine_memory, refuse_beyond_memory, verification_bytes
+
+    geometry = conversion.geometry
+
+    def needs(at: Sequence[Sequence[int]]) -> list[tuple[tuple[int, ...], int]]:
+        return verification_bytes(
+            conversion.features, input_shape, at, geometry.window, geometry.stride, batch, dtype.itemsize
+        )
+
+    at_sizes = needs(sizes)
+    if at_sizes and at_sizes[-1][1] > machine_memory():  # say so first where no size would do
+        native = [tuple(int(s) for s in input_shape[1:])]
+        refuse_beyond_memory(needs(native), "verifying", "even the native size does not fit on this machine")
+    refuse_beyond_memory(at_sizes, "verifying", "verify at smaller sizes (--sizes)")
 
 
 def _concatenated(per_sample: list[Any]) -> dict[str, torch.Tensor]:
