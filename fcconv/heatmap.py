@@ -287,7 +287,7 @@ def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], di
     def run(x: torch.Tensor) -> torch.Tensor:
         return first_output(model(x.to(model.dtype))).float()
 
-    itemsize = (dtype or torch.float32).itemsize
+    itemsize = model.dtype.itemsize
     return run, metadata, functools.partial(activation_bytes, path, itemsize=itemsize, channels_last=channels_last)
 
 

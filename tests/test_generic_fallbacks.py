@@ -34,8 +34,8 @@ EXCEPTION_NAME = re.compile(r"\b\w*(Error|Exception|Exit)\b:")
 
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
-    """A working folder with the digits sample (checkpoint, card, architecture), as the current directory."""
-    for name in ("digits_lenet.pt", "digits_lenet.json", "architectures.py"):
+    """A working folder with the digits sample (checkpoint and card), as the current directory."""
+    for name in ("digits_lenet.pt", "digits_lenet.json"):
         shutil.copy(SAMPLES / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the card's folder and the cwd on it
@@ -47,7 +47,7 @@ def folder(tmp_path, monkeypatch):
 def exported(tmp_path_factory):
     """The digits sample converted to ONNX and to a .pt2 program."""
     out = tmp_path_factory.mktemp("exported")
-    for name in ("digits_lenet.pt", "digits_lenet.json", "architectures.py"):
+    for name in ("digits_lenet.pt", "digits_lenet.json"):
         shutil.copy(SAMPLES / name, out / name)
     saved_path = list(sys.path)
     try:
