@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import torch
 
-from fcconv.errors import BadInputError
+from fcconv.errors import BadInputError, reason
 
 __all__ = [
     "check_archive_sizes",
@@ -67,7 +67,7 @@ def check_archive_sizes(source: str | Path | IO[bytes], name: str | Path, size: 
         with zipfile.ZipFile(source) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as exc:
-        raise BadInputError(f"{name} is not a readable zip archive ({_one_line(exc)})") from None
+        raise BadInputError(f"{name} is not a readable zip archive ({reason(exc)})") from None
     declared = 0
     seen: set[str] = set()
     for info in infos:
@@ -205,7 +205,7 @@ def check_exported_program(path: str | Path) -> None:
     except BadInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed archive or config fails in many ways, all of them bad input
-        raise BadInputError(f"{path} is not a readable ExportedProgram archive ({_one_line(exc)})") from None
+        raise BadInputError(f"{path} is not a readable ExportedProgram archive ({reason(exc)})") from None
 
 
 def _check_plain_tensors(data: bytes, what: str) -> None:
@@ -269,11 +269,6 @@ def load_exported_program(path: str | Path, *, trust: bool = False) -> Any:
         with guard:
             return torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - corrupted archives raise many kinds of error
-        raise BadInputError(f"{path} is not a loadable ExportedProgram ({_one_line(exc)})") from None
+        raise BadInputError(f"{path} is not a loadable ExportedProgram ({reason(exc)})") from None
     finally:
         logging.disable(logging.NOTSET)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:200] + "…") if len(text) > 200 else (text or type(exc).__name__)

@@ -19,3 +19,9 @@ class NotConvertibleError(FcconvError):
     """The model cannot be made fully convolutional exactly (exit code 3)."""
 
     exit_code = 3
+
+
+def reason(exc: BaseException) -> str:
+    """``exc``'s message on one line and at most 200 characters (its type's name where it has none), to quote."""
+    text = " ".join(str(exc).split())
+    return (text[:200] + "…") if len(text) > 200 else (text or type(exc).__name__)

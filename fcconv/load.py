@@ -37,7 +37,7 @@ from fcconv.archive import (
     load_exported_program,
     refused_global,
 )
-from fcconv.errors import BadInputError
+from fcconv.errors import BadInputError, reason
 
 __all__ = [
     "LoadedModel",
@@ -105,11 +105,16 @@ def _check_tensor_size(shape: tuple[int, ...], text: Any) -> None:
         )
 
 
+MODEL_CARD_LIMIT = 16 << 20  # a card naming 20,000 classes is under 1 MB; larger is not read
+
+
 def read_model_card(path: Path) -> dict[str, Any]:
     """The JSON model card beside ``path`` (same stem, ``.json``), or {}."""
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         return {}
+    if card_path.stat().st_size > MODEL_CARD_LIMIT:
+        raise BadInputError(f"{card_path}: a model card of {card_path.stat().st_size:,} bytes is not a model card")
     try:
         card = json.loads(card_path.read_text())
     except (OSError, ValueError) as exc:
@@ -152,7 +157,7 @@ def _torch_load(path: Path, trust: bool) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint
-            raise BadInputError(f"{path} is not a PyTorch checkpoint ({_one_line(exc)})") from exc
+            raise BadInputError(f"{path} is not a PyTorch checkpoint ({reason(exc)})") from exc
     mmap = zipfile.is_zipfile(path)
     if mmap:
         check_archive_sizes(path, path)
@@ -166,14 +171,9 @@ def _torch_load(path: Path, trust: bool) -> Any:
                 f"{path} holds a pickled {what}, not a state_dict: unpickling it would run code from the file, "
                 "so it was not loaded; pass --trust if you trust its source, or save model.state_dict() instead"
             ) from None
-        raise BadInputError(f"{path} is not a PyTorch checkpoint ({_one_line(exc)})") from None
+        raise BadInputError(f"{path} is not a PyTorch checkpoint ({reason(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign files all end here
-        raise BadInputError(f"{path} is not a PyTorch checkpoint ({_one_line(exc)})") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:200] + "…") if len(text) > 200 else (text or type(exc).__name__)
+        raise BadInputError(f"{path} is not a PyTorch checkpoint ({reason(exc)})") from None
 
 
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -213,7 +213,7 @@ def _import_callable(spec: str, search_dirs: Sequence[str]) -> Any:
             f"--arch {spec}: importing {module_name} tried to end the process ({_exit_text(exc)})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - report the import failure in one line
-        raise BadInputError(f"--arch {spec}: cannot import {module_name} ({_one_line(exc)})") from None
+        raise BadInputError(f"--arch {spec}: cannot import {module_name} ({reason(exc)})") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -263,7 +263,7 @@ def build_architecture(
         except SystemExit as exc:
             raise BadInputError(f"--arch {arch}: calling it tried to end the process ({_exit_text(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - user code failing is bad input
-            raise BadInputError(f"--arch {arch}: calling it failed ({_one_line(exc)})") from None
+            raise BadInputError(f"--arch {arch}: calling it failed ({reason(exc)})") from None
         if not isinstance(model, nn.Module):
             raise BadInputError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
         _refuse_deep_nesting(model, f"--arch {arch}")
@@ -477,7 +477,7 @@ def load_model(
         dtype = DTYPES[dtype]
     card = read_model_card(path)
     search_dirs = None  # --arch: the working directory
-    if not arch and ":" in str(card.get("arch", "")):
+    if not arch and isinstance(card.get("arch"), str) and ":" in card["arch"]:
         # a card's code is imported from its folder only when trusted; otherwise only installed code is
         search_dirs = [os.getcwd(), card["_dir"]] if trust else []
         shipped = code_beside(card["arch"], [card["_dir"], os.getcwd()])
@@ -628,7 +628,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise BadInputError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from None
+        raise BadInputError(f"{path} is not a readable safetensors file ({reason(exc)})") from None
     if not state:
         raise BadInputError(f"{path} holds no tensors")
     return _state_dict(state, path)

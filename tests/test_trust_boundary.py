@@ -406,6 +406,16 @@ def test_a_zip_bomb_is_refused_within_an_idle_run_s_memory(case, programs, zeros
     assert snapshot(tmp_path) == before
 
 
+def test_a_model_card_too_large_to_be_one_is_refused_unread(tmp_path):
+    shutil.copy(DIGITS, tmp_path / "model.pt")
+    with open(tmp_path / "model.json", "wb") as card:
+        card.truncate(1 << 30)  # sparse: 1 GiB that takes no disk
+    result, peak = run_measured("inspect", tmp_path / "model.pt")
+    _, idle = run_measured("inspect", DIGITS)
+    assert_refused(result, "model.json", "is not a model card")
+    assert peak < idle + (150 << 20), (peak >> 20, idle >> 20)
+
+
 # --- 6. special files ---------------------------------------------------------------------------------------
 
 
