@@ -42,6 +42,7 @@ from fcconv.errors import BadInputError, reason
 __all__ = [
     "LoadedModel",
     "build_architecture",
+    "card_architecture_refusal",
     "check_readable",
     "code_beside",
     "detect_architecture",
@@ -224,14 +225,37 @@ def _exit_text(exc: SystemExit) -> str:
     return f"sys.exit({exc.code!r})"
 
 
+# The packages of architectures a model card may name without --trust: building one of their
+# models runs only the package's own code. Any other callable (builtins:input, os:fork) is code
+# the card chose to run.
+ARCHITECTURE_PACKAGES = ("torchvision.models", "timm", "fcconv.samples")
+
+
+def card_architecture_refusal(spec: str, card_path: Path, folders: Sequence[str | Path]) -> str | None:
+    """Why the model card at ``card_path`` may not name ``spec`` (``module:callable``) without trust, or None.
+
+    A card may name an architecture of :data:`ARCHITECTURE_PACKAGES`, unless the module would
+    be found in one of ``folders`` (the checkpoint's, the working directory) instead of where
+    it is installed. Nothing is imported to find out.
+    """
+    shipped = code_beside(spec, folders)
+    if shipped is not None:
+        return f"{card_path} names Python code as the architecture ({spec}): building it would run {shipped}"
+    module = spec.partition(":")[0]
+    if not any(module == package or module.startswith(package + ".") for package in ARCHITECTURE_PACKAGES):
+        return (
+            f"{card_path} names Python code as the architecture ({spec}), not a torchvision or timm "
+            "architecture: calling it could do anything"
+        )
+    return None
+
+
 def code_beside(spec: str, folders: Sequence[str | Path]) -> Path | None:
     """The file in one of ``folders`` that importing ``spec``'s module would run, or None.
 
-    A model card that names ``module:callable`` runs that module when it is imported. Code
-    already imported (fcconv itself, torch, the standard library) or installed elsewhere
-    (torchvision, timm) is the user's own; a module found in the checkpoint's folder or
-    the working directory came with the files, and runs only when the user trusts them.
-    Nothing is imported to find out.
+    Code already imported (fcconv itself, torch, the standard library) is not looked for
+    again; a module found in the checkpoint's folder or the working directory came with
+    the files.
     """
     top = spec.partition(":")[0].split(".")[0]
     if not top or top in sys.modules:
@@ -480,12 +504,10 @@ def load_model(
     if not arch and isinstance(card.get("arch"), str) and ":" in card["arch"]:
         # a card's code is imported from its folder only when trusted; otherwise only installed code is
         search_dirs = [os.getcwd(), card["_dir"]] if trust else []
-        shipped = code_beside(card["arch"], [card["_dir"], os.getcwd()])
-        if shipped is not None and not trust:
+        refusal = card_architecture_refusal(card["arch"], path.with_suffix(".json"), [card["_dir"], os.getcwd()])
+        if refusal is not None and not trust:
             raise BadInputError(
-                f"{path.with_suffix('.json')} names Python code as the architecture ({card['arch']}): running it "
-                f"would run {shipped}, so it was not run; pass --trust if you trust its source, or name the "
-                "architecture with --arch"
+                f"{refusal}; it was not run: pass --trust if you trust its source, or name the architecture with --arch"
             )
     arch = arch or card.get("arch")
     if input_shape is None and "input_shape" in card:

@@ -1,8 +1,8 @@
 """Architectures of the sample classifiers in ``sample_models/``.
 
-They live in the package so that the samples' model cards name installed code
-(``fcconv.samples:DigitsLeNet``), which a card may name without ``--trust``; a card that
-names a module lying beside the checkpoint is refused unless trusted.
+They live in the package so that the samples' model cards (``fcconv.samples:DigitsLeNet``)
+name an architecture fcconv builds without ``--trust``, as it builds torchvision's; a card
+that names a module lying beside the checkpoint is refused unless trusted.
 """
 
 import torch

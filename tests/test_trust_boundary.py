@@ -299,14 +299,21 @@ def test_a_card_may_name_installed_architectures(arch, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("where", ["--arch", "card"])
+@pytest.mark.parametrize("arch", ["builtins:input", "os:fork", "sys:exit", "torchvision.ops:nms"])
+def test_a_card_naming_any_other_installed_callable_is_refused_without_trust(arch, tmp_path):
+    """Installed code is not harmless when a card chooses what to call: input() blocks, fork() doubles the run."""
+    folder = _card_folder(tmp_path, arch)
+    assert_refused(run("convert", folder / "model.pt"), arch, "not a torchvision or timm architecture", "--trust")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.pt"]
+
+
+@pytest.mark.parametrize("where", ["--arch", "trusted card"])
 @pytest.mark.parametrize("callable_", ["sys:exit", "builtins:quit", "os:abort"])
 def test_a_callable_that_ends_the_process_never_exits_0_without_output(where, callable_, tmp_path):
-    folder = _card_folder(tmp_path, callable_ if where == "card" else "fcconv.samples:DigitsLeNet")
-    extra = ["--arch", callable_] if where == "--arch" else []
+    folder = _card_folder(tmp_path, callable_ if where == "trusted card" else "fcconv.samples:DigitsLeNet")
+    extra = ["--arch", callable_] if where == "--arch" else ["--trust"]
     result = run("convert", folder / "model.pt", *extra)
     assert result.returncode != 0, result.stdout
-    assert not (folder / "model.fcn.onnx").exists()
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.pt"]
     if callable_ != "os:abort":  # abort kills the process with SIGABRT: no line, but never exit 0
         assert_refused(result, callable_, "end the process")
