@@ -254,14 +254,17 @@ def weights_only_unpickling() -> Iterator[None]:
 
 
 def load_exported_program(path: str | Path, *, trust: bool = False) -> Any:
-    """``torch.export.load(path)``, after :func:`check_exported_program` unless ``trust``.
+    """``torch.export.load(path)``, after :func:`check_exported_program` unless ``trust`` (the sizes its members
+    claim are checked either way, :func:`check_archive_sizes`).
 
     Raises :class:`BadInputError` in one line for an archive that is refused or cannot be loaded.
     """
     import logging
 
     guard: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if not trust:
+    if trust:
+        check_archive_sizes(path, path)
+    else:
         check_exported_program(path)
         guard = weights_only_unpickling()
     logging.disable(logging.CRITICAL)  # torch.export.load logs a traceback for some corrupted archives

@@ -154,14 +154,14 @@ def _special_file_kind(mode: int) -> str:
 
 
 def _torch_load(path: Path, trust: bool) -> Any:
+    mmap = zipfile.is_zipfile(path)
+    if mmap:  # trusted or not: a zip bomb is no checkpoint
+        check_archive_sizes(path, path)
     if trust:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint
             raise BadInputError(f"{path} is not a PyTorch checkpoint ({reason(exc)})") from exc
-    mmap = zipfile.is_zipfile(path)
-    if mmap:
-        check_archive_sizes(path, path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:

@@ -413,6 +413,17 @@ def test_a_zip_bomb_is_refused_within_an_idle_run_s_memory(case, programs, zeros
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", ["checkpoint", "pt2"])
+def test_trust_never_lifts_the_size_bounds(kind, programs, zeros_deflated, tmp_path):
+    if kind == "checkpoint":
+        bomb = with_bomb(DIGITS, tmp_path / "bomb.pt", "digits_lenet/data.pkl", zeros_deflated)
+    else:
+        root, _ = _members(programs["original"])
+        member = f"{root}/data/sample_inputs/model.pt"
+        bomb = with_bomb(programs["original"], tmp_path / "bomb.pt2", member, zeros_deflated)
+    assert_refused(run("inspect", bomb, "--trust", "--arch", "fcconv.samples:DigitsLeNet"), str(bomb), "zip bomb")
+
+
 def test_a_model_card_too_large_to_be_one_is_refused_unread(tmp_path):
     shutil.copy(DIGITS, tmp_path / "model.pt")
     with open(tmp_path / "model.json", "wb") as card:
