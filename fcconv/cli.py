@@ -487,9 +487,10 @@ def _convert_onnx(
     model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool, logits: bool, until: str | None
 ) -> None:
     """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
-    from fcconv.export import append_metadata, external_data_path, probe_metadata, staged_onnx
+    from fcconv.export import append_metadata, external_data_path, probe_metadata
     from fcconv.onnx_rewrite import write_onnx
     from fcconv.render import rewrite_table
+    from fcconv.staging import staged_onnx
 
     classifier, conversion = _rewrite_onnx_file(model, input_shape, logits, until)
     if conversion.layers:
@@ -532,9 +533,10 @@ def _convert_to_pytorch(models: dict, target: Path, metadata, sizes, rtol, atol,
     before ``--logits``/``--until`` ended it) and ``conversion``; it is emptied here,
     so that the models are freed before a program is read back beside them.
     """
-    from fcconv.export import fcconv_metadata, output_channels_metadata, probe_metadata, staged_onnx
+    from fcconv.export import fcconv_metadata, output_channels_metadata, probe_metadata
     from fcconv.grid import probe_output_grid
     from fcconv.outputs import named_outputs
+    from fcconv.staging import staged_onnx
     from fcconv.torch_export import ProgramModel, export_program, rebuild, save_program, save_weights
 
     loaded, as_loaded, conversion = models.pop("loaded"), models.pop("as_loaded"), models.pop("conversion")
@@ -675,11 +677,11 @@ def convert(
         file_sha256,
         inline_external_data,
         probe_metadata,
-        staged_onnx,
     )
     from fcconv.heatmap import card_metadata
     from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
+    from fcconv.staging import staged_onnx
     from fcconv.verify import default_sizes, refuse_sizes_beyond_memory
 
     if head_format not in HEAD_FORMATS:
@@ -1138,11 +1140,11 @@ def heatmap(
     """
     import numpy as np
 
-    from fcconv.export import staged_paths
     from fcconv.figure import heatmap_figure, write_png
     from fcconv.heatmap import load_dense_model, read_picture, score_map
     from fcconv.load import parse_input_shape
     from fcconv.render import peaks_table, verification_table
+    from fcconv.staging import staged_paths
 
     if class_names and top is not None:
         raise BadInputError("--class and --top choose the panels two ways; give one of them")

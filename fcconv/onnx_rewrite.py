@@ -1751,9 +1751,9 @@ def write_onnx(
         external_data_path,
         fcconv_metadata,
         output_channels_metadata,
-        staged_path,
     )
     from fcconv.grid import probe_output_grid
+    from fcconv.staging import staged_path
 
     path = Path(path)
     model = conversion.model

@@ -193,7 +193,7 @@ def _failure_details(check: dict[str, Any]) -> str:
 
 def write_report(document: dict[str, Any], json_path: Path | None = None, junit_path: Path | None = None) -> None:
     """Write ``document`` as JSON and/or JUnit XML, each file renamed into place once complete."""
-    from fcconv.export import staged_path
+    from fcconv.staging import staged_path
 
     if json_path is not None:
         with staged_path(json_path) as tmp:

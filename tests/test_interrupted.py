@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from fcconv.export import external_data_path, staged_onnx, staged_path
+from fcconv.export import external_data_path
+from fcconv.staging import staged_onnx, staged_path
 
 SAMPLE = REPO / "sample_models" / "digits_lenet.pt"
 
