@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from functools import wraps
@@ -19,6 +17,7 @@ from rich.console import Console
 
 from fcconv import __version__
 from fcconv.errors import BadInputError, FcconvError
+from fcconv.staging import Terminated, terminations_raised
 
 app = typer.Typer(
     add_completion=False,
@@ -171,47 +170,6 @@ class _Screen:
 screen = _Screen()
 
 
-STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised where the command is, so that it unwinds as Ctrl-C does: its staging removed.
-
-    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way takes it for a failure.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _terminations_raised() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process at once.
-
-    Only signals left at their default action are taken over (a SIGHUP that ``nohup`` ignores stays
-    ignored), and their handlers are put back afterwards. Once one has arrived both are ignored, so that
-    a second one cannot cut the clean-up short.
-    """
-    if threading.current_thread() is not threading.main_thread():  # Python handles signals in the main thread only
-        yield
-        return
-    taken = [s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
-
-    def terminate(signum: int, frame: Any) -> None:
-        for s in taken:
-            signal.signal(s, signal.SIG_IGN)
-        raise Terminated(signum)
-
-    for s in taken:
-        signal.signal(s, terminate)
-    try:
-        yield
-    finally:
-        for s in taken:
-            signal.signal(s, signal.SIG_DFL)
-
-
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line on stderr and the documented exit code.
 
@@ -226,7 +184,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         debug = kwargs.get("debug", False)
         screen.quiet = bool(kwargs.get("quiet", False))
         try:
-            with warnings.catch_warnings(), _terminations_raised():
+            with warnings.catch_warnings(), terminations_raised():
                 if not debug:
                     warnings.simplefilter("ignore")
                 return command(*args, **kwargs)
@@ -272,7 +230,7 @@ def one_line(text: str) -> str:
 
 
 def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
-    from fcconv.load import INPUT_BATCH, MAX_TENSOR_ELEMENTS
+    from fcconv.load import check_tensor_size
 
     if not text:
         return None
@@ -284,10 +242,7 @@ def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
             raise BadInputError(f"--sizes {text!r}: {item!r} is not a size like 224x224") from None
         if not size or any(s <= 0 for s in size):
             raise BadInputError(f"--sizes {text!r}: {item!r} is not a positive size")
-        if INPUT_BATCH * math.prod(size) > MAX_TENSOR_ELEMENTS:  # too large whatever the channel count
-            raise BadInputError(
-                f"--sizes {text!r}: {item!r} is larger than any tensor can be (a tensor holds at most 2^63 - 1 values)"
-            )
+        check_tensor_size(size, f"--sizes {text!r}: {item!r}")  # too large whatever the channel count
         sizes.append(size)
     return sizes
 

@@ -44,6 +44,7 @@ __all__ = [
     "build_architecture",
     "card_architecture_refusal",
     "check_readable",
+    "check_tensor_size",
     "code_beside",
     "detect_architecture",
     "load_model",
@@ -87,7 +88,7 @@ def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...
         raise BadInputError(f"--input-shape {text!r} is not a list of integers like 3,224,224") from None
     if not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape):
         raise BadInputError(f"--input-shape {text!r} must be C,L or C,H,W or C,D,H,W with positive sizes")
-    _check_tensor_size(shape, text)
+    check_tensor_size(shape, f"--input-shape {text!r}")
     return shape
 
 
@@ -96,12 +97,15 @@ MAX_TENSOR_ELEMENTS = 2**63 - 1
 INPUT_BATCH = 2
 
 
-def _check_tensor_size(shape: tuple[int, ...], text: Any) -> None:
-    """Refuse an input shape no tensor can have: a batch of two such inputs holds more than 2^63 - 1 values."""
+def check_tensor_size(shape: Sequence[int], what: str) -> None:
+    """Refuse an input shape no tensor can have: a batch of two such inputs holds more than 2^63 - 1 values.
+
+    ``shape`` is a per-sample shape (C, H, W) or, for ``--sizes``, its spatial part alone.
+    """
     values = INPUT_BATCH * math.prod(shape)
     if values > MAX_TENSOR_ELEMENTS:
         raise BadInputError(
-            f"--input-shape {text!r} is larger than any tensor can be: a batch of two such inputs holds "
+            f"{what} is larger than any tensor can be: a batch of two such inputs holds "
             f"{values:.2e} values, more than the 2^63 - 1 a tensor can hold"
         )
 

@@ -24,7 +24,15 @@ try:
 except ImportError:  # Windows has none: staging is then never taken for abandoned
     fcntl = None
 
-__all__ = ["remove_abandoned_staging", "signals_held", "staged_onnx", "staged_path", "staged_paths"]
+__all__ = [
+    "Terminated",
+    "remove_abandoned_staging",
+    "signals_held",
+    "staged_onnx",
+    "staged_path",
+    "staged_paths",
+    "terminations_raised",
+]
 
 
 # A staging file or folder is named .TARGET.fcconv-PID-RANDOM.staging: the process that owns it, and a mark
@@ -195,3 +203,44 @@ def signals_held() -> Iterator[None]:
             signal.signal(signum, handler)
         for signum in held:
             signal.raise_signal(signum)
+
+
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the command is, so that it unwinds as Ctrl-C does: its staging removed.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way takes it for a failure.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminations_raised() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process at once.
+
+    Only signals left at their default action are taken over (a SIGHUP that ``nohup`` ignores stays
+    ignored), and their handlers are put back afterwards. Once one has arrived both are ignored, so that
+    a second one cannot cut the clean-up short.
+    """
+    if threading.current_thread() is not threading.main_thread():  # Python handles signals in the main thread only
+        yield
+        return
+    taken = [s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
+
+    def terminate(signum: int, frame: Any) -> None:
+        for s in taken:
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for s in taken:
+        signal.signal(s, terminate)
+    try:
+        yield
+    finally:
+        for s in taken:
+            signal.signal(s, signal.SIG_DFL)

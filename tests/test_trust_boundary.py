@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from test_cli import Hostile  # a pickle that runs ``touch MARKER`` when it is loaded
 
 from fcconv.errors import BadInputError
 
@@ -50,16 +51,6 @@ def assert_refused(result, *expected):
 
 def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
-
-
-class Hostile:
-    """A pickle that runs ``touch MARKER`` when it is loaded."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def torch_saved(obj) -> bytes:
