@@ -126,7 +126,7 @@ def test_the_export_records_every_field_with_the_samples_values(sample_export):
 
 
 def documented_weights_digest(initializers):
-    """The digest as the README defines it, computed here independently of fcconv.weights_digest."""
+    """The digest as docs/metadata.md defines it, computed here independently of fcconv.weights_digest."""
 
     def field(data):
         return len(data).to_bytes(8, "little") + data

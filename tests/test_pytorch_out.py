@@ -91,7 +91,7 @@ def test_the_safetensors_holds_the_first_layer_as_a_kernel_and_the_readme_recipe
     assert state["classifier.0.weight"].shape == (16, 8, 7, 7)
     assert state["classifier.2.weight"].shape == (10, 16, 1, 1)
 
-    # The README's recipe, with TinyVGG for vgg16.
+    # The recipe of docs/pytorch-out.md, with TinyVGG for vgg16.
     fcn = fcconv.convert(TinyVGG(), (3, 224, 224))
     fcn.load_state_dict(safetensors.torch.load_file(weights_path))
 
@@ -192,12 +192,12 @@ def test_a_model_whose_program_cannot_have_free_spatial_axes_is_refused(tmp_path
 
 
 def test_the_readme_recipe_rebuilds_vgg16_from_its_safetensors(tmp_path, monkeypatch):
-    """The README's one line, as written there, on a .safetensors of a converted torchvision vgg16."""
+    """The one line of docs/pytorch-out.md, as written there, on a .safetensors of a converted torchvision vgg16."""
     import torchvision
 
     from fcconv.torch_export import save_weights
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "pytorch-out.md").read_text()
     (recipe,) = [
         line for line in readme.splitlines() if line.startswith("fcn = fcconv.convert(torchvision.models.vgg16()")
     ]
@@ -207,7 +207,7 @@ def test_the_readme_recipe_rebuilds_vgg16_from_its_safetensors(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
 
     scope = {"fcconv": fcconv, "torchvision": torchvision, "safetensors": safetensors}
-    exec(recipe, scope)  # noqa: S102 - the README's own line
+    exec(recipe, scope)  # noqa: S102 - the documentation's own line
 
     fcn = scope["fcn"]
     assert fcn.get_submodule("classifier.0").weight.shape == (4096, 512, 7, 7)
