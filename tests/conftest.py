@@ -9,7 +9,10 @@ import torchvision
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-sys.path.insert(0, str(TESTS))
+# The shared helpers (custom_models, generated_classifiers) live here, the tests in one folder per promise; a few
+# tests import a helper from a test module in another folder (test_cli's Hostile pickle), so every folder is on the path.
+FOLDERS = sorted(folder for folder in TESTS.iterdir() if folder.is_dir() and any(folder.glob("test_*.py")))
+sys.path[:0] = [str(TESTS), *map(str, FOLDERS)]
 
 torch.set_num_threads(2)
 # The torchvision signature table is built once per test session, not read from the user's cache.

@@ -545,7 +545,7 @@ def test_a_trunk_or_collapse_with_no_size_free_form_exits_3_naming_the_node(tmp_
 
 def test_several_outputs_and_a_channels_last_input_convert(tmp_path):
     """Two outputs, one the other's input, each (N, K, h, w); a channels-last input stays N×H×W×C, its output
-    (N, h, w, K). tests/test_keras_onnx.py holds the Keras-style graphs in full."""
+    (N, h, w, K). tests/heads/test_keras_onnx.py holds the Keras-style graphs in full."""
     rng = np.random.default_rng(0)
     weights = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
                "fc": rng.standard_normal((5, 320)).astype(np.float32)}  # fmt: skip

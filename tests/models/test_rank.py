@@ -2,15 +2,14 @@
 
 A Linear after the flatten of a (C, L) map is a Conv1d whose kernel is L, after a (C, D, H, W)
 map a Conv3d whose kernel is D×H×W, and every later Linear a pointwise convolution of the same
-rank. Checked here: the properties of tests/test_properties.py on hypothesis-generated 1D and 3D
-classifiers (fewer and smaller examples), the layers carried over around the head in each rank,
-a hand-written signal (1×1000) and volume (1×64×64×64) classifier, torchvision's video
-classifiers, and the command line with 1D and 3D models.
+rank. Checked here: the layers carried over around the head in each rank, a hand-written signal
+(1×1000) and volume (1×64×64×64) classifier, torchvision's video classifiers, and the command
+line with 1D and 3D models. The properties of generated classifiers, stated once for every rank,
+are tests/contract/test_properties.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import subprocess
 import sys
@@ -22,21 +21,7 @@ import torch
 import torchvision
 from conftest import TESTS, seeded
 from custom_models import SignalClassifier, VolumeClassifier
-from generated_classifiers import (
-    ACTIVATIONS,
-    CONV,
-    FLATTENS,
-    POOL,
-    Conv,
-    Dense,
-    Description,
-    Pool,
-    build,
-    draw_head,
-    feature_side,
-)
-from hypothesis import HealthCheck, assume, example, given, settings
-from hypothesis import strategies as st
+from generated_classifiers import CONV, POOL
 from test_properties import assert_within_tolerance
 from torch import nn
 
@@ -55,176 +40,9 @@ ADAPTIVE_POOL = {
     ("avg", 3): nn.AdaptiveAvgPool3d, ("max", 3): nn.AdaptiveMaxPool3d,
 }  # fmt: skip
 
-RANK_EXAMPLES = 12
-"""Generated classifiers per property (derandomized; 1D and 3D drawn alike, two fixed examples besides)."""
-
-RANK_PROPERTY = settings(
-    max_examples=RANK_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-SIDES = {1: (16, 120), 3: (6, 16)}  # the native size's range per axis
-KERNELS = {1: 9, 3: 3}  # the largest kernel per axis
-STRIDES = {1: 3, 3: 2}  # the largest stride per axis
-
 
 def checks(report):
     return [(c.input_size, c.reference, c.max_rel, c.message) for c in report.checks]
-
-
-# --- generated 1D and 3D classifiers ---------------------------------------------------------------
-
-
-def random_input(description: Description, size: tuple[int, ...], batch: int = 2) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(description.seed + 1)
-    return torch.randn((batch, description.in_channels, *size), generator=generator)
-
-
-def per_axis(rank: int, low: int, high: int) -> st.SearchStrategy[tuple[int, ...]]:
-    return st.tuples(*[st.integers(low, high)] * rank)
-
-
-@st.composite
-def descriptions(draw, rank: int, may_pad: bool = True) -> Description:
-    """A classifier description of ``rank`` whose feature map is not empty at its native size."""
-    trunk: list[Conv | Pool] = []
-    for _ in range(draw(st.integers(1, 3))):
-        kernel = draw(per_axis(rank, 1, KERNELS[rank]))
-        padding = tuple(draw(st.integers(0, k // 2)) for k in kernel) if may_pad else (0,) * rank
-        stride = draw(per_axis(rank, 1, STRIDES[rank]))
-        trunk.append(Conv(draw(st.integers(2, 6)), kernel, stride, padding, draw(st.booleans())))
-        if draw(st.booleans()):
-            pool_kernel = draw(per_axis(rank, 2, 3))
-            pool_stride = draw(st.sampled_from([(1,) * rank, (2,) * rank, pool_kernel]))
-            trunk.append(Pool(draw(st.sampled_from(["max", "avg"])), pool_kernel, pool_stride))
-    trunk_ = tuple(trunk)
-    low, high = SIDES[rank]
-    # the smallest side with a non-empty map, so that few draws are rejected
-    smallest = [next((s for s in range(1, high + 1) if feature_side(trunk_, s, a) >= 1), None) for a in range(rank)]
-    assume(None not in smallest)
-    size = tuple(draw(st.integers(max(low, s), high)) for s in smallest)
-    head = draw_head(draw)
-    description = Description(
-        in_channels=draw(st.integers(1, 3)),
-        size=size,
-        trunk=trunk_,
-        flatten=draw(st.sampled_from(FLATTENS)),
-        on_window=tuple(draw(st.lists(st.sampled_from([*ACTIVATIONS, "Dropout"]), max_size=1))),
-        head=head,
-        seed=draw(st.integers(0, 2**16)),
-    )
-    assume(min(description.feature_size(size)) >= 1)
-    return description
-
-
-def any_rank(may_pad: bool = True) -> st.SearchStrategy[Description]:
-    return st.sampled_from(RANKS).flatmap(lambda rank: descriptions(rank, may_pad))
-
-
-# Always run, whatever hypothesis draws: BatchNorm1d between Linears, a view flatten, a non-cubic volume.
-SIGNAL_EXAMPLE = Description(
-    in_channels=2,
-    size=(97,),
-    trunk=(Conv(6, (7,), (2,), (0,), True), Pool("max", (3,), (3,)), Conv(4, (5,), (1,), (0,), True)),
-    flatten="x.view(x.size(0), -1)",
-    on_window=("Dropout",),
-    head=(Dense(12, False, True, "GELU", 0.5), Dense(9, True, True, "Tanh", None), Dense(5, True, False, None, None)),
-    seed=7,
-)
-VOLUME_EXAMPLE = Description(
-    in_channels=1,
-    size=(11, 13, 16),
-    trunk=(Conv(4, (3, 3, 3), (1, 2, 1), (0, 0, 0), True), Pool("avg", (2, 2, 2), (2, 2, 2)),
-           Conv(5, (2, 1, 3), (1, 1, 2), (0, 0, 0), True)),
-    flatten="nn.Flatten()",
-    on_window=(),
-    head=(Dense(8, True, True, "ReLU", None), Dense(3, False, False, None, None)),
-    seed=11,
-)  # fmt: skip
-
-
-def larger_sizes(description: Description) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A size that is the native one plus whole strides along every axis (so crops line up), and an odd one."""
-    steps = (3,) if description.rank == 1 else (1, 2, 1)
-    aligned = tuple(n + k * s for n, k, s in zip(description.size, steps, description.stride))
-    return aligned, tuple(2 * n + 1 for n in description.size)
-
-
-@RANK_PROPERTY
-@example(SIGNAL_EXAMPLE)
-@example(VOLUME_EXAMPLE)
-@given(any_rank())
-def test_at_the_native_size_the_output_equals_the_original(description):
-    model = build(description)
-    converted = fcconv.rewrite(model, (description.in_channels, *description.size)).module
-    x = random_input(description, description.size, batch=3)
-    with torch.no_grad():
-        expected, actual = model(x), converted(x)
-    assert actual.shape == (3, description.head[-1].width, *(1,) * description.rank)
-    assert_within_tolerance(actual.flatten(1), expected)
-
-
-@RANK_PROPERTY
-@example(SIGNAL_EXAMPLE)
-@example(VOLUME_EXAMPLE)
-@given(any_rank())
-def test_larger_inputs_pass_verification_with_the_map_the_geometry_predicts(description):
-    model = build(description)
-    shape = (description.in_channels, *description.size)
-    conversion = fcconv.rewrite(model, shape)
-    geometry = conversion.geometry
-    native_features = description.feature_size(description.size)
-    assert geometry.feature_shape == (description.channels, *native_features)
-    assert geometry.window == native_features and geometry.stride == (1,) * description.rank
-
-    sizes = larger_sizes(description)
-    report = fcconv.verify(model, conversion.module, shape, sizes=sizes, conversion=conversion)
-    assert report.passed, checks(report)
-    for size, check in zip(sizes, report.checks):
-        positions = tuple(f - k + 1 for f, k in zip(description.feature_size(size), geometry.window))
-        assert check.output_shape == (2, description.head[-1].width, *positions)
-
-
-@RANK_PROPERTY
-@example(SIGNAL_EXAMPLE)
-@example(VOLUME_EXAMPLE)
-@given(any_rank(may_pad=False))
-def test_without_padding_each_position_is_the_original_run_on_its_crop(description):
-    # Independent of fcconv's sliding-window reference: an unpadded trunk sees the same
-    # samples in a crop taken at a multiple of its total stride as in the whole input.
-    assert not description.padded
-    model = build(description)
-    converted = fcconv.convert(model, (description.in_channels, *description.size))
-    size = larger_sizes(description)[0]
-    x = random_input(description, size)
-    positions = [(s - n) // step + 1 for s, n, step in zip(size, description.size, description.stride)]
-    with torch.no_grad():
-        scores = converted(x)
-        assert scores.shape == (2, description.head[-1].width, *positions)
-        for index in itertools.product(*map(range, positions)):
-            crop = tuple(
-                slice(i * step, i * step + n) for i, step, n in zip(index, description.stride, description.size)
-            )
-            assert_within_tolerance(scores[(slice(None), slice(None), *index)], model(x[(..., *crop)]))
-
-
-@RANK_PROPERTY
-@example(SIGNAL_EXAMPLE)
-@example(VOLUME_EXAMPLE)
-@given(any_rank())
-def test_every_converted_linear_is_a_convolution_of_the_maps_rank_the_first_covering_it(description):
-    model = build(description)
-    rank = description.rank
-    conversion = fcconv.rewrite(model, (description.in_channels, *description.size))
-    linears = [f"classifier.fc{i}" for i in range(1, len(description.head) + 1)]
-    assert [layer.name for layer in conversion.layers] == linears
-    state = conversion.module.state_dict()
-    assert not [name for name, value in state.items() if value.dim() == 2]  # no Linear weight is left
-    weights = [state[f"{name}.weight"] for name in linears]
-    assert all(weight.dim() == rank + 2 for weight in weights)
-    assert all(isinstance(conversion.module.get_submodule(name), CONV[rank]) for name in linears)
-    assert tuple(weights[0].shape[2:]) == description.feature_size(description.size)
-    assert all(tuple(weight.shape[2:]) == (1,) * rank for weight in weights[1:])
-    for layer in conversion.layers:
-        assert layer.after.startswith(f"Conv{rank}d(")
 
 
 # --- the layers around the head, in 1D and 3D -------------------------------------------------------
