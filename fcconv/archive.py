@@ -11,7 +11,7 @@ are not plain tensors, weights and constants marked ``use_pickle``, legacy weigh
 opaque objects), which runs code from the file. :func:`check_exported_program` lists those
 members the way torch's own loader finds them, through torch's own archive reader and its
 own reading of the payload configs, and requires each to load with ``weights_only=True``
-whatever its first bytes. ``tests/test_trust_boundary.py`` pins this list against what the
+whatever its first bytes. ``tests/io/test_trust_boundary.py`` pins this list against what the
 installed torch actually unpickles.
 """
 
