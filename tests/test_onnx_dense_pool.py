@@ -169,11 +169,13 @@ def test_a_channels_last_model_pools_to_n_by_k_and_its_dense_map_stays_channels_
         report = verify_onnx(classifier, conversion.model, conversion, sizes=[(12, 10), (15, 13)])
         assert report.passed, report.checks
         assert report.checks[-1].output_shape == shape
-    out = tmp_path / "pooled.onnx"
-    converts(source, "-o", out, "--dense", "--pool", pool, "--sizes", "12x10,15x13")
-    assert metadata(out)["fcconv.num_classes"] == "5" and metadata(out)["fcconv.layout"] == "nhwc"
-    checked = cli("check", out, "--sizes", "12x10,15x13")
-    assert checked.exit_code == 0, checked.stderr + checked.stdout
+    for options, mode in ((["--dense"], "map"), (["--dense", "--pool", pool], "pooled")):
+        out = tmp_path / f"{mode}.onnx"
+        converts(source, "-o", out, *options, "--sizes", "12x10,15x13")
+        meta = metadata(out)
+        assert meta["fcconv.num_classes"] == "5" and meta["fcconv.layout"] == "nhwc" and meta["fcconv.mode"] == mode
+        checked = cli("check", out, "--sizes", "12x10,15x13")  # the probe output recorded is the converted model's
+        assert checked.exit_code == 0, checked.stderr + checked.stdout
 
 
 def test_pool_ends_each_of_several_outputs_with_its_own_pooling(tmp_path):
