@@ -381,9 +381,11 @@ def _refuse_for_onnx(**given: Any) -> None:
             raise BadInputError(f"--{flag.replace('_', '-')} does not apply to an ONNX model")
 
 
-def _rewrite_onnx_file(path: Path, input_shape: str | None, logits: bool = False, until: str | None = None):
-    """Read an ONNX classifier, cut it as ``--logits``/``--until`` ask, and rewrite its head, with progress lines;
-    returns the (cut) classifier and its conversion."""
+def _rewrite_onnx_file(
+    path: Path, input_shape: str | None, logits: bool = False, until: str | None = None, dense=False, pool=None
+):
+    """Read an ONNX classifier, cut it as ``--logits``/``--until`` ask, and rewrite its head (``--dense``,
+    ``--pool``), with progress lines; returns the (cut) classifier and its conversion."""
     from fcconv.load import parse_input_shape
     from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx, truncate_onnx_classifier
 
@@ -392,7 +394,7 @@ def _rewrite_onnx_file(path: Path, input_shape: str | None, logits: bool = False
         classifier = load_onnx_classifier(path, shape)
         classifier = truncate_onnx_classifier(classifier, logits=logits, until=until)
     with screen.status("Rewriting the head…"):
-        conversion = rewrite_onnx(classifier)
+        conversion = rewrite_onnx(classifier, dense=dense, pool=pool)
     return classifier, conversion
 
 
@@ -408,17 +410,11 @@ def _onnx_references(classifier, conversion, sizes, rtol, atol):
         )  # fmt: skip
 
 
-def _onnx_probe_output(classifier):
-    """The input ONNX model's outputs on :func:`~fcconv.verify.probe_input`, each as the converted map's
-    (1, K, 1, ...), channels-first whatever the layout."""
-    from fcconv.onnx_verify import OnnxRunner
-    from fcconv.outputs import like, named_outputs
-    from fcconv.verify import probe_input
+def _onnx_probe_output(classifier, conversion):
+    """What the converted model must answer on :func:`~fcconv.verify.probe_input`, channels-first."""
+    from fcconv.onnx_verify import onnx_probe_output
 
-    runner = OnnxRunner(classifier.model, nhwc_input=classifier.layout == "nhwc")
-    out = runner(probe_input(classifier.input_shape, runner.dtype))
-    spatial = (1,) * (len(classifier.input_shape) - 1)
-    return like(out, [value.reshape(*value.shape, *spatial) for _, value in named_outputs(out)])
+    return onnx_probe_output(classifier, conversion)
 
 
 def _show_onnx_head(conversion, show: Callable[..., None]) -> None:
@@ -439,21 +435,24 @@ def _show_onnx_head(conversion, show: Callable[..., None]) -> None:
 
 
 def _convert_onnx(
-    model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool, logits: bool, until: str | None
-) -> None:
+    model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool, logits: bool, until: str | None,
+    dense: bool = False, pool: str | None = None,
+) -> None:  # fmt: skip
     """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
     from fcconv.export import append_metadata, external_data_path, probe_metadata
     from fcconv.onnx_rewrite import write_onnx
     from fcconv.render import rewrite_table
     from fcconv.staging import staged_onnx
 
-    classifier, conversion = _rewrite_onnx_file(model, input_shape, logits, until)
+    classifier, conversion = _rewrite_onnx_file(model, input_shape, logits, until, dense, pool)
     if conversion.layers:
         title = f"{model.name} (ONNX, opset {classifier.opset}): rewritten layers"
         screen.show(rewrite_table(conversion, title=title))
     _print_trunk(conversion, linear=ONNX_LINEAR)
     for item in conversion.removed:
         screen.show(f"  removed: {item}", markup=False)
+    if pool is not None:
+        screen.show(f"  appended: global {pool} pooling of the score map (output N×K at any size)", markup=False)
     if conversion.layout == "nhwc" or len(conversion.outputs) > 1:
         _show_onnx_head(conversion, screen.show)
     with staged_onnx(target) as staged:
@@ -461,7 +460,7 @@ def _convert_onnx(
             write_onnx(conversion, staged, source=model, external_data=external_data or None)
         data_file = external_data_path(staged).exists()
         references = _onnx_references(classifier, conversion, sizes, rtol, atol)
-        append_metadata(staged, probe_metadata(_onnx_probe_output(classifier)))
+        append_metadata(staged, probe_metadata(_onnx_probe_output(classifier, conversion)))
         layout = conversion.layout
         del classifier, conversion
         _release_memory()
@@ -665,10 +664,10 @@ def convert(
         if pytorch_out:
             raise BadInputError(f"-o {target}: an ONNX classifier is converted to ONNX only; name the output NAME.onnx")
         _refuse_for_onnx(
-            arch=arch, dense=dense, pool=pool, pointwise=pointwise, head_format=head_format != "conv",
-            device=device != "cpu", dtype=dtype, trust=trust,
+            arch=arch, pointwise=pointwise, head_format=head_format != "conv", device=device != "cpu", dtype=dtype,
+            trust=trust,
         )  # fmt: skip
-        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data, logits, until)
+        _convert_onnx(model, target, input_shape, check_sizes, rtol, atol, external_data, logits, until, dense, pool)
         return
     loaded = _load(model, arch, input_shape, trust, dtype)
     with screen.status("Rewriting the head…"):
@@ -809,7 +808,6 @@ def verify(
         meta = exported.metadata
     if input_shape is None and "fcconv.input_shape" in meta:
         input_shape = meta["fcconv.input_shape"]
-    given_dense, given_pool = dense, pool
     if dense is None:
         dense = meta.get("fcconv.dense", "false") == "true"
     if pool is None:
@@ -824,17 +822,8 @@ def verify(
             raise BadInputError(
                 f"{onnx_model} was written for PyTorch: its reference is a PyTorch checkpoint, not ONNX"
             )
-        _refuse_for_onnx(
-            arch=arch, dense=given_dense, pool=given_pool not in (None, "none"), device=device != "cpu", dtype=dtype,
-            trust=trust,
-        )  # fmt: skip
-        if dense or pool:
-            how = "--dense" if dense else f"--pool {pool}"
-            raise BadInputError(
-                f"{onnx_model} was converted with {how} (its metadata says so), which an ONNX classifier is not: "
-                f"it cannot have come from {reference}"
-            )
-        classifier, conversion = _rewrite_onnx_file(reference, input_shape, logits, until)
+        _refuse_for_onnx(arch=arch, device=device != "cpu", dtype=dtype, trust=trust)
+        classifier, conversion = _rewrite_onnx_file(reference, input_shape, logits, until, dense, pool)
         references = _onnx_references(classifier, conversion, check_sizes, rtol, atol)
         native_shape = classifier.input_shape
         from fcconv.onnx_verify import converted_runner
@@ -986,8 +975,8 @@ def inspect(
 
     _check_pool(pool)
     if _is_onnx(model):
-        _refuse_for_onnx(arch=arch, dense=dense, pool=pool, pointwise=pointwise, dtype=dtype, trust=trust)
-        _, conversion = _rewrite_onnx_file(model, input_shape, logits, until)
+        _refuse_for_onnx(arch=arch, pointwise=pointwise, dtype=dtype, trust=trust)
+        _, conversion = _rewrite_onnx_file(model, input_shape, logits, until, dense, pool)
         linear = ONNX_LINEAR
     else:
         loaded = _load(model, arch, input_shape, trust, dtype)

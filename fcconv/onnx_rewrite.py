@@ -17,7 +17,11 @@ rewritten, with onnx's own tools:
 * the nodes between them that act on each feature (activations, Dropout,
   per-feature constants, BatchNormalization, PRelu, LayerNormalization over the
   features, softmax over the class axis) act on each position of the map;
-* a global pooling before the collapse stays, so the output is N×K×1×1 at any size;
+* a global pooling before the collapse stays, so the output is N×K×1×1 at any size,
+  unless ``dense`` drops it: each position of the map then feeds the head, and the
+  output is the per-position score map;
+* ``pool`` ends each output with a global pooling of its score map and a Flatten,
+  so that it is (N, K) at any size (test-time pooling), channels-last input or not;
 * the trunk's shape-dependent Reshapes are made size-free (their target computed from
   the input's shape) where that is exact;
 * a channels-last input (N×H×W×C with a Transpose to N×C×H×W inside, as keras2onnx
@@ -130,7 +134,9 @@ class OnnxConversion:
 
     ``trunk`` and ``head`` are the input model cut at the head's input, as models of
     their own: the verifier runs ``trunk`` (made size-free exactly as in ``model``)
-    on a large input and the input model's own ``head`` on every window of its map.
+    on a large input and the input model's own ``head`` on every window of its map
+    (for a dense map, on each position's features spread over a native-size map,
+    which the head's global pooling reads back).
     """
 
     model: onnx.ModelProto
@@ -1218,15 +1224,20 @@ def _without_final_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
+def rewrite_onnx(classifier: OnnxClassifier, *, dense: bool = False, pool: str | None = None) -> OnnxConversion:
     """Rewrite ``classifier``'s head as convolutions: a graph with free batch, height and width.
 
     The converted graph keeps the input's and the outputs' names, in their order;
     each output is (N, K, h, w), one score vector per window of the feature map
     (N×K×1×1 when a global pooling is kept), or (N, h, w, K) for a channels-last
-    input, which stays N×H×W×C. Raises :class:`NotConvertibleError` naming the node
-    that cannot be rewritten exactly.
+    input, which stays N×H×W×C. The options are :func:`fcconv.rewrite`'s: ``dense``
+    drops a global pooling before the head, so each position of the map is scored
+    (on a head without one it changes nothing, as there); ``pool`` ('avg' or 'max')
+    pools each output over its positions, (N, K) at any size. Raises
+    :class:`NotConvertibleError` naming the node that cannot be rewritten exactly.
     """
+    if pool not in (None, "avg", "max"):
+        raise BadInputError(f"pool {pool!r} is not avg or max")
     model = classifier.model
     batch = classifier.batch or 1
     channels, height, width = classifier.input_shape
@@ -1244,7 +1255,7 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
     rewriter.names.taken.update(t.name for t in trunk_constants)
     rewriter.names.taken.update(o for n in trunk_nodes for o in n.output)
     rewriter.initializers.update((t.name, t) for t in trunk_constants)
-    _rewrite_chain(rewriter)
+    _rewrite_chain(rewriter, dense=dense)
     carried = []
     for node in head.nodes:
         if id(node) in rewriter.folded:
@@ -1256,10 +1267,12 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
         if node.op_type not in ("Gemm", "MatMul") and len(rewriter.removed) == removed:
             carried.append(_label(node))
     for output_name in outputs:
-        _finish_output(rewriter, output_name, classifier.layout)
+        _finish_output(rewriter, output_name, classifier.layout, pool)
     _materialize_constants(rewriter, trunk_nodes, classifier.input_name)
 
-    converted = _assemble(classifier, [*trunk_nodes, *rewriter.nodes], rewriter.initializers, analysis)
+    pooled_head = head.pool is not None and not dense  # the head keeps its global pooling: N×K×1×1
+    spatial = () if pool is not None else (1, 1) if pooled_head else SCORE_AXES[1:]
+    converted = _assemble(classifier, [*trunk_nodes, *rewriter.nodes], rewriter.initializers, analysis, spatial)
     input_dims = classifier.input_dims(MAP_AXES[0], channels, *MAP_AXES[1:])
     trunk_part = _sub_model(
         model,
@@ -1268,14 +1281,14 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
         [_value_info(classifier.input_name, classifier.elem_type, input_dims)],
         [_value_info(head.map_name, graph.types[head.map_name], ("batch", map_shape[1], "map_height", "map_width"))],
     )
-    head_part = _original_head(classifier, graph, head, map_shape, analysis.classes)
+    head_part = _original_head(classifier, graph, head, map_shape, analysis.classes, whole_map=pooled_head)
     geometry = HeadGeometry(
         input_shape=tuple(classifier.input_shape),
         feature_shape=tuple(map_shape[1:]),
-        window=None if head.pool is not None else tuple(map_shape[2:]),
+        window=None if pooled_head else (1, 1) if head.pool is not None else tuple(map_shape[2:]),
         stride=(1, 1),
-        dense=False,
-        pool=None,
+        dense=dense,
+        pool=pool,
         logits=classifier.logits,
         until=classifier.until,
     )
@@ -1304,9 +1317,10 @@ def rewrite_onnx(classifier: OnnxClassifier) -> OnnxConversion:
     )
 
 
-def _finish_output(rewriter: _Rewriter, output_name: str, layout: str) -> None:
+def _finish_output(rewriter: _Rewriter, output_name: str, layout: str, pool: str | None = None) -> None:
     """End ``output_name`` in the converted graph: an Identity of the map that holds it, or for a channels-last
-    input a Transpose of it to (N, h, w, K).
+    input a Transpose of it to (N, h, w, K); with ``pool`` a global pooling of the map and a Flatten, (N, K) in
+    either layout.
 
     Refuses an output whose features are not the map's channels in order.
     """
@@ -1323,7 +1337,9 @@ def _finish_output(rewriter: _Rewriter, output_name: str, layout: str) -> None:
             f"{_label(head.collapse)} to take them in that order"
         )
     final = rewriter.source(output_name)
-    if layout == "nhwc":
+    if pool is not None:
+        _pool_output(rewriter, output_name, final, pool)
+    elif layout == "nhwc":
         if final == output_name:  # computed under the output's name: that name now goes to the transposed map
             final = rewriter.names(f"{output_name}/channels_first")
             _rename_tensor(rewriter.nodes, output_name, final)
@@ -1332,6 +1348,19 @@ def _finish_output(rewriter: _Rewriter, output_name: str, layout: str) -> None:
     elif final != output_name:
         identity = rewriter.names(f"{output_name}/identity")
         rewriter.nodes.append(helper.make_node("Identity", [final], [output_name], name=identity))
+
+
+def _pool_output(rewriter: _Rewriter, output_name: str, final: str, pool: str) -> None:
+    """Pool the score map ``final`` over its positions into ``output_name``, (N, K): the map, channels-first
+    whatever the layout, is pooled before any Transpose, so a channels-last model needs none."""
+    if final == output_name:  # computed under the output's name: that name now goes to the pooled scores
+        final = rewriter.names(f"{output_name}/score_map")
+        _rename_tensor(rewriter.nodes, output_name, final)
+    op = "GlobalAveragePool" if pool == "avg" else "GlobalMaxPool"
+    pooled = rewriter.names(f"{output_name}/pooled")
+    rewriter.nodes.append(helper.make_node(op, [final], [pooled], name=pooled))
+    flatten = rewriter.names(f"{output_name}/flatten")
+    rewriter.nodes.append(helper.make_node("Flatten", [pooled], [output_name], name=flatten, axis=1))
 
 
 def _rename_tensor(nodes: Sequence[onnx.NodeProto], old: str, new: str) -> None:
@@ -1362,14 +1391,19 @@ def _materialize_constants(rewriter: _Rewriter, trunk_nodes: Sequence[onnx.NodeP
             available.add(name)
 
 
-def _rewrite_chain(rewriter: _Rewriter) -> None:
-    """Re-emit the chain's element-wise nodes and pooling on the map; its layout nodes go into the first kernel."""
+def _rewrite_chain(rewriter: _Rewriter, *, dense: bool = False) -> None:
+    """Re-emit the chain's element-wise nodes and pooling on the map; its layout nodes go into the first kernel.
+
+    With ``dense`` the pooling is dropped: its channels are the map's, read at each position.
+    """
     head = rewriter.head
     current = head.map_name
     for node in head.chain:
         if node.op_type in _ELEMENTWISE:
             rewriter.emit(node, [current, *node.input[1:]])
             current = node.output[0]
+        elif node is head.pool_node and dense:
+            rewriter.removed.append(f"{_label(node)}: the global {head.pool} pooling, dropped: a dense map")
         elif node is head.pool_node:
             op = "GlobalAveragePool" if head.pool == "avg" else "GlobalMaxPool"
             pooled = helper.make_node(op, [current], [node.output[0]], name=node.name or node.output[0])
@@ -1378,7 +1412,8 @@ def _rewrite_chain(rewriter: _Rewriter) -> None:
                 rewriter.removed.append(f"{_label(node)}: written as {op}, the same pooling, keeping N×C×1×1")
             current = node.output[0]
         elif head.pool is not None:
-            rewriter.removed.append(f"{_label(node)}: the pooled map stays N×C×1×1")
+            kept = "the dense map stays N×C×h×w" if dense else "the pooled map stays N×C×1×1"
+            rewriter.removed.append(f"{_label(node)}: {kept}")
         else:
             rewriter.removed.append(f"{_label(node)}: its order is read into the first kernel")
     rewriter.renamed[head.collapse.output[0]] = current
@@ -1662,8 +1697,12 @@ def _assemble(
     nodes: Sequence[onnx.NodeProto],
     new_weights: Mapping[str, onnx.TensorProto],
     analysis: _Analysis,
+    spatial: Sequence[int | str],
 ) -> onnx.ModelProto:
-    """The converted model: ``nodes`` without what the outputs do not need, free axes, the input's metadata."""
+    """The converted model: ``nodes`` without what the outputs do not need, free axes, the input's metadata.
+
+    ``spatial`` are the outputs' spatial axes: free, (1, 1) for a kept global pooling, none for pooled scores.
+    """
     from fcconv import __version__
 
     source = classifier.model
@@ -1674,7 +1713,6 @@ def _assemble(
             kept.append(node)
             needed.update(n for n in node.input if n)
     kept.reverse()
-    spatial = (1, 1) if analysis.head.pool is not None else SCORE_AXES[1:]
     outputs = []
     for output in source.graph.output:
         classes = analysis.classes[output.name]
@@ -1692,17 +1730,24 @@ def _assemble(
 
 
 def _original_head(
-    classifier: OnnxClassifier, graph: _Graph, head: _Head, map_shape: Sequence[int], classes: Mapping[str, int]
+    classifier: OnnxClassifier,
+    graph: _Graph,
+    head: _Head,
+    map_shape: Sequence[int],
+    classes: Mapping[str, int],
+    *,
+    whole_map: bool,
 ) -> onnx.ModelProto:
     """The input model's own head, from the feature map to every output, cut out with onnx's Extractor.
 
-    It takes one native-size window per sample (or the whole map, when the head pools
-    it), with the input model's batch size; its recorded intermediate shapes are
-    dropped, since they were inferred for the whole model.
+    It takes one native-size window per sample (or the whole map, at any size, when
+    ``whole_map``: the head's global pooling is kept), with the input model's batch
+    size; its recorded intermediate shapes are dropped, since they were inferred for
+    the whole model.
     """
     map_type = graph.types[head.map_name]
     batch = "batch" if classifier.batch is None else classifier.batch
-    window = list(map_shape[2:]) if head.pool is None else ["map_height", "map_width"]
+    window = ["map_height", "map_width"] if whole_map else list(map_shape[2:])
     extractor = onnx.utils.Extractor(classifier.model)
     extractor.value_infos[head.map_name] = _value_info(head.map_name, map_type, [batch, map_shape[1], *window])
     for output in classifier.model.graph.output:
@@ -1759,7 +1804,7 @@ def write_onnx(
     model = conversion.model
     input_shape = conversion.geometry.input_shape
     output_shape = onnx_output_shapes(model)
-    if conversion.layout == "nhwc":
+    if conversion.layout == "nhwc" and conversion.geometry.pool is None:  # pooled scores are (N, K) either way
         output_shape = _channels_first_shapes(output_shape)
     native_output = output_shape(tuple(input_shape))
     grid = probe_output_grid(output_shape, input_shape) if conversion.geometry.mode == "map" else None

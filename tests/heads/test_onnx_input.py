@@ -672,8 +672,9 @@ def test_the_export_passes_check_with_its_grid_and_weights_recorded_and_fails_it
     assert f"initializer {weight.name!r} changed since export" in failed.stdout.replace("\n", "")
 
 
-def test_verify_says_when_the_exports_own_metadata_rules_out_an_onnx_reference(exported, tmp_path):
-    source = exported["flatten-gemm-dynamo"]
+def test_verify_reads_dense_from_the_exports_metadata_for_an_onnx_reference(exported, tmp_path):
+    """A pooled export whose metadata is changed to say --dense is checked as a dense map, which it is not."""
+    source = exported["pooled-dynamo"]
     out = tmp_path / "converted.onnx"
     converts(source, out)
     model = onnx.load(str(out))
@@ -682,9 +683,10 @@ def test_verify_says_when_the_exports_own_metadata_rules_out_an_onnx_reference(e
             entry.value = "true"
     dense = tmp_path / "dense.onnx"
     onnx.save(model, str(dense))
-    result = cli("verify", dense, "--reference", source)
-    assert result.exit_code == 2
-    assert f"{dense} was converted with --dense (its metadata says so)" in result.stderr
+    result = cli("verify", dense, "--reference", source, "--sizes", SIZES)
+    assert result.exit_code == 1, result.stderr + result.stdout
+    assert "FAIL" in result.stdout  # the dense reference is a map, the pooled export N×K×1×1
+    assert f"{dense} does not match {source}" in result.stderr.replace("\n", "")
     assert "does not apply" not in result.stderr
 
 
