@@ -1,6 +1,8 @@
 """The library does what the command does: ``fcconv.pipeline``'s transactions, their results and progress events."""
 
 import json
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -124,3 +126,10 @@ def test_check_files_returns_one_report_per_file(converted):
 def test_inspect_file_returns_the_head_a_conversion_would_rewrite():
     result = inspect_file(SAMPLE, until="fc1")
     assert not result.onnx and [layer.name for layer in result.conversion.layers] == ["fc1"]
+
+
+def test_the_command_line_and_the_pipeline_import_no_torch():
+    code = "import sys, fcconv.cli, fcconv.pipeline; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    shown = subprocess.run([sys.executable, "-m", "fcconv", "--help"], capture_output=True, text=True, check=True)
+    assert "convert" in shown.stdout

@@ -30,6 +30,9 @@ from fcconv.pipeline.inspection import heatmap_file, inspect_file
 from fcconv.pipeline.results import ConversionResult, HeatmapResult, InspectResult, VerifyResult
 from fcconv.pipeline.verification import check_files, verify_file
 
+# What a command line installs around a call so that SIGTERM and SIGHUP stop it as an error does, nothing written.
+from fcconv.staging import Terminated, terminations_raised
+
 __all__ = [
     "Checked",
     "Compared",
@@ -45,6 +48,7 @@ __all__ = [
     "StageAdvanced",
     "StageFinished",
     "StageStarted",
+    "Terminated",
     "VerifyResult",
     "check_files",
     "convert_file",
@@ -52,5 +56,6 @@ __all__ = [
     "inspect_file",
     "parse_shape",
     "parse_sizes",
+    "terminations_raised",
     "verify_file",
 ]

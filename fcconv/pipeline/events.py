@@ -57,7 +57,8 @@ class HeadRewritten:
     """The head was rewritten (``conversion``: a :class:`~fcconv.rewrite.Conversion` or an ONNX conversion).
 
     ``title`` names the model for a table; ``onnx`` says the graph was an ONNX classifier's;
-    ``pool`` is the pooling appended to the score map, if any."""
+    ``pool`` is the pooling appended to the score map, if any. The conversion holds the models: a callback
+    that keeps the event keeps them in memory while the written file is verified."""
 
     conversion: Any
     title: str
