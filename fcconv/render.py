@@ -1,14 +1,22 @@
-"""Rich tables for the command line; the numbers come from the library's dataclasses."""
+"""Rich tables and lines for the command line; the numbers come from the library's dataclasses.
+
+Each function returns what to print (a table, or lines of text), never prints it.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
 
-from fcconv.check import CheckReport
-from fcconv.heatmap import Peak, ScoreMap
-from fcconv.rewrite import Conversion
-from fcconv.verify import VerificationReport
+if TYPE_CHECKING:  # for the annotations only: rendering imports neither torch nor onnx
+    from fcconv.check import CheckReport
+    from fcconv.heatmap import Peak, ScoreMap
+    from fcconv.rewrite import Conversion
+    from fcconv.verify import VerificationReport
+
+ONNX_LINEAR = "Gemm or MatMul"  # what a Linear layer is in an ONNX graph
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -165,3 +173,104 @@ def check_table(report: CheckReport) -> Table:
             escape(result.message),
         )
     return table
+
+
+def trunk_lines(conversion: Any, *, inspecting: bool = False, linear: str = "Linear layer") -> list[Any]:
+    """What the rewrite found or changed outside the head: per-position Linear layers, size-generic functions.
+
+    ``linear`` names the head's fully connected layers as the model spells them.
+    """
+    items: list[Any] = []
+    if conversion.fully_convolutional:
+        items.append(
+            f"already fully convolutional: the head holds no {linear}, so only its flatten goes; "
+            + ("it is exported" if inspecting else "exported")
+            + " with free height and width"
+        )
+    if getattr(conversion, "trunk_layers", None):
+        items.append(trunk_table(conversion))
+        if any(layer.after.startswith("kept") for layer in conversion.trunk_layers):
+            items.append(
+                "  these act on each position already and do not stop the conversion; "
+                "--pointwise makes them 1×1 convolutions"
+            )
+    items.extend(f"  trunk: {note}" for note in conversion.notes)
+    return items
+
+
+def onnx_head_lines(conversion: Any) -> list[str]:
+    """The ONNX head beyond the table: the layout, each output's branch, the nodes carried per position, and what
+    ``--until`` accepts."""
+    lines = []
+    if conversion.layout == "nhwc":
+        lines.append("  layout: channels-last, kept: N×H×W×C in, each output (N, h, w, K)")
+    for output in conversion.outputs:
+        lines.append(f"  output {output.name} ({output.classes}): {' → '.join(output.nodes) or 'no head nodes'}")
+    if conversion.carried:
+        lines.append(f"  carried over to each position: {', '.join(conversion.carried)}")
+    if conversion.geometry.logits:
+        lines.append("  --logits: the outputs hold the raw scores (trailing softmax, log-softmax or sigmoid dropped)")
+    if conversion.geometry.until:
+        lines.append(f"  --until {conversion.geometry.until}: the output is that tensor's dense feature map")
+    if conversion.until_names:
+        lines.append(f"  --until accepts: {', '.join(conversion.until_names)}")
+    return lines
+
+
+def rewritten_lines(conversion: Any, title: str, *, onnx: bool, pool: str | None) -> list[Any]:
+    """What ``convert`` shows once the head is rewritten: the table, the trunk, what was removed or appended."""
+    items: list[Any] = [rewrite_table(conversion, title=title)] if conversion.layers else []
+    items += trunk_lines(conversion, linear=ONNX_LINEAR if onnx else "Linear layer")
+    items += [f"  removed: {item}" for item in conversion.removed]
+    if onnx and (conversion.layout == "nhwc" or len(conversion.outputs) > 1):
+        items += onnx_head_lines(conversion)
+    if pool is not None:
+        items.append(f"  appended: global {pool} pooling of the score map (output N×K at any size)")
+    return items
+
+
+def inspect_lines(conversion: Any, *, onnx: bool, pool: str | None) -> list[Any]:
+    """What ``inspect`` shows: the head's table, the trunk, what a conversion removes, where each position reads."""
+    items: list[Any] = [inspect_table(conversion)] if conversion.layers else []
+    items += trunk_lines(conversion, inspecting=True, linear=ONNX_LINEAR if onnx else "Linear layer")
+    items += [f"  removed on conversion: {item}" for item in conversion.removed]
+    if onnx:
+        items += onnx_head_lines(conversion)
+    geometry = conversion.geometry
+    reads = (
+        "the whole feature map (global pooling kept)"
+        if geometry.window is None
+        else (
+            f"a {_dims(geometry.window)} window of the {_dims(geometry.feature_shape)} "
+            f"feature map, every {_dims(geometry.stride)} cells"
+        )
+    )
+    items.append(f"  each output position reads {reads}")
+    if pool is not None:
+        items.append(f"  the score map is then {pool}-pooled over its positions: the output is N×K")
+    return items
+
+
+def placement_line(score_map: ScoreMap) -> str:
+    """Where the map's positions lie on the picture, in one or two lines."""
+    placement = score_map.placement
+    rows, columns = score_map.probabilities.shape[1:]
+    if not placement.sliding:
+        return (
+            f"map {rows}×{columns}: the model's map does not step like a sliding window,\n"
+            f"  so its positions are drawn spread evenly, {placement.stride[1]:.3g}×{placement.stride[0]:.3g} pixels each"
+        )
+    (stride_y, stride_x), (window_y, window_x) = (map(int, placement.stride), map(int, placement.window))
+    return (
+        f"map {rows}×{columns}: one position per {window_x}×{window_y} window, every {stride_x}×{stride_y} pixels;\n"
+        f"  position (i, j) reads rows {stride_y}i to {stride_y}i+{window_y - 1}, "
+        f"columns {stride_x}j to {stride_x}j+{window_x - 1}"
+    )
+
+
+def dense_model_line(description: str, check: VerificationReport | None) -> str:
+    """The heatmap's model in one line, with the error of the in-memory conversion at the native size."""
+    if check is None:
+        return description
+    first = check.checks[0]
+    return f"{description}; checked at the native {_dims(first.input_size)}: max rel {first.max_rel:.1e}"

@@ -15,10 +15,11 @@ import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fcconv.check import CheckReport
-from fcconv.verify import VerificationReport
+if TYPE_CHECKING:  # for the annotations only: the reports are written without torch
+    from fcconv.check import CheckReport
+    from fcconv.verify import VerificationReport
 
 __all__ = ["SCHEMA", "SCHEMA_PATH", "check_document", "junit_tree", "verification_document", "write_report"]
 

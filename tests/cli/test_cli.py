@@ -192,14 +192,14 @@ def test_convert_frees_the_pytorch_weights_before_the_written_file_is_verified(t
 
     from typer.testing import CliRunner
 
-    import fcconv.cli
+    import fcconv.load
     from fcconv.cli import app
 
     verify_module = sys.modules["fcconv.verify"]  # the package's `verify` attribute is the function
 
     torch.save(lenet.state_dict(), tmp_path / "lenet.pt")
     loaded_models, alive_at_comparison = [], []
-    real_load, real_compare = fcconv.cli._load, verify_module.compare_outputs
+    real_load, real_compare = fcconv.load.load_model, verify_module.compare_outputs
 
     def load(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
@@ -210,7 +210,7 @@ def test_convert_frees_the_pytorch_weights_before_the_written_file_is_verified(t
         alive_at_comparison.extend(ref() is not None for ref in loaded_models)
         return real_compare(*args, **kwargs)
 
-    monkeypatch.setattr(fcconv.cli, "_load", load)
+    monkeypatch.setattr(fcconv.load, "load_model", load)
     monkeypatch.setattr(verify_module, "compare_outputs", compare)
     monkeypatch.chdir(TESTS)
     args = ["convert", str(tmp_path / "lenet.pt"), "--arch", "custom_models:LeNet", "--input-shape", "1,28,28"]

@@ -1,0 +1,107 @@
+"""Arguments checked before any work is done: sizes, pooling, and the files a command would write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fcconv.errors import BadInputError
+
+PYTORCH_SUFFIXES = {".pt2": "a torch.export program", ".safetensors": "the converted state_dict"}
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
+    """``--sizes`` text (``224x224,320x480``) as spatial sizes; None when empty."""
+    if not text:
+        return None
+    from fcconv.load import check_tensor_size
+
+    sizes = []
+    for item in text.split(","):
+        try:
+            size = tuple(int(p) for p in item.lower().replace("×", "x").split("x"))
+        except ValueError:
+            raise BadInputError(f"--sizes {text!r}: {item!r} is not a size like 224x224") from None
+        if not size or any(s <= 0 for s in size):
+            raise BadInputError(f"--sizes {text!r}: {item!r} is not a positive size")
+        check_tensor_size(size, f"--sizes {text!r}: {item!r}")  # too large whatever the channel count
+        sizes.append(size)
+    return sizes
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape`` text (``3,224,224``) as a shape; None when not given."""
+    from fcconv.load import parse_input_shape
+
+    return parse_input_shape(text) if text else None
+
+
+def check_pool(pool: str | None) -> str | None:
+    if pool is not None and pool not in ("avg", "max"):
+        raise BadInputError(f"--pool {pool!r} is not avg or max")
+    return pool
+
+
+def check_report_paths(inputs: list[Path], *reports: Path | None) -> None:
+    """Refuse report files that could not be written, or would overwrite an input, before any work is done."""
+    given = [r for r in reports if r is not None]
+    if len({r.resolve() for r in given}) < len(given):
+        raise BadInputError("--json and --junit name the same file")
+    for report in given:
+        option = "--json" if report is reports[0] else "--junit"
+        if report.is_dir():
+            raise BadInputError(f"{option} {report}: is a directory")
+        if not report.parent.is_dir():
+            raise BadInputError(f"{option} {report}: directory {report.parent} does not exist")
+        if not os.access(report.parent, os.W_OK):
+            raise BadInputError(f"{option} {report}: directory {report.parent} is not writable")
+        if any(report.resolve() == path.resolve() for path in inputs):
+            raise BadInputError(f"{option} {report} would overwrite an input")
+
+
+def default_output(path: Path) -> Path:
+    """Where ``convert`` writes when ``-o`` is not given: NAME.fcn.onnx beside the checkpoint."""
+    if not path.name:  # '' (which arrives as '.') or a folder such as '/'
+        raise BadInputError(f"{path}: is a directory, not a checkpoint")
+    return path.with_name(f"{path.name.split('.')[0]}.fcn.onnx")
+
+
+def convert_target(model: Path, output: Path | None, head_format: str, external_data: bool) -> Path:
+    """The file ``convert`` writes, refused when it cannot be written or would overwrite the input."""
+    from fcconv.export import external_data_path
+
+    if output is not None and output.name in ("", ".."):  # an empty path arrives as '.'
+        raise BadInputError(
+            f"-o {str(output)!r} is empty or a folder, not a file name: give the file to write, such as "
+            f"{default_output(model).name}"
+        )
+    target = output or default_output(model)
+    for written in (target, external_data_path(target)):
+        if written.exists() and written.resolve() == model.resolve():
+            raise BadInputError(f"-o {target} would overwrite the input")
+    if target.is_dir():
+        raise BadInputError(f"-o {target}: is a directory")
+    if not target.parent.is_dir():
+        raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
+    if target.suffix.lower() in PYTORCH_SUFFIXES and (head_format != "conv" or external_data):
+        flag = "--head-format" if head_format != "conv" else "--external-data"
+        raise BadInputError(
+            f"{flag} applies to ONNX output; -o {target} writes {PYTORCH_SUFFIXES[target.suffix.lower()]}"
+        )
+    return target
+
+
+def check_output(path: Path, suffix: str, option: str, inputs: tuple[Path, ...]) -> None:
+    """Refuse an output path that would overwrite an input, is a folder, or lies in a folder that cannot be written."""
+    if path.suffix.lower() != suffix:
+        raise BadInputError(f"{option} {path}: the file is written as {suffix[1:].upper()}; name it NAME{suffix}")
+    if path.is_dir():
+        raise BadInputError(f"{option} {path}: is a directory")
+    if path.exists() and any(path.resolve() == given.resolve() for given in inputs if given.exists()):
+        raise BadInputError(f"{option} {path} would overwrite an input")
+    if not path.parent.is_dir():
+        raise BadInputError(f"{option} {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BadInputError(f"{option} {path}: directory {path.parent} is not writable")

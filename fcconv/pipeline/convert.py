@@ -1,0 +1,218 @@
+"""``convert_file``: the staged, verified conversion of a checkpoint (or ONNX classifier) to ONNX, .pt2 or
+.safetensors.
+
+Order matters for peak memory: the original runs on the verification inputs while the
+file is staged, then the PyTorch models are freed before the written file is read back
+and compared; the file moves into place only when it matches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fcconv.errors import BadInputError
+from fcconv.pipeline.arguments import PYTORCH_SUFFIXES, check_pool, convert_target, parse_sizes
+from fcconv.pipeline.events import HeadRewritten, Progress, Reporter
+from fcconv.pipeline.onnx_input import convert_onnx_file, is_onnx, refuse_for_onnx
+from fcconv.pipeline.results import ConversionResult
+from fcconv.pipeline.steps import (
+    Mismatch,
+    committed,
+    compare,
+    load_checkpoint,
+    probe_output,
+    references,
+    release_memory,
+)
+
+
+def convert_file(
+    model: str | Path,
+    output: str | Path | None = None,
+    *,
+    arch: str | None = None,
+    input_shape: str | None = None,
+    dense: bool = False,
+    pool: str | None = None,
+    pointwise: bool = False,
+    logits: bool = False,
+    until: str | None = None,
+    head_format: str = "conv",
+    external_data: bool = False,
+    sizes: str | list[tuple[int, ...]] | None = None,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    trust: bool = False,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Rewrite ``model``'s fully connected head as convolutions, write ``output`` and verify it, as
+    ``fcconv convert`` does.
+
+    ``output`` is NAME.onnx (default NAME.fcn.onnx beside the model), NAME.pt2 (a torch.export program) or
+    NAME.safetensors (the converted state_dict). The file is written only when it matches the original:
+    the result's ``written`` is False on a mismatch (the command's exit 1), and nothing is left behind.
+    Raises :class:`~fcconv.errors.BadInputError` (exit 2) or :class:`~fcconv.errors.NotConvertibleError` (exit 3).
+    ``progress`` receives :mod:`fcconv.pipeline.events` as the stages run.
+    """
+    from fcconv.export import HEAD_FORMATS
+
+    model, report = Path(model), Reporter(progress)
+    if head_format not in HEAD_FORMATS:
+        raise BadInputError(f"--head-format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
+    check_pool(pool)
+    sizes = parse_sizes(sizes) if isinstance(sizes, str) else sizes
+    target = convert_target(model, None if output is None else Path(output), head_format, external_data)
+    pytorch_out = target.suffix.lower() in PYTORCH_SUFFIXES
+    if is_onnx(model):
+        if pytorch_out:
+            raise BadInputError(f"-o {target}: an ONNX classifier is converted to ONNX only; name the output NAME.onnx")
+        refuse_for_onnx(
+            arch=arch, pointwise=pointwise, head_format=head_format != "conv", device=device != "cpu", dtype=dtype,
+            trust=trust,
+        )  # fmt: skip
+        return convert_onnx_file(
+            model, target, input_shape, sizes, rtol, atol, external_data, logits, until, report, dense, pool
+        )
+    models = _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, report)
+    loaded = models["loaded"]
+    with report.stage("hash", f"Reading {model.name} (its SHA-256 for the export's metadata)", 0, "bytes") as advance:
+        from fcconv.export import file_sha256
+
+        source_sha256 = file_sha256(loaded.path, on_progress=lambda done, size: advance(done, total=size))
+    from fcconv.heatmap import card_metadata
+
+    metadata = {
+        "fcconv.source_sha256": source_sha256,
+        "fcconv.pointwise": str(pointwise).lower(),
+        **({"fcconv.arch": loaded.arch} if pytorch_out else {}),
+        **card_metadata(loaded.card),
+    }
+    del loaded
+    verifying = {"sizes": sizes, "rtol": rtol, "atol": atol, "device": device}
+    if pytorch_out:
+        return _convert_to_pytorch(models, target, metadata, verifying, report)
+    return _convert_to_onnx(models, target, metadata, head_format, external_data, {**verifying, "dense": dense}, report)
+
+
+def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, report) -> dict:
+    """Load and rewrite ``model``; returns the models (``loaded``, ``as_loaded``, ``conversion``) in a dict the
+    callee empties, so that it can free them before the written file is read back."""
+    from fcconv.rewrite import rewrite
+    from fcconv.verify import default_sizes, refuse_sizes_beyond_memory
+
+    loaded = load_checkpoint(model, arch, input_shape, trust, dtype, report)
+    with report.stage("rewrite", "Rewriting the head…"):
+        conversion = rewrite(
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
+        )
+    # with logits or until the model converted, and verified against, is the original ended there
+    as_loaded, loaded.module = loaded.module, conversion.source
+    # the export runs the model at the native size: refuse sizes that cannot be verified before it
+    refuse_sizes_beyond_memory(conversion, loaded.input_shape, sizes or default_sizes(loaded.input_shape), loaded.dtype)
+    report(HeadRewritten(conversion, f"{model.name} ({loaded.arch}): rewritten layers", pool=pool))
+    return {"loaded": loaded, "as_loaded": as_loaded, "conversion": conversion}
+
+
+def _convert_to_onnx(
+    models: dict, target: Path, metadata: dict, head_format: str, external_data: bool, verifying: dict,
+    report: Reporter,
+) -> ConversionResult:  # fmt: skip
+    """The conversion written as ONNX, staged with the weights in external data (which onnxruntime maps rather
+    than copies), verified, then inlined unless ``external_data``."""
+    from fcconv.export import (
+        append_metadata,
+        export_onnx,
+        external_data_path,
+        fcconv_metadata,
+        inline_external_data,
+        probe_metadata,
+    )
+    from fcconv.staging import staged_onnx
+
+    loaded, conversion = models.pop("loaded"), models.pop("conversion")
+    del models["as_loaded"]
+    try:
+        with committed(staged_onnx(target), report) as staged:
+            with report.stage("export", f"Exporting {target.name}", 0, "bytes") as advance:
+                export_onnx(
+                    conversion.module, staged, loaded.input_shape, head_format=head_format,
+                    metadata={**fcconv_metadata(), **metadata}, external_data=True,
+                    on_progress=lambda done, total: advance(done, total=total),
+                )  # fmt: skip
+            made = references(loaded, **verifying, report=report, conversion=conversion)
+            append_metadata(staged, probe_metadata(probe_output(conversion, loaded.input_shape, made)))
+            # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
+            del loaded, conversion
+            with report.stage("release"):
+                release_memory()
+            verification = compare(staged, made, report)
+            if not verification.passed:
+                raise Mismatch
+            if not external_data:
+                inline_external_data(staged)
+            data_file = external_data_path(staged).exists()
+    except Mismatch:
+        return ConversionResult(target, verification, written=False)
+    data_path = external_data_path(target) if data_file else None
+    return ConversionResult(target, verification, written=True, data_file=data_path)
+
+
+def _convert_to_pytorch(models: dict, target: Path, metadata: dict, verifying: dict, report: Reporter) -> Any:
+    """``-o NAME.pt2`` or ``-o NAME.safetensors``: written beside the target, read back, verified, moved.
+
+    The program is the converted module exported with free batch and spatial axes;
+    the safetensors file its state_dict, verified by rebuilding the module from the
+    original and loading the file into it, as a reader of the file does. ``models``
+    holds ``loaded`` (``loaded.module`` the model converted), ``as_loaded`` (the model
+    before ``logits``/``until`` ended it) and ``conversion``; it is emptied here,
+    so that the models are freed before a program is read back beside them.
+    """
+    from fcconv.export import fcconv_metadata, output_channels_metadata, probe_metadata
+    from fcconv.grid import probe_output_grid
+    from fcconv.outputs import named_outputs
+    from fcconv.staging import staged_onnx
+    from fcconv.torch_export import ProgramModel, export_program, rebuild, save_program, save_weights
+
+    loaded, as_loaded, conversion = models.pop("loaded"), models.pop("as_loaded"), models.pop("conversion")
+    program = target.suffix.lower() == ".pt2"
+    geometry = conversion.geometry
+    if program:
+        with report.stage("export", f"Exporting {target.name} with torch.export…"):
+            exported = export_program(conversion.module, loaded.input_shape)
+    made = references(loaded, geometry.dense, **verifying, report=report, conversion=conversion)
+    probe = probe_output(conversion, loaded.input_shape, made)
+    grid = probe_output_grid(conversion.module, loaded.input_shape) if geometry.mode == "map" else None
+    meta = {
+        **fcconv_metadata(geometry, grid=grid),
+        **output_channels_metadata({name: int(value.shape[1]) for name, value in named_outputs(probe)}),
+        "fcconv.format": "pt2" if program else "state_dict",
+        **metadata,
+        **probe_metadata(probe),
+    }
+    try:
+        with committed(staged_onnx(target), report) as staged:
+            with report.stage("write", f"Writing {target.name}…"):
+                if program:
+                    save_program(exported, staged, meta)
+                    del exported
+                else:
+                    save_weights(conversion.module, staged, meta)
+            if program:
+                del loaded, as_loaded, conversion  # the program holds its own copy of the weights
+                with report.stage("release"):
+                    release_memory()
+                written = ProgramModel(staged)
+            else:  # the references are made: the original's layers can take the file's weights
+                written = rebuild(as_loaded, loaded.input_shape, meta, staged, consume_original=True)
+                del loaded, as_loaded, conversion
+                with report.stage("release"):
+                    release_memory()
+            verification = compare(written, made, report)
+            if not verification.passed:
+                raise Mismatch
+    except Mismatch:
+        return ConversionResult(target, verification, written=False)
+    return ConversionResult(target, verification, written=True)
