@@ -39,54 +39,48 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fcconv.conversion import HeadGeometry, RewrittenLayer
 from fcconv.errors import BadInputError, NotConvertibleError
-from fcconv.layers import layer_norm_over_channels, linear_as_conv, pointwise_conv
+from fcconv.fx_edits import (
+    _append_global_pool,
+    _find,
+    _replace_linear,
+    _replace_submodule,
+    _replace_with_function,
+    _replace_with_input,
+    _replace_with_module,
+    _set_kwarg,
+    _set_target,
+)
+from fcconv.fx_head import FirstKernel, walk_head
+from fcconv.fx_nodes import (
+    _ADAPTIVE_POOL_FUNCTIONS,
+    _ADAPTIVE_POOL_MODULES,
+    _ARITHMETIC,
+    _AVG_POOL,
+    _ELEMENTWISE_FUNCTIONS,
+    _ELEMENTWISE_METHODS,
+    _ELEMENTWISE_MODULES,
+    _MAX_POOL,
+    _MEAN_FUNCTIONS,
+    _MEAN_METHODS,
+    _PERMUTING,
+    _SQUASHING_FUNCTIONS,
+    _SQUASHING_METHODS,
+    _SQUASHING_MODULES,
+    _arg,
+    _describe,
+    _is_feature_layer_norm,
+    _is_reshape,
+    _shape,
+)
+from fcconv.head.interpret import refusal
+from fcconv.layers import layer_norm_over_channels, pointwise_conv
 
 __all__ = [
     "Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "lower_exported_program", "rewrite",
     "truncate",
 ]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RewrittenLayer:
-    """One layer of the head as it was and as it became."""
-
-    name: str
-    before: str
-    after: str
-    in_map: tuple[int, ...]
-    """Shape (C, *S) of the feature map the layer reads, per sample, at the native size."""
-    kernel: tuple[int, ...]
-    parameters: int
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class HeadGeometry:
-    """Which part of the original's feature map one output position of the converted model reads.
-
-    ``window`` is the spatial extent of that part in feature-map cells, ``stride``
-    the step between neighbouring positions; ``window`` is None when the head keeps
-    a global pooling and reads the whole map, whatever its size.
-    """
-
-    input_shape: tuple[int, ...]
-    feature_shape: tuple[int, ...]
-    window: tuple[int, ...] | None
-    stride: tuple[int, ...]
-    dense: bool
-    pool: str | None = None
-    """'avg' or 'max' when a global pooling was appended to the score map (output (N, K))."""
-    logits: bool = False
-    """True when a trailing softmax, log-softmax or sigmoid was dropped from each output (raw scores)."""
-    until: str | None = None
-    """The head layer the model was ended at (its output is that layer's dense feature map), or None."""
-
-    @property
-    def mode(self) -> str:
-        """``map`` when the output is the per-position score map, ``pooled`` when it is pooled over all positions."""
-        return "pooled" if self.window is None or self.pool is not None else "map"
 
 
 @dataclass
@@ -134,37 +128,6 @@ class Conversion:
 
 # --- what may appear in a head ------------------------------------------------------------------
 
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout,
-    nn.Threshold,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS: set[Callable[..., Any]] = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
-    F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid,
-    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.alpha_dropout, torch.dropout,
-    torch.nn.functional.threshold, torch.exp, torch.abs, torch.neg, torch.clamp, torch.clip,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp", "clip",
-    "clamp_", "contiguous", "float", "to", "type_as",
-}  # fmt: skip
-_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
-_CHANNEL_SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
-_CHANNEL_SOFTMAX_METHODS = {"softmax", "log_softmax"}
-_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_MEAN_FUNCTIONS = {torch.mean, torch.amax}
-_MEAN_METHODS = {"mean", "amax"}
-_ADAPTIVE_POOL_MODULES = (
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-_ADAPTIVE_POOL_FUNCTIONS = {
-    F.adaptive_avg_pool1d: "avg", F.adaptive_avg_pool2d: "avg", F.adaptive_avg_pool3d: "avg",
-    F.adaptive_max_pool1d: "max", F.adaptive_max_pool2d: "max", F.adaptive_max_pool3d: "max",
-}  # fmt: skip
 _ATEN = torch.ops.aten
 _ATEN_DROPOUT = {_ATEN.dropout.default, _ATEN.feature_dropout.default, _ATEN.alpha_dropout.default}
 _ATEN_RESHAPE = {_ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default}
@@ -180,14 +143,6 @@ _ATEN_AS_TORCH: dict[Any, Callable[..., Any]] = {
     _ATEN.add.Tensor: torch.add, _ATEN.sub.Tensor: torch.sub, _ATEN.mul.Tensor: torch.mul, _ATEN.div.Tensor: torch.div,
     _ATEN.softmax.int: torch.softmax, _ATEN.log_softmax.int: torch.log_softmax,
 }  # fmt: skip
-_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
-_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_NORMALIZATIONS = (nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.RMSNorm)
-_PERMUTING = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
-_SQUASHING_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
-_SQUASHING_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.sigmoid, F.sigmoid}
-_SQUASHING_METHODS = {"softmax", "log_softmax", "sigmoid"}
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -457,40 +412,6 @@ def _propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
         raise BadInputError(f"the model cannot take an input of shape {shape}: {text[:300]}") from exc
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        return None
-    return tuple(int(s) for s in meta.shape)
-
-
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(modules[node.target]).__name__})"
-    if node.op == "call_function":
-        return f"{node.name} ({getattr(node.target, '__name__', str(node.target))})"
-    if node.op == "call_method":
-        return f"{node.name} (.{node.target}())"
-    return node.name
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A flatten, view or reshape, as a module, function or method."""
-    if node.op == "call_module":
-        return isinstance(modules[node.target], nn.Flatten)
-    return (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _FLATTEN_METHODS
-    )
-
-
 def _is_collapse(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> str | None:
     """'flatten' or 'global-avg'/'global-max' when ``node`` collapses a (N, C, *S) map to (N, F)."""
     out = _shape(node)
@@ -733,154 +654,16 @@ def _plan(
             edits.append(_replace_with_input(collapse_node.name))
             removed.append(_describe(collapse_node, modules))
 
-    # Walk the head: everything downstream of the collapse.
-    downstream = _descendants(collapse_node)
-    head_nodes = [n for n in graph.nodes if n in downstream and n is not collapse_node]
     trunk = _ancestors(entry)
-    windowed = math.prod(kernel) > 1  # before the first Linear each position holds a whole window
-    stage: dict[fx.Node, str] = {collapse_node: "window" if windowed else "features"}
-    layers: list[RewrittenLayer] = []
-    carried: list[str] = []
-    for node in head_nodes:
-        if node.op == "output" or _shape(node) is None:
-            continue  # sizes and other non-tensor values are not rewritten; unused ones are dropped
-        tensor_inputs = [a for a in node.all_input_nodes if a in stage]
-        others = [a for a in node.all_input_nodes if a not in stage and a.op != "get_attr"]
-        others = [a for a in others if _shape(a) is not None]
-        if others:
-            raise NotConvertibleError(
-                f"{_describe(node, modules)} combines the flattened features with {others[0].name}, "
-                "which fcconv cannot read per position"
-            )
-        in_stage = {stage[a] for a in tensor_inputs}
-        if not in_stage:
-            raise NotConvertibleError(f"{_describe(node, modules)} builds a tensor from the flattened features' shape")
-        if len(in_stage) > 1:
-            raise NotConvertibleError(
-                f"{_describe(node, modules)} mixes the flattened window with per-position features"
-            )
-        current = in_stage.pop()
-        where = f"{_describe(node, modules)} after {collapse_node.name}"
-        if node.op == "call_module":
-            mod = modules[node.target]
-            if isinstance(mod, nn.Linear):
-                in_map = (channels, *kernel) if current == "window" else (mod.in_features, *(1,) * rank)
-                k = tuple(in_map[1:])
-                layer_fold = fold if current == "window" else None
-                edits.append(_replace_linear(node.target, in_map[0], k, layer_fold))
-                params = mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
-                conv_name = f"Conv{rank}d" if rank > 1 else "Conv1d"
-                note = notes.pop("pool", "")
-                if layer_fold is not None and folded_pool:
-                    note = "adaptive pooling folded into the kernel"
-                    params = mod.out_features * channels * math.prod(feature_size) + (
-                        mod.out_features if mod.bias is not None else 0
-                    )
-                if layer_fold is not None and "permutation" in notes:
-                    note = "; ".join(filter(None, [note, notes.pop("permutation")]))
-                layers.append(
-                    RewrittenLayer(
-                        name=node.target,
-                        before=f"Linear({mod.in_features} → {mod.out_features})",
-                        after=f"{conv_name}({in_map[0]} → {mod.out_features})",
-                        in_map=in_map,
-                        kernel=k,
-                        parameters=params,
-                        note=note,
-                    )
-                )
-                stage[node] = "features"
-                continue
-            kind = type(mod).__name__
-            if isinstance(mod, _ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
-                if isinstance(mod, nn.PReLU):
-                    carried.append(f"{node.target} (PReLU, 1 slope) → element-wise")
-                elif isinstance(mod, (nn.Sigmoid, nn.LogSigmoid)):
-                    carried.append(f"{node.target} ({kind}) → element-wise")
-                stage[node] = current
-                continue
-            if current == "window":
-                if isinstance(mod, nn.PReLU):
-                    reason = (
-                        f"has one slope per element of the flattened window ({mod.num_parameters} slopes), "
-                        "not one per channel"
-                    )
-                elif isinstance(mod, _NORMALIZATIONS):
-                    reason = "normalizes over the flattened window"
-                else:
-                    reason = "acts on the flattened window as a whole"
-                raise NotConvertibleError(
-                    f"{where} {reason}, not per position; "
-                    "only element-wise layers may stand between the flatten and the first Linear"
-                )
-            if isinstance(mod, nn.PReLU):
-                carried.append(f"{node.target} (PReLU, {mod.num_parameters} slopes) → per channel")
-                stage[node] = current
-                continue
-            if isinstance(mod, nn.BatchNorm1d):
-                edits.append(_replace_batchnorm(node.target, rank))
-                carried.append(f"{node.target} (BatchNorm1d) → BatchNorm{rank}d, per channel")
-                stage[node] = current
-                continue
-            if _is_feature_layer_norm(mod, node):
-                # over the features of one position: the LayerNorm of each position's channel vector
-                edits.append(_replace_submodule(node.target, layer_norm_over_channels))
-                carried.append(f"{node.target} (LayerNorm over {mod.normalized_shape[0]}) → over the channels")
-                stage[node] = current
-                continue
-            if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim in (1, -1):
-                edits.append(_replace_with_module(node, type(mod)(dim=1)))
-                carried.append(f"{node.target} ({kind} over the features) → over the channels")
-                stage[node] = current
-                continue
-            raise NotConvertibleError(f"{where} has no exact per-position equivalent")
-        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
-            if node.target in (torch.sigmoid, F.sigmoid, F.logsigmoid):
-                carried.append(f"{node.name} ({node.target.__name__}) → element-wise")
-            stage[node] = current
-            continue
-        if _is_reshape(node, modules) and _shape(node) == _shape(node.args[0]):
-            # a reshape that changes nothing at the native size, e.g. a trailing view(N, -1):
-            # on the map it would flatten the positions, so it goes
-            edits.append(_replace_with_input(node.name))
-            removed.append(f"{_describe(node, modules)} (no-op reshape)")
-            stage[node] = current
-            continue
-        if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
-            if node.target in ("sigmoid", "sigmoid_"):
-                carried.append(f"{node.name} (.{node.target}()) → element-wise")
-            stage[node] = current
-            continue
-        if node.op == "call_function" and node.target in _ARITHMETIC:
-            scalars_ok = all(isinstance(a, (int, float)) or a in stage for a in node.args)
-            if scalars_ok:
-                stage[node] = current
-                continue
-        if current == "features" and (
-            (node.op == "call_function" and node.target in _CHANNEL_SOFTMAX_FUNCTIONS)
-            or (node.op == "call_method" and node.target in _CHANNEL_SOFTMAX_METHODS)
-        ):
-            dim = _arg(node, 1, "dim", None)
-            if dim in (1, -1):
-                edits.append(_set_kwarg(node.name, "dim", 1, positional_index=1))
-                carried.append(
-                    f"{node.name} ({getattr(node.target, '__name__', node.target)} over the features) → over the channels"
-                )
-                stage[node] = current
-                continue
-        raise NotConvertibleError(f"{where} has no exact per-position equivalent")
-
+    window_read = (channels, *(_shape(pool_node)[2:] if folded_pool else kernel))
+    first = FirstKernel(channels, tuple(kernel), window_read, tuple(feature_size), fold, folded_pool, notes)
+    walk = walk_head(gm, modules, collapse_node, rank, first)
+    edits.extend(walk.edits)
+    removed.extend(walk.removed)
+    layers, carried, head_nodes = walk.layers, walk.carried, walk.nodes
     output = next(n for n in graph.nodes if n.op == "output")
-    for value in output.all_input_nodes:
-        if value in trunk or value not in stage:
-            raise NotConvertibleError(f"the model also returns {value.name}, which is not computed by the head")
-        if stage[value] == "window":
-            raise NotConvertibleError(
-                f"the flatten at {collapse_node.name} is not followed by a Linear layer; "
-                "a flattened window has no per-position reading"
-            )
     if not layers and window is not None and math.prod(window) > 1:
-        raise NotConvertibleError(f"the flatten at {collapse_node.name} is not followed by a Linear layer")
+        raise refusal("no-linear", collapse=collapse_node.name)
     if pool is not None:
         if len(output.all_input_nodes) != 1:
             raise NotConvertibleError("--pool: the model returns several tensors; a pooled output needs one")
@@ -1164,17 +947,6 @@ def _is_elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             isinstance(a, (int, float)) or a is node.all_input_nodes[0] for a in node.args
         )
     return False
-
-
-def _is_feature_layer_norm(mod: nn.Module, node: fx.Node) -> bool:
-    """A LayerNorm over the last axis, which holds the C features (channels) of each position."""
-    shape = _shape(node)
-    return (
-        isinstance(mod, nn.LayerNorm)
-        and len(mod.normalized_shape) == 1
-        and shape is not None
-        and shape[-1] == mod.normalized_shape[0]
-    )
 
 
 def _is_layer_norm_call(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -1664,129 +1436,6 @@ def _split(
 
 
 # --- applying the plan ----------------------------------------------------------------------------
-
-
-def _find(gm: fx.GraphModule, name: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.name == name)
-
-
-def _replace_with_input(name: str) -> Callable[[fx.GraphModule], None]:
-    def edit(gm: fx.GraphModule) -> None:
-        node = _find(gm, name)
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-
-    return edit
-
-
-def _set_kwarg(name: str, key: str, value: Any, *, positional_index: int) -> Callable[[fx.GraphModule], None]:
-    def edit(gm: fx.GraphModule) -> None:
-        node = _find(gm, name)
-        if len(node.args) > positional_index:
-            args = list(node.args)
-            args[positional_index] = value
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, key: value}
-
-    return edit
-
-
-def _replace_with_module(node: fx.Node, module: nn.Module) -> Callable[[fx.GraphModule], None]:
-    name = node.name
-    target = node.target if node.op == "call_module" else f"fcconv_{node.name}"
-
-    def edit(gm: fx.GraphModule) -> None:
-        n = _find(gm, name)
-        gm.add_submodule(target, module)
-        if n.op == "call_module":
-            return
-        with gm.graph.inserting_after(n):
-            new = gm.graph.call_module(target, (n.args[0],))
-        n.replace_all_uses_with(new)
-        gm.graph.erase_node(n)
-
-    return edit
-
-
-def _replace_submodule(target: str, build: Callable[[nn.Module], nn.Module]) -> Callable[[fx.GraphModule], None]:
-    """Replace the module at ``target`` with ``build(module)``."""
-
-    def edit(gm: fx.GraphModule) -> None:
-        gm.add_submodule(target, build(gm.get_submodule(target)))
-
-    return edit
-
-
-def _replace_with_function(name: str, function: Callable[..., Any], *extra: Any) -> Callable[[fx.GraphModule], None]:
-    """Replace the node ``name`` with ``function(its first argument, *extra)``."""
-
-    def edit(gm: fx.GraphModule) -> None:
-        node = _find(gm, name)
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(function, (node.args[0], *extra))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-
-    return edit
-
-
-def _set_target(name: str, function: Callable[..., Any]) -> Callable[[fx.GraphModule], None]:
-    def edit(gm: fx.GraphModule) -> None:
-        _find(gm, name).target = function
-
-    return edit
-
-
-def _append_global_pool(kind: str, rank: int) -> Callable[[fx.GraphModule], None]:
-    """Pool the score map the model returns over its spatial axes: (N, K, *map) -> (N, K)."""
-
-    def edit(gm: fx.GraphModule) -> None:
-        output = next(n for n in gm.graph.nodes if n.op == "output")
-        (value,) = output.all_input_nodes
-        with gm.graph.inserting_before(output):
-            pooled = gm.graph.call_function(
-                torch.mean if kind == "avg" else torch.amax, (value, tuple(range(2, rank + 2)))
-            )
-        output.replace_input_with(value, pooled)
-
-    return edit
-
-
-def _replace_linear(
-    target: str, in_channels: int, kernel: tuple[int, ...], fold: Callable[[torch.Tensor], torch.Tensor] | None
-) -> Callable[[fx.GraphModule], None]:
-    def edit(gm: fx.GraphModule) -> None:
-        linear = gm.get_submodule(target)
-        if fold is not None:
-            # the folded weight is new data: the one copy this rewrite makes
-            folded = nn.Linear(
-                in_channels * math.prod(kernel), linear.out_features, bias=linear.bias is not None, device="meta"
-            )
-            folded.weight = nn.Parameter(fold(linear.weight), requires_grad=linear.weight.requires_grad)
-            if linear.bias is not None:
-                folded.bias = linear.bias
-            linear = folded
-        gm.add_submodule(target, linear_as_conv(linear, in_channels, kernel))
-
-    return edit
-
-
-def _replace_batchnorm(target: str, rank: int) -> Callable[[fx.GraphModule], None]:
-    def edit(gm: fx.GraphModule) -> None:
-        bn1d = gm.get_submodule(target)
-        bn = _BATCH_NORM[rank](
-            bn1d.num_features, eps=bn1d.eps, momentum=bn1d.momentum, affine=bn1d.affine,
-            track_running_stats=bn1d.track_running_stats, device="meta",
-        )  # fmt: skip
-        for name, value in list(bn1d.named_parameters(recurse=False)):
-            setattr(bn, name, value)
-        for name, value in list(bn1d.named_buffers(recurse=False)):
-            bn.register_buffer(name, value)
-        bn.eval()
-        gm.add_submodule(target, bn)
-
-    return edit
 
 
 def _apply(plan: _Plan) -> fx.GraphModule:
