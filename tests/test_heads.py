@@ -7,6 +7,8 @@ and the same model exported to ONNX and rewritten with :func:`fcconv.onnx_rewrit
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,131 @@ def test_an_output_still_a_window_or_in_another_channel_order_is_refused():
 
 def test_every_reason_is_one_line():
     assert all("\n" not in text for text in REASONS.values())
+
+
+# --- each head family through both front ends, side by side ---------------------------------------------------
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+nn = torch.nn
+
+import fcconv  # noqa: E402
+from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx  # noqa: E402
+
+SHAPE = (3, 8, 8)  # a 3×3 conv makes a 4×6×6 map: the flattened window has 144 features
+
+
+class Head(nn.Module):
+    """A conv trunk and the head given as a function of the flattened (or pooled) features."""
+
+    def __init__(self, head, *layers, permute=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Conv2d(3, 4, 3)
+        self.layers = nn.ModuleList(layers)
+        self.head, self.permute = head, permute
+        for layer in layers:
+            if isinstance(layer, (nn.BatchNorm1d, nn.LayerNorm)):
+                with torch.no_grad():  # statistics and affine parameters that are not the identity
+                    for tensor in [*layer.parameters(), *layer.buffers()]:
+                        if tensor.is_floating_point():
+                            tensor.copy_(torch.rand_like(tensor) + 0.5)
+        self.register_buffer("scale", torch.rand(10) + 0.5)
+        self.register_buffer("window_scale", torch.rand(144) + 0.5)
+        self.eval()
+
+    def forward(self, x):
+        x = self.trunk(x)
+        x = (x.permute(0, 2, 3, 1) if self.permute else x).flatten(1)
+        return self.head(self, x, *self.layers)
+
+
+def linear(features_in=144, features_out=10):
+    return nn.Linear(features_in, features_out)
+
+
+FAMILIES = {
+    "element-wise between linears": Head(
+        lambda m, x, a, b: b(torch.relu(nn.functional.dropout(a(x), 0.5, False)) * 2.0 - 1.0), linear(), linear(10, 5)
+    ),
+    "BatchNorm1d": Head(lambda m, x, a, bn, b: b(torch.relu(bn(a(x)))), linear(), nn.BatchNorm1d(10), linear(10, 5)),
+    "PReLU per channel": Head(lambda m, x, a, act, b: b(act(a(x))), linear(), nn.PReLU(10, 0.1), linear(10, 5)),
+    "LayerNorm over the features": Head(lambda m, x, a, n, b: b(n(a(x))), linear(), nn.LayerNorm(10), linear(10, 5)),
+    "channel softmax": Head(lambda m, x, a, b: torch.softmax(b(torch.relu(a(x))), 1), linear(), linear(10, 5)),
+    "binary with a per-feature constant": Head(lambda m, x, a, b: b(a(x) * m.scale + 0.5), linear(), linear(10, 5)),
+    "no-op reshape": Head(lambda m, x, a: a(x).reshape(x.shape[0], -1), linear()),
+    "permuted flatten": Head(lambda m, x, a, b: b(torch.relu(a(x))), linear(), linear(10, 5), permute=True),
+    "several outputs": Head(lambda m, x, a, b: (lambda y: (y, torch.sigmoid(b(y))))(a(x)), linear(), linear(10, 5)),
+}
+REFUSED = {
+    "normalization over the window": (
+        Head(lambda m, x, n, a: a(n(x)), nn.LayerNorm(144), linear()),
+        "window-normalization",
+    ),
+    "per-feature constant on the window": (Head(lambda m, x, a: a(x * m.window_scale), linear()), "window-constant"),
+    "output still a window": (Head(lambda m, x: torch.relu(x)), "output-window"),
+}
+
+
+def export(model, path):
+    x = torch.randn(1, *SHAPE)
+    with torch.no_grad():
+        out = model(x)
+    names = [f"out{i}" for i in range(len(out) if isinstance(out, tuple) else 1)]
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and enough for these heads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=names, opset_version=17)
+    return names
+
+
+def run_onnx(model, x):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
+
+
+def as_list(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def key_of(message):
+    """The key of the table's reason that ``message`` gives (its facts matched by anything)."""
+    import re
+
+    keys = [
+        key
+        for key, text in REASONS.items()
+        if re.search(".*".join(re.escape(part) for part in re.split(r"\{[^}]*\}", text)), message)
+    ]
+    assert keys, message
+    return max(keys, key=lambda key: len(REASONS[key]))  # the most specific: one reason's text may start another's
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_both_front_ends_convert_each_head_family_alike(tmp_path, family):
+    model = FAMILIES[family]
+    conversion = fcconv.rewrite(model, SHAPE)
+    export(model, tmp_path / "model.onnx")
+    onnx_conversion = rewrite_onnx(load_onnx_classifier(tmp_path / "model.onnx"))
+    assert [layer.kernel for layer in conversion.layers] == [layer.kernel for layer in onnx_conversion.layers]
+    assert [layer.in_map for layer in conversion.layers] == [layer.in_map for layer in onnx_conversion.layers]
+    with torch.no_grad():
+        native = torch.randn(2, *SHAPE)
+        expected = as_list(model(native))
+        for got in (as_list(conversion.module(native)), run_onnx(onnx_conversion.model, native)):
+            for want, out in zip(expected, got, strict=True):
+                assert torch.allclose(torch.as_tensor(out).flatten(1), want, atol=1e-5)
+        larger = torch.randn(2, 3, 13, 11)  # an 8×6 map of scores from each front end, the same
+        for by_fx, by_onnx in zip(as_list(conversion.module(larger)), run_onnx(onnx_conversion.model, larger)):
+            assert by_fx.shape == by_onnx.shape == (2, by_fx.shape[1], 6, 4)
+            assert torch.allclose(by_fx, torch.as_tensor(by_onnx), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_both_front_ends_refuse_each_head_that_has_no_per_position_form_with_one_reason(tmp_path, case):
+    model, key = REFUSED[case]
+    with pytest.raises(NotConvertibleError) as by_fx:
+        fcconv.rewrite(model, SHAPE)
+    export(model, tmp_path / "model.onnx")
+    with pytest.raises(NotConvertibleError) as by_onnx:
+        rewrite_onnx(load_onnx_classifier(tmp_path / "model.onnx"))
+    assert key_of(str(by_fx.value)) == key_of(str(by_onnx.value)) == key
