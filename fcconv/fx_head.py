@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fcconv.conversion import RewrittenLayer
+from fcconv.errors import NotConvertibleError
 from fcconv.fx_edits import (
     _replace_batchnorm,
     _replace_linear,
@@ -34,10 +35,13 @@ from fcconv.fx_nodes import (
     _ELEMENTWISE_METHODS,
     _ELEMENTWISE_MODULES,
     _NORMALIZATIONS,
+    _PERMUTING,
     _arg,
+    _descendants,
     _describe,
     _is_feature_layer_norm,
     _is_reshape,
+    _permute_dims,
     _shape,
 )
 from fcconv.head.interpret import Action, Decision, State, Window, check_outputs, identity_features, interpret
@@ -133,7 +137,7 @@ def walk_head(
     """Interpret every node after ``collapse`` and record its edit; refuse the head when a node or an output has no
     exact per-position form."""
     graph = gm.graph
-    downstream = _reachable_users(collapse)
+    downstream = _descendants(collapse)
     walk = HeadWalk([n for n in graph.nodes if n in downstream and n is not collapse])
     windowed = math.prod(first.kernel) > 1  # before the first Linear each position holds a whole window
     start: State = (
@@ -152,17 +156,6 @@ def walk_head(
     output = next(n for n in graph.nodes if n.op == "output")
     check_outputs([value.name for value in output.all_input_nodes], result.states, collapse.name)
     return walk
-
-
-def _reachable_users(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
 
 
 def _emit(
@@ -239,3 +232,106 @@ def _emit_linear(
         parameters=params,
         note=note,
     )
+
+
+# --- a flatten that reads its map through a permutation ------------------------------------------
+
+
+@dataclass
+class _PermutedFlatten:
+    """The permutes, transposes and ``.contiguous()`` calls between the map and its flatten."""
+
+    source: fx.Node
+    """The un-permuted (N, C, *S) map."""
+    nodes: list[fx.Node]
+    """The calls, the flatten's input first."""
+    permutation: tuple[int, ...] | None
+    """The flattened tensor is ``source.permute(permutation)``; None when the calls add up to no permutation."""
+
+
+def _axis_permutation(node: fx.Node, ndim: int) -> list[int] | None:
+    """The permutation a permute, transpose/swapaxes or movedim call applies to an ``ndim``-axis tensor, or None."""
+    name = getattr(node.target, "__name__", node.target)
+    if name == "permute":
+        dims = _permute_dims(node)
+        if dims is None or len(dims) != ndim:
+            return None
+        dims = [d % ndim for d in dims]
+        return dims if sorted(dims) == list(range(ndim)) else None
+    moves = name in ("movedim", "moveaxis")
+    first = _arg(node, 1, "source" if moves else "dim0", None)
+    second = _arg(node, 2, "destination" if moves else "dim1", None)
+    if not isinstance(first, int) or not isinstance(second, int):
+        return None
+    first, second = first % ndim, second % ndim
+    order = list(range(ndim))
+    if moves:
+        order.remove(first)
+        order.insert(second, first)
+    else:
+        order[first], order[second] = second, first
+    return order
+
+
+def _permuted_flatten(
+    collapsed: fx.Node, flatten: fx.Node, modules: dict[str, nn.Module], rank: int
+) -> _PermutedFlatten | None:
+    """The permutation the flatten reads its map through, or None when it reads the map as it is.
+
+    A call is part of the permutation only when the flatten's path is its one tensor
+    use (a ``x.size(0)`` beside it is not a use), so that removing it changes nothing else.
+    Refuses a permutation that moves the batch axis, or one whose axes are not constants.
+    """
+    ndim = rank + 2
+    permutation = list(range(ndim))  # axis j of the flattened tensor is axis permutation[j] of the source
+    nodes: list[fx.Node] = []
+    node, user = collapsed, flatten
+    while node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", node.target)
+        if not (name in _PERMUTING or (node.op == "call_method" and name == "contiguous")):
+            break
+        if [u for u in node.users if _shape(u) is not None] != [user] or not isinstance(node.args[0], fx.Node):
+            break
+        if name in _PERMUTING:
+            step = _axis_permutation(node, ndim)
+            if step is None:
+                raise NotConvertibleError(
+                    f"{_describe(flatten, modules)} flattens a map permuted by {_describe(node, modules)}, "
+                    f"whose axes fcconv cannot read as a permutation of the {ndim} axes of an (N, C, *S) map"
+                )
+            permutation = [step[p] for p in permutation]
+        nodes.append(node)
+        node, user = node.args[0], node
+    if not nodes:
+        return None
+    if permutation[0] != 0:
+        permuting = next(n for n in nodes if n.op != "call_method" or n.target != "contiguous")
+        raise NotConvertibleError(
+            f"{_describe(flatten, modules)} flattens a map whose batch axis {_describe(permuting, modules)} "
+            f"moved (to axis {permutation.index(0)}): each sample's features are mixed with other samples', "
+            "so the flatten has no per-window reading"
+        )
+    identity = permutation == list(range(ndim))
+    return _PermutedFlatten(node, nodes, None if identity else tuple(permutation))
+
+
+def _unpermute_weight(
+    permutation: tuple[int, ...], permuted: tuple[int, ...]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Map a Linear's weight over a permuted, flattened map to the weight over the map in (C, *S) order.
+
+    The weight, viewed as (O, *permuted axes), is permuted back to (O, C, *S): the
+    same products, each weight now beside the element it multiplies in channel order.
+    """
+    inverse = [permutation.index(axis) for axis in range(len(permutation))]
+
+    def reorder(weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach().reshape(weight.shape[0], *permuted).permute(inverse)
+        return w.reshape(weight.shape[0], -1).clone(memory_format=torch.contiguous_format)
+
+    return reorder
+
+
+def _compose(first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor]):
+    """``then(first(weight))``."""
+    return lambda weight: then(first(weight))

@@ -5,6 +5,7 @@ The recognisers here name the modules, functions and methods fcconv understands 
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -97,3 +98,67 @@ def _is_feature_layer_norm(mod: nn.Module, node: fx.Node) -> bool:
         and shape is not None
         and shape[-1] == mod.normalized_shape[0]
     )
+
+
+def _adaptive_pool(node: Any, modules: dict[str, nn.Module]) -> str | None:
+    """'avg' or 'max' when ``node`` is an adaptive pooling."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module" and isinstance(modules[node.target], _ADAPTIVE_POOL_MODULES):
+        mod = modules[node.target]
+        if getattr(mod, "return_indices", False):
+            return None
+        return "max" if "Max" in type(mod).__name__ else "avg"
+    if node.op == "call_function" and node.target in _ADAPTIVE_POOL_FUNCTIONS:
+        return _ADAPTIVE_POOL_FUNCTIONS[node.target]
+    return None
+
+
+def _reachable(node: fx.Node, step: Callable[[fx.Node], Any]) -> set[fx.Node]:
+    """``node`` and every node reached from it by repeatedly following ``step``."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
+    return seen
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda n: n.all_input_nodes)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda n: n.users)
+
+
+def _is_collapse(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> str | None:
+    """'flatten' or 'global-avg'/'global-max' when ``node`` collapses a (N, C, *S) map to (N, F)."""
+    out = _shape(node)
+    source = node.args[0] if node.args else None
+    src = _shape(source)
+    if out is None or src is None or len(out) != 2 or len(src) != rank + 2:
+        return None
+    if _is_reshape(node, modules) and out[0] == src[0] and out[1] == math.prod(src[1:]):
+        return "flatten"
+    if (node.op == "call_function" and node.target in _MEAN_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MEAN_METHODS
+    ):
+        return "global-avg" if getattr(node.target, "__name__", node.target) == "mean" else "global-max"
+    return "other"
+
+
+def _permute_dims(node: Any) -> list[int] | None:
+    """The permutation of a ``permute`` call (function or method), or None."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    if getattr(node.target, "__name__", node.target) != "permute":
+        return None
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if not dims and "dims" in node.kwargs:
+        dims = node.kwargs["dims"]
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None

@@ -8,7 +8,7 @@ decisions as ONNX nodes on the map.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,23 +82,27 @@ def rewrite_head(rewriter: Any, outputs: Sequence[str]) -> list[str]:
     known = {start}
     ops: list[tuple[HeadOp, onnx.NodeProto]] = []
     linears: dict[int, _Linear] = {}
-    for node in head.nodes:
-        if id(node) in rewriter.folded:
-            continue
-        if node.op_type in ("Shape", "Size") or not any(graph.is_float(n) for n in node.input if n):
-            continue  # shape arithmetic: nothing the map needs (what read it is removed or refused)
-        op = head_op(rewriter, node, known, linears)
-        known.update(op.writes)
-        ops.append((op, node))
-    result = interpret((op for op, _ in ops), {start: state})
+
+    def mapped() -> Iterator[HeadOp]:
+        """The head's nodes as operations, each mapped once the one before it is decided (so the first node that
+        cannot be rewritten is the one named)."""
+        for node in head.nodes:
+            if id(node) in rewriter.folded:
+                continue
+            if node.op_type in ("Shape", "Size") or not any(graph.is_float(n) for n in node.input if n):
+                continue  # shape arithmetic: nothing the map needs (what read it is removed or refused)
+            op = head_op(rewriter, node, known, linears)
+            known.update(op.writes)
+            ops.append((op, node))
+            yield op
+
+    result = interpret(mapped(), {start: state})
     check_outputs(outputs, result.states, label(head.collapse), before=True)
     carried = []
     for decision, (_, node) in zip(result.decisions, ops):
         _emit(rewriter, decision, node, linears.get(id(node)))
         if decision.action in (Action.CARRY, Action.CARRY_PER_CHANNEL):
             carried.append(label(node))
-    for name, value in result.states.items():
-        rewriter.channels[name] = value.channels if isinstance(value, Features) else None
     return carried
 
 

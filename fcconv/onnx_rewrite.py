@@ -1051,7 +1051,8 @@ class _Rewriter:
     removed: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
     channels: dict[str, np.ndarray | None] = field(default_factory=dict)
-    """For each head tensor, the map channel each of its features sits on (None: a k×k window's features)."""
+    """The collapse's output as the chain leaves it: the map channel each feature sits on (None: a k×k window's
+    features, in the chain's order); the head's interpreter takes it from there."""
     folded: set[int] = field(default_factory=set)
 
     def source(self, name: str) -> str:

@@ -1,6 +1,6 @@
 """The head vocabulary: what a node after the collapse does, as the rules that rewrite it need to know.
 
-Each front end (torch.fx in :mod:`fcconv.rewrite`, ONNX in :mod:`fcconv.onnx_rewrite`) maps its nodes to
+Each front end (torch.fx in :mod:`fcconv.fx_head`, ONNX in :mod:`fcconv.onnx_head`) maps its nodes to
 :class:`HeadOp` values; :mod:`fcconv.head.interpret` decides each of them. Nothing here knows either graph format.
 """
 
