@@ -45,6 +45,7 @@ from fcconv.fx_nodes import (
     _shape,
 )
 from fcconv.head.interpret import Action, Decision, State, Window, check_outputs, identity_features, interpret
+from fcconv.head.order import weight_columns
 from fcconv.head.vocabulary import Family, HeadOp, Kind
 from fcconv.layers import layer_norm_over_channels
 
@@ -60,6 +61,8 @@ class FirstKernel:
     window: tuple[int, ...]
     """The (C, *S) shape of the flattened window as the original Linear reads it (S is the pooled size when an
     adaptive pooling is folded into the kernel)."""
+    order: np.ndarray
+    """For each flattened feature, the element of that window it reads (a permuted flatten reads them out of order)."""
     feature_size: tuple[int, ...]
     fold: Callable[[torch.Tensor], torch.Tensor] | None
     folded_pool: bool
@@ -140,9 +143,7 @@ def walk_head(
     downstream = _descendants(collapse)
     walk = HeadWalk([n for n in graph.nodes if n in downstream and n is not collapse])
     windowed = math.prod(first.kernel) > 1  # before the first Linear each position holds a whole window
-    start: State = (
-        Window(first.window, np.arange(math.prod(first.window))) if windowed else identity_features(first.channels)
-    )
+    start: State = Window(first.window, first.order) if windowed else identity_features(first.channels)
     known = {collapse.name}
     ops: list[tuple[HeadOp, fx.Node]] = []
     for node in walk.nodes:
@@ -166,7 +167,7 @@ def _emit(
     mod = modules.get(node.target) if node.op == "call_module" else None
     name = str(node.target) if mod is not None else node.name
     if action in (Action.KXK_CONV, Action.POINTWISE_CONV):
-        walk.layers.append(_emit_linear(walk, node, mod, rank, first, action is Action.KXK_CONV))
+        walk.layers.append(_emit_linear(walk, decision, node, mod, rank, first))
     elif action is Action.DROP:
         walk.edits.append(_replace_with_input(node.name))
         walk.removed.append(f"{_describe(node, modules)} (no-op reshape)")
@@ -208,12 +209,15 @@ def _emit_per_channel(walk: HeadWalk, decision: Decision, node: fx.Node, mod: nn
 
 
 def _emit_linear(
-    walk: HeadWalk, node: fx.Node, mod: nn.Module, rank: int, first: FirstKernel, over_window: bool
+    walk: HeadWalk, decision: Decision, node: fx.Node, mod: nn.Module, rank: int, first: FirstKernel
 ) -> RewrittenLayer:
     """The Linear as a convolution: k×k over the window (its weight folded as the collapse needs), else 1×1."""
+    over_window = decision.action is Action.KXK_CONV
     in_map = (first.channels, *first.kernel) if over_window else (mod.in_features, *(1,) * rank)
     kernel = tuple(in_map[1:])
     fold = first.fold if over_window else None
+    if over_window and not np.array_equal(decision.order, np.arange(decision.order.size)):
+        fold = _compose(_columns_taken(weight_columns(decision.order)), fold)
     walk.edits.append(_replace_linear(node.target, in_map[0], kernel, fold))
     params = mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
     note = first.notes.pop("pool", "")
@@ -315,23 +319,19 @@ def _permuted_flatten(
     return _PermutedFlatten(node, nodes, None if identity else tuple(permutation))
 
 
-def _unpermute_weight(
-    permutation: tuple[int, ...], permuted: tuple[int, ...]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Map a Linear's weight over a permuted, flattened map to the weight over the map in (C, *S) order.
-
-    The weight, viewed as (O, *permuted axes), is permuted back to (O, C, *S): the
-    same products, each weight now beside the element it multiplies in channel order.
-    """
-    inverse = [permutation.index(axis) for axis in range(len(permutation))]
+def _columns_taken(columns: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Linear's weight with its columns taken in ``columns`` order: the weight over a permuted, flattened map
+    becomes the weight over the map in (C, *S) order, each weight beside the element it multiplies (a copy)."""
+    index = torch.as_tensor(columns)
 
     def reorder(weight: torch.Tensor) -> torch.Tensor:
-        w = weight.detach().reshape(weight.shape[0], *permuted).permute(inverse)
-        return w.reshape(weight.shape[0], -1).clone(memory_format=torch.contiguous_format)
+        return weight.detach()[:, index.to(weight.device)].clone(memory_format=torch.contiguous_format)
 
     return reorder
 
 
-def _compose(first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor]):
-    """``then(first(weight))``."""
-    return lambda weight: then(first(weight))
+def _compose(
+    first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor] | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``then(first(weight))`` (``first`` alone when ``then`` is None)."""
+    return first if then is None else lambda weight: then(first(weight))

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -48,7 +49,7 @@ from fcconv.fx_edits import (
     _set_kwarg,
     _set_target,
 )
-from fcconv.fx_head import FirstKernel, _compose, _permuted_flatten, _PermutedFlatten, _unpermute_weight, walk_head
+from fcconv.fx_head import FirstKernel, _permuted_flatten, _PermutedFlatten, walk_head
 from fcconv.fx_nodes import (
     _AVG_POOL,
     _MAX_POOL,
@@ -77,6 +78,7 @@ from fcconv.fx_trunk import (
     _size_generic_replacements,
 )
 from fcconv.head.interpret import refusal
+from fcconv.head.order import feature_order
 
 __all__ = [
     "Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "lower_exported_program", "rewrite",
@@ -556,15 +558,19 @@ class _HeadStart:
     notes: dict[str, str] = field(default_factory=dict)
     fold: Callable[[torch.Tensor], torch.Tensor] | None = None
     folded_pool: bool = False
+    order: np.ndarray | None = None
+    """For each flattened feature, the element of the (C, *S) window it reads; None for the map's own order."""
     window: tuple[int, ...] | None = None
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
 
     def first_kernel(self) -> FirstKernel:
         read = _shape(self.pool_node)[2:] if self.folded_pool else self.kernel
+        window = (self.channels, *read)
+        order = np.arange(math.prod(window)) if self.order is None else self.order
         return FirstKernel(
-            self.channels, tuple(self.kernel), (self.channels, *read), tuple(self.feature_size), self.fold,
-            self.folded_pool, self.notes,
+            self.channels, tuple(self.kernel), window, order, tuple(self.feature_size), self.fold, self.folded_pool,
+            self.notes,
         )  # fmt: skip
 
 
@@ -633,8 +639,8 @@ def _plan_flatten(start: _HeadStart, located: _Located, dense: bool) -> None:
             start.edits.append(_replace_with_input(step.name))
             start.removed.append(f"{_describe(step, modules)} (undone in the first Linear's kernel)")
         if permuted.permutation is not None:
-            reorder = _unpermute_weight(permuted.permutation, _shape(collapse_node.args[0])[1:])
-            start.fold = reorder if start.fold is None else _compose(reorder, start.fold)
+            axes = [axis - 1 for axis in permuted.permutation[1:]]
+            start.order = feature_order(_shape(permuted.source)[1:], [("transpose", axes)])
             shown = ", ".join(map(str, permuted.permutation))
             start.notes["permutation"] = f"weight re-ordered (a copy) to undo the flatten's permute({shown})"
     if start.channel_axis != 1:

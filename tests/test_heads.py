@@ -23,6 +23,7 @@ from fcconv.head.interpret import (
     interpret,
     per_channel,
 )
+from fcconv.head.order import feature_order, weight_columns
 from fcconv.head.vocabulary import Family, HeadOp, Kind
 
 # --- the interpreter on plain head operations ---------------------------------------------------------------
@@ -127,6 +128,19 @@ def test_an_output_still_a_window_or_in_another_channel_order_is_refused():
         check_outputs(["p"], states, "flatten")
     with pytest.raises(NotConvertibleError, match="the model also returns z, which is not computed by the head"):
         check_outputs(["z"], states, "flatten")
+
+
+def test_the_feature_order_of_a_layout_chain_is_the_index_array_passed_through_it():
+    # a channels-last flatten of a 3×2×4 map: feature (h, w, c) reads element (c, h, w)
+    order = feature_order((3, 2, 4), [("transpose", (1, 2, 0))])
+    assert [int(order[(h * 4 + w) * 3 + c]) for h in range(2) for w in range(4) for c in range(3)] == [
+        c * 8 + h * 4 + w for h in range(2) for w in range(4) for c in range(3)
+    ]
+    shuffled = feature_order((4, 1, 1), [("reshape", (2, 2, 1, 1)), ("transpose", (1, 0, 2, 3))])
+    assert shuffled.tolist() == [0, 2, 1, 3]
+    weight = np.arange(24).reshape(1, 24)
+    in_map_order = weight[:, weight_columns(order)]  # column j multiplies map element j
+    assert all(in_map_order[0, order[i]] == weight[0, i] for i in range(24))
 
 
 def test_every_reason_is_one_line():
