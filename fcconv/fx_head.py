@@ -128,8 +128,10 @@ def _arithmetic_op(node: fx.Node, known: set[str], base: dict) -> HeadOp:
     constants = [a for a in node.args if isinstance(a, fx.Node) and a.name not in known]
     if any(not isinstance(a, (int, float, fx.Node)) for a in node.args) or any(a.op != "get_attr" for a in constants):
         return HeadOp(kind=Kind.OTHER, **base)
+    shapes = tuple(_shape(a) for a in constants)
+    if None in shapes:
+        return HeadOp(kind=Kind.OTHER, **base)
     if constants:
-        shapes = tuple(_shape(a) or () for a in constants)
         return HeadOp(kind=Kind.BINARY_CONSTANT, constants=shapes, **base)
     return HeadOp(kind=Kind.BINARY if len(heads) > 1 else Kind.ELEMENTWISE, **base)
 

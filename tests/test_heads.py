@@ -107,6 +107,7 @@ def test_what_reads_a_window_feature_by_feature_or_as_a_whole_is_refused_with_it
     [
         (op(Kind.CHANNEL_SOFTMAX, over_features=False), "not-over-features", {}),
         (op(Kind.PER_FEATURE, constants=((5,),)), "not-per-feature", {"shape": (5,)}),
+        (op(Kind.BINARY_CONSTANT, constants=((4, 1),)), "not-per-feature", {"shape": (4, 1)}),
         (op(Kind.LINEAR, in_features=5, out_features=2), "map-size", {"features": 5, "channels": 4}),
         (op(Kind.BINARY, ("x", "w")), "unlike-layouts", {}),
         (op(Kind.ELEMENTWISE, ()), "no-head-input", {}),

@@ -173,7 +173,8 @@ def _decide(op: HeadOp, inputs: list[State]) -> Decision:
         if not op.over_features:
             raise refusal("not-over-features", op.label)
         for shape in op.constants:
-            if _size(shape) not in (1, state.channels.size):
+            # one value, or one per feature along the feature (last) axis
+            if _size(shape) != 1 and (_size(shape) != state.channels.size or shape[-1] != state.channels.size):
                 raise refusal("not-per-feature", op.label, shape=shape)
         return Decision(op, Action.CARRY_PER_CHANNEL, state.channels)
     raise refusal("no-equivalent", op.label)
