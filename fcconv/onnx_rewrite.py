@@ -52,9 +52,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 from onnx.external_data_helper import load_external_data_for_model
 
+from fcconv.conversion import HeadGeometry, RewrittenLayer
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.external_data import check_external_data
-from fcconv.rewrite import HeadGeometry, RewrittenLayer
+from fcconv.head.interpret import refusal
+from fcconv.onnx_head import BINARY as _BINARY
+from fcconv.onnx_head import ELEMENTWISE as _ELEMENTWISE
+from fcconv.onnx_head import attribute as _attr
+from fcconv.onnx_head import is_scalar as _is_scalar
+from fcconv.onnx_head import label as _label
+from fcconv.onnx_head import rewrite_head
 
 __all__ = [
     "OnnxClassifier",
@@ -68,16 +75,8 @@ __all__ = [
 ]
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
-# Ops that compute each element from that element alone (extra inputs, where any, are constants).
-_ELEMENTWISE = {
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus",
-    "Softsign", "ThresholdedRelu", "Gelu", "Mish", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Floor", "Ceil", "Round", "Sign", "Clip", "Identity", "Dropout", "Cast", "Shrink",
-}  # fmt: skip
 _LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 _POOLS = {"GlobalAveragePool": "avg", "GlobalMaxPool": "max", "ReduceMean": "avg", "ReduceMax": "max"}
-_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
-_CHANNEL_SOFTMAX = {"Softmax", "LogSoftmax", "Hardmax"}
 _FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")  # what --logits drops from the end of an output
 LAYOUTS = ("nchw", "nhwc")
 _SMALL_CONSTANT = 64  # initializers up to this many elements stay in the graph that shape inference reads
@@ -274,18 +273,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --- the graph and its shapes ------------------------------------------------------------------------
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
-
-
-def _label(node: onnx.NodeProto) -> str:
-    """How a message names a node: its name and op, e.g. ``/fc1/Gemm (Gemm)``."""
-    return f"{node.name or node.output[0]} ({node.op_type})"
 
 
 class _Graph:
@@ -667,11 +654,6 @@ def _extends_chain(graph: _Graph, node: onnx.NodeProto, reader: onnx.NodeProto) 
     if node.op_type in _ELEMENTWISE:
         return all(_is_scalar(graph, name) for name in node.input[1:] if name)
     return False
-
-
-def _is_scalar(graph: _Graph, name: str) -> bool:
-    value = graph.constant(name)
-    return value is not None and value.size == 1
 
 
 def _permuted_map(graph: _Graph, map_name: str, input_name: str) -> str:
@@ -1075,7 +1057,8 @@ class _Rewriter:
     removed: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
     channels: dict[str, np.ndarray | None] = field(default_factory=dict)
-    """For each head tensor, the map channel each of its features sits on (None: a k×k window's features)."""
+    """The collapse's output as the chain leaves it: the map channel each feature sits on (None: a k×k window's
+    features, in the chain's order); the head's interpreter takes it from there."""
     folded: set[int] = field(default_factory=set)
 
     def source(self, name: str) -> str:
@@ -1083,9 +1066,6 @@ class _Rewriter:
 
     def where(self, node: onnx.NodeProto) -> str:
         return f"{_label(node)} after {_label(self.head.collapse)}"
-
-    def refuse(self, node: onnx.NodeProto, why: str = "has no exact per-position equivalent") -> NotConvertibleError:
-        return NotConvertibleError(f"{self.where(node)} {why}")
 
     def add_constant(self, stem: str, value: np.ndarray) -> str:
         name = self.names(stem)
@@ -1256,16 +1236,7 @@ def rewrite_onnx(classifier: OnnxClassifier, *, dense: bool = False, pool: str |
     rewriter.names.taken.update(o for n in trunk_nodes for o in n.output)
     rewriter.initializers.update((t.name, t) for t in trunk_constants)
     _rewrite_chain(rewriter, dense=dense)
-    carried = []
-    for node in head.nodes:
-        if id(node) in rewriter.folded:
-            continue
-        if node.op_type in ("Shape", "Size") or not any(graph.is_float(n) for n in node.input if n):
-            continue  # shape arithmetic: nothing the map needs (what read it is removed or refused)
-        removed = len(rewriter.removed)
-        _rewrite_head_node(rewriter, node)
-        if node.op_type not in ("Gemm", "MatMul") and len(rewriter.removed) == removed:
-            carried.append(_label(node))
+    carried = rewrite_head(rewriter, outputs)
     for output_name in outputs:
         _finish_output(rewriter, output_name, classifier.layout, pool)
     _materialize_constants(rewriter, trunk_nodes, classifier.input_name)
@@ -1320,22 +1291,7 @@ def rewrite_onnx(classifier: OnnxClassifier, *, dense: bool = False, pool: str |
 def _finish_output(rewriter: _Rewriter, output_name: str, layout: str, pool: str | None = None) -> None:
     """End ``output_name`` in the converted graph: an Identity of the map that holds it, or for a channels-last
     input a Transpose of it to (N, h, w, K); with ``pool`` a global pooling of the map and a Flatten, (N, K) in
-    either layout.
-
-    Refuses an output whose features are not the map's channels in order.
-    """
-    head = rewriter.head
-    order = rewriter.channels.get(output_name)
-    if order is None:
-        raise NotConvertibleError(
-            f"the flatten at {_label(head.collapse)} is not followed by a Gemm or MatMul before {output_name}; "
-            "a flattened window has no per-position reading"
-        )
-    if not np.array_equal(order, np.arange(order.size)):
-        raise NotConvertibleError(
-            f"the output {output_name} lists the map's channels in another order, and no Gemm or MatMul follows "
-            f"{_label(head.collapse)} to take them in that order"
-        )
+    either layout. The head's interpreter has checked that it holds the map's channels in order."""
     final = rewriter.source(output_name)
     if pool is not None:
         _pool_output(rewriter, output_name, final, pool)
@@ -1386,7 +1342,7 @@ def _materialize_constants(rewriter: _Rewriter, trunk_nodes: Sequence[onnx.NodeP
                 continue
             value = graph.constant(name)
             if value is None:
-                raise rewriter.refuse(node, f"reads {name}, which is neither a constant nor computed by the head")
+                raise refusal("not-constant", rewriter.where(node), name=name)
             rewriter.initializers[name] = numpy_helper.from_array(np.asarray(value), name)
             available.add(name)
 
@@ -1431,261 +1387,6 @@ def _flatten_axes(order: np.ndarray, map_shape: Sequence[int]) -> str | None:
         if np.array_equal(index.transpose(perm).reshape(-1), order):
             return "(" + ", ".join("chw"[axis] for axis in perm) + ")"
     return None
-
-
-def _rewrite_head_node(rewriter: _Rewriter, node: onnx.NodeProto) -> None:
-    """Carry one node after the collapse over to the map, or refuse it."""
-    graph = rewriter.graph
-    data = [n for n in node.input if n and n in rewriter.channels]
-    if not data:
-        raise rewriter.refuse(node, "reads no tensor of the head")
-    op = node.op_type
-    if op in ("Gemm", "MatMul"):
-        _rewrite_linear(rewriter, node)
-        return
-    channels = rewriter.channels[data[0]]
-    if op in _ELEMENTWISE:
-        if any(n and not _is_scalar(graph, n) for n in node.input[1:]):
-            raise rewriter.refuse(node, "reads a tensor that is not a constant scalar")
-        if op == "Dropout" and len(node.output) > 1 and node.output[1] and graph.consumers.get(node.output[1]):
-            raise rewriter.refuse(node, "has its mask read")
-        rewriter.emit(node)
-        _carry(rewriter, node, channels)
-        return
-    if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and graph.shape(node.output[0]) == graph.shape(
-        node.input[0]
-    ):
-        rewriter.renamed[node.output[0]] = rewriter.source(node.input[0])
-        rewriter.channels[node.output[0]] = channels
-        rewriter.removed.append(f"{_label(node)}: a reshape that changes nothing")
-        return
-    if op in _BINARY:
-        _rewrite_binary(rewriter, node)
-        return
-    if op in _CHANNEL_SOFTMAX:
-        axis = _attr(node, "axis", 1 if rewriter.opset < 13 else -1)
-        if channels is None:
-            raise rewriter.refuse(node, "is taken over the whole flattened window, not over each position's features")
-        if axis % 2 != 1:
-            raise rewriter.refuse(node, "is not taken over the features")
-        _over_channels(rewriter, node, {"axis": 1})
-        _carry(rewriter, node, channels)
-        return
-    if op in ("BatchNormalization", "PRelu"):
-        if channels is None:
-            raise rewriter.refuse(node, "acts on each feature of the flattened window, not on each position")
-        params = [graph.constant(n) for n in node.input[1:]]
-        if any(p is None for p in params) or len([o for o in node.output if o]) != 1:
-            raise rewriter.refuse(node, "has parameters that are not constants")
-        inputs = [rewriter.source(node.input[0])]
-        for name, value in zip(node.input[1:], params):
-            if value.size == 1:
-                inputs.append(name)
-            else:
-                per_channel = _per_channel(rewriter, node, value, channels)
-                shaped = per_channel if op == "BatchNormalization" else per_channel.reshape(-1, 1, 1)
-                inputs.append(rewriter.add_constant(f"{name}_per_channel", shaped))
-        rewriter.emit(node, inputs)
-        _carry(rewriter, node, channels)
-        return
-    if op == "LayerNormalization":
-        axis = _attr(node, "axis", -1)
-        if channels is None or axis % 2 != 1:
-            raise rewriter.refuse(node, "normalizes the whole flattened window, not each position")
-        params = [graph.constant(n) for n in node.input[1:] if n]
-        if any(p is None for p in params) or len([o for o in node.output if o]) != 1:
-            raise rewriter.refuse(node, "has parameters that are not constants")
-        inputs = [rewriter.source(node.input[0])]
-        for name, value in zip(node.input[1:], params):
-            inputs.append(name if value.size == 1 else rewriter.add_constant(
-                f"{name}_per_channel", _per_channel(rewriter, node, value, channels)))  # fmt: skip
-        _over_channels(rewriter, node, {"axis": -1}, inputs, last_axis=True)
-        _carry(rewriter, node, channels)
-        return
-    raise rewriter.refuse(node)
-
-
-def _carry(rewriter: _Rewriter, node: onnx.NodeProto, channels: np.ndarray | None) -> None:
-    for name in node.output:
-        if name:
-            rewriter.channels[name] = channels
-
-
-def _per_channel(rewriter: _Rewriter, node: onnx.NodeProto, value: np.ndarray, channels: np.ndarray) -> np.ndarray:
-    """A per-feature constant as one value per map channel (features and channels correspond one to one here)."""
-    flat = value.reshape(-1)
-    if flat.size != channels.size:
-        raise rewriter.refuse(node, f"reads a constant of shape {value.shape} that is not one value per feature")
-    per_channel = np.empty_like(flat)
-    per_channel[channels] = flat
-    return per_channel
-
-
-def _over_channels(
-    rewriter: _Rewriter,
-    node: onnx.NodeProto,
-    attributes: dict,
-    inputs: Sequence[str] | None = None,
-    *,
-    last_axis: bool = False,
-) -> None:
-    """Emit ``node`` acting on axis 1 of the map.
-
-    Softmax from opset 13 takes one axis; before 13 (and for LayerNormalization,
-    which normalizes trailing axes) the map is moved channels-last around it.
-    """
-    if not last_axis and rewriter.opset >= 13:
-        rewriter.emit(node, inputs, **attributes)
-        return
-    source = rewriter.source(node.input[0]) if inputs is None else inputs[0]
-    stem = node.name or node.output[0]
-    moved = rewriter.names(f"{stem}/channels_last")
-    rewriter.nodes.append(helper.make_node("Transpose", [source], [moved], name=moved, perm=[0, 2, 3, 1]))
-    inner = rewriter.names(f"{stem}/over_channels")
-    rest = list(inputs[1:]) if inputs is not None else [rewriter.source(n) if n else n for n in node.input[1:]]
-    copy = rewriter.emit(node, [moved, *rest], **({"axis": -1} if last_axis else {"axis": 3}))
-    del copy.output[:]
-    copy.output.append(inner)
-    back = node.output[0]
-    rewriter.nodes.append(
-        helper.make_node("Transpose", [inner], [back], name=rewriter.names(f"{stem}/channels_first"), perm=[0, 3, 1, 2])
-    )
-
-
-def _rewrite_binary(rewriter: _Rewriter, node: onnx.NodeProto) -> None:
-    """Arithmetic with a constant (one value, or one per feature) or between two head tensors of the same layout."""
-    graph = rewriter.graph
-    heads = [n for n in node.input if n in rewriter.channels]
-    if len(heads) == 2:
-        first, second = (rewriter.channels[n] for n in heads)
-        if first is None or second is None or not np.array_equal(first, second):
-            raise rewriter.refuse(node, "combines tensors whose features are not laid out alike")
-        rewriter.emit(node)
-        _carry(rewriter, node, first)
-        return
-    channels = rewriter.channels[heads[0]]
-    inputs = []
-    for name in node.input:
-        if name in rewriter.channels:
-            inputs.append(rewriter.source(name))
-            continue
-        value = graph.constant(name)
-        if value is None:
-            raise rewriter.refuse(node, f"reads {name}, which is neither a constant nor computed by the head")
-        if value.size == 1:
-            inputs.append(name)
-        elif channels is None:
-            raise rewriter.refuse(node, "applies a different constant to each feature of the flattened window")
-        else:
-            per_channel = _per_channel(rewriter, node, value, channels)
-            inputs.append(rewriter.add_constant(f"{name}_per_channel", per_channel.reshape(-1, 1, 1)))
-    rewriter.emit(node, inputs)
-    _carry(rewriter, node, channels)
-
-
-def _linear_weight(rewriter: _Rewriter, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """A Gemm's or MatMul's (out, in) weight and its bias (None when it has none), and how it was written."""
-    graph = rewriter.graph
-    if node.input[0] not in rewriter.channels:
-        raise rewriter.refuse(node, "multiplies the features from the right")
-    weight = graph.constant(node.input[1])
-    if weight is None or weight.ndim != 2:
-        raise rewriter.refuse(node, "has a weight that is not a constant matrix")
-    if node.op_type == "MatMul":
-        return weight.T, None, "MatMul"
-    if _attr(node, "transA", 0):
-        raise rewriter.refuse(node, "transposes its input (transA)")
-    matrix = weight if _attr(node, "transB", 0) else weight.T
-    matrix = matrix * np.asarray(_attr(node, "alpha", 1.0), dtype=matrix.dtype)
-    if len(node.input) < 3 or not node.input[2]:
-        return matrix, None, "Gemm"
-    bias = graph.constant(node.input[2])
-    if bias is None:
-        raise rewriter.refuse(node, "has a bias that is not a constant")
-    return (
-        matrix,
-        _as_bias(rewriter, node, bias, matrix.shape[0]) * np.asarray(_attr(node, "beta", 1.0), bias.dtype),
-        "Gemm",
-    )
-
-
-def _as_bias(rewriter: _Rewriter, node: onnx.NodeProto, value: np.ndarray, out: int) -> np.ndarray:
-    """A constant added to every row: one value, or one per output feature."""
-    if value.size == 1:
-        return np.full(out, value.reshape(-1)[0], dtype=value.dtype)
-    if value.size == out and (value.ndim == 1 or value.shape[0] == 1):
-        return value.reshape(out)
-    raise rewriter.refuse(node, f"adds a constant of shape {value.shape} that is not one value per output feature")
-
-
-def _rewrite_linear(rewriter: _Rewriter, node: onnx.NodeProto) -> None:
-    """A Gemm or MatMul as a Conv: k×k over the flattened window (weight in the chain's order), else 1×1."""
-    graph, head = rewriter.graph, rewriter.head
-    matrix, bias, kind = _linear_weight(rewriter, node)
-    out_features, in_features = matrix.shape
-    source = node.input[0]
-    channels = rewriter.channels[source]
-    output = node.output[0]
-    consumers = graph.consumers.get(output, [])
-    folded_add = False
-    if bias is None and kind == "MatMul" and len(consumers) == 1 and consumers[0].op_type == "Add":
-        add = consumers[0]
-        other = next((n for n in add.input if n != output), None)
-        value = graph.constant(other) if other else None
-        if value is not None and (value.size == 1 or value.size == out_features):
-            bias = _as_bias(rewriter, add, value, out_features)
-            rewriter.folded.add(id(add))
-            output = add.output[0]
-            folded_add = True
-    if channels is None:
-        map_channels, height, width = graph.shape(head.map_name)[1:]
-        if in_features != map_channels * height * width:
-            raise rewriter.refuse(node, f"reads {in_features} features from a {map_channels}×{height}×{width} window")
-        kernel = np.zeros((out_features, map_channels * height * width), dtype=matrix.dtype)
-        kernel[:, head.feature_order] = matrix
-        kernel = kernel.reshape(out_features, map_channels, height, width)
-        ordered = not np.array_equal(head.feature_order, np.arange(head.feature_order.size))
-        note = "rows re-ordered from the flatten's order" if ordered else ""
-    else:
-        if in_features != channels.size:
-            raise rewriter.refuse(node, f"reads {in_features} features from a map of {channels.size} channels")
-        kernel = np.zeros((out_features, channels.size), dtype=matrix.dtype)
-        kernel[:, channels] = matrix
-        kernel = kernel.reshape(out_features, channels.size, 1, 1)
-        map_channels, height, width = channels.size, 1, 1
-        ordered = not np.array_equal(channels, np.arange(channels.size))
-        note = "columns re-ordered to the map's channels" if ordered else ""
-    # the kernel takes the weight's name when it replaces it (an initializer nothing else reads)
-    exclusive = node.input[1] in graph.initializers and len(graph.consumers.get(node.input[1], [])) == 1
-    weight_name = node.input[1] if exclusive else rewriter.names(f"{node.input[1]}_conv")
-    rewriter.initializers[weight_name] = numpy_helper.from_array(np.ascontiguousarray(kernel), weight_name)
-    inputs = [rewriter.source(source), weight_name]
-    if bias is not None:
-        inputs.append(rewriter.add_constant(f"{weight_name}_bias", bias.astype(kernel.dtype)))
-    name = node.name or output
-    conv = helper.make_node(
-        "Conv", inputs, [output], name=name, kernel_shape=[height, width], strides=[1, 1], pads=[0, 0, 0, 0],
-        dilations=[1, 1], group=1,
-    )  # fmt: skip
-    rewriter.nodes.append(conv)
-    rewriter.channels[output] = np.arange(out_features)
-    if output != node.output[0]:
-        rewriter.channels[node.output[0]] = rewriter.channels[output]
-        rewriter.renamed[node.output[0]] = output
-    rewriter.layers.append(
-        RewrittenLayer(
-            name=name,
-            before=f"{kind}({in_features} → {out_features})" + (" + Add" if folded_add else ""),
-            after=f"Conv({map_channels} → {out_features})",
-            in_map=(map_channels, height, width),
-            kernel=(height, width),
-            parameters=kernel.size + (0 if bias is None else bias.size),
-            note=note,
-        )
-    )
-
-
-# --- the models it gives -----------------------------------------------------------------------------
 
 
 def _value_info(name: str, elem_type: int, dims: Sequence[int | str]) -> onnx.ValueInfoProto:

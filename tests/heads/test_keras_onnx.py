@@ -338,7 +338,7 @@ def test_a_normalization_over_the_flattened_window_exits_3_naming_it(tmp_path):
     assert result.exit_code == 3
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "window_norm (LayerNormalization)" in lines[0], result.stderr
-    assert "normalizes the whole flattened window" in lines[0]
+    assert "normalizes over the flattened window" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keras.onnx"]
 
 
