@@ -1,11 +1,19 @@
-"""fcconv: turn a trained classifier's fully connected head into convolutions, exactly."""
+"""fcconv: turn a trained classifier's fully connected head into convolutions, exactly.
 
+The converter needs PyTorch (``pip install 'fcconv[torch]'``); ``fcconv check`` on ONNX
+files does not. So the names below that live in torch-side modules are imported on
+first use, and ``import fcconv`` (or ``fcconv.__version__``) works without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+from fcconv._version import __version__
 from fcconv.errors import BadInputError, FcconvError, NotConvertibleError
-from fcconv.export import export_onnx
-from fcconv.rewrite import Conversion, HeadGeometry, RewrittenLayer, analyze, convert, rewrite, truncate
-from fcconv.verify import SizeCheck, VerificationReport, sliding_window_reference, verify
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BadInputError",
@@ -16,6 +24,7 @@ __all__ = [
     "RewrittenLayer",
     "SizeCheck",
     "VerificationReport",
+    "__version__",
     "analyze",
     "convert",
     "export_onnx",
@@ -24,3 +33,40 @@ __all__ = [
     "truncate",
     "verify",
 ]
+
+_TORCH_SIDE = {
+    "export_onnx": "fcconv.export",
+    **dict.fromkeys(
+        ("Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "rewrite", "truncate"), "fcconv.rewrite"
+    ),
+    **dict.fromkeys(("SizeCheck", "VerificationReport", "sliding_window_reference", "verify"), "fcconv.verify"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The converter's public names, imported with torch when first used."""
+    if name not in _TORCH_SIDE:
+        raise AttributeError(f"module 'fcconv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_TORCH_SIDE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``fcconv.verify`` and ``fcconv.rewrite`` name functions, as before the imports were lazy.
+
+    Importing the submodule of the same name binds the module on the package; the
+    function it defines is bound instead, once the submodule has run.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}" and name in _TORCH_SIDE:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from fcconv import __version__
+from fcconv._version import __version__
 from fcconv.errors import BadInputError, FcconvError
 from fcconv.staging import Terminated, terminations_raised
 
@@ -230,7 +230,7 @@ def one_line(text: str) -> str:
 
 
 def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
-    from fcconv.load import check_tensor_size
+    from fcconv.sizes import check_tensor_size
 
     if not text:
         return None
@@ -369,7 +369,7 @@ def _check_report_paths(inputs: list[Path], *reports: Path | None) -> None:
 
 def _is_onnx(path: Path) -> bool:
     """Whether ``path`` is an ONNX model (by suffix or content); onnx is imported only when asked."""
-    from fcconv.onnx_rewrite import is_onnx_file
+    from fcconv.files import is_onnx_file
 
     return is_onnx_file(path)
 
@@ -411,8 +411,8 @@ def _onnx_references(classifier, conversion, sizes, rtol, atol):
 def _onnx_probe_output(classifier):
     """The input ONNX model's outputs on :func:`~fcconv.verify.probe_input`, each as the converted map's
     (1, K, 1, ...), channels-first whatever the layout."""
-    from fcconv.onnx_verify import OnnxRunner
     from fcconv.outputs import like, named_outputs
+    from fcconv.runtime import OnnxRunner
     from fcconv.verify import probe_input
 
     runner = OnnxRunner(classifier.model, nhwc_input=classifier.layout == "nhwc")
@@ -442,7 +442,8 @@ def _convert_onnx(
     model: Path, target: Path, input_shape, sizes, rtol, atol, external_data: bool, logits: bool, until: str | None
 ) -> None:
     """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
-    from fcconv.export import append_metadata, external_data_path, probe_metadata
+    from fcconv.external_data import external_data_path
+    from fcconv.metadata import append_metadata, probe_metadata
     from fcconv.onnx_rewrite import write_onnx
     from fcconv.render import rewrite_table
     from fcconv.staging import staged_onnx
@@ -488,8 +489,8 @@ def _convert_to_pytorch(models: dict, target: Path, metadata, sizes, rtol, atol,
     before ``--logits``/``--until`` ended it) and ``conversion``; it is emptied here,
     so that the models are freed before a program is read back beside them.
     """
-    from fcconv.export import fcconv_metadata, output_channels_metadata, probe_metadata
     from fcconv.grid import probe_output_grid
+    from fcconv.metadata import fcconv_metadata, output_channels_metadata, probe_metadata
     from fcconv.outputs import named_outputs
     from fcconv.staging import staged_onnx
     from fcconv.torch_export import ProgramModel, export_program, rebuild, save_program, save_weights
@@ -623,17 +624,11 @@ def convert(
     module's state_dict, each with the same metadata as the ONNX export. An ONNX classifier is rewritten on its
     graph and verified against itself in onnxruntime.
     """
-    from fcconv.export import (
-        HEAD_FORMATS,
-        append_metadata,
-        export_onnx,
-        external_data_path,
-        fcconv_metadata,
-        file_sha256,
-        inline_external_data,
-        probe_metadata,
-    )
+    from fcconv.export import HEAD_FORMATS, export_onnx, inline_external_data
+    from fcconv.external_data import external_data_path
+    from fcconv.files import file_sha256
     from fcconv.heatmap import card_metadata
+    from fcconv.metadata import append_metadata, fcconv_metadata, probe_metadata
     from fcconv.render import rewrite_table
     from fcconv.rewrite import rewrite
     from fcconv.staging import staged_onnx
@@ -789,15 +784,11 @@ def verify(
 
     --json and --junit reports are written on a pass and on a fail, never on bad input (exit 2).
     """
-    from fcconv.export import OnnxModel, truncation_metadata
+    from fcconv.files import is_program_file, is_weights_file
+    from fcconv.metadata import truncation_metadata
     from fcconv.report import verification_document, write_report
-    from fcconv.torch_export import (
-        ProgramModel,
-        is_program_file,
-        is_weights_file,
-        read_weights_metadata,
-        rebuild,
-    )
+    from fcconv.runtime import OnnxRunner
+    from fcconv.torch_export import ProgramModel, read_weights_metadata, rebuild
 
     check_sizes = _parse_sizes(sizes)
     _check_report_paths([onnx_model, reference], json_report, junit_report)
@@ -805,7 +796,7 @@ def verify(
     if weights_only:
         exported, meta = None, read_weights_metadata(onnx_model)  # the module is rebuilt from the reference below
     else:
-        exported = ProgramModel(onnx_model, trust=trust) if is_program_file(onnx_model) else OnnxModel(onnx_model)
+        exported = ProgramModel(onnx_model, trust=trust) if is_program_file(onnx_model) else OnnxRunner(onnx_model)
         meta = exported.metadata
     if input_shape is None and "fcconv.input_shape" in meta:
         input_shape = meta["fcconv.input_shape"]
@@ -820,7 +811,7 @@ def verify(
     if until is None:
         until = meta.get("fcconv.until") or None
     if _is_onnx(reference):
-        if not isinstance(exported, OnnxModel):
+        if not isinstance(exported, OnnxRunner):
             raise BadInputError(
                 f"{onnx_model} was written for PyTorch: its reference is a PyTorch checkpoint, not ONNX"
             )
@@ -920,11 +911,10 @@ def check(
     skipped unless --reference (and --arch) rebuild the module to run them.
     """
     from fcconv.check import check_onnx
-    from fcconv.check_pytorch import check_program, check_weights
-    from fcconv.load import parse_input_shape
+    from fcconv.files import is_program_file, is_weights_file
     from fcconv.render import check_table
     from fcconv.report import check_document, write_report
-    from fcconv.torch_export import is_program_file, is_weights_file
+    from fcconv.sizes import parse_input_shape
 
     shape = parse_input_shape(input_shape) if input_shape else None
     check_sizes = _parse_sizes(sizes)
@@ -940,8 +930,12 @@ def check(
         with screen.status(f"Checking {path}…") as update:
             options = {"sizes": check_sizes, "rtol": rtol, "atol": atol, "on_step": update}
             if path in weights_files:
+                from fcconv.check_pytorch import check_weights  # torch: only for the files that need it
+
                 report = check_weights(path, shape, rebuilt_from=original, **options)
             elif is_program_file(path):
+                from fcconv.check_pytorch import check_program
+
                 report = check_program(path, shape, trust=trust, **options)
             else:
                 report = check_onnx(path, shape, **options)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.markup import escape
 from rich.table import Table
 
 from fcconv.check import CheckReport
-from fcconv.heatmap import Peak, ScoreMap
-from fcconv.rewrite import Conversion
-from fcconv.verify import VerificationReport
+
+if TYPE_CHECKING:  # torch-side types, named in annotations only: rendering a check needs no torch
+    from fcconv.heatmap import Peak, ScoreMap
+    from fcconv.rewrite import Conversion
+    from fcconv.verify import VerificationReport
 
 
 def _dims(shape: tuple[int, ...]) -> str:
