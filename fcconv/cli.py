@@ -30,6 +30,7 @@ error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_NOT_CONVERTIBLE = 0, 1, 2, 3
 ONNX_LINEAR = "Gemm or MatMul"  # what a Linear layer is in an ONNX graph
+TORCH_EXTRA = {"torch", "torchvision", "safetensors", "matplotlib"}  # what `pip install 'fcconv[torch]'` adds
 
 ArchOption = Annotated[
     Optional[str],
@@ -215,6 +216,13 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - anything unforeseen still gets one line, not a traceback
             if debug:
                 raise
+            if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in TORCH_EXTRA:
+                # `pip install fcconv` runs `fcconv check` on ONNX files; the rest needs the torch extra
+                error_console.print(
+                    f"fcconv: error: fcconv {command.__name__} needs PyTorch: pip install 'fcconv[torch]'",
+                    markup=False,
+                )
+                raise typer.Exit(EXIT_BAD_INPUT) from None
             text = one_line(" ".join(str(exc).split()))[:300]
             error_console.print(
                 f"fcconv: error: {type(exc).__name__}: {text} (run with --debug for the traceback)", markup=False
