@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fcconv  # noqa: E402
-from fcconv.export import OnnxModel  # noqa: E402
 from fcconv.layers import gather_windows  # noqa: E402
+from fcconv.runtime import OnnxRunner  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -204,8 +204,8 @@ def run_dtype(args, model, converted, device, dtype, dtype_name, batches, timed)
         fcconv.export_onnx(converted, tmp / "converted.onnx", (3, 224, 224))
         fcconv.export_onnx(converted, tmp / "gemm.onnx", (3, 224, 224), head_format="gemm")
         # onnxruntime's default optimization level, as a deployment would run it
-        ort_orig, ort_conv = OnnxModel(tmp / "original.onnx", "all"), OnnxModel(tmp / "converted.onnx", "all")
-        ort_gemm = OnnxModel(tmp / "gemm.onnx", "all")
+        ort_orig, ort_conv = OnnxRunner(tmp / "original.onnx", "all"), OnnxRunner(tmp / "converted.onnx", "all")
+        ort_gemm = OnnxRunner(tmp / "gemm.onnx", "all")
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224)
             for label, ort in (("Conv head", ort_conv), ("gemm head", ort_gemm)):

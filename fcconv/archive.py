@@ -1,10 +1,7 @@
-"""Zip archives read within bounds, and the members of a ``.pt2`` that ``torch.export.load`` would unpickle.
+"""The members of a ``.pt2`` that ``torch.export.load`` would unpickle, and loading a program within them.
 
-Checkpoints written by ``torch.save`` and programs written by ``torch.export.save`` are
-zip archives. Both torch's reader and Python's ``zipfile`` size their buffers from the
-sizes the archive declares, so an archive whose members declare far more than the file
-could hold (a zip bomb: a few megabytes inflating to gigabytes) is refused before any
-member is read, and every member fcconv reads itself is read up to its declared size only.
+The zip bounds every archive must meet first (:func:`~fcconv.files.check_archive_sizes`,
+:func:`~fcconv.files.read_member`) live in :mod:`fcconv.files`, which needs no torch.
 
 ``torch.export.load`` falls back to full unpickling for some members (sample inputs that
 are not plain tensors, weights and constants marked ``use_pickle``, legacy weight files,
@@ -21,14 +18,14 @@ import contextlib
 import io
 import os
 import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from fcconv.errors import BadInputError, reason
+from fcconv.files import check_archive_sizes, is_exported_program, read_member
 
 __all__ = [
     "check_archive_sizes",
@@ -40,83 +37,11 @@ __all__ = [
     "weights_only_unpickling",
 ]
 
-# torch writes its archives uncompressed, so their members declare about the file's own size;
-# a recompressed archive of weights shrinks little. Members that together declare more than
-# this many times the file's size (plus a little, for tiny files) are not a checkpoint.
-MAX_EXPANSION = 32
-EXPANSION_SLACK = 1 << 20
-
 CODE_SUFFIXES = (".so", ".dll", ".dylib", ".py", ".pyc", ".cubin", ".ptx")
 
 # The members of an archive from before torch 2.8, which torch.export.load still reads with full
 # unpickling as a fallback whenever the current format fails to load with a RuntimeError.
 OLD_FORMAT_PICKLES = ("serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt")
-
-
-def check_archive_sizes(source: str | Path | IO[bytes], name: str | Path, size: int | None = None) -> None:
-    """Refuse a zip archive whose members declare more bytes than is plausible for its size.
-
-    ``source`` is the archive (a path or a binary file object) and ``name`` what to call it
-    in the message; ``size`` its length in bytes (read from the file when not given). A
-    stored member must declare the same size compressed and uncompressed, and no two
-    members may share a name (two readers could pick different ones).
-    """
-    if size is None:
-        size = os.stat(source).st_size if isinstance(source, (str, Path)) else _length(source)
-    try:
-        with zipfile.ZipFile(source) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as exc:
-        raise BadInputError(f"{name} is not a readable zip archive ({reason(exc)})") from None
-    declared = 0
-    seen: set[str] = set()
-    for info in infos:
-        if info.filename in seen:
-            raise BadInputError(f"{name} holds two members named {info.filename}; it was not read")
-        seen.add(info.filename)
-        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
-            raise BadInputError(
-                f"{name}: member {info.filename} declares {info.file_size:,} bytes stored in {info.compress_size:,}; "
-                "it was not read"
-            )
-        declared += info.file_size
-    bound = MAX_EXPANSION * size + EXPANSION_SLACK
-    if declared > bound:
-        raise BadInputError(
-            f"{name} is a {size:,}-byte archive whose members claim {declared:,} bytes, more than {MAX_EXPANSION} "
-            "times its size: not a checkpoint (a zip bomb?); it was not read"
-        )
-
-
-def _length(stream: IO[bytes]) -> int:
-    position = stream.tell()
-    stream.seek(0, os.SEEK_END)
-    length = stream.tell()
-    stream.seek(position)
-    return length
-
-
-def read_member(archive: zipfile.ZipFile, member: str, limit: int | None = None) -> bytes:
-    """The bytes of ``member``, never more than it declares (or than ``limit``, when given).
-
-    zipfile stops inflating at the declared size and checks the CRC there, so a member
-    that inflates past what it declares fails instead of filling memory.
-    """
-    info = archive.getinfo(member)
-    with archive.open(info) as handle:
-        return handle.read(info.file_size if limit is None else min(limit, info.file_size))
-
-
-def is_exported_program(path: Path) -> bool:
-    """A ``torch.export.save`` archive: a zip whose ``archive_format`` member says ``pt2``."""
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as archive:
-            marker = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "archive_format"), None)
-            return marker is not None and read_member(archive, marker, limit=16).strip() == b"pt2"
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError):
-        return False
 
 
 def members_torch_export_unpickles(path: str | Path) -> list[tuple[str, str]]:

@@ -16,25 +16,46 @@
   total stride and receptive field predict.
 
 A check that needs fcconv's metadata is reported as skipped on a model without it.
+This module needs onnx, onnxruntime and numpy only: CI jobs that gate exports run it
+without torch. The checks of a ``.pt2`` or ``.safetensors`` file, which need torch,
+are in :mod:`fcconv.check_pytorch`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import mmap
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+
+from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME, compare_arrays
 from fcconv.errors import BadInputError
-from fcconv.export import EACH_DIGEST_KEY, ONNXRUNTIME, OUTPUT_CHANNELS_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY
-from fcconv.external_data import check_external_data, external_data, map_external_data
-from fcconv.grid import OutputGrid
-from fcconv.outputs import named_outputs
-from fcconv.weights_digest import EACH_DIGITS, WeightsDigest
+from fcconv.external_data import check_external_data
+from fcconv.files import check_readable
+from fcconv.memory import refuse_beyond_memory, run_bytes
+from fcconv.metadata import (
+    EACH_DIGEST_KEY,
+    PROBE_OUTPUT_KEY,
+    SPATIAL_AXIS_NAMES,
+    WEIGHTS_DIGEST_KEY,
+    OutputGrid,
+    metadata_grid,
+    metadata_input_shape,
+    metadata_num_classes,
+    parse_output_channels,
+    probe_array,
+    probe_keys,
+    recorded_probe,
+)
+from fcconv.onnx_shapes import inferred_shapes, shapes_only, value_dims
+from fcconv.runtime import ONNXRUNTIME, OnnxRunner
+from fcconv.sizes import default_sizes, parse_input_shape
+from fcconv.weights_digest import EACH_DIGITS, WeightsDigest, onnx_weights_digest
 
 __all__ = ["CHECKS", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
 
@@ -50,9 +71,6 @@ CHECKS = (
 )
 RECORDED_RTOL = 1e-7
 """The default rtol of ``reference output`` at least: above float32's rounding (2**-24) of the recorded values."""
-# Initializers up to this many elements keep their values for shape inference (shape and slice constants);
-# larger ones, the weights, enter it as typed inputs without their data.
-_SMALL_INITIALIZER = 64
 
 
 @dataclass(frozen=True)
@@ -118,19 +136,15 @@ def check_onnx(
 
     ``input_shape`` is the native (C, H, W) (default: the model's ``fcconv.input_shape``
     metadata); ``sizes`` are the spatial sizes to run at (default: those ``fcconv
-    verify`` uses, :func:`fcconv.verify.default_sizes`). Raises
+    verify`` uses, :func:`fcconv.sizes.default_sizes`). Raises
     :class:`~fcconv.errors.BadInputError` when the file is not an ONNX model, its
     external weights are missing, or no native size is known.
 
-    ``reference output`` compares the model's output on :func:`fcconv.verify.probe_input`
+    ``reference output`` compares the model's output on :func:`fcconv.metadata.probe_array`
     with the original's, which the export records (``fcconv.probe_output``): it passes
     when ``max |output - recorded| <= atol + rtol * max |recorded|`` (``rtol`` default:
     what ``fcconv verify`` uses for the input's dtype).
     """
-    import onnx
-
-    from fcconv.verify import default_sizes
-
     path = Path(path)
     step = on_step or (lambda _: None)
     step("Reading the model…")
@@ -169,10 +183,6 @@ def check_onnx(
 
 
 def _read_model(path: Path) -> Any:
-    import onnx
-
-    from fcconv.load import check_readable
-
     check_readable(path, "model")
     try:
         # Parsed from a memory map, not from a bytes copy of the file as onnx.load reads it: while the
@@ -197,26 +207,16 @@ def _data_input(model: Any, path: Path) -> tuple[str, list[int | str | None]]:
     inputs = [i for i in model.graph.input if i.name not in weights]
     if len(inputs) != 1:
         raise BadInputError(f"{path} takes {len(inputs)} inputs; fcconv check checks models with one input")
-    return str(inputs[0].name), _dims(inputs[0])
-
-
-def _dims(value_info: Any) -> list[int | str | None]:
-    """Each dimension of a value: its fixed size, its symbolic name, or None."""
-    dims = []
-    for dim in value_info.type.tensor_type.shape.dim:
-        dims.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None))
-    return dims
+    return str(inputs[0].name), value_dims(inputs[0])
 
 
 def _native_shape(
     path: Path, given: Sequence[int] | None, meta: dict[str, str], dims: list[int | str | None]
 ) -> tuple[int, ...]:
-    from fcconv.load import parse_input_shape
-
     if given is not None:
         shape = parse_input_shape(list(given))
-    elif "fcconv.input_shape" in meta:
-        shape = parse_input_shape(meta["fcconv.input_shape"])
+    elif metadata_input_shape(meta) is not None:
+        shape = metadata_input_shape(meta)
     else:
         raise BadInputError(f"{path} does not record its native input size (no fcconv metadata); give --input-shape")
     if dims and len(dims) != len(shape) + 1:
@@ -243,8 +243,6 @@ def refuse_runs_beyond_memory(
 ) -> None:
     """Raise :class:`BadInputError` before anything is allocated when running ``model`` at ``sizes`` cannot fit in
     memory (:func:`fcconv.memory.run_bytes`)."""
-    from fcconv.memory import refuse_beyond_memory, run_bytes
-
     needs = run_bytes(model, input_shape, sizes, batch, itemsize, **options)
     refuse_beyond_memory(needs, "checking", "check at smaller sizes (--sizes)")
 
@@ -275,15 +273,15 @@ def _free_axes(name: str, dims: list[int | str | None], rank: int) -> CheckResul
 
 def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], channels_last: bool = False) -> CheckResult:
     """Shape inference at the native size and at a larger one: no contraction may read an axis that grows with it."""
-    light = _shapes_only(model)
+    light = shapes_only(model)
     native = input_shape[1:]
     larger = tuple(2 * n + 1 for n in native)
 
     def batch_of_one(size: tuple[int, ...]) -> tuple[int, ...]:
         return (1, *size, input_shape[0]) if channels_last else (1, input_shape[0], *size)
 
-    small = _inferred_shapes(light, input_name, batch_of_one(native))
-    large = _inferred_shapes(light, input_name, batch_of_one(larger))
+    small = inferred_shapes(light, input_name, batch_of_one(native))
+    large = inferred_shapes(light, input_name, batch_of_one(larger))
     producers = {out: node for node in light.graph.node for out in node.output}
     shown_small, shown_large = "×".join(map(str, native)), "×".join(map(str, larger))
     undetermined = 0
@@ -358,90 +356,15 @@ def _collapse_origin(value: str, producers: dict[str, Any]) -> Any:
     return None
 
 
-def _shapes_only(model: Any) -> Any:
-    """A copy of the graph for shape inference: the weights become typed inputs without their data."""
-    import onnx
-
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    light.graph.node.extend(model.graph.node)
-    light.graph.input.extend(model.graph.input)
-    listed = {i.name for i in model.graph.input}
-    for tensor in model.graph.initializer:
-        if math.prod(tensor.dims) <= _SMALL_INITIALIZER and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            light.graph.initializer.append(tensor)
-        elif tensor.name not in listed:
-            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    for output in model.graph.output:  # declared output shapes would be merged with what is inferred at each size
-        light.graph.output.append(
-            onnx.helper.make_tensor_value_info(output.name, output.type.tensor_type.elem_type, None)
-        )
-    return light
-
-
-def _inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int | None, ...] | None]:
-    """Every value's shape when the input has ``shape``, as ONNX shape inference (with data propagation) gives it."""
-    import onnx
-
-    sized = onnx.ModelProto()
-    sized.CopyFrom(light)
-    for graph_input in sized.graph.input:
-        if graph_input.name == input_name:
-            graph_input.type.tensor_type.shape.ClearField("dim")
-            for size in shape:
-                graph_input.type.tensor_type.shape.dim.add().dim_value = size
-    try:
-        inferred = onnx.shape_inference.infer_shapes(sized, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - no shapes at all: every axis is undetermined
-        return {}
-    shapes: dict[str, tuple[int | None, ...] | None] = {}
-    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        tensor_type = info.type.tensor_type
-        shapes[info.name] = tuple(_dims(info)) if tensor_type.HasField("shape") else None
-    for name, dims in list(shapes.items()):
-        if dims is not None:
-            shapes[name] = tuple(d if isinstance(d, int) else None for d in dims)
-    for tensor in light.graph.initializer:
-        shapes[tensor.name] = tuple(tensor.dims)
-    return shapes
-
-
-def onnx_output_shapes(model: Any) -> Callable[[tuple[int, ...]], tuple[int, ...] | None]:
-    """The output's shape for a batch-1 input of a given (C, *spatial) shape, by ONNX shape inference alone.
-
-    What :func:`~fcconv.grid.probe_output_grid` needs to measure an ONNX model's
-    total stride and receptive field without running it; None where inference
-    cannot determine every axis.
-    """
-    light = _shapes_only(model)
-    input_name, output_name = model.graph.input[0].name, model.graph.output[0].name
-
-    def output_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        dims = _inferred_shapes(light, input_name, (1, *shape)).get(output_name)
-        return None if dims is None or any(d is None for d in dims) else tuple(int(d) for d in dims)
-
-    return output_shape
-
-
-def onnx_weights_digest(model: Any, path: Path | None = None) -> WeightsDigest:
-    """:mod:`fcconv.weights_digest` of ``model``'s initializers (inline, or in external data beside ``path``)."""
-    digest = WeightsDigest()
-    with ExitStack() as stack:
-        for tensor in model.graph.initializer:
-            digest.add(tensor.name, tensor.data_type, list(tensor.dims), [_raw_bytes(tensor, path, stack)])
-    return digest
-
-
-# --- weights ----------------------------------------------------------------------------------------
-
-
 def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult:
     """Recompute :mod:`fcconv.weights_digest` from the file and compare it with the export's."""
     expected = meta.get(WEIGHTS_DIGEST_KEY)
     if expected is None:
         return CheckResult("weights digest", SKIP, f"no {WEIGHTS_DIGEST_KEY} metadata to compare the weights with")
     return digest_verdict(onnx_weights_digest(model, path), meta, "initializers")
+
+
+# --- weights ----------------------------------------------------------------------------------------
 
 
 def digest_verdict(digest: WeightsDigest, meta: dict[str, str], kind: str = "initializers") -> CheckResult:
@@ -471,20 +394,6 @@ def digest_verdict(digest: WeightsDigest, meta: dict[str, str], kind: str = "ini
     return CheckResult("weights digest", FAIL, f"the {kind} do not hash to the {WEIGHTS_DIGEST_KEY} of the export")
 
 
-def _raw_bytes(tensor: Any, path: Path | None, stack: ExitStack) -> bytes | memoryview:
-    """The initializer's row-major little-endian bytes, from the file itself (its window memory-mapped when external)."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return map_external_data(external_data(tensor, path), stack)
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    array = numpy_helper.to_array(tensor)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-
-
 # --- running ----------------------------------------------------------------------------------------
 
 
@@ -507,7 +416,7 @@ class _Expectation:
 
     @classmethod
     def _from_metadata(cls, meta: dict[str, str]) -> _Expectation:
-        classes = int(meta["fcconv.num_classes"]) if meta.get("fcconv.num_classes", "").isdigit() else None
+        classes = metadata_num_classes(meta)
         if "fcconv.mode" not in meta:
             return cls(classes, None, False, False, "no fcconv.mode metadata: the output size cannot be predicted")
         if meta["fcconv.mode"] not in ("map", "pooled"):
@@ -530,26 +439,6 @@ class _Expectation:
         return (batch, classes, *spatial)
 
 
-def parse_output_channels(meta: dict[str, str]) -> dict[str, int]:
-    """``fcconv.output_channels`` ("name:K,name:K", written for a model with several outputs) as a dict."""
-    channels = {}
-    for item in meta.get(OUTPUT_CHANNELS_KEY, "").split(","):
-        name, _, count = item.rpartition(":")
-        if name and count.isdigit():
-            channels[name] = int(count)
-    return channels
-
-
-def metadata_grid(meta: dict[str, str]) -> OutputGrid | None:
-    """The :class:`~fcconv.grid.OutputGrid` an export's metadata records, or None (global, unknown or absent)."""
-    try:
-        stride = tuple(int(s) for s in meta["fcconv.total_stride"].split(","))
-        field_ = tuple(int(s) for s in meta["fcconv.receptive_field"].split(","))
-    except (KeyError, ValueError):
-        return None
-    return OutputGrid(stride, field_) if len(stride) == len(field_) else None
-
-
 def _runs(
     path: Path,
     input_shape: tuple[int, ...],
@@ -567,19 +456,19 @@ def _runs(
 
     A channels-last model is given N×H×W×C inputs and its outputs are read channels-first.
     """
-    from fcconv.export import OnnxModel
-    from fcconv.onnx_verify import OnnxRunner
-
     step("Loading the model in onnxruntime…")
     try:
-        runner = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True) if channels_last else OnnxModel(path)
+        runner = OnnxRunner(path, nhwc_input=channels_last, nhwc_outputs=channels_last)
     except BadInputError as exc:
         message = f"onnxruntime cannot load it: {exc}"
         results = [r for size in sizes for r in (CheckResult("runs", FAIL, message, size), _size_skipped(size))]
         return [*results, CheckResult("reference output", SKIP, "the model did not load")]
-    results = run_checks(
-        runner, runner.dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, runner.engine
-    )
+
+    def run(x: np.ndarray) -> Any:
+        return runner(x.astype(runner.numpy_dtype, copy=False))
+
+    dtype = runner.numpy_dtype.name
+    results = run_checks(run, dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, runner.engine)
     if runner.engine != ONNXRUNTIME:  # a float64 model: say what ran it
         results = [
             replace(r, message=f"{r.message}, run in {runner.engine}") if r.check == "runs" and r.passed else r
@@ -589,8 +478,8 @@ def _runs(
 
 
 def run_checks(
-    runner: Callable[[Any], Any],
-    dtype: Any,
+    runner: Callable[[np.ndarray], Any],
+    dtype: str,
     input_shape: tuple[int, ...],
     sizes: list[tuple[int, ...]],
     batch: int,
@@ -604,19 +493,19 @@ def run_checks(
 ) -> list[CheckResult]:
     """``runs`` and ``output size`` at each size, for every output, then ``reference output`` on the probe input.
 
-    ``runner`` takes and gives channels-first tensors (a tensor, or a dict of them by
-    output name); ``engine`` names what runs it in the messages of a failed run.
+    ``runner`` takes a channels-first float array (it casts it to the model's ``dtype``,
+    named as numpy or torch name it: ``float32``, ``bfloat16``) and gives a
+    channels-first array, or a dict of them by output name; ``engine`` names what runs
+    it in the messages of a failed run.
     """
-    import torch
-
     expectation = _Expectation.from_metadata(meta)
-    generator = torch.Generator().manual_seed(seed)
+    generator = np.random.default_rng(seed)
     results = []
     for size in sizes:
         step(f"Running at {'×'.join(map(str, size))}…")
-        x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype)
+        x = generator.standard_normal((batch, input_shape[0], *size), dtype=np.float32)
         try:
-            outputs = named_outputs(runner(x))
+            outputs = _named_arrays(runner(x))
         except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails there, with the reason
             results += [CheckResult("runs", FAIL, f"{engine} failed: {_first_line(exc)}", size), _size_skipped(size)]
             continue
@@ -624,7 +513,7 @@ def run_checks(
         for output, out in outputs:
             named = output if several else None
             actual = tuple(int(s) for s in out.shape)
-            finite = bool(torch.isfinite(out).all())
+            finite = bool(np.isfinite(out).all())
             results.append(
                 CheckResult(
                     "runs",
@@ -642,23 +531,28 @@ def run_checks(
     return results
 
 
+def _named_arrays(value: Any) -> list[tuple[str | None, np.ndarray]]:
+    """A runner's output as [(name, array)]: a dict by output name, or one array (named None)."""
+    if isinstance(value, dict):
+        return [(str(name), np.asarray(out)) for name, out in value.items()]
+    return [(None, np.asarray(value))]
+
+
 def _reference_output(
-    runner: Any, dtype: Any, input_shape: tuple[int, ...], meta: dict[str, str], report: CheckReport,
+    runner: Any, dtype: str, input_shape: tuple[int, ...], meta: dict[str, str], report: CheckReport,
     atol: float, rtol: float | None, engine: str = "onnxruntime",
 ) -> list[CheckResult]:  # fmt: skip
     """The model on the probe input against the original's output recorded at export, one result per output."""
-    from fcconv.export import PROBE_OUTPUT_KEY, probe_keys
-    from fcconv.verify import DEFAULT_RTOL, RTOL_BY_DTYPE, probe_input
-
     name = "reference output"
     if PROBE_OUTPUT_KEY not in meta:
         return [CheckResult(name, SKIP, f"no {PROBE_OUTPUT_KEY} metadata: the original's output was not recorded")]
     # The recorded output is float32: a float64 model is compared no tighter than float32 rounds it.
-    report.rtol = max(RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL), RECORDED_RTOL) if rtol is None else rtol
-    report.atol, report.dtype = atol, str(dtype).removeprefix("torch.")
+    report.rtol = max(RTOL_BY_DTYPE_NAME.get(dtype, DEFAULT_RTOL), RECORDED_RTOL) if rtol is None else rtol
+    report.atol, report.dtype = atol, dtype
     size = input_shape[1:]
     try:
-        outputs = named_outputs(runner(probe_input(input_shape, dtype)))
+        # in float64: the runner rounds it to the model's dtype, as the export rounded it for the original
+        outputs = _named_arrays(runner(probe_array(input_shape, np.float64)))
     except Exception as exc:  # noqa: BLE001 - a failed run fails this check, with the reason
         return [CheckResult(name, FAIL, f"{engine} failed: {_first_line(exc)}", size)]
     several = len(outputs) > 1
@@ -669,25 +563,17 @@ def _reference_output(
 
 
 def _compare_with_recorded(
-    out: Any, meta: dict[str, str], shape_key: str, output_key: str, size: tuple[int, ...], report: CheckReport,
-    atol: float, output: str | None,
+    out: np.ndarray, meta: dict[str, str], shape_key: str, output_key: str, size: tuple[int, ...],
+    report: CheckReport, atol: float, output: str | None,
 ) -> CheckResult:  # fmt: skip
     """One output on the probe input against the values recorded under ``output_key``."""
-    import base64
-
-    import numpy as np
-    import torch
-
-    from fcconv.verify import compare_reading
-
     name = "reference output"
     if output_key not in meta or shape_key not in meta:
         return CheckResult(
             name, SKIP, f"no {output_key} metadata: the original's output was not recorded", output=output
         )
     try:
-        shape = tuple(int(d) for d in meta[shape_key].split(","))
-        recorded = torch.from_numpy(np.frombuffer(base64.b64decode(meta[output_key]), dtype="<f4").copy())
+        shape, recorded = recorded_probe(meta, shape_key, output_key)
     except ValueError:
         return CheckResult(name, FAIL, f"{output_key} is not what fcconv writes", output=output)
     actual_shape = tuple(int(d) for d in out.shape)
@@ -695,9 +581,9 @@ def _compare_with_recorded(
         got = "×".join(map(str, actual_shape))
         message = f"output {got}, recorded {'×'.join(map(str, shape))}"
         return CheckResult(name, FAIL, message, size, shape, actual_shape, output=output)
-    c = compare_reading(size, name, recorded, out.reshape(-1)[: recorded.numel()], report.rtol, atol)
+    c = compare_arrays(recorded, out.reshape(-1)[: recorded.size], report.rtol, atol)
     verdict = f"max abs {c.max_abs:.1e}, max rel {c.max_rel:.1e} {'<=' if c.passed else '>'} {report.rtol:g}"
-    message = f"{verdict} on the fixed probe input ({recorded.numel()} values recorded at export)"
+    message = f"{verdict} on the fixed probe input ({recorded.size} values recorded at export)"
     return CheckResult(
         name, PASS if c.passed else FAIL, message, size, shape, actual_shape, c.max_abs, c.max_rel, c.tolerance, output
     )

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fcconv.check import (
@@ -34,7 +35,11 @@ from fcconv.check import (
     refuse_runs_beyond_memory,
     run_checks,
 )
-from fcconv.export import SPATIAL_AXIS_NAMES
+from fcconv.metadata import SPATIAL_AXIS_NAMES
+from fcconv.outputs import named_outputs
+from fcconv.sizes import default_sizes
+from fcconv.torch_export import ProgramModel, read_weights, read_weights_metadata, rebuild
+from fcconv.weights_digest import state_dict_digest
 
 __all__ = ["check_program", "check_weights"]
 
@@ -52,9 +57,6 @@ def check_program(
     on_step: Callable[[str], None] | None = None,
 ) -> CheckReport:
     """Check the ExportedProgram at ``path`` (written by ``fcconv convert -o NAME.pt2``) without a reference."""
-    from fcconv.torch_export import ProgramModel, state_dict_digest
-    from fcconv.verify import default_sizes
-
     path = Path(path)
     step = on_step or (lambda _: None)
     step("Loading the program…")
@@ -67,9 +69,10 @@ def check_program(
     report.results.append(_free_axes(program.spatial_ranges(), input_shape))
     step("Hashing the weights…")
     report.results.append(digest_verdict(state_dict_digest(program.program.state_dict), meta, "tensors"))
+    run = _on_arrays(program, program.dtype)
     report.results.extend(
         run_checks(
-            program, program.dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, "the program"
+            run, _name(program.dtype), input_shape, sizes, batch, seed, meta, report, atol, rtol, step, "the program"
         )
     )
     return report
@@ -93,9 +96,6 @@ def check_weights(
     is rebuilt from it with the file's weights (:func:`fcconv.torch_export.rebuild`)
     and run. Without it only the weights digest is checked.
     """
-    from fcconv.torch_export import read_weights, read_weights_metadata, rebuild, state_dict_digest
-    from fcconv.verify import default_sizes
-
     path = Path(path)
     step = on_step or (lambda _: None)
     meta = read_weights_metadata(path)
@@ -128,12 +128,9 @@ def check_weights(
     dtype = params[0].dtype if params else torch.float32
     refuse_runs_beyond_memory(module, input_shape, sizes, batch, dtype.itemsize)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x)
-
+    run = _on_arrays(module, dtype)
     report.results.extend(
-        run_checks(run, dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, "the module")
+        run_checks(run, _name(dtype), input_shape, sizes, batch, seed, meta, report, atol, rtol, step, "the module")
     )
     return report
 
@@ -158,3 +155,21 @@ def _free_axes(ranges: list[tuple[int, int | None]], input_shape: tuple[int, ...
         return CheckResult("free spatial axes", FAIL, f"the program {' and '.join(problems)}")
     shown = ", ".join(f"{name} ≥ {lower}" for name, (lower, _) in zip(names, ranges))
     return CheckResult("free spatial axes", PASS, f"range constraints: {shown}")
+
+
+def _on_arrays(module: Callable[[torch.Tensor], Any], dtype: torch.dtype) -> Callable[[np.ndarray], Any]:
+    """``module`` as :func:`~fcconv.check.run_checks` calls a runner: an array in (cast to ``dtype``), and its
+    output as an array, or a dict of arrays by output name for several outputs."""
+
+    def run(x: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        with torch.inference_mode():
+            outputs = named_outputs(module(torch.from_numpy(x).to(dtype)))
+        # numpy has no bfloat16: its values are exact in float32
+        arrays = {name: (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy() for name, t in outputs}
+        return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+
+    return run
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

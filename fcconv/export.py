@@ -1,51 +1,46 @@
-"""Write a converted model as fully convolutional ONNX, and run ONNX files.
+"""Write a converted model as fully convolutional ONNX.
 
 The export is a graph of Conv nodes with named free batch and spatial axes. The
 converted module's fast layers (:mod:`fcconv.layers`) are exported as the plain
 convolutions they are, so the file holds no Flatten, Reshape or Gemm in the head.
+The metadata it records is :mod:`fcconv.metadata`'s, the weights' digest
+:mod:`fcconv.weights_digest`'s; :mod:`fcconv.runtime` runs the file.
 """
 
 from __future__ import annotations
 
+import copy
 import io
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
+import onnx
 import torch
 from torch import fx, nn
 
 from fcconv.errors import BadInputError
-from fcconv.grid import OutputGrid, output_names, probe_output_grid
+from fcconv.external_data import PROTOBUF_LIMIT, external_data_path
+from fcconv.grid import output_names, probe_output_grid
 from fcconv.layers import POINTWISE_CONV, FullyConnectedConvMixin, WindowGemm, as_plain_conv
+from fcconv.metadata import (
+    EACH_DIGEST_KEY,
+    SPATIAL_AXIS_NAMES,
+    WEIGHTS_DIGEST_KEY,
+    fcconv_metadata,
+    metadata_fragment,
+    output_channels_metadata,
+)
 from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
 from fcconv.staging import staged_path
-from fcconv.weights_digest import WeightsDigest
+from fcconv.weights_digest import WeightsDigest, onnx_data_type, tensor_bytes
 
-if TYPE_CHECKING:
-    from fcconv.rewrite import HeadGeometry
+__all__ = ["as_export_module", "export_onnx", "external_data_path", "inline_external_data"]
 
-__all__ = [
-    "OnnxModel",
-    "ReferenceSession",
-    "SPATIAL_AXIS_NAMES",
-    "export_onnx",
-    "external_data_path",
-    "fcconv_metadata",
-    "inference_session",
-]
-
-SPATIAL_AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 INPUT_NAME = "input"
 OUTPUT_NAME = SINGLE_OUTPUT_NAME
 OPSET = 18
 HEAD_FORMATS = ("conv", "gemm")
-WEIGHTS_DIGEST_KEY = "fcconv.weights_sha256"
-EACH_DIGEST_KEY = "fcconv.initializer_sha256"
-OUTPUT_CHANNELS_KEY = "fcconv.output_channels"
 
 
 def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
@@ -59,8 +54,6 @@ def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
     if isinstance(module, fx.GraphModule):
         plain = fx.GraphModule(module, module.graph, class_name=type(module).__name__)
     else:
-        import copy
-
         plain = copy.copy(module)
         plain._modules = dict(module._modules)
     for name in fast:
@@ -69,12 +62,6 @@ def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
         gemm = head_format == "gemm" and not isinstance(conv, tuple(POINTWISE_CONV.values()))
         plain.set_submodule(name, WindowGemm(conv) if gemm else as_plain_conv(conv), strict=False)
     return plain
-
-
-def external_data_path(path: str | Path) -> Path:
-    """Where the weights of an ONNX file written with external data lie: ``NAME.onnx.data`` beside it."""
-    path = Path(path)
-    return path.with_name(path.name + ".data")
 
 
 def export_onnx(
@@ -114,8 +101,6 @@ def export_onnx(
     batch > 1 because it reads the head's weights once per batch instead of once per
     image. The default ``"conv"`` writes the head as Conv nodes only.
     """
-    import onnx
-
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
     rank = len(input_shape) - 1
@@ -199,7 +184,7 @@ def export_onnx(
                     written += _nbytes(tensor)
                     progress(written, total)
             # Metadata entries merge into the model like the weights do; the digest is known only now.
-            f.write(_metadata_fragment({WEIGHTS_DIGEST_KEY: digest.hexdigest(), EACH_DIGEST_KEY: digest.each_json()}))
+            f.write(metadata_fragment({WEIGHTS_DIGEST_KEY: digest.hexdigest(), EACH_DIGEST_KEY: digest.each_json()}))
     return path
 
 
@@ -212,8 +197,6 @@ def inline_external_data(path: str | Path) -> bool:
     result is the file :func:`export_onnx` writes without external data, byte for
     byte. Returns whether the weights were moved; nothing changes when they were not.
     """
-    import onnx
-
     path = Path(path)
     data_path = external_data_path(path)
     model = onnx.load(str(path), load_external_data=False)
@@ -258,15 +241,15 @@ def inline_external_data(path: str | Path) -> bool:
                 f.write(block)
                 remaining -= len(block)
         if trailing:
-            f.write(_metadata_fragment(trailing))
+            f.write(metadata_fragment(trailing))
     data_path.unlink()
     return True
 
 
 def _digested_bytes(digest: WeightsDigest, name: str, tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, as written to the file, after adding them to ``digest``."""
-    data = _tensor_bytes(tensor)
-    digest.add(name, _onnx_data_type(name, tensor), list(tensor.shape), [data])
+    data = tensor_bytes(tensor)
+    digest.add(name, onnx_data_type(name, tensor), list(tensor.shape), [data])
     return data
 
 
@@ -277,15 +260,6 @@ def _output_channels(model) -> dict[str, int | None]:
         dims = output.type.tensor_type.shape.dim
         channels[output.name] = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
     return channels
-
-
-def output_channels_metadata(channels: Mapping[str, int | None]) -> dict[str, str]:
-    """``fcconv.num_classes`` (the first output's channels) and, for several outputs, ``fcconv.output_channels``."""
-    counts = list(channels.values())
-    meta = {} if not counts or counts[0] is None else {"fcconv.num_classes": str(counts[0])}
-    if len(channels) > 1 and None not in counts:
-        meta[OUTPUT_CHANNELS_KEY] = ",".join(f"{name}:{count}" for name, count in channels.items())
-    return meta
 
 
 class _WeightsAsInputs(nn.Module):
@@ -320,29 +294,11 @@ class _WeightsAsInputs(nn.Module):
                 registry[attr] = original
 
 
-PROTOBUF_LIMIT = 2**31  # a serialized protobuf message (one ONNX file) must stay below 2 GiB
 EXTERNAL_DATA_ALIGNMENT = 4096  # page-aligned offsets let readers memory-map the weights
-_ONNX_DTYPES = {  # onnx.TensorProto.DataType names
-    torch.float32: "FLOAT",
-    torch.float16: "FLOAT16",
-    torch.bfloat16: "BFLOAT16",
-    torch.float64: "DOUBLE",
-    torch.int64: "INT64",
-    torch.int32: "INT32",
-    torch.int8: "INT8",
-    torch.uint8: "UINT8",
-    torch.bool: "BOOL",
-}
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes in row-major, little-endian order, without a copy when it is contiguous on the CPU."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def _varint(value: int) -> bytes:
@@ -362,9 +318,7 @@ def _initializer_fragment(name: str, tensor: torch.Tensor, *, location: str | No
     fragment ends with the raw_data field's header and the caller writes the tensor's
     bytes right after it; with ``location`` it points into the external data file.
     """
-    import onnx
-
-    proto = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=_onnx_data_type(name, tensor))
+    proto = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=onnx_data_type(name, tensor))
     size = _nbytes(tensor)
     if location is None:
         return _inline_fragment_head(proto.SerializeToString(), size)
@@ -383,235 +337,6 @@ def _inline_fragment_head(tensor_head: bytes, size: int) -> bytes:
     return _field_header(7, len(initializer) + size) + initializer  # ModelProto.graph
 
 
-def _onnx_data_type(name: str, tensor: torch.Tensor) -> int:
-    import onnx
-
-    if tensor.dtype not in _ONNX_DTYPES:
-        raise BadInputError(f"weight {name!r} has dtype {tensor.dtype}, which fcconv cannot write to ONNX")
-    return getattr(onnx.TensorProto, _ONNX_DTYPES[tensor.dtype])
-
-
-def _metadata_fragment(entries: Mapping[str, str]) -> bytes:
-    """A serialized ``ModelProto {metadata_props {...}}`` that, appended to a model file, adds these entries."""
-    import onnx
-
-    fragment = onnx.ModelProto()
-    for key, value in entries.items():
-        entry = fragment.metadata_props.add()
-        entry.key, entry.value = key, value
-    return fragment.SerializeToString()
-
-
 def _field_header(field: int, length: int) -> bytes:
     """The tag and length of a length-delimited protobuf field."""
     return _varint(field << 3 | 2) + _varint(length)
-
-
-ONNXRUNTIME = "onnxruntime"
-TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
-"""The torch dtype of an input, by the element type onnxruntime names."""
-
-
-class OnnxModel:
-    """An ONNX file run with onnxruntime on the CPU, called like a module on tensors.
-
-    ``optimize="basic"`` (the default, for verification) applies onnxruntime's basic
-    graph optimizations only: constant folding and removal of redundant nodes; the
-    layout and fusion passes of ``"all"`` (onnxruntime's own default, for timing)
-    take seconds to set up on a large head. A float64 model, whose convolutions
-    onnxruntime cannot run, runs in onnx's reference evaluator (:func:`inference_session`);
-    ``engine`` names the one that runs it.
-    """
-
-    def __init__(self, path: str | Path, optimize: str = "basic") -> None:
-        import onnxruntime as ort
-
-        from fcconv.external_data import check_file_external_data
-        from fcconv.load import check_readable
-
-        path = Path(path)
-        check_readable(path, "model")
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # fatal only: a failed run is reported by its caller, not logged
-        levels = {
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
-        options.graph_optimization_level = levels[optimize]
-        check_file_external_data(path)
-        try:
-            self.session = inference_session(str(path), options)
-        except Exception as exc:  # noqa: BLE001 - any load failure means the file is not a usable ONNX model
-            text = " ".join(str(exc).split())[:200]
-            raise BadInputError(f"{path} is not an ONNX model onnxruntime can load: {text}") from exc
-        self.engine = getattr(self.session, "engine", ONNXRUNTIME)
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        self.dtype = TORCH_DTYPES.get(graph_input.type, torch.float32)
-        self.output_names = [output.name for output in self.session.get_outputs()]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata: dict[str, str] = dict(meta)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The output as a tensor, or a dict by output name when the model has several."""
-        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().cpu().numpy())})
-        if len(outputs) == 1:
-            return torch.from_numpy(outputs[0])
-        return {name: torch.from_numpy(value) for name, value in zip(self.output_names, outputs)}
-
-
-def inference_session(source: str | bytes, options: Any) -> Any:
-    """An onnxruntime session on the CPU for ``source`` (a path or a serialized model), or for a float64 model a
-    :class:`ReferenceSession`.
-
-    onnxruntime's CPU provider has no float64 convolution (it raises NOT_IMPLEMENTED); onnx's
-    reference evaluator runs every standard op in float64, so that a float64 export is run,
-    and verified, in float64 as written rather than in a lower precision.
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
-
-    try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except NoKernel:
-        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
-        weights = {t.name for t in model.graph.initializer}
-        inputs = [i.type.tensor_type.elem_type for i in model.graph.input if i.name not in weights]
-        if onnx.TensorProto.DOUBLE not in inputs:
-            raise
-        return ReferenceSession(model)
-
-
-class ReferenceSession:
-    """onnx's reference evaluator (numpy, slower than onnxruntime) behind the calls of onnxruntime's
-    InferenceSession that fcconv makes: ``run``, ``get_inputs``, ``get_outputs`` and ``get_modelmeta``."""
-
-    engine = "onnx's reference evaluator"
-
-    def __init__(self, model: Any) -> None:
-        from types import SimpleNamespace
-
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-
-        def described(value: Any) -> SimpleNamespace:  # as onnxruntime's NodeArg: name, type, shape
-            tensor_type = value.type.tensor_type
-            kind = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-            return SimpleNamespace(name=value.name, type=f"tensor({kind})", shape=dims)
-
-        weights = {t.name for t in model.graph.initializer}
-        self._inputs = [described(i) for i in model.graph.input if i.name not in weights]
-        self._outputs = [described(o) for o in model.graph.output]
-        self._meta = SimpleNamespace(custom_metadata_map={e.key: e.value for e in model.metadata_props})
-        self._evaluator = ReferenceEvaluator(model)
-
-    def get_inputs(self) -> list[Any]:
-        return self._inputs
-
-    def get_outputs(self) -> list[Any]:
-        return self._outputs
-
-    def get_modelmeta(self) -> Any:
-        return self._meta
-
-    def run(self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self._evaluator.run(names, dict(feeds)))
-
-
-def fcconv_metadata(
-    geometry: HeadGeometry | None = None,
-    source: str | Path | None = None,
-    *,
-    grid: OutputGrid | None = None,
-    num_classes: int | None = None,
-) -> dict[str, str]:
-    """What a later ``fcconv verify`` or ``fcconv check`` needs to know about an export, as ONNX metadata_props.
-
-    ``grid`` is the output map's geometry in input pixels (:func:`~fcconv.grid.probe_output_grid`);
-    for a map without one the total stride and receptive field are ``unknown``, for a
-    pooled output ``global``. The weights' digest is not here: :func:`export_onnx`
-    appends it once the weights are written.
-    """
-
-    from fcconv import __version__
-
-    meta = {"fcconv.version": __version__}
-    if geometry is not None:
-        pooled = geometry.mode == "pooled"
-        meta.update({
-            "fcconv.input_shape": ",".join(map(str, geometry.input_shape)),
-            "fcconv.dense": "true" if geometry.dense else "false",
-            "fcconv.pool": geometry.pool or "none",
-            "fcconv.mode": geometry.mode,
-            "fcconv.window": "global" if geometry.window is None else ",".join(map(str, geometry.window)),
-            "fcconv.stride": ",".join(map(str, geometry.stride)),
-            "fcconv.total_stride": "global" if pooled else _axes(grid and grid.total_stride),
-            "fcconv.receptive_field": "global" if pooled else _axes(grid and grid.receptive_field),
-            **truncation_metadata(geometry.logits, geometry.until),
-        })  # fmt: skip
-    if num_classes is not None:
-        meta["fcconv.num_classes"] = str(num_classes)
-    if source is not None:
-        meta["fcconv.source_sha256"] = file_sha256(source)
-    return meta
-
-
-def truncation_metadata(logits: bool, until: str | None) -> dict[str, str]:
-    """How the original was ended before conversion (``--logits``, ``--until``), for ``fcconv verify`` to end its
-    reference the same way: ``fcconv.logits`` always, ``fcconv.until`` when set."""
-    return {"fcconv.logits": str(bool(logits)).lower(), **({"fcconv.until": until} if until else {})}
-
-
-def file_sha256(path: str | Path, on_progress: Callable[[int, int], None] | None = None) -> str:
-    """SHA-256 of the file at ``path``, read in 1 MB blocks; ``on_progress(bytes read, file size)`` after each."""
-    import hashlib
-
-    digest, done, size = hashlib.sha256(), 0, os.path.getsize(path)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            done += len(block)
-            if on_progress is not None:
-                on_progress(done, size)
-    return digest.hexdigest()
-
-
-PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"
-PROBE_VALUES = 4096  # the first this many values of the probe output are recorded
-
-
-def probe_keys(index: int, name: str) -> tuple[str, str]:
-    """The metadata keys of output ``index`` (named ``name``): plain for the first, ``KEY:NAME`` for the others."""
-    if index == 0:
-        return PROBE_SHAPE_KEY, PROBE_OUTPUT_KEY
-    return f"{PROBE_SHAPE_KEY}:{name}", f"{PROBE_OUTPUT_KEY}:{name}"
-
-
-def probe_metadata(expected: Any) -> dict[str, str]:
-    """The original's output on :func:`fcconv.verify.probe_input`, as metadata ``fcconv check`` compares with.
-
-    For each output (``expected`` is a tensor, or a tuple or dict of them) its shape,
-    and its first :data:`PROBE_VALUES` values (C order) as float32 little-endian
-    bytes in base64, under :func:`probe_keys`.
-    """
-    import base64
-
-    entries = {}
-    for index, (name, tensor) in enumerate(named_outputs(expected)):
-        values = tensor.detach().reshape(-1)[:PROBE_VALUES].to("cpu", torch.float32).numpy().astype("<f4")
-        shape_key, output_key = probe_keys(index, name)
-        entries[shape_key] = ",".join(map(str, tensor.shape))
-        entries[output_key] = base64.b64encode(values.tobytes()).decode("ascii")
-    return entries
-
-
-def append_metadata(path: str | Path, entries: Mapping[str, str]) -> None:
-    """Add metadata entries to the ONNX file at ``path`` without rewriting it (serialized messages merge)."""
-    with open(path, "ab") as f:
-        f.write(_metadata_fragment(entries))
-
-
-def _axes(values: tuple[int, ...] | None) -> str:
-    return "unknown" if not values else ",".join(map(str, values))

@@ -17,7 +17,23 @@ from typing import Any
 
 from fcconv.errors import BadInputError
 
-__all__ = ["ExternalData", "check_external_data", "check_file_external_data", "external_data", "map_external_data"]
+__all__ = [
+    "PROTOBUF_LIMIT",
+    "ExternalData",
+    "check_external_data",
+    "check_file_external_data",
+    "external_data",
+    "external_data_path",
+    "map_external_data",
+]
+
+PROTOBUF_LIMIT = 2**31  # a serialized protobuf message (one ONNX file) must stay below 2 GiB
+
+
+def external_data_path(path: str | Path) -> Path:
+    """Where the weights of an ONNX file fcconv writes with external data lie: ``NAME.onnx.data`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
 
 
 @dataclass(frozen=True)

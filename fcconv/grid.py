@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from fcconv.metadata import OutputGrid
 from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
 from fcconv.outputs import output_names as names_of
 
@@ -34,20 +34,6 @@ __all__ = ["OutputGrid", "output_names", "probe_output_grid"]
 # The period probe adds this many pixels to the native size: 8! is a multiple of every stride up to 10
 # and of every power of two up to 128, so it holds a whole number of periods of the usual total strides.
 _PERIOD_PROBE = math.factorial(8)
-
-
-@dataclass(frozen=True)
-class OutputGrid:
-    """Per spatial axis: input pixels between neighbouring output positions, and the input that gives one."""
-
-    total_stride: tuple[int, ...]
-    receptive_field: tuple[int, ...]
-
-    def output_size(self, size: Sequence[int]) -> tuple[int, ...]:
-        """The output map's size for an input of spatial ``size`` (0 along an axis shorter than the field)."""
-        return tuple(
-            max(0, (int(x) - rf) // stride + 1) for x, rf, stride in zip(size, self.receptive_field, self.total_stride)
-        )
 
 
 def probe_output_grid(

@@ -21,9 +21,8 @@ positions are spread evenly over the picture and :attr:`Placement.sliding` is Fa
 from __future__ import annotations
 
 import functools
-import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from fcconv.errors import BadInputError, FcconvError
+from fcconv.metadata import card_metadata, recorded_card
 
 if TYPE_CHECKING:
     from fcconv.verify import VerificationReport
@@ -171,18 +171,6 @@ class DenseModel:
     activations: Callable[[tuple[int, ...]], tuple[int, tuple[int, ...]] | None] | None = None
 
 
-def card_metadata(card: Mapping[str, Any]) -> dict[str, str]:
-    """The parts of a model card a heatmap needs (class names, preprocessing), as ONNX metadata_props."""
-    meta = {}
-    if isinstance(card.get("classes"), list):
-        meta["fcconv.classes"] = json.dumps([str(c) for c in card["classes"]])
-    if isinstance(card.get("preprocess"), dict):
-        meta["fcconv.preprocess"] = json.dumps(card["preprocess"], sort_keys=True)
-    if isinstance(card.get("background_class"), str):
-        meta["fcconv.background_class"] = card["background_class"]
-    return meta
-
-
 def _preprocess(spec: Any, channels: int, where: str, default_mean_std: tuple[tuple, tuple] | None) -> Preprocess:
     """The card's ``preprocess`` entry checked, or the default for ``channels``: pixels / 255, no normalization."""
     if channels not in PICTURE_MODES:
@@ -273,15 +261,13 @@ def _measure_stride(
 
 def _onnx_runner(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str], Callable[..., Any]]:
     """``run`` on the ONNX file, its metadata, and its activations' estimate (see :class:`DenseModel`)."""
-    from fcconv.export import OnnxModel
     from fcconv.memory import activation_bytes
+    from fcconv.runtime import OnnxRunner
 
-    model = OnnxModel(path)
+    model = OnnxRunner(path)
     metadata = model.metadata
     channels_last = metadata.get("fcconv.layout") == "nhwc"
     if channels_last:  # read channels-first, like every other model here
-        from fcconv.onnx_verify import OnnxRunner
-
         model = OnnxRunner(path, nhwc_input=True, nhwc_outputs=True)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -329,13 +315,12 @@ def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> DenseModel:
     preprocess_spec = card.get("preprocess")
     background = card.get("background_class")
     try:
-        if "fcconv.classes" in meta:
-            classes = json.loads(meta["fcconv.classes"])
-        if "fcconv.preprocess" in meta:
-            preprocess_spec = json.loads(meta["fcconv.preprocess"])
+        recorded = recorded_card(meta)
     except ValueError:
         raise BadInputError(f"{path}: its fcconv.classes or fcconv.preprocess metadata is not valid JSON") from None
-    background = meta.get("fcconv.background_class", background)
+    classes = recorded.get("classes", classes)
+    preprocess_spec = recorded.get("preprocess", preprocess_spec)
+    background = recorded.get("background_class", background)
     return _finish(
         run, f"{path.name} (ONNX, onnxruntime)", input_shape, classes, preprocess_spec, background, where,
         activations=activations,

@@ -17,10 +17,8 @@ import contextlib
 import importlib
 import importlib.machinery
 import json
-import math
 import os
 import pickle
-import stat
 import sys
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,13 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcconv.archive import (
-    check_archive_sizes,
-    is_exported_program,
-    load_exported_program,
-    refused_global,
-)
+from fcconv.archive import load_exported_program, refused_global
 from fcconv.errors import BadInputError, reason
+from fcconv.files import check_archive_sizes, check_readable, file_format, read_model_card
+from fcconv.sizes import check_tensor_size, parse_input_shape
 
 __all__ = [
     "LoadedModel",
@@ -74,87 +69,6 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         params = [p for p in self.module.parameters() if p.is_floating_point()]
         return params[0].dtype if params else torch.float32
-
-
-def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """``"3,224,224"`` -> (3, 224, 224); accepts (C, L), (C, H, W) and (C, D, H, W)."""
-    if isinstance(text, (tuple, list)):
-        parts = [str(p) for p in text]
-    else:
-        parts = [p.strip() for p in text.replace("x", ",").replace("×", ",").split(",")]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise BadInputError(f"--input-shape {text!r} is not a list of integers like 3,224,224") from None
-    if not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape):
-        raise BadInputError(f"--input-shape {text!r} must be C,L or C,H,W or C,D,H,W with positive sizes")
-    check_tensor_size(shape, f"--input-shape {text!r}")
-    return shape
-
-
-# Tensors count their elements in a signed 64-bit integer; fcconv runs inputs in batches of two.
-MAX_TENSOR_ELEMENTS = 2**63 - 1
-INPUT_BATCH = 2
-
-
-def check_tensor_size(shape: Sequence[int], what: str) -> None:
-    """Refuse an input shape no tensor can have: a batch of two such inputs holds more than 2^63 - 1 values.
-
-    ``shape`` is a per-sample shape (C, H, W) or, for ``--sizes``, its spatial part alone.
-    """
-    values = INPUT_BATCH * math.prod(shape)
-    if values > MAX_TENSOR_ELEMENTS:
-        raise BadInputError(
-            f"{what} is larger than any tensor can be: a batch of two such inputs holds "
-            f"{values:.2e} values, more than the 2^63 - 1 a tensor can hold"
-        )
-
-
-MODEL_CARD_LIMIT = 16 << 20  # a card naming 20,000 classes is under 1 MB; larger is not read
-
-
-def read_model_card(path: Path) -> dict[str, Any]:
-    """The JSON model card beside ``path`` (same stem, ``.json``), or {}."""
-    card_path = path.with_suffix(".json")
-    if not card_path.is_file():
-        return {}
-    if card_path.stat().st_size > MODEL_CARD_LIMIT:
-        raise BadInputError(f"{card_path}: a model card of {card_path.stat().st_size:,} bytes is not a model card")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{card_path}: model card is not valid JSON ({exc})") from None
-    if not isinstance(card, dict):
-        raise BadInputError(f"{card_path}: model card is not a JSON object")
-    card["_dir"] = str(card_path.parent.resolve())
-    return card
-
-
-def check_readable(path: Path, kind: str = "checkpoint") -> None:
-    """Refuse what is not a readable, non-empty regular file, before anything opens it.
-
-    A named pipe, socket or device would block or never end if read, so only the file's
-    status is looked at.
-    """
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(status.st_mode):
-        raise BadInputError(f"{path}: is a directory, not a {kind}")
-    if not stat.S_ISREG(status.st_mode):
-        raise BadInputError(f"{path}: is {_special_file_kind(status.st_mode)}, not a regular file; it was not read")
-    if not os.access(path, os.R_OK):
-        raise BadInputError(f"{path}: permission denied")
-    if status.st_size == 0:
-        raise BadInputError(f"{path}: file is empty")
-
-
-def _special_file_kind(mode: int) -> str:
-    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
-    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
 
 
 def _torch_load(path: Path, trust: bool) -> Any:
@@ -516,14 +430,15 @@ def load_model(
     arch = arch or card.get("arch")
     if input_shape is None and "input_shape" in card:
         input_shape = parse_input_shape(card["input_shape"])
-    if path.suffix == ".onnx":
+    kind = file_format(path)
+    if kind == "onnx":
         raise BadInputError(f"{path} is an ONNX model; convert reads PyTorch checkpoints")
     detected = False
-    if is_exported_program(path):
+    if kind == "pt2":
         module, example_shape = _read_exported_program(path, trust)
         shape = tuple(input_shape or example_shape)
         return LoadedModel(_cast(module, dtype), path, arch or "ExportedProgram", shape, card)
-    if _is_safetensors(path):
+    if kind == "safetensors":
         state = _read_safetensors(path)
     else:
         obj = _torch_load(path, trust)
@@ -636,15 +551,6 @@ def _read_exported_program(path: Path, trust: bool) -> tuple[nn.Module, tuple[in
 
 def _user_inputs(program: Any) -> set[str]:
     return set(program.graph_signature.user_inputs)
-
-
-def _is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with its JSON header's length (8 bytes, little-endian) and then ``{``."""
-    if path.suffix == ".safetensors":
-        return True
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -8,20 +8,26 @@ last step that reads it (views and in-place results share their input's memory),
 and the largest sum of activations held at one step is the model's peak. The
 weights, the allocator's slack and the scratch space of convolutions come on top,
 so every estimate here is a floor: a size refused cannot fit, and one accepted may
-still be tight.
+still be tight. torch is imported only to estimate a traced model, so that ``fcconv
+check`` estimates an ONNX model's runs without it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import onnx
 
 from fcconv.errors import BadInputError
+from fcconv.onnx_shapes import inferred_shapes, shapes_only
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["activation_bytes", "machine_memory", "refuse_beyond_memory", "run_bytes", "verification_bytes"]
 
@@ -58,6 +64,7 @@ def _peak(lifetimes: Iterable[tuple[int, int, int]]) -> int:
 def _graph_activations(module: torch.fx.GraphModule, shape: Sequence[int]) -> tuple[int, tuple[int, ...]] | None:
     """Peak activation bytes of ``module`` on an input of ``shape`` (the input itself not counted), and the shape
     of its first output; None where the graph does not run on fake tensors."""
+    import torch
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._pytree import tree_leaves
@@ -97,16 +104,12 @@ def _graph_activations(module: torch.fx.GraphModule, shape: Sequence[int]) -> tu
 def _onnx_activations(model: Any, shape: Sequence[int], itemsize: int) -> tuple[int, tuple[int, ...]] | None:
     """Like :func:`_graph_activations` for an ONNX model (a ModelProto or a file), by ONNX shape inference; values
     whose shape inference leaves open count nothing."""
-    import onnx
-
-    from fcconv.check import _inferred_shapes, _shapes_only
-
     if isinstance(model, (str, Path)):
         model = onnx.load(str(model), load_external_data=False)
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     input_name = next(i.name for i in graph.input if i.name not in initializers)
-    shapes = _inferred_shapes(_shapes_only(model), input_name, tuple(shape))
+    shapes = inferred_shapes(shapes_only(model), input_name, tuple(shape))
     if not shapes:
         return None
     last_read = {name: len(graph.node) for name in (o.name for o in graph.output)}
@@ -139,7 +142,8 @@ def activation_bytes(
     N×H×W×C), or an ``OnnxRunner`` of one. None where the model is none of these or its
     shapes cannot be found.
     """
-    if isinstance(model, torch.fx.GraphModule):
+    torch = sys.modules.get("torch")  # a traced module exists only where torch is imported
+    if torch is not None and isinstance(model, torch.fx.GraphModule):
         return _graph_activations(model, shape)
     if hasattr(model, "source") and hasattr(model, "nhwc_input"):  # an OnnxRunner
         model, channels_last = model.source, model.nhwc_input

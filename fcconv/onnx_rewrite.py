@@ -49,19 +49,28 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 from onnx.external_data_helper import load_external_data_for_model
 
+from fcconv._version import __version__
 from fcconv.conversion import HeadGeometry, RewrittenLayer
 from fcconv.errors import BadInputError, NotConvertibleError
-from fcconv.external_data import check_external_data
+from fcconv.external_data import PROTOBUF_LIMIT, check_external_data, external_data_path
+from fcconv.files import check_readable, is_onnx_file
+from fcconv.grid import probe_output_grid
 from fcconv.head.interpret import refusal
+from fcconv.metadata import fcconv_metadata, output_channels_metadata
 from fcconv.onnx_head import BINARY as _BINARY
 from fcconv.onnx_head import ELEMENTWISE as _ELEMENTWISE
 from fcconv.onnx_head import attribute as _attr
 from fcconv.onnx_head import is_scalar as _is_scalar
 from fcconv.onnx_head import label as _label
 from fcconv.onnx_head import rewrite_head
+from fcconv.onnx_shapes import onnx_output_shapes
+from fcconv.runtime import inference_session
+from fcconv.staging import staged_path
+from fcconv.weights_digest import onnx_weights_digest
 
 __all__ = [
     "OnnxClassifier",
@@ -170,28 +179,6 @@ class OnnxConversion:
 # --- reading -----------------------------------------------------------------------------------------
 
 
-def is_onnx_file(path: str | Path) -> bool:
-    """True for a ``.onnx`` path, or a file whose bytes parse as an ONNX model whatever its suffix."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        return True
-    if not path.is_file():  # a named pipe would block the read below; the loader refuses it
-        return False
-    try:
-        with open(path, "rb") as f:
-            start = f.read(3)
-    except OSError:
-        return False
-    # onnx writes ir_version (field 1, a small varint) first, then another field of the ModelProto.
-    if len(start) < 3 or start[0] != 0x08 or not 1 <= start[1] <= 32 or start[2] not in b"\x12\x1a\x22\x2a\x32\x3a\x42":
-        return False
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not parseable as a ModelProto: not ONNX
-        return False
-    return model.ir_version > 0 and len(model.graph.node) > 0
-
-
 def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = None) -> OnnxClassifier:
     """Read the ONNX classifier at ``path`` and the input size it was exported for.
 
@@ -202,8 +189,6 @@ def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = N
     model or a size that is missing or does not fit, and :class:`NotConvertibleError`
     for a graph that is not a classifier of one N×C×H×W (or N×H×W×C) image input.
     """
-    from fcconv.load import check_readable
-
     path = Path(path)
     check_readable(path)
     try:
@@ -472,10 +457,6 @@ def _run_shapes(
 
     Only the nodes those tensors need run; onnxruntime's errors pass through.
     """
-    import onnxruntime as ort
-
-    from fcconv.export import inference_session
-
     graph_input = next(i for i in model.graph.input if i.name == input_name)
     elem_type = graph_input.type.tensor_type.elem_type
     outputs = [helper.make_tensor_value_info(name, types[name], None) for name in names]
@@ -1404,8 +1385,6 @@ def _assemble(
 
     ``spatial`` are the outputs' spatial axes: free, (1, 1) for a kept global pooling, none for pooled scores.
     """
-    from fcconv import __version__
-
     source = classifier.model
     needed = set(analysis.outputs)
     kept: list[onnx.NodeProto] = []
@@ -1489,18 +1468,6 @@ def write_onnx(
     pass protobuf's 2 GiB limit. Both files are written under temporary names and
     renamed into place.
     """
-    from fcconv.check import onnx_output_shapes, onnx_weights_digest
-    from fcconv.export import (
-        EACH_DIGEST_KEY,
-        PROTOBUF_LIMIT,
-        WEIGHTS_DIGEST_KEY,
-        external_data_path,
-        fcconv_metadata,
-        output_channels_metadata,
-    )
-    from fcconv.grid import probe_output_grid
-    from fcconv.staging import staged_path
-
     path = Path(path)
     model = conversion.model
     input_shape = conversion.geometry.input_shape
@@ -1521,8 +1488,7 @@ def write_onnx(
         "fcconv.head_format": "conv",
         "fcconv.layout": conversion.layout,
         **(metadata or {}),
-        WEIGHTS_DIGEST_KEY: digest.hexdigest(),
-        EACH_DIGEST_KEY: digest.each_json(),
+        **digest.metadata(),
     }
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]

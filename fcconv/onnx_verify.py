@@ -16,15 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import onnx
 import torch
 
-from fcconv.errors import BadInputError
-from fcconv.export import ONNXRUNTIME, TORCH_DTYPES, inference_session
-from fcconv.external_data import check_file_external_data
 from fcconv.onnx_rewrite import OnnxClassifier, OnnxConversion
 from fcconv.outputs import like, named_outputs
+from fcconv.runtime import OnnxRunner
 from fcconv.verify import (
     References,
     SlidingWindowHead,
@@ -34,82 +31,7 @@ from fcconv.verify import (
     reference_outputs,
 )
 
-__all__ = ["OnnxRunner", "converted_runner", "onnx_probe_output", "onnx_reference_outputs", "verify_onnx"]
-
-
-class OnnxRunner:
-    """An ONNX model (in memory, or a file) run with onnxruntime on the CPU, called like a module on tensors.
-
-    It takes and gives channels-first tensors whatever the model's layout, so that
-    the comparison sees (N, C, H, W) inputs and (N, K, h, w) outputs: ``nhwc_input``
-    transposes the input to N×H×W×C, ``nhwc_outputs`` every rank-4 output from
-    (N, h, w, K) back. It returns the output ``output`` (an index), or else the one
-    output, or a dict of all of them by name, in order, for a model with several.
-
-    A model whose input has a fixed batch size (as most exports have) is run on
-    pieces of exactly that size, the last one padded with zeros and cut back, so
-    that any batch can be read through it.
-    """
-
-    def __init__(
-        self,
-        model: onnx.ModelProto | str | Path,
-        *,
-        nhwc_input: bool = False,
-        nhwc_outputs: bool = False,
-        output: int | None = None,
-    ) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        if isinstance(model, (str, Path)):
-            check_file_external_data(model)
-        source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-        try:
-            self.session = inference_session(source, options)
-        except Exception as exc:  # noqa: BLE001 - any load failure means the graph is not runnable
-            text = " ".join(str(exc).split())[:200]
-            raise BadInputError(f"onnxruntime cannot load the model: {text}") from exc
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        first = graph_input.shape[0] if graph_input.shape else None
-        self.batch = first if isinstance(first, int) and first > 0 else None
-        self.dtype = TORCH_DTYPES.get(graph_input.type, torch.float32)
-        self.engine = getattr(self.session, "engine", ONNXRUNTIME)
-        self.nhwc_input, self.nhwc_outputs, self.output = nhwc_input, nhwc_outputs, output
-        self.source = model  # what the memory estimate reads the graph's shapes from
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        array = np.ascontiguousarray(x.detach().cpu().numpy())
-        if self.nhwc_input:
-            array = np.ascontiguousarray(array.transpose(0, 2, 3, 1))
-        outputs = [self._run(array, index) for index in self._indices()]
-        if self.nhwc_outputs:
-            outputs = [out.transpose(0, 3, 1, 2) if out.ndim == 4 else out for out in outputs]
-        tensors = [torch.from_numpy(np.ascontiguousarray(out)) for out in outputs]
-        if self.output is not None or len(tensors) == 1:
-            return tensors[0]
-        return dict(zip(self.output_names, tensors))
-
-    def _indices(self) -> list[int]:
-        return [self.output] if self.output is not None else list(range(len(self.output_names)))
-
-    def _run(self, array: np.ndarray, index: int) -> np.ndarray:
-        names = [self.output_names[index]]
-        if self.batch is None or len(array) == self.batch:
-            return self.session.run(names, {self.input_name: array})[0]
-        pieces = []
-        for start in range(0, len(array), self.batch):
-            piece = array[start : start + self.batch]
-            short = self.batch - len(piece)
-            if short:
-                piece = np.concatenate([piece, np.zeros((short, *piece.shape[1:]), piece.dtype)])
-            out = self.session.run(names, {self.input_name: piece})[0]
-            pieces.append(out[: len(out) - short])
-        return np.concatenate(pieces)
+__all__ = ["converted_runner", "onnx_probe_output", "onnx_reference_outputs", "verify_onnx"]
 
 
 class _EachPositionHead:
@@ -197,7 +119,7 @@ def verify_onnx(
     """Compare ``converted`` (an ONNX file or model, or any callable) with the ONNX classifier it came from.
 
     At the native size the reference is the input model's own (N, K) output, as
-    (N, K, 1, 1) (kept (N, K) when pooled; none for a dense map); at every size (default: :func:`fcconv.verify.default_sizes`) it is
+    (N, K, 1, 1) (kept (N, K) when pooled; none for a dense map); at every size (default: :func:`fcconv.sizes.default_sizes`) it is
     the sliding-window reading: ``conversion.trunk`` on the whole input, then the
     input model's head on every window of the map. Every output is compared, a
     channels-last model's read channels-first. Returns the report; does not raise

@@ -17,8 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # for the annotations only: the reports are written without torch
-    from fcconv.check import CheckReport
+from fcconv._version import __version__
+from fcconv.check import CheckReport
+from fcconv.staging import staged_path
+
+if TYPE_CHECKING:  # named in annotations only: a check's report needs no torch
     from fcconv.verify import VerificationReport
 
 __all__ = ["SCHEMA", "SCHEMA_PATH", "check_document", "junit_tree", "verification_document", "write_report"]
@@ -101,8 +104,6 @@ def _error_message(max_abs: float, tolerance: float, passed: bool) -> str:
 
 
 def _document(command: str, models: list[dict[str, Any]], tolerances: dict[str, Any] | None) -> dict[str, Any]:
-    from fcconv import __version__
-
     return {
         "schema": SCHEMA,
         "command": command,
@@ -194,8 +195,6 @@ def _failure_details(check: dict[str, Any]) -> str:
 
 def write_report(document: dict[str, Any], json_path: Path | None = None, junit_path: Path | None = None) -> None:
     """Write ``document`` as JSON and/or JUnit XML, each file renamed into place once complete."""
-    from fcconv.staging import staged_path
-
     if json_path is not None:
         with staged_path(json_path) as tmp:
             tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

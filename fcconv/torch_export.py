@@ -10,7 +10,7 @@ convert`` also writes what PyTorch reads:
   connected layer as a k×k kernel), rebuilt by converting the architecture again
   and loading it (``fcconv.convert(arch(), shape).load_state_dict(...)``).
 
-Both carry the same fcconv metadata as an ONNX export (:func:`~fcconv.export.fcconv_metadata`,
+Both carry the same fcconv metadata as an ONNX export (:func:`~fcconv.metadata.fcconv_metadata`,
 the probe output, the weights' digest), so that ``fcconv verify`` and ``fcconv check``
 read them: in the program's archive as ``extra/fcconv_metadata.json``, in the
 safetensors header's ``__metadata__``.
@@ -33,11 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fcconv.archive import check_archive_sizes, is_exported_program, load_exported_program, read_member
+from fcconv.archive import load_exported_program
 from fcconv.errors import BadInputError, NotConvertibleError
-from fcconv.export import EACH_DIGEST_KEY, SPATIAL_AXIS_NAMES, WEIGHTS_DIGEST_KEY, as_export_module
-from fcconv.load import check_readable
-from fcconv.weights_digest import WeightsDigest
+from fcconv.export import as_export_module
+from fcconv.files import (
+    check_archive_sizes,
+    check_readable,
+    is_program_file,
+    is_weights_file,
+    read_member,
+)
+from fcconv.metadata import SPATIAL_AXIS_NAMES, conversion_options, metadata_input_shape
+from fcconv.weights_digest import digest_metadata, state_dict_digest
 
 __all__ = [
     "METADATA_MEMBER",
@@ -56,33 +63,6 @@ __all__ = [
 
 METADATA_MEMBER = "fcconv_metadata.json"  # torch.export.save's extra_files: stored under the archive's extra/
 METADATA_LIMIT = 16 << 20  # far above what fcconv writes (a digest per weight); larger is refused unread
-PROGRAM_SUFFIX, WEIGHTS_SUFFIX = ".pt2", ".safetensors"
-_DTYPE_CODES = {  # onnx.TensorProto.DataType numbers, so that a digest means the same as an ONNX export's
-    torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
-    torch.float16: 10, torch.float64: 11, torch.bfloat16: 16,
-}  # fmt: skip
-
-
-# --- digests ---------------------------------------------------------------------------------------
-
-
-def state_dict_digest(tensors: Mapping[str, torch.Tensor]) -> WeightsDigest:
-    """:mod:`fcconv.weights_digest` of a state_dict: each tensor by its name, dtype, shape and bytes."""
-    digest = WeightsDigest()
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPE_CODES:
-            raise BadInputError(f"weight {name!r} has dtype {tensor.dtype}, which fcconv cannot digest")
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-        digest.add(name, _DTYPE_CODES[tensor.dtype], list(tensor.shape), [data])
-    return digest
-
-
-def digest_metadata(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    digest = state_dict_digest(tensors)
-    return {WEIGHTS_DIGEST_KEY: digest.hexdigest(), EACH_DIGEST_KEY: digest.each_json()}
-
-
 # --- ExportedProgram --------------------------------------------------------------------------------
 
 
@@ -214,12 +194,6 @@ def _graphs_numbered(program: torch.export.ExportedProgram) -> Iterator[None]:
             node.meta["from_node"] = sources
 
 
-def is_program_file(path: str | Path) -> bool:
-    """A ``torch.export.save`` archive, by its ``.pt2`` suffix or its content."""
-    path = Path(path)
-    return path.suffix.lower() == PROGRAM_SUFFIX or is_exported_program(path)
-
-
 def read_program_metadata(path: str | Path) -> dict[str, str]:
     """The fcconv metadata saved in a program's archive (empty when it has none), without loading the program."""
     path = Path(path)
@@ -326,13 +300,6 @@ def _sort_header_metadata(path: Path) -> None:
             f.write(text.ljust(length, b" "))
 
 
-def is_weights_file(path: str | Path) -> bool:
-    from fcconv.load import _is_safetensors
-
-    path = Path(path)
-    return path.suffix.lower() == WEIGHTS_SUFFIX or (path.is_file() and _is_safetensors(path))
-
-
 def read_weights_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors header's metadata (empty when it has none), without reading the tensors."""
     from safetensors import SafetensorError, safe_open
@@ -397,13 +364,11 @@ def rebuild(
 
     from fcconv.rewrite import convert
 
-    dense = meta.get("fcconv.dense", "false") == "true"
-    pool = meta.get("fcconv.pool", "none")
-    pointwise = meta.get("fcconv.pointwise", "false") == "true"
-    logits, until = meta.get("fcconv.logits", "false") == "true", meta.get("fcconv.until") or None
+    options = conversion_options(meta)
     source = original if consume_original else copy.deepcopy(original)
-    converted = convert(source, tuple(input_shape), dense=dense, pool=None if pool == "none" else pool,
-                        pointwise=pointwise, logits=logits, until=until)  # fmt: skip
+    converted = convert(source, tuple(input_shape), dense=options.dense,
+                        pool=None if options.pool == "none" else options.pool, pointwise=options.pointwise,
+                        logits=options.logits, until=options.until)  # fmt: skip
     return load_weights_into(converted, read_weights(path), path).eval()
 
 
@@ -430,6 +395,4 @@ def _first_line(exc: BaseException) -> str:
 
 def spatial_shape(meta: Mapping[str, str]) -> Any:
     """The native input shape the metadata records, or None."""
-    from fcconv.load import parse_input_shape
-
-    return parse_input_shape(meta["fcconv.input_shape"]) if "fcconv.input_shape" in meta else None
+    return metadata_input_shape(meta)

@@ -20,13 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from fcconv import memory
+from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME
 from fcconv.errors import BadInputError
 from fcconv.layers import channels_first, gather_windows
+from fcconv.metadata import probe_array
 from fcconv.outputs import SINGLE_OUTPUT_NAME, like, named_outputs
 from fcconv.rewrite import Conversion, analyze, truncate
+from fcconv.runtime import ONNXRUNTIME, OnnxRunner
+from fcconv.sizes import default_sizes
 
 __all__ = [
     "ReferenceCase",
@@ -44,9 +50,8 @@ __all__ = [
     "verify",
 ]
 
-DEFAULT_RTOL = 1e-4
 # Reduced precision rounds each product and partial sum; the defaults allow for it and are reported.
-RTOL_BY_DTYPE = {torch.float64: 1e-8, torch.float32: DEFAULT_RTOL, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+RTOL_BY_DTYPE = {getattr(torch, name): rtol for name, rtol in RTOL_BY_DTYPE_NAME.items()}
 HEAD_CHUNK = 256  # windows per call of the original head
 
 
@@ -94,18 +99,7 @@ def probe_input(input_shape: Sequence[int], dtype: torch.dtype = torch.float32) 
     so that ``fcconv check`` can compare the export with the trained model without it:
     the same values on every machine and with every library version.
     """
-    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in input_shape], indexing="ij")
-    phase = sum((0.61803 + 0.29 * i) * (axis + 1) for i, axis in enumerate(axes))
-    return (2 * torch.sin(phase) + torch.cos(0.37 * phase)).unsqueeze(0).to(dtype)
-
-
-def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    """The native spatial size, a larger odd non-square one, and twice the native size."""
-    native = tuple(int(s) for s in input_shape[1:])
-    factors = [1.25 if axis % 2 == 0 else 1.5 for axis in range(len(native))]
-    odd = tuple(max(s + 1, round(s * f)) | 1 for s, f in zip(native, factors))
-    double = tuple(2 * s for s in native)
-    return [native, odd, double]
+    return torch.from_numpy(probe_array(input_shape, np.float64)).to(dtype)
 
 
 class SlidingWindowHead(nn.Module):
@@ -208,9 +202,7 @@ def _runner(
     converted: nn.Module | str | Path | Callable[[torch.Tensor], torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(converted, (str, Path)):
-        from fcconv.export import OnnxModel
-
-        return OnnxModel(converted)
+        return OnnxRunner(converted)
     if isinstance(converted, nn.Module):
         converted.eval()
     return converted
@@ -319,20 +311,18 @@ def refuse_sizes_beyond_memory(
     ``conversion`` needs ``features`` (a traced module or an ``OnnxRunner``) and
     ``geometry``; the estimate is :func:`fcconv.memory.verification_bytes`.
     """
-    from fcconv.memory import machine_memory, refuse_beyond_memory, verification_bytes
-
     geometry = conversion.geometry
 
     def needs(at: Sequence[Sequence[int]]) -> list[tuple[tuple[int, ...], int]]:
-        return verification_bytes(
+        return memory.verification_bytes(
             conversion.features, input_shape, at, geometry.window, geometry.stride, batch, dtype.itemsize
         )
 
     at_sizes = needs(sizes)
-    if at_sizes and at_sizes[-1][1] > machine_memory():  # say so first where no size would do
+    if at_sizes and at_sizes[-1][1] > memory.machine_memory():  # say so first where no size would do
         native = [tuple(int(s) for s in input_shape[1:])]
-        refuse_beyond_memory(needs(native), "verifying", "even the native size does not fit on this machine")
-    refuse_beyond_memory(at_sizes, "verifying", "verify at smaller sizes (--sizes)")
+        memory.refuse_beyond_memory(needs(native), "verifying", "even the native size does not fit on this machine")
+    memory.refuse_beyond_memory(at_sizes, "verifying", "verify at smaller sizes (--sizes)")
 
 
 def _concatenated(per_sample: list[Any]) -> dict[str, torch.Tensor]:
@@ -348,8 +338,6 @@ def compare_outputs(
     on_size: Callable[[tuple[int, ...]], None] | None = None,
 ) -> VerificationReport:
     """Run ``converted`` (a module, an ONNX file or any callable) on each reference input and compare."""
-    from fcconv.export import ONNXRUNTIME
-
     if isinstance(converted, nn.Module):
         converted.to(references.device)
     run = _runner(converted)

@@ -27,6 +27,7 @@ from fcconv.render import (
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
+TORCH_EXTRA = {"torch", "torchvision", "safetensors", "matplotlib"}  # what `pip install 'fcconv[torch]'` adds
 
 
 class Screen:
@@ -178,6 +179,12 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - anything unforeseen still gets one line, not a traceback
             if debug:
                 raise
+            if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in TORCH_EXTRA:
+                # `pip install fcconv` runs `fcconv check` on ONNX files; the rest needs the torch extra
+                fail(
+                    f"fcconv: error: fcconv {command.__name__} needs PyTorch: pip install 'fcconv[torch]'",
+                    code=EXIT_BAD_INPUT,
+                )
             text = one_line(" ".join(str(exc).split()))[:300]
             fail(
                 f"fcconv: error: {type(exc).__name__}: {text} (run with --debug for the traceback)", code=EXIT_BAD_INPUT

@@ -14,7 +14,7 @@ def parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
     """``--sizes`` text (``224x224,320x480``) as spatial sizes; None when empty."""
     if not text:
         return None
-    from fcconv.load import check_tensor_size
+    from fcconv.sizes import check_tensor_size
 
     sizes = []
     for item in text.split(","):
@@ -31,7 +31,7 @@ def parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """``--input-shape`` text (``3,224,224``) as a shape; None when not given."""
-    from fcconv.load import parse_input_shape
+    from fcconv.sizes import parse_input_shape
 
     return parse_input_shape(text) if text else None
 
@@ -68,7 +68,7 @@ def default_output(path: Path) -> Path:
 
 def convert_target(model: Path, output: Path | None, head_format: str, external_data: bool) -> Path:
     """The file ``convert`` writes, refused when it cannot be written or would overwrite the input."""
-    from fcconv.export import external_data_path
+    from fcconv.external_data import external_data_path
 
     if output is not None and output.name in ("", ".."):  # an empty path arrives as '.'
         raise BadInputError(

@@ -79,10 +79,10 @@ def convert_file(
     models = _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, report)
     loaded = models["loaded"]
     with report.stage("hash", f"Reading {model.name} (its SHA-256 for the export's metadata)", 0, "bytes") as advance:
-        from fcconv.export import file_sha256
+        from fcconv.files import file_sha256
 
         source_sha256 = file_sha256(loaded.path, on_progress=lambda done, size: advance(done, total=size))
-    from fcconv.heatmap import card_metadata
+    from fcconv.metadata import card_metadata
 
     metadata = {
         "fcconv.source_sha256": source_sha256,
@@ -122,14 +122,9 @@ def _convert_to_onnx(
 ) -> ConversionResult:  # fmt: skip
     """The conversion written as ONNX, staged with the weights in external data (which onnxruntime maps rather
     than copies), verified, then inlined unless ``external_data``."""
-    from fcconv.export import (
-        append_metadata,
-        export_onnx,
-        external_data_path,
-        fcconv_metadata,
-        inline_external_data,
-        probe_metadata,
-    )
+    from fcconv.export import export_onnx, inline_external_data
+    from fcconv.external_data import external_data_path
+    from fcconv.metadata import append_metadata, fcconv_metadata, probe_metadata
     from fcconv.staging import staged_onnx
 
     loaded, conversion = models.pop("loaded"), models.pop("conversion")
@@ -170,8 +165,8 @@ def _convert_to_pytorch(models: dict, target: Path, metadata: dict, verifying: d
     before ``logits``/``until`` ended it) and ``conversion``; it is emptied here,
     so that the models are freed before a program is read back beside them.
     """
-    from fcconv.export import fcconv_metadata, output_channels_metadata, probe_metadata
     from fcconv.grid import probe_output_grid
+    from fcconv.metadata import fcconv_metadata, output_channels_metadata, probe_metadata
     from fcconv.outputs import named_outputs
     from fcconv.staging import staged_onnx
     from fcconv.torch_export import ProgramModel, export_program, rebuild, save_program, save_weights

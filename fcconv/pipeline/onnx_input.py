@@ -14,7 +14,7 @@ from fcconv.pipeline.steps import Mismatch, committed, compare, release_memory
 
 def is_onnx(path: Path) -> bool:
     """Whether ``path`` is an ONNX model (by suffix or content); onnx is imported only when asked."""
-    from fcconv.onnx_rewrite import is_onnx_file
+    from fcconv.files import is_onnx_file
 
     return is_onnx_file(path)
 
@@ -58,7 +58,8 @@ def convert_onnx_file(
     report: Reporter, dense: bool = False, pool: str | None = None,
 ) -> ConversionResult:  # fmt: skip
     """``convert`` for a classifier exported to ONNX: the graph is rewritten, written and verified in onnxruntime."""
-    from fcconv.export import append_metadata, external_data_path, probe_metadata
+    from fcconv.external_data import external_data_path
+    from fcconv.metadata import append_metadata, probe_metadata
     from fcconv.onnx_rewrite import write_onnx
     from fcconv.onnx_verify import converted_runner, onnx_probe_output
     from fcconv.staging import staged_onnx

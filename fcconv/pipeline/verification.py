@@ -40,9 +40,10 @@ def verify_file(
     metadata records. The reports are written on a pass and on a fail; the result's ``passed`` is the
     command's exit 0 or 1. Raises :class:`~fcconv.errors.BadInputError` (exit 2).
     """
-    from fcconv.export import OnnxModel
+    from fcconv.files import is_program_file, is_weights_file
     from fcconv.report import verification_document, write_report
-    from fcconv.torch_export import ProgramModel, is_program_file, is_weights_file, read_weights_metadata
+    from fcconv.runtime import OnnxRunner
+    from fcconv.torch_export import ProgramModel, read_weights_metadata
 
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else sizes
     model, reference, report = Path(model), Path(reference), Reporter(progress)
@@ -52,7 +53,7 @@ def verify_file(
     if weights_only:
         exported, meta = None, read_weights_metadata(model)  # the module is rebuilt from the reference below
     else:
-        exported = ProgramModel(model, trust=trust) if is_program_file(model) else OnnxModel(model)
+        exported = ProgramModel(model, trust=trust) if is_program_file(model) else OnnxRunner(model)
         meta = exported.metadata
     if input_shape is None and "fcconv.input_shape" in meta:
         input_shape = meta["fcconv.input_shape"]
@@ -62,7 +63,7 @@ def verify_file(
     logits = meta.get("fcconv.logits", "false") == "true" if logits is None else logits
     until = (meta.get("fcconv.until") or None) if until is None else until
     if is_onnx(reference):
-        if not isinstance(exported, OnnxModel):
+        if not isinstance(exported, OnnxRunner):
             raise BadInputError(f"{model} was written for PyTorch: its reference is a PyTorch checkpoint, not ONNX")
         refuse_for_onnx(arch=arch, device=device != "cpu", dtype=dtype, trust=trust)
         classifier, conversion = rewrite_onnx_file(reference, input_shape, report, logits, until, dense, pool)
@@ -93,7 +94,7 @@ def verify_file(
 def _rebuilt(as_loaded, native_shape, recorded, logits, until, model: Path, reference: Path, report) -> Any:
     """The converted module rebuilt from the original's layers and the .safetensors file; the reason as a string
     when the file's weights are another model's (a mismatch, not bad input)."""
-    from fcconv.export import truncation_metadata
+    from fcconv.metadata import truncation_metadata
     from fcconv.torch_export import rebuild
 
     recorded = {**recorded, **truncation_metadata(logits, until)}
@@ -110,7 +111,7 @@ def _kind(path: Path) -> str:
     name, so that checking it never imports torch."""
     if path.suffix.lower() == ".onnx":
         return "onnx"
-    from fcconv.torch_export import is_program_file, is_weights_file
+    from fcconv.files import is_program_file, is_weights_file
 
     return "weights" if is_weights_file(path) else "program" if is_program_file(path) else "onnx"
 

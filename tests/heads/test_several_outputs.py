@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from test_check import invoke, metadata, reports
 
 import fcconv
-from fcconv.export import OnnxModel
+from fcconv.runtime import OnnxRunner
 
 NATIVE = (3, 10, 12)
 STRIDE = 2  # one 2×2 max pooling, no padding: position (i, j) reads the input window at (2i, 2j)
@@ -112,7 +112,7 @@ def test_the_export_names_each_output_and_leaves_its_map_axes_free(exported):
     assert meta["fcconv.output_channels"] == "class_scores:5,boxes:4"
     assert meta["fcconv.num_classes"] == "5"
     assert {"fcconv.probe_output", "fcconv.probe_output:boxes"} <= set(meta)
-    out = OnnxModel(exported)(torch.randn(1, 3, 21, 17))
+    out = OnnxRunner(exported)(torch.randn(1, 3, 21, 17))
     assert out["class_scores"].shape == (1, 5, 6, 3) and out["boxes"].shape == (1, 4, 6, 3)
 
 

@@ -8,7 +8,7 @@ from conftest import seeded
 
 import fcconv
 from fcconv import export
-from fcconv.export import OnnxModel
+from fcconv.runtime import OnnxRunner
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_the_head_is_exported_as_convolutions_with_nothing_that_collapses_the_ma
 def test_onnxruntime_matches_pytorch_at_three_sizes_one_non_square(exported, name):
     _, conversion, path, shape = exported[name]
     native = shape[1:]
-    runner = OnnxModel(path)
+    runner = OnnxRunner(path)
     for size in [native, (native[0] + 13, native[1] + 40), (2 * native[0], 2 * native[1])]:
         x = torch.randn(2, shape[0], *size)
         with torch.no_grad():
@@ -62,7 +62,7 @@ def test_onnxruntime_matches_pytorch_at_three_sizes_one_non_square(exported, nam
 
 
 def test_the_export_carries_what_verify_needs(exported):
-    meta = OnnxModel(exported["lenet"][2]).metadata
+    meta = OnnxRunner(exported["lenet"][2]).metadata
     assert meta["fcconv.input_shape"] == "1,28,28"
     assert meta["fcconv.dense"] == "false" and meta["fcconv.window"] == "4,4"
 
@@ -177,7 +177,7 @@ def test_external_data_is_chosen_when_the_file_would_pass_the_protobuf_limit(tmp
     fcconv.export_onnx(conversion.module, tmp_path / "large.onnx", (1, 28, 28))
     assert (tmp_path / "large.onnx.data").exists()
     x = torch.randn(1, 1, 40, 52)
-    assert torch.equal(OnnxModel(tmp_path / "small.onnx")(x), OnnxModel(tmp_path / "large.onnx")(x))
+    assert torch.equal(OnnxRunner(tmp_path / "small.onnx")(x), OnnxRunner(tmp_path / "large.onnx")(x))
 
 
 def test_exporting_leaves_the_module_and_its_weights_untouched(tmp_path):

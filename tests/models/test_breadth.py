@@ -22,9 +22,10 @@ from torch import nn
 
 import fcconv
 from fcconv.errors import NotConvertibleError
-from fcconv.export import OnnxModel, export_onnx
+from fcconv.export import export_onnx
 from fcconv.layers import ChannelLayerNorm, ChannelsLastPointwiseConv2d, PointwiseConv2d
 from fcconv.load import build_architecture, native_input_shape
+from fcconv.runtime import OnnxRunner
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -189,7 +190,7 @@ def test_squeezenet_is_reported_fully_convolutional_and_exports_with_free_size(t
     x = torch.randn(1, 3, 320, 288)
     with torch.no_grad():
         expected = model(x)
-    actual = OnnxModel(path)(x)
+    actual = OnnxRunner(path)(x)
     assert actual.shape == (1, 10, 1, 1)
     assert (actual.flatten(1) - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert_verified(model, path, (3, 224, 224), conversion)
@@ -229,7 +230,7 @@ def test_pooled_export_records_the_pooling_and_verifies(tmp_path):
     model = seeded(LeNet)
     conversion = fcconv.rewrite(model, (1, 28, 28), pool="max")
     path = export_onnx(conversion.module, tmp_path / "lenet.onnx", (1, 28, 28))
-    assert OnnxModel(path).metadata["fcconv.pool"] == "max"
+    assert OnnxRunner(path).metadata["fcconv.pool"] == "max"
     assert "ReduceMax" in onnx_ops(path)
     assert_verified(model, path, (1, 28, 28), conversion)
 
@@ -295,7 +296,7 @@ def test_cli_squeezenet_with_pool_converts_and_verify_reads_the_pooling_back(tmp
     assert converted.returncode == 0, converted.stderr
     assert "already fully convolutional" in converted.stdout and "2×10 " in converted.stdout
     exported = tmp_path / "squeezenet.fcn.onnx"
-    assert OnnxModel(exported).metadata["fcconv.pool"] == "avg"
+    assert OnnxRunner(exported).metadata["fcconv.pool"] == "avg"
     verified = run("verify", exported, "--reference", checkpoint, "--arch", "squeezenet1_1", "--sizes", "300x260")
     assert verified.returncode == 0, verified.stderr
     assert "2×10 " in verified.stdout

@@ -27,9 +27,10 @@ from torch import nn
 
 import fcconv
 from fcconv.errors import NotConvertibleError
-from fcconv.export import OnnxModel, export_onnx
+from fcconv.export import export_onnx
 from fcconv.layers import ChannelLayerNorm
 from fcconv.load import build_architecture, detect_architecture, load_model, native_input_shape
+from fcconv.runtime import OnnxRunner
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -428,7 +429,7 @@ def test_the_command_line_converts_a_signal_classifier_and_verifies_its_export(t
     exported = tmp_path / "signal.fcn.onnx"
     dims = onnx.load(str(exported)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, "length"]
-    assert OnnxModel(exported).metadata["fcconv.input_shape"] == "1,1000"
+    assert OnnxRunner(exported).metadata["fcconv.input_shape"] == "1,1000"
 
     checked = run("verify", exported, "--reference", tmp_path / "signal.pt", *arch[:2], "--sizes", "1000,1500")
     assert checked.returncode == 0, checked.stderr

@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 
 import fcconv
 from fcconv.cli import app
-from fcconv.export import OnnxModel
 from fcconv.grid import probe_output_grid
 from fcconv.report import SCHEMA_PATH
+from fcconv.runtime import OnnxRunner
 from fcconv.weights_digest import WeightsDigest
 
 SAMPLE = REPO / "sample_models" / "digits_lenet.pt"
@@ -164,7 +164,7 @@ def test_total_stride_and_receptive_field_predict_the_output_size_onnxruntime_gi
     assert meta["fcconv.mode"] == "map"
     assert meta["fcconv.total_stride"] == f"{stride},{stride}" and meta["fcconv.receptive_field"] == f"{field},{field}"
     native = shape[1:]
-    runner = OnnxModel(path)
+    runner = OnnxRunner(path)
     for size in [native, (native[0] + 1, native[1] + stride - 1), (native[0] + 3 * stride + 5, native[1] + 17)]:
         out = runner(torch.randn(1, shape[0], *size))
         assert tuple(out.shape[2:]) == output_size_by_formula(meta, size), size

@@ -1,0 +1,56 @@
+"""Input shapes and sizes: parsed, bounded, and the sizes a verification or a check runs at.
+
+Imports neither torch nor onnx: ``fcconv check`` and the CLI parse shapes with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from fcconv.errors import BadInputError
+
+__all__ = ["check_tensor_size", "default_sizes", "parse_input_shape"]
+
+
+def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """``"3,224,224"`` -> (3, 224, 224); accepts (C, L), (C, H, W) and (C, D, H, W)."""
+    if isinstance(text, (tuple, list)):
+        parts = [str(p) for p in text]
+    else:
+        parts = [p.strip() for p in text.replace("x", ",").replace("×", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise BadInputError(f"--input-shape {text!r} is not a list of integers like 3,224,224") from None
+    if not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape):
+        raise BadInputError(f"--input-shape {text!r} must be C,L or C,H,W or C,D,H,W with positive sizes")
+    check_tensor_size(shape, f"--input-shape {text!r}")
+    return shape
+
+
+# Tensors count their elements in a signed 64-bit integer; fcconv runs inputs in batches of two.
+MAX_TENSOR_ELEMENTS = 2**63 - 1
+INPUT_BATCH = 2
+
+
+def check_tensor_size(shape: Sequence[int], what: str) -> None:
+    """Refuse an input shape no tensor can have: a batch of two such inputs holds more than 2^63 - 1 values.
+
+    ``shape`` is a per-sample shape (C, H, W) or, for ``--sizes``, its spatial part alone.
+    """
+    values = INPUT_BATCH * math.prod(shape)
+    if values > MAX_TENSOR_ELEMENTS:
+        raise BadInputError(
+            f"{what} is larger than any tensor can be: a batch of two such inputs holds "
+            f"{values:.2e} values, more than the 2^63 - 1 a tensor can hold"
+        )
+
+
+def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The native spatial size, a larger odd non-square one, and twice the native size."""
+    native = tuple(int(s) for s in input_shape[1:])
+    factors = [1.25 if axis % 2 == 0 else 1.5 for axis in range(len(native))]
+    odd = tuple(max(s + 1, round(s * f)) | 1 for s, f in zip(native, factors))
+    double = tuple(2 * s for s in native)
+    return [native, odd, double]
