@@ -6,7 +6,11 @@ Two captures, tried in order:
   ``Linear`` calls ``F.linear``: it is a Linear). Its graph keeps each layer as the
   module call it is (``classifier.1`` is a ReLU module, not ``relu_1``) and keeps
   torchvision's size-dependent functions whole, where the rewriter and its reports
-  read them; every model fx can trace is converted from this graph, as before.
+  read them; every model fx can trace is converted from this graph, as before. (Planned
+  from the export instead, four of nine torchvision classifiers changed: AlexNet and
+  VGG name their pooling ``adaptive_avg_pool2d``, not ``avgpool``; ConvNeXt's head
+  reads a 1×1 window instead of the whole map; ResNet, SqueezeNet, MobileNetV3,
+  EfficientNet and GoogLeNet came out the same.)
 * ``torch.export`` (non-strict), with the batch and spatial axes dynamic so that size
   arithmetic in ``forward()`` stays symbolic, for the models fx cannot trace
   (Python control flow on sizes, Hugging Face ``transformers`` models, timm's VGG and
@@ -57,8 +61,8 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     except Exception as exported:  # noqa: BLE001 - reported with the tracing failure below
         raise NotConvertibleError(
             f"{type(model).__name__} cannot be captured: torch.export stopped {_where(exported)} and torch.fx "
-            f"{_where(fx_failure)}; export it to ONNX yourself (torch.onnx.export(model, x, dynamo=True)) and "
-            "convert the .onnx file, or save a torch.export program (.pt2) of it and convert that"
+            f"{_where(fx_failure)}; change that line so that what forward() computes does not depend on the input's "
+            "values, or export the model to ONNX (torch.onnx.export) and convert the .onnx file"
         ) from exported
 
 
