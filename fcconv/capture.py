@@ -9,7 +9,8 @@ Two captures, tried in order:
   read them; every model fx can trace is converted from this graph, as before. (Planned
   from the export instead, four of nine torchvision classifiers changed: AlexNet and
   VGG name their pooling ``adaptive_avg_pool2d``, not ``avgpool``; ConvNeXt's head
-  reads a 1×1 window instead of the whole map; ResNet, SqueezeNet, MobileNetV3,
+  reads a 1×1 window instead of the whole map; Swin is refused, its torchvision window
+  attention taken apart into ATen reshapes; ResNet, SqueezeNet, MobileNetV3,
   EfficientNet and GoogLeNet came out the same.)
 * ``torch.export`` (non-strict), with the batch and spatial axes dynamic so that size
   arithmetic in ``forward()`` stays symbolic, for the models fx cannot trace
