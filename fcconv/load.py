@@ -534,7 +534,7 @@ def _cast(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 def _read_exported_program(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...]]:
     """The program saved at ``path`` as a module the rewriter reads, and its example input's per-sample shape."""
-    from fcconv.rewrite import lower_exported_program
+    from fcconv.capture import lower_exported_program
 
     program = load_exported_program(path, trust=trust)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(program)]

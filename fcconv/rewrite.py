@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fcconv.capture import capture, lower_exported_program
 from fcconv.conversion import HeadGeometry, RewrittenLayer
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.fx_edits import (
@@ -129,142 +129,7 @@ class Conversion:
         return sum(layer.parameters for layer in self.layers)
 
 
-# --- what may appear in a head ------------------------------------------------------------------
-
-_ATEN = torch.ops.aten
-_ATEN_DROPOUT = {_ATEN.dropout.default, _ATEN.feature_dropout.default, _ATEN.alpha_dropout.default}
-_ATEN_RESHAPE = {_ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default}
-_ATEN_AS_TORCH: dict[Any, Callable[..., Any]] = {
-    _ATEN.flatten.using_ints: torch.flatten, _ATEN.mean.dim: torch.mean, _ATEN.amax.default: torch.amax,
-    _ATEN.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, _ATEN.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
-    _ATEN.adaptive_avg_pool3d.default: F.adaptive_avg_pool3d,
-    _ATEN.relu.default: torch.relu, _ATEN.relu_.default: torch.relu_, _ATEN.sigmoid.default: torch.sigmoid,
-    _ATEN.tanh.default: torch.tanh, _ATEN.gelu.default: F.gelu, _ATEN.silu.default: F.silu,
-    _ATEN.silu_.default: F.silu, _ATEN.hardswish.default: F.hardswish, _ATEN.hardswish_.default: F.hardswish,
-    _ATEN.hardtanh.default: F.hardtanh, _ATEN.hardtanh_.default: F.hardtanh, _ATEN.leaky_relu.default: F.leaky_relu,
-    _ATEN.leaky_relu_.default: F.leaky_relu, _ATEN.clamp.default: torch.clamp, _ATEN.exp.default: torch.exp,
-    _ATEN.add.Tensor: torch.add, _ATEN.sub.Tensor: torch.sub, _ATEN.mul.Tensor: torch.mul, _ATEN.div.Tensor: torch.div,
-    _ATEN.softmax.int: torch.softmax, _ATEN.log_softmax.int: torch.log_softmax,
-}  # fmt: skip
-
-
 # --- public entry points --------------------------------------------------------------------------
-
-
-def lower_exported_program(program: torch.export.ExportedProgram) -> fx.GraphModule:
-    """The program as a plain module whose head speaks the vocabulary the rewriter reads.
-
-    ``program.module()`` computes with ATen operators; its linear layers are
-    ``aten.linear`` calls on weights held by attribute containers. Here each of those
-    becomes an ``nn.Linear`` (and each batch norm over features an ``nn.BatchNorm1d``)
-    holding the same tensors, the other ATen operators of a head become their torch
-    functions, eval-mode dropout is removed, the input-shape guards are dropped (the
-    converted model takes any size), and a reshape spelt with the traced batch size
-    (``view(x, [1, -1])``) is written for any batch. The trunk is left as it is.
-    """
-    unlifted = program.module()
-    gm = fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name="ExportedClassifier")
-    gm.graph._codegen = fx.graph.CodeGen()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    batch = _static_size(placeholders[0], 0) if len(placeholders) == 1 else None
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            gm.graph.erase_node(node)
-        elif node.op == "output" and isinstance(node.args[0], (tuple, list)) and len(node.args[0]) == 1:
-            node.args = (node.args[0][0],)
-        elif node.op != "call_function":
-            continue
-        elif node.target is _ATEN.linear.default:
-            _as_module(gm, node, _linear_from(gm, node))
-        elif node.target is _ATEN.batch_norm.default and _rank(node) == 2 and not _arg(node, 5, "training", False):
-            _as_module(gm, node, _batchnorm_from(gm, node))
-        elif node.target in _ATEN_DROPOUT and not _arg(node, 2, "train", False):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-        elif node.target in _ATEN_RESHAPE:
-            out = node.meta.get("val")
-            if batch is not None and out is not None and out.dim() >= 1 and _static_size(node.args[0], 0) == batch:
-                shape = [int(s) for s in out.shape]
-                if shape[0] == batch and all(isinstance(s, int) for s in shape):
-                    node.target, node.args = torch.reshape, (node.args[0], [-1, *shape[1:]])
-                    continue
-            node.target = torch.reshape
-        elif node.target in _ATEN_AS_TORCH:
-            node.target = _ATEN_AS_TORCH[node.target]
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm.eval()
-
-
-def _static_size(node: Any, dim: int) -> int | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if val is None or not hasattr(val, "shape") or val.dim() <= dim:
-        return None
-    size = val.shape[dim]
-    return int(size) if isinstance(size, int) else None
-
-
-def _rank(node: fx.Node) -> int | None:
-    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    return val.dim() if hasattr(val, "dim") else None
-
-
-def _attr(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | None:
-    """(qualified name, tensor) of a get_attr node, or None."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    *path, name = str(node.target).split(".")
-    owner = gm.get_submodule(".".join(path)) if path else gm
-    return str(node.target), getattr(owner, name)
-
-
-def _owner(qualified: str, node: fx.Node) -> str:
-    """Where a module built from ``qualified``'s tensors goes: its container's path, e.g. ``classifier.0``."""
-    path = qualified.rsplit(".", 1)[0] if "." in qualified else ""
-    return path or f"fcconv_{node.name}"
-
-
-def _linear_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
-    weight = _attr(gm, node.args[1])
-    bias = _attr(gm, _arg(node, 2, "bias", None))
-    if weight is None or (bias is None and _arg(node, 2, "bias", None) is not None):
-        return None
-    linear = nn.Linear(weight[1].shape[1], weight[1].shape[0], bias=bias is not None, device="meta")
-    linear.weight = _as_parameter(weight[1])
-    if bias is not None:
-        linear.bias = _as_parameter(bias[1])
-    return _owner(weight[0], node), linear
-
-
-def _batchnorm_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
-    tensors = [_attr(gm, node.args[i]) for i in range(1, 5)]
-    if any(t is None for t in tensors):
-        return None
-    (qualified, weight), (_, bias), (_, mean), (_, var) = tensors  # type: ignore[misc]
-    bn = nn.BatchNorm1d(weight.shape[0], eps=float(_arg(node, 7, "eps", 1e-5)), device="meta")
-    bn.weight, bn.bias = _as_parameter(weight), _as_parameter(bias)
-    bn.register_buffer("running_mean", mean)
-    bn.register_buffer("running_var", var)
-    bn.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
-    return _owner(qualified, node), bn.eval()
-
-
-def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
-    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
-
-
-def _as_module(gm: fx.GraphModule, node: fx.Node, built: tuple[str, nn.Module] | None) -> None:
-    """Replace the call ``node`` with a call of the module ``built`` (left as it is when None)."""
-    if built is None:
-        return
-    target, module = built
-    gm.add_submodule(target, module)
-    with gm.graph.inserting_after(node):
-        call = gm.graph.call_module(target, (node.args[0],))
-    call.meta = dict(node.meta)
-    node.replace_all_uses_with(call)
-    gm.graph.erase_node(node)
 
 
 def convert(
@@ -380,21 +245,6 @@ class _Plan:
     cut_points: list[str] = field(default_factory=list)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (in eval mode), explaining a failure in one line."""
-    model.eval()
-    if isinstance(model, fx.GraphModule):
-        return fx.GraphModule(model, model.graph)
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NotConvertibleError(
-            f"{type(model).__name__} cannot be traced with torch.fx ({first}); "
-            "data-dependent control flow in forward() keeps fcconv from seeing the head"
-        ) from exc
-
-
 def _propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     params = [p for p in gm.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
@@ -428,11 +278,11 @@ class _Located:
 
 
 def _locate_head(model: nn.Module, input_shape: tuple[int, ...]) -> _Located:
-    """Trace ``model``, propagate its shapes and find where the head starts; refuse a model that has none."""
+    """Capture ``model``, propagate its shapes and find where the head starts; refuse a model that has none."""
     rank = len(input_shape) - 1
     if rank not in (1, 2, 3) or any(s <= 0 for s in input_shape):
         raise BadInputError(f"input shape {input_shape} is not (C, L), (C, H, W) or (C, D, H, W) with positive sizes")
-    gm = trace(model)
+    gm = capture(model, input_shape)
     modules = dict(gm.named_modules())
     _refuse_size_dependent_trunk(gm, modules)
     _propagate_shapes(gm, input_shape)

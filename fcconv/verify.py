@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fcconv import memory
 from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME
@@ -249,8 +249,9 @@ def reference_outputs(
 
     At the native size the original's own output, reshaped to (N, K, 1, ...) (kept
     (N, K) when ``pool``), unless ``dense``; at every size :func:`sliding_window_reference`,
-    pooled when ``pool`` is 'avg' or 'max'. A given ``conversion`` says how the model
-    was converted, in place of ``dense`` and ``pool``.
+    pooled when ``pool`` is 'avg' or 'max'; for a model captured by torch.export whose head
+    reads the whole map, the original's own output at every size too. A given
+    ``conversion`` says how the model was converted, in place of ``dense`` and ``pool``.
 
     ``original`` may also be any callable on tensors with a ``dtype`` attribute (an
     ONNX model run in onnxruntime); ``conversion`` is then required, and needs only
@@ -280,6 +281,7 @@ def reference_outputs(
     rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
     references = References([], rtol, atol, dtype, device)
+    eager_everywhere = _original_reads_every_size(original, conversion)
     with full_float32_precision():
         for size in sizes:
             if on_size is not None:
@@ -289,7 +291,7 @@ def reference_outputs(
             # large input are the largest memory a conversion needs beside the weights.
             samples = x.split(1)
             expected = {}
-            if size == native and not dense:
+            if (size == native and not dense) or (size != native and eager_everywhere):
                 outputs = _concatenated([original(sample) for sample in samples])
                 expected["original"] = {
                     name: out if pool else out.reshape(*out.shape, *(1,) * len(native)) for name, out in outputs.items()
@@ -297,6 +299,21 @@ def reference_outputs(
             expected["sliding window"] = _concatenated([sliding_window_reference(conversion, s) for s in samples])
             references.cases.append(ReferenceCase(size, x, expected))
     return references
+
+
+def _original_reads_every_size(original: Any, conversion: Conversion) -> bool:
+    """Whether the eager original is also the reference at the larger sizes.
+
+    A trunk captured by torch.export (it computes with ATen operators) may hold a value
+    the export fixed at the native size, and the sliding window runs that same trunk; so
+    where the head reads the whole map (a global pooling, no ``dense``) and therefore the
+    eager original takes any size, its own output is compared at every size too.
+    """
+    if not isinstance(original, nn.Module) or isinstance(original, fx.GraphModule):
+        return False
+    if conversion.geometry.window is not None or conversion.geometry.dense:
+        return False
+    return any(isinstance(node.target, torch._ops.OpOverload) for node in conversion.features.graph.nodes)
 
 
 def refuse_sizes_beyond_memory(

@@ -1,0 +1,307 @@
+"""How a PyTorch model becomes the fx graph the rewriter reads.
+
+Two captures, tried in order:
+
+* ``torch.fx`` symbolic tracing, with every ``nn.Linear`` subclass a leaf (timm's
+  ``Linear`` calls ``F.linear``: it is a Linear). Its graph keeps each layer as the
+  module call it is (``classifier.1`` is a ReLU module, not ``relu_1``) and keeps
+  torchvision's size-dependent functions whole, where the rewriter and its reports
+  read them; every model fx can trace is converted from this graph, as before. (Planned
+  from the export instead, four of nine torchvision classifiers changed: AlexNet and
+  VGG name their pooling ``adaptive_avg_pool2d``, not ``avgpool``; ConvNeXt's head
+  reads a 1×1 window instead of the whole map; Swin is refused, its torchvision window
+  attention taken apart into ATen reshapes; ResNet, SqueezeNet, MobileNetV3,
+  EfficientNet and GoogLeNet came out the same.)
+* ``torch.export`` (non-strict), with the batch and spatial axes dynamic so that size
+  arithmetic in ``forward()`` stays symbolic, for the models fx cannot trace
+  (Python control flow on sizes, Hugging Face ``transformers`` models, timm's VGG and
+  TF-padding models). Its ATen graph is lowered by :func:`lower_exported_program`
+  into the same vocabulary, and so is a ``.pt2`` file's program.
+
+A value the export specialised to the traced size (``Dim.AUTO`` lets it) makes the
+converted model compute something else at other sizes; verification against the
+eager original at larger sizes is what catches that, never the capture. Where neither
+capture works the error names the file and line where each stopped and the route
+that may work instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fcconv.errors import NotConvertibleError
+
+__all__ = ["capture", "export_graph", "lower_exported_program", "trace"]
+
+
+def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """``model`` (in eval mode) as an fx graph: traced with torch.fx, or else exported with torch.export.
+
+    ``input_shape`` is the per-sample input (C, *S) the export is made at; its batch
+    and spatial axes stay symbolic. Raises :class:`NotConvertibleError` naming where
+    both captures stopped when neither can capture the model.
+    """
+    model.eval()
+    if isinstance(model, fx.GraphModule):
+        return fx.GraphModule(model, model.graph)
+    try:
+        return trace(model)
+    except Exception as traced:  # noqa: BLE001 - any tracing failure sends the model to torch.export
+        fx_failure = traced
+    try:
+        return export_graph(model, input_shape)
+    except Exception as exported:  # noqa: BLE001 - reported with the tracing failure below
+        raise NotConvertibleError(
+            f"{type(model).__name__} cannot be captured: torch.export stopped {_where(exported)} and torch.fx "
+            f"{_where(fx_failure)}; change that line so that what forward() computes does not depend on the input's "
+            "values, or export the model to ONNX (torch.onnx.export) and convert the .onnx file"
+        ) from exported
+
+
+class LinearLeafTracer(fx.Tracer):
+    """The default tracer, with every ``nn.Linear`` subclass and the layers timm declares untraceable kept whole.
+
+    The default keeps only ``torch.nn`` modules whole; a subclass defined elsewhere
+    (timm's ``Linear``, which calls ``F.linear`` with the same weight and bias) would be
+    traced into and reach the rewriter as a function of attributes, not as a Linear.
+    timm lists the modules and functions that compute from the map's size in Python
+    (``Conv2dSame``'s TF "same" padding) for fx to keep whole; kept whole, they compute
+    at every size what they compute in eager mode.
+    """
+
+    def __init__(self) -> None:
+        modules, functions = _timm_leaves()
+        super().__init__(autowrap_functions=tuple(functions))
+        self._leaf_types = (nn.Linear, *modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self._leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _timm_leaves() -> tuple[list[type[nn.Module]], list[Callable[..., Any]]]:
+    """The modules and functions timm registers as fx leaves, when a timm model has imported timm."""
+    registry = sys.modules.get("timm.layers._fx")
+    if registry is None:
+        return [], []
+    modules = [m for m in registry.get_notrace_modules() if isinstance(m, type)]
+    functions = [f for f in registry.get_notrace_functions() if callable(f)]
+    return modules, functions
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` (in eval mode) symbolically traced with :class:`LinearLeafTracer`."""
+    model.eval()
+    if isinstance(model, fx.GraphModule):
+        return fx.GraphModule(model, model.graph)
+    tracer = LinearLeafTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def export_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """``model`` exported with torch.export at ``input_shape`` (batch 2, batch and spatial axes dynamic), lowered.
+
+    Batch 2, not 1: torch.export specialises an axis of size 1 to 1.
+    """
+    model.eval()
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    device = tensors[0].device if tensors else torch.device("cpu")
+    sample = torch.zeros((2, *input_shape), dtype=dtype, device=device)
+    axes = {axis: torch.export.Dim.AUTO for axis in (0, *range(2, len(input_shape) + 1))}
+    program = torch.export.export(model, (sample,), strict=False, dynamic_shapes=(axes,))
+    return lower_exported_program(program)
+
+
+def _where(exc: BaseException) -> str:
+    """'at FILE:LINE (reason)': the last frame of the model's own code in ``exc``'s traceback, and its message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    reason = text.split(". ")[0][:200]
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    own = [f for f in frames if not f.filename.startswith((torch_dir, here)) and "<" not in f.filename]
+    if not own:
+        return f"({reason})"
+    frame = own[-1]
+    return f"at {frame.filename}:{frame.lineno} ({reason})"
+
+
+_ATEN = torch.ops.aten
+_ATEN_DROPOUT = {
+    _ATEN.dropout.default, _ATEN.feature_dropout.default, _ATEN.alpha_dropout.default,
+    _ATEN.dropout_.default, _ATEN.feature_dropout_.default, _ATEN.alpha_dropout_.default,
+}  # fmt: skip
+_ATEN_RESHAPE = {_ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default}
+_ATEN_AS_TORCH: dict[Any, Callable[..., Any]] = {
+    _ATEN.flatten.using_ints: torch.flatten, _ATEN.mean.dim: torch.mean, _ATEN.amax.default: torch.amax,
+    _ATEN.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, _ATEN.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    _ATEN.adaptive_avg_pool3d.default: F.adaptive_avg_pool3d,
+    _ATEN.relu.default: torch.relu, _ATEN.relu_.default: torch.relu_, _ATEN.sigmoid.default: torch.sigmoid,
+    _ATEN.tanh.default: torch.tanh, _ATEN.gelu.default: F.gelu, _ATEN.silu.default: F.silu,
+    _ATEN.silu_.default: F.silu, _ATEN.hardswish.default: F.hardswish, _ATEN.hardswish_.default: F.hardswish,
+    _ATEN.hardtanh.default: F.hardtanh, _ATEN.hardtanh_.default: F.hardtanh, _ATEN.leaky_relu.default: F.leaky_relu,
+    _ATEN.leaky_relu_.default: F.leaky_relu, _ATEN.clamp.default: torch.clamp, _ATEN.exp.default: torch.exp,
+    _ATEN.add.Tensor: torch.add, _ATEN.sub.Tensor: torch.sub, _ATEN.mul.Tensor: torch.mul, _ATEN.div.Tensor: torch.div,
+    _ATEN.softmax.int: torch.softmax, _ATEN.log_softmax.int: torch.log_softmax,
+}  # fmt: skip
+
+
+def lower_exported_program(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a plain module whose head speaks the vocabulary the rewriter reads.
+
+    ``program.module()`` computes with ATen operators; its linear layers are
+    ``aten.linear`` calls on weights held by attribute containers. Here each of those
+    becomes an ``nn.Linear`` (and each batch or layer norm over (N, C) features an ``nn.BatchNorm1d`` or
+    ``nn.LayerNorm``)
+    holding the same tensors, the other ATen operators of a head become their torch
+    functions, eval-mode dropout is removed, a dict output (a ``transformers`` ModelOutput) stays a
+    dict of its tensors, the input-shape guards are dropped (the
+    converted model takes any size), and a reshape spelt with the traced batch size
+    (``view(x, [1, -1])``) is written for any batch. The trunk is left as it is.
+    """
+    unlifted = program.module()
+    gm = fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name="ExportedClassifier")
+    gm.graph._codegen = fx.graph.CodeGen()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    batch = _static_size(placeholders[0], 0) if len(placeholders) == 1 else None
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+        elif node.op == "output" and _dict_keys(program) is not None:
+            node.args = (dict(zip(_dict_keys(program), node.args[0])),)
+        elif node.op == "output" and isinstance(node.args[0], (tuple, list)) and len(node.args[0]) == 1:
+            node.args = (node.args[0][0],)
+        elif node.op != "call_function":
+            continue
+        elif node.target is _ATEN.linear.default:
+            _as_module(gm, node, _linear_from(gm, node))
+        elif node.target is _ATEN.batch_norm.default and _rank(node) == 2 and not _arg(node, 5, "training", False):
+            _as_module(gm, node, _batchnorm_from(gm, node))
+        elif node.target is _ATEN.layer_norm.default and _rank(node) == 2:
+            _as_module(gm, node, _layer_norm_from(gm, node))
+        elif node.target in _ATEN_DROPOUT and not _arg(node, 2, "train", False):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        elif node.target in _ATEN_RESHAPE:
+            out = node.meta.get("val")
+            if batch is not None and out is not None and out.dim() >= 1 and _static_size(node.args[0], 0) == batch:
+                shape = [int(s) for s in out.shape]
+                if shape[0] == batch and all(isinstance(s, int) for s in shape):
+                    node.target, node.args = torch.reshape, (node.args[0], [-1, *shape[1:]])
+                    continue
+            node.target = torch.reshape
+        elif node.target in _ATEN_AS_TORCH:
+            node.target = _ATEN_AS_TORCH[node.target]
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm.eval()
+
+
+def _dict_keys(program: torch.export.ExportedProgram) -> list[str] | None:
+    """The keys of the dict the program returns (a ``transformers`` ModelOutput is one), or None for another output.
+
+    The lowered module returns a dict with the same keys, so that its outputs keep the names the original's have.
+    """
+    spec = program.call_spec.out_spec
+    if spec is None or not isinstance(spec.type, type) or not issubclass(spec.type, dict):
+        return None
+    if any(not child.is_leaf() for child in spec.children()):
+        return None
+    return [str(key) for key in spec.context]
+
+
+def _static_size(node: Any, dim: int) -> int | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if val is None or not hasattr(val, "shape") or val.dim() <= dim:
+        return None
+    size = val.shape[dim]
+    return int(size) if isinstance(size, int) else None
+
+
+def _rank(node: fx.Node) -> int | None:
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    return val.dim() if hasattr(val, "dim") else None
+
+
+def _attr(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | None:
+    """(qualified name, tensor) of a get_attr node, or None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    *path, name = str(node.target).split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    return str(node.target), getattr(owner, name)
+
+
+def _owner(qualified: str, node: fx.Node) -> str:
+    """Where a module built from ``qualified``'s tensors goes: its container's path, e.g. ``classifier.0``."""
+    path = qualified.rsplit(".", 1)[0] if "." in qualified else ""
+    return path or f"fcconv_{node.name}"
+
+
+def _linear_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
+    weight = _attr(gm, node.args[1])
+    bias = _attr(gm, _arg(node, 2, "bias", None))
+    if weight is None or (bias is None and _arg(node, 2, "bias", None) is not None):
+        return None
+    linear = nn.Linear(weight[1].shape[1], weight[1].shape[0], bias=bias is not None, device="meta")
+    linear.weight = _as_parameter(weight[1])
+    if bias is not None:
+        linear.bias = _as_parameter(bias[1])
+    return _owner(weight[0], node), linear
+
+
+def _batchnorm_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
+    tensors = [_attr(gm, node.args[i]) for i in range(1, 5)]
+    if any(t is None for t in tensors):
+        return None
+    (qualified, weight), (_, bias), (_, mean), (_, var) = tensors  # type: ignore[misc]
+    bn = nn.BatchNorm1d(weight.shape[0], eps=float(_arg(node, 7, "eps", 1e-5)), device="meta")
+    bn.weight, bn.bias = _as_parameter(weight), _as_parameter(bias)
+    bn.register_buffer("running_mean", mean)
+    bn.register_buffer("running_var", var)
+    bn.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+    return _owner(qualified, node), bn.eval()
+
+
+def _layer_norm_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
+    normalized = _arg(node, 1, "normalized_shape", None)
+    weight, bias = _attr(gm, _arg(node, 2, "weight", None)), _attr(gm, _arg(node, 3, "bias", None))
+    if not isinstance(normalized, (list, tuple)) or len(normalized) != 1 or weight is None or bias is None:
+        return None
+    norm = nn.LayerNorm(int(normalized[0]), eps=float(_arg(node, 4, "eps", 1e-5)), device="meta")
+    norm.weight, norm.bias = _as_parameter(weight[1]), _as_parameter(bias[1])
+    return _owner(weight[0], node), norm
+
+
+def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
+def _as_module(gm: fx.GraphModule, node: fx.Node, built: tuple[str, nn.Module] | None) -> None:
+    """Replace the call ``node`` with a call of the module ``built`` (left as it is when None)."""
+    if built is None:
+        return
+    target, module = built
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(target, (node.args[0],))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)

@@ -1,0 +1,183 @@
+"""Capture: torch.fx first, torch.export for what fx cannot trace; Hugging Face and timm classifiers convert exactly."""
+
+import inspect
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import seeded
+from torch import nn
+
+import fcconv
+from fcconv.capture import capture, export_graph, trace
+from fcconv.errors import NotConvertibleError
+from fcconv.load import load_model
+from fcconv.outputs import output_names
+from fcconv.verify import verify
+
+SHAPE = (3, 64, 64)
+SIZES = [(64, 64), (81, 73)]  # the native size and a larger one, odd on both axes (TF "same" padding differs there)
+
+
+class FunctionalLinear(nn.Linear):
+    """A Linear whose forward calls ``F.linear`` (timm's ``Linear`` does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class FunctionalLinearHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = FunctionalLinear(4 * 3 * 3, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+class WidthParity(nn.Module):
+    """Chooses what to compute from the map's width in Python: fx cannot trace it, torch.export keeps one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.shape[-1] % 2 == 0:
+            x = 2 * x
+        return self.fc(x.mean((2, 3)))
+
+
+class ValueBranch(nn.Module):
+    """Chooses what to compute from the values of its map: neither capture can see that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = -x
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _verified(model: nn.Module, shape=SHAPE, sizes=SIZES):
+    conversion = fcconv.rewrite(model, shape)
+    report = verify(model, conversion.module, shape, sizes=sizes, conversion=conversion)
+    assert report.passed, [check for check in report.checks if not check.passed]
+    assert {check.input_size for check in report.checks} == set(sizes)
+    return conversion
+
+
+# --- the captures -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("captured_by", ["fx", "export"])
+def test_a_linear_subclass_calling_f_linear_converts_as_a_linear_in_both_captures(captured_by):
+    model = seeded(FunctionalLinearHead)
+    shape = (3, 8, 8)
+    graph = trace(model) if captured_by == "fx" else export_graph(model, shape)
+    conversion = fcconv.rewrite(graph, shape)
+    assert [(layer.name, layer.kernel) for layer in conversion.layers] == [("fc", (3, 3))]
+    report = verify(model, conversion.module, shape, sizes=[(8, 8), (13, 11)], conversion=conversion)
+    assert report.passed
+
+
+def test_a_model_fx_cannot_trace_is_captured_by_torch_export():
+    model = seeded(WidthParity)
+    with pytest.raises(Exception, match="control flow"):
+        trace(model)
+    graph = capture(model, (3, 10, 10))
+    assert any(node.op == "call_module" and node.target == "fc" for node in graph.graph.nodes)
+
+
+def test_a_capture_that_kept_one_size_dependent_branch_is_caught_by_verification():
+    model = seeded(WidthParity)
+    conversion = fcconv.rewrite(model, (3, 10, 10))  # the export took the even-width branch
+    report = verify(model, conversion.module, (3, 10, 10), sizes=[(10, 10), (10, 12), (11, 11)], conversion=conversion)
+    verdicts = {(check.input_size, check.reference): check.passed for check in report.checks}
+    # the sliding window runs the captured trunk, with the same branch; the eager original does not
+    assert (
+        verdicts[((10, 10), "original")] and verdicts[((10, 12), "original")] and verdicts[((11, 11), "sliding window")]
+    )
+    assert not verdicts[((11, 11), "original")] and not report.passed
+
+
+def test_a_model_neither_capture_can_see_is_refused_naming_the_line_where_capture_stopped():
+    line = next(i for i, text in enumerate(inspect.getsource(ValueBranch).splitlines()) if "x.sum() > 0" in text)
+    where = f"test_capture.py:{inspect.getsourcelines(ValueBranch)[1] + line}"
+    with pytest.raises(NotConvertibleError) as refused:
+        fcconv.rewrite(seeded(ValueBranch), (3, 10, 10))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "torch.export stopped at" in message and where in message
+    assert "ONNX" in message
+
+
+# --- Hugging Face transformers: built from small configs, random weights --------------------------------
+
+
+def _hf(model_class: str, config_class: str, **config):
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(num_labels=5, **config))
+
+
+HUGGING_FACE = {
+    "resnet": lambda: _hf("ResNetForImageClassification", "ResNetConfig", embedding_size=8, hidden_sizes=[8, 16],
+                          depths=[1, 1]),
+    "convnext": lambda: _hf("ConvNextForImageClassification", "ConvNextConfig", hidden_sizes=[8, 16], depths=[1, 1],
+                            num_stages=2),
+    "regnet": lambda: _hf("RegNetForImageClassification", "RegNetConfig", embedding_size=8, hidden_sizes=[8, 16],
+                          depths=[1, 1], groups_width=8),
+    "mobilenet_v2": lambda: _hf("MobileNetV2ForImageClassification", "MobileNetV2Config", depth_multiplier=0.35,
+                                image_size=64, tf_padding=False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HUGGING_FACE)
+def test_a_hugging_face_classifier_converts_from_the_model_object_and_matches_at_two_sizes(name):
+    model = seeded(HUGGING_FACE[name])
+    conversion = _verified(model)
+    assert [layer.name for layer in conversion.layers] in (["classifier"], ["classifier.1"])
+    with torch.no_grad():
+        # the original returns a ModelOutput holding the logits; the converted model a dict holding their map
+        assert output_names(conversion.module(torch.zeros(1, *SHAPE))) == ["logits"]
+
+
+# --- timm: F.linear heads, VGG, TF "same" padding ------------------------------------------------------
+
+TIMM = ["mobilenetv3_small_050", "vgg11", "tf_efficientnet_b0"]
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_a_timm_classifier_converts_from_the_model_object_and_matches_at_two_sizes(name):
+    model = seeded(timm.create_model, name, pretrained=False, num_classes=5)
+    conversion = _verified(model)
+    assert len(conversion.layers) == 1
+
+
+@pytest.mark.parametrize(
+    "arch", ["timm.models.mobilenetv3:mobilenetv3_small_050", "timm.models.efficientnet:tf_efficientnet_b0"]
+)
+def test_a_timm_state_dict_with_its_architecture_converts_and_matches(arch, tmp_path):
+    torch.manual_seed(0)
+    torch.save(timm.create_model(arch.split(":")[1], pretrained=False).state_dict(), tmp_path / "weights.pt")
+    loaded = load_model(tmp_path / "weights.pt", arch=arch, input_shape=SHAPE)
+    _verified(loaded.module)
+
+
+def test_a_hugging_face_mobilenet_v2_with_tf_padding_is_refused_by_verification_at_other_sizes():
+    # its TF padding is computed with int() of the map's size: torch.export fixes it at the native size
+    model = seeded(_hf, "MobileNetV2ForImageClassification", "MobileNetV2Config", depth_multiplier=0.35, image_size=64)
+    assert model.config.tf_padding
+    conversion = fcconv.rewrite(model, SHAPE)
+    report = verify(model, conversion.module, SHAPE, sizes=SIZES, conversion=conversion)
+    verdicts = {(check.input_size, check.reference): check.passed for check in report.checks}
+    assert verdicts[((64, 64), "original")] and not verdicts[((81, 73), "original")]
+    assert not report.passed
