@@ -1,8 +1,14 @@
-"""What a conversion reports about its head, whichever front end made it: shared by torch.fx and ONNX."""
+"""What a conversion reports about its head, whichever front end made it: shared by torch.fx and ONNX; and the
+torch.fx front end's plan and result."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the ONNX front end uses this module without torch
+    from torch import fx, nn
 
 
 @dataclass(frozen=True)
@@ -44,3 +50,85 @@ class HeadGeometry:
     def mode(self) -> str:
         """``map`` when the output is the per-position score map, ``pooled`` when it is pooled over all positions."""
         return "pooled" if self.window is None or self.pool is not None else "map"
+
+
+@dataclass
+class Conversion:
+    """The result of :func:`fcconv.rewrite.rewrite`: the converted model and how it relates to the original.
+
+    ``features`` and ``head`` are the original model cut at the head's input: the
+    verifier runs ``features`` on a large input and slides ``head`` over it.
+    """
+
+    module: fx.GraphModule
+    features: fx.GraphModule
+    head: fx.GraphModule
+    geometry: HeadGeometry
+    layers: list[RewrittenLayer] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    total_parameters: int = 0
+    trunk_layers: list[RewrittenLayer] = field(default_factory=list)
+    """Linear layers of the trunk that act per position: squeeze-and-excitation layers (always rewritten) and
+    Linear layers over a channels-last map (rewritten with ``pointwise=True``, otherwise listed and kept)."""
+    notes: list[str] = field(default_factory=list)
+    """Other changes to the trunk, each the same function computed in a form an export keeps at every size."""
+    flatten_permutation: tuple[int, ...] | None = None
+    """The permutation of the (N, C, *S) map the flatten read (``(0, 2, 3, 1)`` for channels-last), undone by
+    re-ordering the first Linear's weight; None when the flatten read the map as it is."""
+    carried: list[str] = field(default_factory=list)
+    """The head's per-feature layers and how each carries over to every position of the map."""
+    branches: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Each output (named as :func:`fcconv.outputs.output_names` names them) and the head layers on its path."""
+    cut_points: list[str] = field(default_factory=list)
+    """The head layers a model may be ended at (``until``): the first Linear and every layer after it."""
+    source: nn.Module | None = None
+    """The model the conversion computes: the given model, or, with ``logits`` or ``until``, its
+    :func:`fcconv.rewrite.truncate` form (verification compares with this one)."""
+
+    @property
+    def fully_convolutional(self) -> bool:
+        """True when the head holds no Linear layer: the model was fully convolutional already (SqueezeNet)."""
+        return not self.layers
+
+    @property
+    def head_parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+
+@dataclass
+class _Plan:
+    """What the torch.fx front end decided for one model: the edits to apply and what the conversion reports."""
+
+    traced: fx.GraphModule
+    features: fx.GraphModule
+    head: fx.GraphModule
+    geometry: HeadGeometry
+    layers: list[RewrittenLayer]
+    removed: list[str]
+    edits: list[Callable[[fx.GraphModule], None]]
+    trunk_layers: list[RewrittenLayer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    flatten_permutation: tuple[int, ...] | None = None
+    carried: list[str] = field(default_factory=list)
+    branches: list[tuple[str, list[str]]] = field(default_factory=list)
+    cut_points: list[str] = field(default_factory=list)
+
+
+def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module, source: nn.Module) -> Conversion:
+    removed = [*getattr(source, "fcconv_truncated", []), *plan.removed]
+    return Conversion(
+        module=module,
+        features=plan.features,
+        head=plan.head,
+        geometry=plan.geometry,
+        layers=plan.layers,
+        removed=removed,
+        total_parameters=sum(p.numel() for p in model.parameters()),
+        trunk_layers=plan.trunk_layers,
+        notes=plan.notes,
+        flatten_permutation=plan.flatten_permutation,
+        carried=plan.carried,
+        branches=plan.branches,
+        cut_points=plan.cut_points,
+        source=source,
+    )

@@ -3,7 +3,7 @@ decisions as ONNX nodes on the map.
 
 :func:`head_op` is the one mapping from ONNX nodes to :mod:`fcconv.head.vocabulary`; :func:`rewrite_head` runs
 :func:`fcconv.head.interpret.interpret` over the head and emits each decision through the rewriter of
-:mod:`fcconv.onnx_rewrite` (its graph, names, and the nodes and weights made so far).
+:mod:`fcconv.onnx_graph.rewrite` (its graph, names, and the nodes and weights made so far).
 """
 
 from __future__ import annotations

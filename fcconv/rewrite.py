@@ -25,7 +25,6 @@ naming the node and the reason.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 from collections.abc import Callable
@@ -38,11 +37,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fcconv.capture import capture, lower_exported_program
-from fcconv.conversion import HeadGeometry, RewrittenLayer
+from fcconv.conversion import Conversion, HeadGeometry, RewrittenLayer, _conversion, _Plan
 from fcconv.errors import BadInputError, NotConvertibleError
+from fcconv.fx_cut import _cut_points, _layers_on_path, _output_items, _split, end_early
 from fcconv.fx_edits import (
     _append_global_pool,
-    _find,
+    _apply,
     _replace_with_function,
     _replace_with_input,
     _replace_with_module,
@@ -53,16 +53,12 @@ from fcconv.fx_head import FirstKernel, _permuted_flatten, _PermutedFlatten, wal
 from fcconv.fx_nodes import (
     _AVG_POOL,
     _MAX_POOL,
-    _SQUASHING_FUNCTIONS,
-    _SQUASHING_METHODS,
-    _SQUASHING_MODULES,
     _adaptive_pool,
     _ancestors,
     _arg,
     _descendants,
     _describe,
     _is_collapse,
-    _is_reshape,
     _shape,
 )
 from fcconv.fx_trunk import (
@@ -84,49 +80,6 @@ __all__ = [
     "Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "lower_exported_program", "rewrite",
     "truncate",
 ]  # fmt: skip
-
-
-@dataclass
-class Conversion:
-    """The result of :func:`rewrite`: the converted model and how it relates to the original.
-
-    ``features`` and ``head`` are the original model cut at the head's input: the
-    verifier runs ``features`` on a large input and slides ``head`` over it.
-    """
-
-    module: fx.GraphModule
-    features: fx.GraphModule
-    head: fx.GraphModule
-    geometry: HeadGeometry
-    layers: list[RewrittenLayer] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    total_parameters: int = 0
-    trunk_layers: list[RewrittenLayer] = field(default_factory=list)
-    """Linear layers of the trunk that act per position: squeeze-and-excitation layers (always rewritten) and
-    Linear layers over a channels-last map (rewritten with ``pointwise=True``, otherwise listed and kept)."""
-    notes: list[str] = field(default_factory=list)
-    """Other changes to the trunk, each the same function computed in a form an export keeps at every size."""
-    flatten_permutation: tuple[int, ...] | None = None
-    """The permutation of the (N, C, *S) map the flatten read (``(0, 2, 3, 1)`` for channels-last), undone by
-    re-ordering the first Linear's weight; None when the flatten read the map as it is."""
-    carried: list[str] = field(default_factory=list)
-    """The head's per-feature layers and how each carries over to every position of the map."""
-    branches: list[tuple[str, list[str]]] = field(default_factory=list)
-    """Each output (named as :func:`fcconv.outputs.output_names` names them) and the head layers on its path."""
-    cut_points: list[str] = field(default_factory=list)
-    """The head layers a model may be ended at (``until``): the first Linear and every layer after it."""
-    source: nn.Module | None = None
-    """The model the conversion computes: the given model, or, with ``logits`` or ``until``, its :func:`truncate` form
-    (verification compares with this one)."""
-
-    @property
-    def fully_convolutional(self) -> bool:
-        """True when the head holds no Linear layer: the model was fully convolutional already (SqueezeNet)."""
-        return not self.layers
-
-    @property
-    def head_parameters(self) -> int:
-        return sum(layer.parameters for layer in self.layers)
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -205,44 +158,7 @@ def analyze(
     return _conversion(plan, plan.traced, model, source)
 
 
-def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module, source: nn.Module) -> Conversion:
-    removed = [*getattr(source, "fcconv_truncated", []), *plan.removed]
-    return Conversion(
-        module=module,
-        features=plan.features,
-        head=plan.head,
-        geometry=plan.geometry,
-        layers=plan.layers,
-        removed=removed,
-        total_parameters=sum(p.numel() for p in model.parameters()),
-        trunk_layers=plan.trunk_layers,
-        notes=plan.notes,
-        flatten_permutation=plan.flatten_permutation,
-        carried=plan.carried,
-        branches=plan.branches,
-        cut_points=plan.cut_points,
-        source=source,
-    )
-
-
 # --- planning -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    traced: fx.GraphModule
-    features: fx.GraphModule
-    head: fx.GraphModule
-    geometry: HeadGeometry
-    layers: list[RewrittenLayer]
-    removed: list[str]
-    edits: list[Callable[[fx.GraphModule], None]]
-    trunk_layers: list[RewrittenLayer] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    flatten_permutation: tuple[int, ...] | None = None
-    carried: list[str] = field(default_factory=list)
-    branches: list[tuple[str, list[str]]] = field(default_factory=list)
-    cut_points: list[str] = field(default_factory=list)
 
 
 def _propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
@@ -582,60 +498,7 @@ def _plan_trunk(
     return edits, trunk_layers, notes
 
 
-# --- permuted flattens, outputs, and where a head may be ended ---------------------------------
-
-
-def _output_items(value: Any) -> list[tuple[str, fx.Node]]:
-    """The nodes the graph's output returns, named as :func:`fcconv.outputs.named_outputs` names a model's outputs."""
-    from fcconv.outputs import named_items
-
-    return [(name, item) for name, item in named_items(value, fx.Node) or [] if isinstance(item, fx.Node)]
-
-
-def _is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A node a person would call a layer of the head: a module other than dropout and identity, or a softmax."""
-    if node.op == "call_module":
-        return not isinstance(modules[node.target], (nn.Dropout, nn.AlphaDropout, nn.Identity))
-    return _is_squashing(node, modules)
-
-
-def _layer_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
-
-
-def _layers_on_path(value: fx.Node, head_nodes: list[fx.Node], modules: dict[str, nn.Module]) -> list[str]:
-    """The head layers ``value`` is computed through, in graph order."""
-    ancestors = _ancestors(value)
-    return [_layer_name(n) for n in head_nodes if n in ancestors and _is_layer(n, modules)]
-
-
-def _cut_points(head_nodes: list[fx.Node], modules: dict[str, nn.Module]) -> list[str]:
-    """The head's module layers from its first Linear on: where :func:`truncate` may end the model."""
-    linears = {n for n in head_nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)}
-    names: list[str] = []
-    for node in head_nodes:
-        if node.op == "call_module" and (node in linears or _ancestors(node) & linears):
-            if node.target not in names:
-                names.append(str(node.target))
-    return names
-
-
-def _is_squashing(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A softmax, log-softmax or sigmoid: what turns raw scores into probabilities."""
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _SQUASHING_MODULES)
-    if node.op == "call_function":
-        return node.target in _SQUASHING_FUNCTIONS
-    return node.op == "call_method" and node.target in _SQUASHING_METHODS
-
-
-def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A node that hands its input on unchanged in value: dropout in eval, identity, a no-op reshape or copy."""
-    if node.op == "call_module":
-        return isinstance(modules[node.target], (nn.Dropout, nn.AlphaDropout, nn.Identity))
-    if node.op == "call_method" and node.target in ("contiguous", "float"):
-        return True
-    return _is_reshape(node, modules) and _shape(node) == _shape(node.args[0])
+# --- ending a model earlier --------------------------------------------------------------------
 
 
 def truncate(
@@ -653,113 +516,4 @@ def truncate(
     none of whose outputs ends in a softmax, log-softmax or sigmoid.
     """
     located = _locate_head(model, tuple(int(s) for s in input_shape))
-    gm, modules = located.gm, located.modules
-    head_nodes = [n for n in gm.graph.nodes if n in _descendants(located.collapse) and n is not located.collapse]
-    cut = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Truncated{type(model).__name__}")
-    output = next(n for n in cut.graph.nodes if n.op == "output")
-    dropped: list[str] = []
-    if until is not None:
-        accepted = _cut_points(head_nodes, modules)
-        if until not in accepted:
-            raise BadInputError(
-                f"--until {until!r} is not a layer of the head; it accepts {', '.join(accepted) or 'none'}"
-            )
-        end = next(n for n in head_nodes if n.op == "call_module" and n.target == until)
-        output.args = (_find(cut, end.name),)
-        dropped.append(f"everything after {until} (--until {until})")
-    if logits:
-        items = _output_items(next(n for n in gm.graph.nodes if n.op == "output").args[0])
-        if until is not None:
-            items = [(name, _find(gm, node.name)) for name, node in _output_items(output.args[0])]
-        found, ends = [], []
-        for name, value in items:
-            node = value
-            while _is_passthrough(node, modules) and isinstance(node.args[0], fx.Node):
-                node = node.args[0]
-            if _is_squashing(node, modules):
-                found.append(node)
-            else:
-                ends.append(f"{name} ends in {_describe(node, modules)}")
-        if not found:
-            raise BadInputError(
-                f"--logits: no output ends in a softmax, log-softmax or sigmoid to drop ({'; '.join(ends)})"
-            )
-        for node in dict.fromkeys(found):
-            _replace_with_input(node.name)(cut)
-            dropped.append(f"{_describe(node, modules)} (--logits: the raw scores instead)")
-    cut.graph.eliminate_dead_code()
-    cut.delete_all_unused_submodules()
-    cut.recompile()
-    cut.fcconv_truncated = dropped
-    return cut.eval()
-
-
-def _split(
-    gm: fx.GraphModule, entry: fx.Node, trunk: set[fx.Node], flatten: fx.Node | None
-) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Cut the traced original at ``entry``: (features: input -> entry, head: entry -> output).
-
-    The head's flatten is written as ``torch.flatten(x, 1)``: at the native size it is
-    that (the plan checked it), and the original may have spelt it with the input's
-    batch size (``x.view(x.shape[0], -1)``), which the head, fed a batch of windows,
-    must not use.
-    """
-    features_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node in trunk:
-            env[node] = features_graph.node_copy(node, lambda n: env[n])
-    features_graph.output(env[entry])
-
-    head_graph = fx.Graph()
-    henv: dict[fx.Node, fx.Node] = {entry: head_graph.placeholder("features")}
-    downstream = _descendants(entry)
-    for node in gm.graph.nodes:
-        if node is entry or not (node in downstream or node.op == "get_attr"):
-            continue
-        if node is flatten:
-            henv[node] = head_graph.call_function(torch.flatten, (henv[node.args[0]], 1))
-            continue
-        henv[node] = head_graph.node_copy(node, lambda n: henv[n])
-    features = fx.GraphModule(gm, features_graph, class_name="Features")
-    head = fx.GraphModule(gm, head_graph, class_name="Head")
-    head.graph.eliminate_dead_code()
-    head.recompile()
-    return features, head
-
-
-# --- applying the plan ----------------------------------------------------------------------------
-
-
-def _apply(plan: _Plan) -> fx.GraphModule:
-    gm = fx.GraphModule(plan.traced, plan.traced.graph.__deepcopy__(), class_name="FullyConvolutional")
-    # node names survive the deep copy, which is what the edits look up
-    for edit in plan.edits:
-        edit(gm)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    gm.eval()
-    bind_submodules(gm)
-    return gm
-
-
-def bind_submodules(gm: fx.GraphModule) -> None:
-    """Make each submodule lookup in ``gm``'s generated forward a plain attribute read.
-
-    That forward reaches every layer as ``getattr(self.features, "0")``, and each
-    step goes through ``nn.Module.__getattr__``, a Python call: for VGG16's 38
-    layers about 50 µs per forward on a fast host, 3 % of its batch-1 latency on
-    a GPU, where the host sets the pace. Binding the children of ``gm`` and of the
-    containers torch.fx built for it as instance attributes skips that call. The
-    original model's own modules are left alone; ``nn.Module.__setattr__`` drops
-    a binding when its child is replaced, so the bindings cannot go stale that way.
-    """
-    pending: list[nn.Module] = [gm]
-    while pending:
-        parent = pending.pop()
-        for name, child in parent.named_children():
-            parent.__dict__[name] = child
-            if type(child) is nn.Module:  # a container torch.fx made for a dotted target
-                pending.append(child)
+    return end_early(located, type(model).__name__, logits=logits, until=until)
