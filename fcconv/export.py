@@ -109,12 +109,36 @@ def export_onnx(
     module = as_export_module(converted, head_format).eval()
     geometry = getattr(converted, "fcconv_geometry", None)
     grid = probe_output_grid(module, input_shape) if geometry is not None and geometry.mode == "map" else None
-    params = [p for p in module.parameters() if p.is_floating_point()]
-    dtype = params[0].dtype if params else torch.float32
-    sample = torch.zeros((1, *input_shape), dtype=dtype)
     axes = {0: "batch", **{2 + i: name for i, name in enumerate(SPATIAL_AXIS_NAMES[rank])}}
     outputs = output_names(module, input_shape)
 
+    model, weights = _traced_graph(module, input_shape, axes, outputs, opset)
+    props = {
+        **fcconv_metadata(geometry, grid=grid),
+        **output_channels_metadata(_output_channels(model)),
+        "fcconv.head_format": head_format,
+        **(metadata or {}),
+    }
+    for key in (WEIGHTS_DIGEST_KEY, EACH_DIGEST_KEY):  # written once, from the weights themselves, at the end
+        props.pop(key, None)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    graph_bytes = model.SerializeToString()
+    if external_data is None:
+        external_data = len(graph_bytes) + sum(_nbytes(t) + 1024 for t in weights.values()) >= PROTOBUF_LIMIT
+
+    _write_streamed(path, graph_bytes, weights, external_data, on_progress)
+    return path
+
+
+def _traced_graph(
+    module: nn.Module, input_shape: tuple[int, ...], axes: dict[int, str], outputs: list[str], opset: int
+) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
+    """The graph of ``module`` traced without its weights, and the weights it reads, by initializer name."""
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    sample = torch.zeros((1, *input_shape), dtype=dtype)
     state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode():
@@ -145,21 +169,18 @@ def export_onnx(
         if graph_input.name in used:
             weights[graph_input.name] = state[graph_input.name]
         model.graph.input.remove(graph_input)
-    props = {
-        **fcconv_metadata(geometry, grid=grid),
-        **output_channels_metadata(_output_channels(model)),
-        "fcconv.head_format": head_format,
-        **(metadata or {}),
-    }
-    for key in (WEIGHTS_DIGEST_KEY, EACH_DIGEST_KEY):  # written once, from the weights themselves, at the end
-        props.pop(key, None)
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    graph_bytes = model.SerializeToString()
-    if external_data is None:
-        external_data = len(graph_bytes) + sum(_nbytes(t) + 1024 for t in weights.values()) >= PROTOBUF_LIMIT
+    return model, weights
 
+
+def _write_streamed(
+    path: Path,
+    graph_bytes: bytes,
+    weights: dict[str, torch.Tensor],
+    external_data: bool,
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    """Write the graph, then each weight streamed from its own storage (inline, or to ``NAME.onnx.data``),
+    hashing it on the way; the digest is appended last, staged and moved into place."""
     digest = WeightsDigest()
     total, written = sum(_nbytes(t) for t in weights.values()), 0
     progress = on_progress or (lambda done, total: None)
@@ -185,7 +206,6 @@ def export_onnx(
                     progress(written, total)
             # Metadata entries merge into the model like the weights do; the digest is known only now.
             f.write(metadata_fragment({WEIGHTS_DIGEST_KEY: digest.hexdigest(), EACH_DIGEST_KEY: digest.each_json()}))
-    return path
 
 
 def inline_external_data(path: str | Path) -> bool:
