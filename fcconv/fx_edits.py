@@ -92,16 +92,17 @@ def _set_target(name: str, function: Callable[..., Any]) -> Callable[[fx.GraphMo
 
 
 def _append_global_pool(kind: str, rank: int) -> Callable[[fx.GraphModule], None]:
-    """Pool the score map the model returns over its spatial axes: (N, K, *map) -> (N, K)."""
+    """Pool each score map the model returns over its spatial axes: (N, K, *map) -> (N, K), output by output
+    (as the ONNX front end pools each output of an ONNX classifier)."""
 
     def edit(gm: fx.GraphModule) -> None:
         output = next(n for n in gm.graph.nodes if n.op == "output")
-        (value,) = output.all_input_nodes
-        with gm.graph.inserting_before(output):
-            pooled = gm.graph.call_function(
-                torch.mean if kind == "avg" else torch.amax, (value, tuple(range(2, rank + 2)))
-            )
-        output.replace_input_with(value, pooled)
+        for value in output.all_input_nodes:
+            with gm.graph.inserting_before(output):
+                pooled = gm.graph.call_function(
+                    torch.mean if kind == "avg" else torch.amax, (value, tuple(range(2, rank + 2)))
+                )
+            output.replace_input_with(value, pooled)
 
     return edit
 

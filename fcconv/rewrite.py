@@ -281,8 +281,6 @@ def _plan(
     if not walk.layers and start.window is not None and math.prod(start.window) > 1:
         raise refusal("no-linear", collapse=collapse_node.name)
     if pool is not None:
-        if len(output.all_input_nodes) != 1:
-            raise NotConvertibleError("--pool: the model returns several tensors; a pooled output needs one")
         start.edits.append(_append_global_pool(pool, rank))
 
     geometry = HeadGeometry(

@@ -176,3 +176,19 @@ def test_pytorch_outputs_keep_every_output_and_check_reads_them(checkpoint, monk
     assert {c["output"] for c in compared} == {"class_scores", "boxes"} and all(
         c["verdict"] == "pass" for c in compared
     )
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_pool_pools_every_output_to_n_by_k(model, pool):
+    """``--pool`` pools each output's map on its own, as it pools each output of an ONNX classifier."""
+    converted = fcconv.convert(model, NATIVE, pool=pool)
+    x = torch.randn(2, *NATIVE[:1], 18, 23)
+    with torch.no_grad():
+        out = converted(x)
+        dense = fcconv.convert(model, NATIVE)(x)
+    assert list(out) == list(dense)
+    for name, value in out.items():
+        reduce = torch.mean if pool == "avg" else torch.amax
+        assert value.shape == dense[name].shape[:2]
+        torch.testing.assert_close(value, reduce(dense[name], (2, 3)))
+    assert fcconv.verify(model, converted, NATIVE, sizes=[(10, 12), (18, 23)]).passed
