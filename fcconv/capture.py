@@ -11,7 +11,9 @@ Two captures, tried in order:
   VGG name their pooling ``adaptive_avg_pool2d``, not ``avgpool``; ConvNeXt's head
   reads a 1×1 window instead of the whole map; Swin is refused, its torchvision window
   attention taken apart into ATen reshapes; ResNet, SqueezeNet, MobileNetV3,
-  EfficientNet and GoogLeNet came out the same.)
+  EfficientNet and GoogLeNet came out the same. Written as fx writes it,
+  ``export_graph(..., as_traced=True)``, AlexNet, VGG and ConvNeXt plan as from fx too;
+  docs/capture.md has every torchvision classifier, and why fx still comes first.)
 * ``torch.export`` (non-strict), with the batch and spatial axes dynamic so that size
   arithmetic in ``forward()`` stays symbolic, for the models fx cannot trace
   (Python control flow on sizes, Hugging Face ``transformers`` models, timm's VGG and
