@@ -11,7 +11,9 @@ Two captures, tried in order:
   VGG name their pooling ``adaptive_avg_pool2d``, not ``avgpool``; ConvNeXt's head
   reads a 1×1 window instead of the whole map; Swin is refused, its torchvision window
   attention taken apart into ATen reshapes; ResNet, SqueezeNet, MobileNetV3,
-  EfficientNet and GoogLeNet came out the same.)
+  EfficientNet and GoogLeNet came out the same. Written as fx writes it,
+  ``export_graph(..., as_traced=True)``, AlexNet, VGG and ConvNeXt plan as from fx too;
+  docs/capture.md has every torchvision classifier, and why fx still comes first.)
 * ``torch.export`` (non-strict), with the batch and spatial axes dynamic so that size
   arithmetic in ``forward()`` stays symbolic, for the models fx cannot trace
   (Python control flow on sizes, Hugging Face ``transformers`` models, timm's VGG and
@@ -28,6 +30,7 @@ that may work instead.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import sys
 import traceback
@@ -107,10 +110,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def export_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+def export_graph(model: nn.Module, input_shape: tuple[int, ...], *, as_traced: bool = False) -> fx.GraphModule:
     """``model`` exported with torch.export at ``input_shape`` (batch 2, batch and spatial axes dynamic), lowered.
 
-    Batch 2, not 1: torch.export specialises an axis of size 1 to 1.
+    Batch 2, not 1: torch.export specialises an axis of size 1 to 1. ``as_traced``
+    writes the graph as torch.fx would (see :func:`lower_exported_program`); it is
+    what ``bench/capture_compare.py`` measures export-first capture with.
     """
     model.eval()
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
@@ -119,7 +124,7 @@ def export_graph(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModu
     sample = torch.zeros((2, *input_shape), dtype=dtype, device=device)
     axes = {axis: torch.export.Dim.AUTO for axis in (0, *range(2, len(input_shape) + 1))}
     program = torch.export.export(model, (sample,), strict=False, dynamic_shapes=(axes,))
-    return lower_exported_program(program)
+    return lower_exported_program(program, model if as_traced else None)
 
 
 def _where(exc: BaseException) -> str:
@@ -154,9 +159,12 @@ _ATEN_AS_TORCH: dict[Any, Callable[..., Any]] = {
     _ATEN.add.Tensor: torch.add, _ATEN.sub.Tensor: torch.sub, _ATEN.mul.Tensor: torch.mul, _ATEN.div.Tensor: torch.div,
     _ATEN.softmax.int: torch.softmax, _ATEN.log_softmax.int: torch.log_softmax,
 }  # fmt: skip
+_ATEN_AS_TRACED: dict[Any, Callable[..., Any]] = {
+    _ATEN.permute.default: torch.permute, _ATEN.transpose.int: torch.transpose, _ATEN.layer_norm.default: torch.layer_norm,
+}  # fmt: skip
 
 
-def lower_exported_program(program: torch.export.ExportedProgram) -> fx.GraphModule:
+def lower_exported_program(program: torch.export.ExportedProgram, model: nn.Module | None = None) -> fx.GraphModule:
     """The program as a plain module whose head speaks the vocabulary the rewriter reads.
 
     ``program.module()`` computes with ATen operators; its linear layers are
@@ -168,10 +176,22 @@ def lower_exported_program(program: torch.export.ExportedProgram) -> fx.GraphMod
     dict of its tensors, the input-shape guards are dropped (the
     converted model takes any size), and a reshape spelt with the traced batch size
     (``view(x, [1, -1])``) is written for any batch. The trunk is left as it is.
+
+    Given the exported ``model``, the graph is also written as torch.fx traces it: each
+    call of a module fx keeps whole is that module's call again
+    (:func:`_restore_leaf_modules`), permutes and layer norms are torch functions, and
+    a call the model wrote as a Tensor method (``x.flatten(1)``) is that method's call.
+    Not the default: verification recognises an exported trunk by its ATen operators
+    and then compares with the eager original at every size, which is what catches a
+    size the export specialised; a trunk written as fx writes it hides that.
     """
     unlifted = program.module()
     gm = fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name="ExportedClassifier")
     gm.graph._codegen = fx.graph.CodeGen()
+    to_torch = _ATEN_AS_TORCH
+    if model is not None:
+        _restore_leaf_modules(gm, model)
+        to_torch = {**_ATEN_AS_TORCH, **_ATEN_AS_TRACED}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     batch = _static_size(placeholders[0], 0) if len(placeholders) == 1 else None
     for node in list(gm.graph.nodes):
@@ -200,12 +220,69 @@ def lower_exported_program(program: torch.export.ExportedProgram) -> fx.GraphMod
                     node.target, node.args = torch.reshape, (node.args[0], [-1, *shape[1:]])
                     continue
             node.target = torch.reshape
-        elif node.target in _ATEN_AS_TORCH:
-            node.target = _ATEN_AS_TORCH[node.target]
+        elif node.target in to_torch:
+            node.target = to_torch[node.target]
+            if model is not None and _called_as_method(node):
+                node.op, node.target = "call_method", node.target.__name__
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm.eval()
+
+
+def _restore_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Put back each call of a module torch.fx keeps whole, where the export took it apart into ATen operators.
+
+    Every exported node records the modules it was computed in (``nn_module_stack``). The
+    nodes computed inside one call of a module :class:`LinearLeafTracer` keeps whole
+    (the outermost such module on the stack) become one ``call_module`` of ``model``'s
+    module under its qualified name, as torch.fx writes it: layer names, and the head
+    rules that read modules (``AdaptiveAvgPool2d``, ``LayerNorm``, ``Flatten``), see
+    what they see in the traced graph. A call is restored only where it read one tensor
+    computed outside it and gave one tensor used outside it.
+    """
+    tracer = LinearLeafTracer()
+    owned = dict(model.named_modules())
+    calls: dict[str, list[fx.Node]] = {}
+    paths: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for key, (path, _kind) in (node.meta.get("nn_module_stack") or {}).items():
+            module = owned.get(path)
+            if module is not None and path and tracer.is_leaf_module(module, path):
+                calls.setdefault(key, []).append(node)
+                paths[key] = path
+                break
+    for key, nodes in calls.items():
+        inside = set(nodes)
+        inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        val = outputs[0].meta.get("val") if len(outputs) == 1 else None
+        if len(inputs) != 1 or not isinstance(val, torch.Tensor) or _required_inputs(owned[paths[key]]) != 1:
+            continue
+        gm.add_submodule(paths[key], owned[paths[key]])
+        with gm.graph.inserting_after(outputs[0]):
+            call = gm.graph.call_module(paths[key], (next(iter(inputs)),))
+        call.meta = dict(outputs[0].meta)
+        outputs[0].replace_all_uses_with(call)
+        for node in reversed(nodes):
+            gm.graph.erase_node(node)
+
+
+def _called_as_method(node: fx.Node) -> bool:
+    """Whether the export recorded ``node``'s call as the Tensor method of its torch function's name (``x.flatten(1)``)."""
+    called = node.meta.get("torch_fn")
+    name = getattr(node.target, "__name__", None)
+    return isinstance(called, tuple) and len(called) == 2 and called[1] == f"method_descriptor.{name}"
+
+
+def _required_inputs(module: nn.Module) -> int | None:
+    """How many arguments ``module.forward`` requires (None when its signature cannot be read)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in parameters)
 
 
 def _dict_keys(program: torch.export.ExportedProgram) -> list[str] | None:
@@ -244,9 +321,13 @@ def _attr(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | None:
 
 
 def _owner(qualified: str, node: fx.Node) -> str:
-    """Where a module built from ``qualified``'s tensors goes: its container's path, e.g. ``classifier.0``."""
-    path = qualified.rsplit(".", 1)[0] if "." in qualified else ""
-    return path or f"fcconv_{node.name}"
+    """Where a module built from ``qualified``'s tensors goes: its container's path, e.g. ``classifier.0``.
+
+    Only a tensor named ``weight`` names its container; another (``attention.in_proj_weight``) belongs to a
+    container that holds more than this layer, which must stay as it is.
+    """
+    path, _, name = qualified.rpartition(".")
+    return path if path and name == "weight" else f"fcconv_{node.name}"
 
 
 def _linear_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:

@@ -181,3 +181,62 @@ def test_a_hugging_face_mobilenet_v2_with_tf_padding_is_refused_by_verification_
     verdicts = {(check.input_size, check.reference): check.passed for check in report.checks}
     assert verdicts[((64, 64), "original")] and not verdicts[((81, 73), "original")]
     assert not report.passed
+
+
+class PooledHead(nn.Module):
+    """A torchvision classifier's shape: modules throughout, one ReLU module called twice, a pooled, flattened head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.relu(self.conv2(self.relu(self.conv1(x))))))
+
+
+def _plan(graph: torch.fx.GraphModule, shape: tuple[int, ...]) -> tuple:
+    conversion = fcconv.analyze(graph, shape)
+    return conversion.layers, conversion.removed, conversion.geometry, conversion.notes
+
+
+def test_an_export_written_as_traced_calls_the_modules_fx_keeps_whole_and_plans_as_the_trace_does():
+    model = seeded(PooledHead).eval()
+    shape = (3, 12, 12)
+    graph = export_graph(model, shape, as_traced=True)
+    called = [node.target for node in graph.graph.nodes if node.op == "call_module"]
+    assert called == ["conv1", "relu", "conv2", "relu", "avgpool", *(f"classifier.{i}" for i in range(5))]
+    assert _plan(graph, shape) == _plan(trace(model), shape)
+    x = torch.randn(2, *shape)
+    torch.testing.assert_close(graph(x), model(x))
+
+
+def test_the_default_export_keeps_its_aten_trunk_so_verification_compares_with_the_original_at_every_size():
+    graph = export_graph(seeded(PooledHead).eval(), (3, 12, 12))
+    assert any(isinstance(node.target, torch._ops.OpOverload) for node in graph.graph.nodes)
+    assert "avgpool" not in [node.target for node in graph.graph.nodes if node.op == "call_module"]
+
+
+class SharedContainerHead(nn.Module):
+    """A linear layer whose weight is not called ``weight``, in a module that holds more than that layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.head = nn.Module()
+        self.head.proj_weight = nn.Parameter(torch.randn(6, 36))
+        self.head.proj_bias = nn.Parameter(torch.randn(6))
+        self.head.scale = nn.Parameter(torch.randn(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.conv(x), 1)
+        return F.linear(x, self.head.proj_weight, self.head.proj_bias) * self.head.scale
+
+
+def test_a_linear_layer_built_from_an_export_leaves_the_container_its_weight_came_from_whole():
+    model = seeded(SharedContainerHead).eval()
+    graph = export_graph(model, (3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(graph(x), model(x))
