@@ -37,6 +37,7 @@ Anything else raises :class:`NotConvertibleError` naming the node and its op.
 The results are plain dataclasses; :mod:`fcconv.onnx_verify` checks them.
 """
 
+from fcconv.files import is_onnx_file
 from fcconv.onnx_graph.assemble import write_onnx
 from fcconv.onnx_graph.classifier import (
     LAYOUTS,
@@ -45,7 +46,6 @@ from fcconv.onnx_graph.classifier import (
     OnnxClassifier,
     OnnxConversion,
     OnnxOutput,
-    is_onnx_file,
     load_onnx_classifier,
 )
 from fcconv.onnx_graph.rewrite import rewrite_onnx
