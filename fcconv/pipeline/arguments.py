@@ -49,12 +49,7 @@ def check_report_paths(inputs: list[Path], *reports: Path | None) -> None:
         raise BadInputError("--json and --junit name the same file")
     for report in given:
         option = "--json" if report is reports[0] else "--junit"
-        if report.is_dir():
-            raise BadInputError(f"{option} {report}: is a directory")
-        if not report.parent.is_dir():
-            raise BadInputError(f"{option} {report}: directory {report.parent} does not exist")
-        if not os.access(report.parent, os.W_OK):
-            raise BadInputError(f"{option} {report}: directory {report.parent} is not writable")
+        refuse_unwritable(option, report)
         if any(report.resolve() == path.resolve() for path in inputs):
             raise BadInputError(f"{option} {report} would overwrite an input")
 
@@ -79,12 +74,7 @@ def convert_target(model: Path, output: Path | None, head_format: str, external_
     for written in (target, external_data_path(target)):
         if written.exists() and written.resolve() == model.resolve():
             raise BadInputError(f"-o {target} would overwrite the input")
-    if target.is_dir():
-        raise BadInputError(f"-o {target}: is a directory")
-    if not target.parent.is_dir():
-        raise BadInputError(f"-o {target}: directory {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK):
-        raise BadInputError(f"-o {target}: directory {target.parent} is not writable")
+    refuse_unwritable("-o", target)
     if target.suffix.lower() in PYTORCH_SUFFIXES and (head_format != "conv" or external_data):
         flag = "--head-format" if head_format != "conv" else "--external-data"
         raise BadInputError(
@@ -97,10 +87,19 @@ def check_output(path: Path, suffix: str, option: str, inputs: tuple[Path, ...])
     """Refuse an output path that would overwrite an input, is a folder, or lies in a folder that cannot be written."""
     if path.suffix.lower() != suffix:
         raise BadInputError(f"{option} {path}: the file is written as {suffix[1:].upper()}; name it NAME{suffix}")
+    if (
+        path.exists()
+        and not path.is_dir()
+        and any(path.resolve() == given.resolve() for given in inputs if given.exists())
+    ):
+        raise BadInputError(f"{option} {path} would overwrite an input")
+    refuse_unwritable(option, path)
+
+
+def refuse_unwritable(option: str, path: Path) -> None:
+    """Refuse an output ``path`` that is a folder or lies in a folder that is missing or cannot be written."""
     if path.is_dir():
         raise BadInputError(f"{option} {path}: is a directory")
-    if path.exists() and any(path.resolve() == given.resolve() for given in inputs if given.exists()):
-        raise BadInputError(f"{option} {path} would overwrite an input")
     if not path.parent.is_dir():
         raise BadInputError(f"{option} {path}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
