@@ -52,8 +52,24 @@ class HeadGeometry:
         return "pooled" if self.window is None or self.pool is not None else "map"
 
 
+class RewrittenHead:
+    """What both front ends' results say of their ``layers``: the fully connected layers rewritten."""
+
+    layers: list[RewrittenLayer]
+
+    @property
+    def fully_convolutional(self) -> bool:
+        """True when the head holds no fully connected layer: the model was fully convolutional already
+        (SqueezeNet)."""
+        return not self.layers
+
+    @property
+    def head_parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+
 @dataclass
-class Conversion:
+class Conversion(RewrittenHead):
     """The result of :func:`fcconv.rewrite.rewrite`: the converted model and how it relates to the original.
 
     ``features`` and ``head`` are the original model cut at the head's input: the
@@ -84,15 +100,6 @@ class Conversion:
     source: nn.Module | None = None
     """The model the conversion computes: the given model, or, with ``logits`` or ``until``, its
     :func:`fcconv.rewrite.truncate` form (verification compares with this one)."""
-
-    @property
-    def fully_convolutional(self) -> bool:
-        """True when the head holds no Linear layer: the model was fully convolutional already (SqueezeNet)."""
-        return not self.layers
-
-    @property
-    def head_parameters(self) -> int:
-        return sum(layer.parameters for layer in self.layers)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import load_external_data_for_model
 
-from fcconv.conversion import HeadGeometry, RewrittenLayer
+from fcconv.conversion import HeadGeometry, RewrittenHead, RewrittenLayer
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.external_data import check_external_data
 from fcconv.files import check_readable
@@ -72,7 +72,7 @@ class OnnxOutput:
 
 
 @dataclass
-class OnnxConversion:
+class OnnxConversion(RewrittenHead):
     """The result of :func:`rewrite_onnx`: the fully convolutional graph and how it relates to the input model.
 
     ``trunk`` and ``head`` are the input model cut at the head's input, as models of
@@ -100,15 +100,6 @@ class OnnxConversion:
     """The head nodes other than Gemm and MatMul that act on each position of the map, as ``name (op)``."""
     until_names: list[str] = field(default_factory=list)
     """What ``--until`` accepts: the head's node names and the tensors they compute."""
-
-    @property
-    def fully_convolutional(self) -> bool:
-        """True when the head holds no Gemm or MatMul: the model was fully convolutional already."""
-        return not self.layers
-
-    @property
-    def head_parameters(self) -> int:
-        return sum(layer.parameters for layer in self.layers)
 
 
 def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = None) -> OnnxClassifier:
