@@ -1,21 +1,24 @@
-"""How the rewriter's plan of every torchvision classifier changes when the model is captured by torch.export.
+"""How the rewriter's plan of every torchvision classifier depends on the capture: torch.fx, torch.export, fcconv's order.
 
-    python bench/capture_compare.py [--models alexnet,vgg11] [--out capture.md] [--timeout 300]
+    python bench/capture_compare.py [--models alexnet,vgg11] [--captures fx,export] [--out capture.md] [--timeout 300]
     python bench/capture_compare.py --render a.jsonl,b.jsonl --out capture.md   # the table of earlier runs
 
 For each model (``fcconv.load.torchvision_classifier_names()``: the classifiers and the
 video classifiers), built on the meta device (no weights) at its native input size, a
 child process runs ``fcconv.rewrite.analyze`` once per capture:
 
-* ``fx``: ``fcconv.capture.trace`` (torch.fx symbolic tracing), the capture used today
-  for every model fx can trace;
-* ``export``: ``fcconv.capture.export_graph(..., as_traced=True)`` (torch.export,
-  non-strict, batch and spatial axes dynamic, lowered by ``lower_exported_program``
-  with the calls of the modules fx keeps whole put back).
+* ``fx``: ``fcconv.capture.trace`` (torch.fx symbolic tracing) alone;
+* ``export``: ``fcconv.capture.export_graph`` (torch.export, non-strict, batch and
+  spatial axes dynamic, lowered by ``lower_exported_program`` with the calls of the
+  modules fx keeps whole put back) alone, without its time limit;
+* ``fcconv``: fcconv's own order (``fcconv.capture.captures``: the export first, the
+  trace where the export fails, runs past ``FCCONV_EXPORT_SECONDS``, fixes an axis or
+  is refused), recording the capture the plan came from.
 
 and records what the plan reports (layers, removed, geometry, notes), the refusal
 message, or the capture error, and the seconds each took. A plan is the same when all
-four fields are equal. Results go to a JSON-lines file beside the output, and the
+four fields are equal. ``--captures fx,fcconv`` measures what fcconv's order changes
+against fx alone. Results go to a JSON-lines file beside the output, and the
 Markdown table is rewritten at the end.
 """
 
@@ -33,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CAPTURES = ("fx", "export")
+CAPTURES = ("fx", "export", "fcconv")
 
 
 def plan_with(name: str, capture: str) -> dict[str, Any]:
@@ -47,11 +50,12 @@ def plan_with(name: str, capture: str) -> dict[str, Any]:
     rewrite = importlib.import_module("fcconv.rewrite")
     shape = native_input_shape(name) or (3, 224, 224)
     chosen = {
-        "fx": lambda model, _shape: trace(model),
-        "export": lambda model, shape: export_graph(model, shape, as_traced=True),
+        "fx": lambda model, _shape: iter([trace(model)]),
+        "export": lambda model, shape: iter([export_graph(model, shape, seconds=0)]),
+        "fcconv": rewrite.captures,
     }[capture]
-    original = rewrite.capture
-    rewrite.capture = chosen
+    original = rewrite.captures
+    rewrite.captures = chosen
     start = time.perf_counter()
     try:
         conversion = rewrite.analyze(build_architecture(name), shape)
@@ -61,13 +65,14 @@ def plan_with(name: str, capture: str) -> dict[str, Any]:
         reason = " ".join(str(exc).split())[:300]
         return {"result": "failed", "reason": f"{type(exc).__name__}: {reason}", "seconds": time.perf_counter() - start}
     finally:
-        rewrite.capture = original
+        rewrite.captures = original
     return {
         "result": "planned",
         "layers": [dataclasses.asdict(layer) for layer in conversion.layers],
         "removed": list(conversion.removed),
         "geometry": dataclasses.asdict(conversion.geometry),
         "notes": list(conversion.notes),
+        "captured_by": conversion.captured_by,
         "seconds": time.perf_counter() - start,
     }
 
@@ -100,12 +105,12 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a[key] == b[key] for key in ("layers", "removed", "geometry", "notes"))
 
 
-def difference(fx: dict[str, Any], ex: dict[str, Any]) -> str:
-    """One line saying how the export's plan differs from fx's."""
+def difference(fx: dict[str, Any], ex: dict[str, Any], names: tuple[str, str] = ("fx", "export")) -> str:
+    """One line saying how the second capture's plan differs from the first's."""
     if same(fx, ex):
         return "same"
     if fx["result"] != ex["result"]:
-        return f"fx {fx['result']}, export {ex['result']}: {ex.get('reason', '')[:160]}"
+        return f"{names[0]} {fx['result']}, {names[1]} {ex['result']}: {ex.get('reason', '')[:160]}"
     if fx["result"] != "planned":
         return f"both {fx['result']}, other reason: {ex['reason'][:160]}"
     parts = []
@@ -124,16 +129,20 @@ def _short(value: Any) -> str:
     return text if len(text) <= 140 else text[:137] + "..."
 
 
-def table(records: list[dict[str, Any]]) -> str:
+def table(records: list[dict[str, Any]], names: tuple[str, str]) -> str:
+    a, b = names
+    by = " | captured by" if b == "fcconv" else ""
     lines = [
-        "| model | fx | export | fx s | export s | difference |",
-        "|---|---|---|---:|---:|---|",
+        f"| model | {a} | {b}{by} | {a} s | {b} s | difference |",
+        "|---|---|---|" + ("---|" if by else "") + "---:|---:|---|",
     ]
     for r in records:
-        fx, ex = r["fx"], r["export"]
-        cell = difference(fx, ex).replace("|", "\\|")
+        first, second = r[a], r[b]
+        cell = difference(first, second, names).replace("|", "\\|")
+        captured = f" | {second.get('captured_by') or '–'}" if by else ""
         lines.append(
-            f"| {r['model']} | {fx['result']} | {ex['result']} | {fx['seconds']:.1f} | {ex['seconds']:.1f} | {cell} |"
+            f"| {r['model']} | {first['result']} | {second['result']}{captured} | {first['seconds']:.1f} | "
+            f"{second['seconds']:.1f} | {cell} |"
         )
     return "\n".join(lines)
 
@@ -143,39 +152,43 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated model names (default: every torchvision classifier)")
     parser.add_argument("--out", default=str(REPO / "bench" / "capture_compare.md"))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model and capture")
+    parser.add_argument("--captures", default="fx,export", help="the two captures compared (fx, export, fcconv)")
     parser.add_argument("--render", help="comma-separated JSON-lines files of earlier runs: write their table only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--capture", choices=CAPTURES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    names = tuple(args.captures.split(","))
+    if len(names) != 2 or not set(names) <= set(CAPTURES):
+        parser.error(f"--captures takes two of {', '.join(CAPTURES)}")
     if args.child:
         child(args.child, args.capture)
         return
     if args.render:
         lines = [line for path in args.render.split(",") for line in Path(path).read_text().splitlines()]
         latest = {record["model"]: record for record in map(json.loads, lines)}  # a later run of a model wins
-        write_table([latest[name] for name in sorted(latest)], Path(args.out))
+        write_table([latest[name] for name in sorted(latest)], Path(args.out), names)
         return
     from fcconv.load import torchvision_classifier_names
 
-    names = sorted(torchvision_classifier_names())
+    models = sorted(torchvision_classifier_names())
     if args.models:
-        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
     out = Path(args.out)
     jsonl = out.with_suffix(".jsonl")
     jsonl.write_text("")
     records = []
-    for name in names:
-        record = {"model": name, **{c: run(name, c, args.timeout) for c in CAPTURES}}
+    for name in models:
+        record = {"model": name, **{c: run(name, c, args.timeout) for c in names}}
         records.append(record)
         with jsonl.open("a") as f:
             f.write(json.dumps(record, default=list) + "\n")
-        print(f"{name}: {difference(record['fx'], record['export'])}", flush=True)
-    write_table(records, out)
+        print(f"{name}: {difference(record[names[0]], record[names[1]], names)}", flush=True)
+    write_table(records, out, names)
 
 
-def write_table(records: list[dict[str, Any]], out: Path) -> None:
-    same_count = sum(same(r["fx"], r["export"]) for r in records)
-    out.write_text(f"{same_count} of {len(records)} plans the same\n\n{table(records)}\n")
+def write_table(records: list[dict[str, Any]], out: Path, names: tuple[str, str]) -> None:
+    same_count = sum(same(r[names[0]], r[names[1]]) for r in records)
+    out.write_text(f"{same_count} of {len(records)} plans the same\n\n{table(records, names)}\n")
 
 
 if __name__ == "__main__":

@@ -1,73 +1,184 @@
 """How a PyTorch model becomes the fx graph the rewriter reads.
 
-Two captures, tried in order:
+:func:`captures` offers a model's graphs in the order the rewriter plans from them:
 
-* ``torch.fx`` symbolic tracing, with every ``nn.Linear`` subclass a leaf (timm's
-  ``Linear`` calls ``F.linear``: it is a Linear). Its graph keeps each layer as the
-  module call it is (``classifier.1`` is a ReLU module, not ``relu_1``) and keeps
-  torchvision's size-dependent functions whole, where the rewriter and its reports
-  read them; every model fx can trace is converted from this graph, as before. (Planned
-  from the export instead, four of nine torchvision classifiers changed: AlexNet and
-  VGG name their pooling ``adaptive_avg_pool2d``, not ``avgpool``; ConvNeXt's head
-  reads a 1×1 window instead of the whole map; Swin is refused, its torchvision window
-  attention taken apart into ATen reshapes; ResNet, SqueezeNet, MobileNetV3,
-  EfficientNet and GoogLeNet came out the same. Written as fx writes it,
-  ``export_graph(..., as_traced=True)``, AlexNet, VGG and ConvNeXt plan as from fx too;
-  docs/capture.md has every torchvision classifier, and why fx still comes first.)
-* ``torch.export`` (non-strict), with the batch and spatial axes dynamic so that size
-  arithmetic in ``forward()`` stays symbolic, for the models fx cannot trace
-  (Python control flow on sizes, Hugging Face ``transformers`` models, timm's VGG and
-  TF-padding models). Its ATen graph is lowered by :func:`lower_exported_program`
-  into the same vocabulary, and so is a ``.pt2`` file's program.
+1. ``torch.export`` (non-strict), with the batch and spatial axes dynamic so that size
+   arithmetic in ``forward()`` stays symbolic. It sees through what symbolic tracing
+   cannot (Python control flow on sizes, Hugging Face ``transformers`` models, timm's
+   VGG). Its ATen graph is lowered by :func:`lower_exported_program` into the
+   vocabulary the rewriter reads and written as torch.fx writes it: each call of a
+   module fx keeps whole is that module's call again, so layer names and reports are
+   the same from either capture (docs/capture.md compares every torchvision classifier).
+2. ``torch.fx`` symbolic tracing, with every ``nn.Linear`` subclass a leaf (timm's
+   ``Linear`` calls ``F.linear``: it is a Linear) and the functions a model declares
+   for fx to keep whole (``torch.fx.wrap``, timm's registry) kept whole. It is the
+   fallback where the export fails, runs past its time limit, fixes a spatial axis to
+   the traced size, or gives a graph the rewriter refuses (torchvision's Swin: its
+   window attention, kept whole by fx, is taken apart by the export).
 
-A value the export specialised to the traced size (``Dim.AUTO`` lets it) makes the
-converted model compute something else at other sizes; verification against the
-eager original at larger sizes is what catches that, never the capture. Where neither
-capture works the error names the file and line where each stopped and the route
-that may work instead.
+A model holding timm's TF-padding layers goes to fx directly: they compute their
+padding from the map's size in Python, which fx keeps whole and which takes the
+export's symbolic shapes exponential time. Every graph is marked with the capture
+that made it (``graph.meta[CAPTURED_BY]``): a value the export specialised to the
+traced size makes the converted model compute something else at other sizes, and
+verification reads the mark to compare an exported model with its eager original at
+the larger sizes too. Where neither capture works the error names the file and line
+where each stopped and the route that may work instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from fcconv.errors import NotConvertibleError
 
-__all__ = ["capture", "export_graph", "lower_exported_program", "trace"]
+__all__ = [
+    "CAPTURED_BY", "EXPORT", "EXPORT_SECONDS", "FX", "capture", "captures", "export_graph", "lower_exported_program",
+    "trace",
+]  # fmt: skip
+
+CAPTURED_BY = "fcconv_captured_by"
+"""The key of ``GraphModule.meta`` that names the capture a graph came from: :data:`EXPORT` or :data:`FX`."""
+EXPORT, FX = "torch.export", "torch.fx"
+EXPORT_SECONDS = float(os.environ.get("FCCONV_EXPORT_SECONDS", "20"))
+"""How long torch.export may take before the model is traced with torch.fx instead (``FCCONV_EXPORT_SECONDS``)."""
 
 
-def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
-    """``model`` (in eval mode) as an fx graph: traced with torch.fx, or else exported with torch.export.
+def captures(model: nn.Module, input_shape: tuple[int, ...]) -> Iterator[fx.GraphModule]:
+    """``model``'s graphs (in eval mode), best first: the export, then the fx trace, then an export with a fixed axis.
 
     ``input_shape`` is the per-sample input (C, *S) the export is made at; its batch
-    and spatial axes stay symbolic. Raises :class:`NotConvertibleError` naming where
-    both captures stopped when neither can capture the model.
+    and spatial axes stay symbolic. An export that fixed a spatial axis comes after the
+    trace, which keeps every size symbolic. A graph module is offered as it is. Each
+    graph is made only when the one before it is not taken. Raises
+    :class:`NotConvertibleError` naming where both captures stopped when neither can
+    capture the model.
     """
     model.eval()
     if isinstance(model, fx.GraphModule):
-        return fx.GraphModule(model, model.graph)
+        yield _copy(model)
+        return
+    exported: fx.GraphModule | None = None
     try:
-        return trace(model)
-    except Exception as traced:  # noqa: BLE001 - any tracing failure sends the model to torch.export
-        fx_failure = traced
+        _refuse_declared_leaves(model)
+        exported = export_graph(model, input_shape)
+    except (Exception, _TimedOut) as failed:  # noqa: BLE001 - any export failure sends the model to torch.fx
+        export_failure: BaseException = failed
+    if exported is not None and not exported.meta[_FIXED_AXES]:
+        yield exported
     try:
-        return export_graph(model, input_shape)
-    except Exception as exported:  # noqa: BLE001 - reported with the tracing failure below
-        raise NotConvertibleError(
-            f"{type(model).__name__} cannot be captured: torch.export stopped {_where(exported)} and torch.fx "
-            f"{_where(fx_failure)}; change that line so that what forward() computes does not depend on the input's "
-            "values, or export the model to ONNX (torch.onnx.export) and convert the .onnx file"
-        ) from exported
+        traced = trace(model)
+    except Exception as failed:  # noqa: BLE001 - reported with the export's failure below
+        if exported is None:
+            raise NotConvertibleError(
+                f"{type(model).__name__} cannot be captured: torch.export stopped {_where(export_failure)} and "
+                f"torch.fx {_where(failed)}; change that line so that what forward() computes does not depend on the "
+                "input's values, or export the model to ONNX (torch.onnx.export) and convert the .onnx file"
+            ) from export_failure
+    else:
+        yield traced
+    if exported is not None and exported.meta[_FIXED_AXES]:
+        yield exported
+
+
+def capture(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """The first of :func:`captures`: the graph the rewriter plans from unless its plan is refused."""
+    return next(captures(model, input_shape))
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    copied = fx.GraphModule(gm, gm.graph)
+    copied.meta.update(gm.meta)
+    return copied
+
+
+_FIXED_AXES = "fcconv_fixed_axes"
+
+
+class _TimedOut(BaseException):
+    """Raised into torch.export when it runs past :data:`EXPORT_SECONDS` (a BaseException: torch catches Exception)."""
+
+
+def _refuse_declared_leaves(model: nn.Module) -> None:
+    """Raise where ``model`` declares parts for torch.fx to keep whole, which the export would take apart.
+
+    Two declarations: a module timm lists as computing from sizes in Python (``Conv2dSame``'s
+    TF padding; the export's symbolic shapes take exponential time on it), and functions
+    the module defining the model's class wraps with ``torch.fx.wrap`` (torchvision's Swin,
+    Video Swin and MViT: their window attention and padding, which the export turns into
+    reshapes the rewriter cannot read, after running long).
+    """
+    modules, _ = _timm_leaves()
+    found = next((m for m in model.modules() if modules and isinstance(m, tuple(modules))), None)
+    if found is not None:
+        raise NotImplementedError(
+            f"{type(found).__name__} computes its padding from the map's size in Python; torch.fx keeps it whole"
+        )
+    defining = sys.modules.get(type(model).__module__)
+    wrapped = getattr(fx._symbolic_trace, "_wrapped_fns_to_patch", {})
+    names = sorted(name for (scope, name) in wrapped if defining is not None and scope == id(vars(defining)))
+    if names:
+        raise NotImplementedError(
+            f"{type(model).__module__} declares {', '.join(names)} for torch.fx to keep whole (torch.fx.wrap)"
+        )
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the block after ``seconds`` (where a timer can be set: the main thread, no timer of the caller's)."""
+    usable = (
+        seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, signal.SIG_IGN, None)
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    )
+    if not usable:
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise _TimedOut(f"it took longer than {seconds:g} s (FCCONV_EXPORT_SECONDS)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_SHAPE_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.utils._sympy.interp", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_shape_logs() -> Iterator[None]:
+    """Keep torch's warnings about the guards it could not simplify off stderr: a failed export is reported in one line."""
+    loggers = [logging.getLogger(name) for name in _SHAPE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class LinearLeafTracer(fx.Tracer):
@@ -104,18 +215,23 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """``model`` (in eval mode) symbolically traced with :class:`LinearLeafTracer`."""
     model.eval()
     if isinstance(model, fx.GraphModule):
-        return fx.GraphModule(model, model.graph)
+        return _copy(model)
     tracer = LinearLeafTracer()
     graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    traced.meta[CAPTURED_BY] = FX
+    return traced
 
 
-def export_graph(model: nn.Module, input_shape: tuple[int, ...], *, as_traced: bool = False) -> fx.GraphModule:
+def export_graph(
+    model: nn.Module, input_shape: tuple[int, ...], *, as_traced: bool = True, seconds: float | None = None
+) -> fx.GraphModule:
     """``model`` exported with torch.export at ``input_shape`` (batch 2, batch and spatial axes dynamic), lowered.
 
     Batch 2, not 1: torch.export specialises an axis of size 1 to 1. ``as_traced``
-    writes the graph as torch.fx would (see :func:`lower_exported_program`); it is
-    what ``bench/capture_compare.py`` measures export-first capture with.
+    writes the graph as torch.fx would (see :func:`lower_exported_program`). The export
+    is interrupted after ``seconds`` (default :data:`EXPORT_SECONDS`). The graph is
+    marked as exported, with the spatial axes the export fixed to their traced size.
     """
     model.eval()
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
@@ -123,8 +239,19 @@ def export_graph(model: nn.Module, input_shape: tuple[int, ...], *, as_traced: b
     device = tensors[0].device if tensors else torch.device("cpu")
     sample = torch.zeros((2, *input_shape), dtype=dtype, device=device)
     axes = {axis: torch.export.Dim.AUTO for axis in (0, *range(2, len(input_shape) + 1))}
-    program = torch.export.export(model, (sample,), strict=False, dynamic_shapes=(axes,))
-    return lower_exported_program(program, model if as_traced else None)
+    with _quiet_shape_logs(), _time_limit(EXPORT_SECONDS if seconds is None else seconds):
+        program = torch.export.export(model, (sample,), strict=False, dynamic_shapes=(axes,))
+    gm = lower_exported_program(program, model if as_traced else None)
+    gm.meta[_FIXED_AXES] = _fixed_axes(program)
+    return gm
+
+
+def _fixed_axes(program: torch.export.ExportedProgram) -> list[int]:
+    """The spatial axes of the program's input whose size the export fixed (a number where a symbol was asked for)."""
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    shape = node.meta["val"].shape
+    return [axis for axis in range(2, len(shape)) if is_concrete_int(shape[axis])]
 
 
 def _where(exc: BaseException) -> str:
@@ -181,12 +308,12 @@ def lower_exported_program(program: torch.export.ExportedProgram, model: nn.Modu
     call of a module fx keeps whole is that module's call again
     (:func:`_restore_leaf_modules`), permutes and layer norms are torch functions, and
     a call the model wrote as a Tensor method (``x.flatten(1)``) is that method's call.
-    Not the default: verification recognises an exported trunk by its ATen operators
-    and then compares with the eager original at every size, which is what catches a
-    size the export specialised; a trunk written as fx writes it hides that.
+    The graph is marked as exported (``meta[CAPTURED_BY]``) either way.
     """
     unlifted = program.module()
-    gm = fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph), class_name="ExportedClassifier")
+    graph = copy.deepcopy(unlifted.graph)
+    graph._tracer_cls, graph._tracer_extras = None, None  # the export's tracer cannot rebuild an unpickled module
+    gm = fx.GraphModule(unlifted, graph, class_name="ExportedClassifier")
     gm.graph._codegen = fx.graph.CodeGen()
     to_torch = _ATEN_AS_TORCH
     if model is not None:
@@ -227,6 +354,7 @@ def lower_exported_program(program: torch.export.ExportedProgram, model: nn.Modu
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    gm.meta[CAPTURED_BY] = EXPORT
     return gm.eval()
 
 

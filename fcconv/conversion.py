@@ -100,6 +100,9 @@ class Conversion(RewrittenHead):
     source: nn.Module | None = None
     """The model the conversion computes: the given model, or, with ``logits`` or ``until``, its
     :func:`fcconv.rewrite.truncate` form (verification compares with this one)."""
+    captured_by: str | None = None
+    """The capture the plan was made from: ``"torch.export"`` or ``"torch.fx"`` (None for a graph module given as
+    it is). Verification compares an exported model with its eager original at the larger sizes too."""
 
 
 @dataclass
@@ -119,6 +122,7 @@ class _Plan:
     carried: list[str] = field(default_factory=list)
     branches: list[tuple[str, list[str]]] = field(default_factory=list)
     cut_points: list[str] = field(default_factory=list)
+    captured_by: str | None = None
 
 
 def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module, source: nn.Module) -> Conversion:
@@ -138,4 +142,5 @@ def _conversion(plan: _Plan, module: fx.GraphModule, model: nn.Module, source: n
         branches=plan.branches,
         cut_points=plan.cut_points,
         source=source,
+        captured_by=plan.captured_by,
     )

@@ -85,6 +85,7 @@ def end_early(located: _Located, model_name: str, *, logits: bool = False, until
     gm, modules = located.gm, located.modules
     head_nodes = [n for n in gm.graph.nodes if n in _descendants(located.collapse) and n is not located.collapse]
     cut = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Truncated{model_name}")
+    cut.meta.update(gm.meta)
     output = next(n for n in cut.graph.nodes if n.op == "output")
     dropped: list[str] = []
     if until is not None:

@@ -29,14 +29,14 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fcconv.capture import capture, lower_exported_program
+from fcconv.capture import CAPTURED_BY, FX, captures, lower_exported_program
 from fcconv.conversion import Conversion, HeadGeometry, RewrittenLayer, _conversion, _Plan
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.fx_cut import _cut_points, _layers_on_path, _output_items, _split, end_early
@@ -158,6 +158,8 @@ def analyze(
     return _conversion(plan, plan.traced, model, source)
 
 
+_T = TypeVar("_T")
+
 # --- planning -------------------------------------------------------------------------------------
 
 
@@ -193,12 +195,28 @@ class _Located:
     kind: str
 
 
-def _locate_head(model: nn.Module, input_shape: tuple[int, ...]) -> _Located:
-    """Capture ``model``, propagate its shapes and find where the head starts; refuse a model that has none."""
-    rank = len(input_shape) - 1
-    if rank not in (1, 2, 3) or any(s <= 0 for s in input_shape):
+def _from_first_capture(model: nn.Module, input_shape: tuple[int, ...], planned: Callable[[fx.GraphModule], _T]) -> _T:
+    """``planned(graph)`` for the first of :func:`fcconv.capture.captures` it does not refuse.
+
+    torch.export's graph comes first; where its plan is refused (or fails), the next
+    capture's is tried. When every plan is refused, torch.fx's refusal is raised where fx
+    could trace the model (its graph keeps each layer as the model wrote it), otherwise
+    the export's.
+    """
+    if len(input_shape) - 1 not in (1, 2, 3) or any(s <= 0 for s in input_shape):
         raise BadInputError(f"input shape {input_shape} is not (C, L), (C, H, W) or (C, D, H, W) with positive sizes")
-    gm = capture(model, input_shape)
+    refusals: dict[str | None, Exception] = {}
+    for gm in captures(model, input_shape):
+        try:
+            return planned(gm)
+        except Exception as refused:  # noqa: BLE001 - the next capture may be planned; raised below if none is
+            refusals.setdefault(gm.meta.get(CAPTURED_BY), refused)
+    raise refusals.get(FX) or next(iter(refusals.values()))
+
+
+def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
+    """Propagate the captured model's shapes and find where the head starts; refuse a model that has none."""
+    rank = len(input_shape) - 1
     modules = dict(gm.named_modules())
     _refuse_size_dependent_trunk(gm, modules)
     _propagate_shapes(gm, input_shape)
@@ -266,8 +284,22 @@ def _plan(
     if pool not in (None, "avg", "max"):
         raise BadInputError(f"pool {pool!r} is not avg or max")
     _refuse_zero_width(model)
-    located = _locate_head(model, input_shape)
-    gm, modules, rank = located.gm, located.modules, located.rank
+    options = dict(dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until)
+    return _from_first_capture(model, input_shape, lambda gm: _plan_graph(gm, input_shape, **options))
+
+
+def _plan_graph(
+    gm: fx.GraphModule,
+    input_shape: tuple[int, ...],
+    *,
+    dense: bool,
+    pool: str | None,
+    pointwise: bool,
+    logits: bool,
+    until: str | None,
+) -> _Plan:
+    located = _locate_head(gm, input_shape)
+    modules, rank = located.modules, located.rank
     start = _head_start(located)
     if located.kind in ("global-avg", "global-max"):
         _plan_global_reduction(start, located, dense)
@@ -301,6 +333,7 @@ def _plan(
         gm, features, head, geometry, walk.layers, start.removed, [*start.edits, *trunk_edits], trunk_layers, notes,
         flatten_permutation=start.permuted.permutation if start.permuted is not None else None,
         carried=walk.carried, branches=branches, cut_points=_cut_points(walk.nodes, modules),
+        captured_by=gm.meta.get(CAPTURED_BY),
     )  # fmt: skip
 
 
@@ -513,5 +546,6 @@ def truncate(
     not a layer of the head, listing those that are, and for ``logits`` on a model
     none of whose outputs ends in a softmax, log-softmax or sigmoid.
     """
-    located = _locate_head(model, tuple(int(s) for s in input_shape))
+    shape = tuple(int(s) for s in input_shape)
+    located = _from_first_capture(model, shape, lambda gm: _locate_head(gm, shape))
     return end_early(located, type(model).__name__, logits=logits, until=until)

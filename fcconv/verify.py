@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from fcconv import memory
+from fcconv.capture import EXPORT
 from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME
 from fcconv.errors import BadInputError
 from fcconv.layers import channels_first, gather_windows
@@ -304,16 +305,16 @@ def reference_outputs(
 def _original_reads_every_size(original: Any, conversion: Conversion) -> bool:
     """Whether the eager original is also the reference at the larger sizes.
 
-    A trunk captured by torch.export (it computes with ATen operators) may hold a value
-    the export fixed at the native size, and the sliding window runs that same trunk; so
-    where the head reads the whole map (a global pooling, no ``dense``) and therefore the
-    eager original takes any size, its own output is compared at every size too.
+    A trunk captured by torch.export may hold a value the export fixed at the native
+    size, and the sliding window runs that same trunk; so where the head reads the whole
+    map (a global pooling, no ``dense``) and therefore the eager original takes any size,
+    its own output is compared at every size too.
     """
     if not isinstance(original, nn.Module) or isinstance(original, fx.GraphModule):
         return False
     if conversion.geometry.window is not None or conversion.geometry.dense:
         return False
-    return any(isinstance(node.target, torch._ops.OpOverload) for node in conversion.features.graph.nodes)
+    return getattr(conversion, "captured_by", None) == EXPORT
 
 
 def refuse_sizes_beyond_memory(

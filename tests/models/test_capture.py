@@ -1,6 +1,7 @@
-"""Capture: torch.fx first, torch.export for what fx cannot trace; Hugging Face and timm classifiers convert exactly."""
+"""Capture: torch.export first, torch.fx where the export cannot serve; Hugging Face and timm classifiers convert exactly."""
 
 import inspect
+import time
 
 import pytest
 import timm
@@ -9,9 +10,11 @@ import torch.nn.functional as F
 import transformers
 from conftest import seeded
 from torch import nn
+from traced_whole import ColumnsOneByOne, ScaledByRows
 
 import fcconv
-from fcconv.capture import capture, export_graph, trace
+import fcconv.capture
+from fcconv.capture import CAPTURED_BY, EXPORT, FX, capture, export_graph, trace
 from fcconv.errors import NotConvertibleError
 from fcconv.load import load_model
 from fcconv.outputs import output_names
@@ -197,6 +200,18 @@ class PooledHead(nn.Module):
         return self.classifier(self.avgpool(self.relu(self.conv2(self.relu(self.conv1(x))))))
 
 
+class MeanHead(nn.Module):
+    """Modules in the trunk, a mean over the map, a Linear: the head reads the whole map at any size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 6, 3, stride=2)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
 def _plan(graph: torch.fx.GraphModule, shape: tuple[int, ...]) -> tuple:
     conversion = fcconv.analyze(graph, shape)
     return conversion.layers, conversion.removed, conversion.geometry, conversion.notes
@@ -213,10 +228,94 @@ def test_an_export_written_as_traced_calls_the_modules_fx_keeps_whole_and_plans_
     torch.testing.assert_close(graph(x), model(x))
 
 
-def test_the_default_export_keeps_its_aten_trunk_so_verification_compares_with_the_original_at_every_size():
-    graph = export_graph(seeded(PooledHead).eval(), (3, 12, 12))
-    assert any(isinstance(node.target, torch._ops.OpOverload) for node in graph.graph.nodes)
-    assert "avgpool" not in [node.target for node in graph.graph.nodes if node.op == "call_module"]
+def test_the_export_is_the_capture_a_traceable_model_is_planned_from_and_verified_with_its_eager_original():
+    model = seeded(MeanHead)
+    conversion = fcconv.rewrite(model, (3, 12, 12))
+    assert conversion.captured_by == EXPORT
+    report = verify(model, conversion.module, (3, 12, 12), sizes=[(12, 12), (17, 15)], conversion=conversion)
+    # a value the export fixed at the native size would differ from the eager original at 17×15
+    assert ((17, 15), "original") in {(check.input_size, check.reference) for check in report.checks}
+    assert report.passed
+
+
+def test_an_export_that_runs_past_its_time_limit_is_replaced_by_the_trace(monkeypatch):
+    monkeypatch.setattr(fcconv.capture, "EXPORT_SECONDS", 1e-3)
+    model = seeded(PooledHead)
+    conversion = fcconv.rewrite(model, (3, 12, 12))
+    assert conversion.captured_by == FX
+    assert [layer.name for layer in conversion.layers] == ["classifier.2", "classifier.4"]
+
+
+class ColumnLoop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.columns = ColumnsOneByOne()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.columns(self.conv(x)), 1), 1))
+
+
+def test_an_export_that_fixed_a_spatial_axis_comes_after_the_trace():
+    model = seeded(ColumnLoop)
+    assert export_graph(model, (3, 10, 10)).meta["fcconv_fixed_axes"] == [3]
+    conversion = fcconv.rewrite(model, (3, 10, 10))
+    assert conversion.captured_by == FX
+    report = verify(model, conversion.module, (3, 10, 10), sizes=[(10, 10), (11, 11), (12, 15)], conversion=conversion)
+    assert report.passed
+
+
+@pytest.mark.parametrize("name", ["swin", "tf_efficientnet_b0"])
+def test_a_model_that_declares_parts_for_fx_to_keep_whole_is_traced_without_waiting_for_the_export(name):
+    # torchvision's Swin wraps its window attention with torch.fx.wrap; timm lists Conv2dSame as not traceable.
+    # Both take the export past its time limit, which would be spent before the trace is used.
+    from custom_models import small_swin
+
+    model = seeded(small_swin) if name == "swin" else seeded(timm.create_model, name, pretrained=False, num_classes=5)
+    start = time.perf_counter()
+    graph = capture(model, (3, 224, 224))
+    assert graph.meta[CAPTURED_BY] == FX
+    assert time.perf_counter() - start < fcconv.capture.EXPORT_SECONDS
+
+
+class RowsInTrunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.rows = ScaledByRows()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rows(self.conv(x)).mean((2, 3)))
+
+
+def test_a_model_whose_export_plan_is_refused_is_planned_from_its_trace():
+    # as torchvision's Swin: fx keeps the wrapped function whole, the export takes it apart into reshapes
+    model = seeded(RowsInTrunk)
+    exported = capture(model, (3, 10, 10))
+    assert exported.meta[CAPTURED_BY] == EXPORT
+    with pytest.raises(NotConvertibleError, match="turns the 4×8×8 feature map into a vector"):
+        fcconv.analyze(exported, (3, 10, 10))
+    conversion = fcconv.rewrite(model, (3, 10, 10))
+    assert conversion.captured_by == FX
+    assert verify(model, conversion.module, (3, 10, 10), sizes=[(10, 10), (13, 12)], conversion=conversion).passed
+
+
+class RowsInTrunkRunningSum(RowsInTrunk):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(super().forward(x), dim=1)  # no per-position equivalent over the classes
+
+
+def test_a_model_both_plans_refuse_is_refused_with_the_reason_read_from_its_trace():
+    model = seeded(RowsInTrunkRunningSum)
+    with pytest.raises(NotConvertibleError) as from_export:
+        fcconv.analyze(capture(model, (3, 10, 10)), (3, 10, 10))
+    with pytest.raises(NotConvertibleError) as from_trace:
+        fcconv.analyze(trace(model), (3, 10, 10))
+    with pytest.raises(NotConvertibleError) as refused:
+        fcconv.rewrite(model, (3, 10, 10))
+    assert str(refused.value) == str(from_trace.value) != str(from_export.value)
 
 
 class SharedContainerHead(nn.Module):
