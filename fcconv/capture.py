@@ -16,9 +16,11 @@
    the traced size, or gives a graph the rewriter refuses (torchvision's Swin: its
    window attention, kept whole by fx, is taken apart by the export).
 
-A model holding timm's TF-padding layers goes to fx directly: they compute their
-padding from the map's size in Python, which fx keeps whole and which takes the
-export's symbolic shapes exponential time. Every graph is marked with the capture
+A model that declares parts for fx to keep whole goes to fx directly: timm's TF-padding
+layers compute their padding from the map's size in Python, which takes the export's
+symbolic shapes exponential time, and the functions torchvision's Swin, Video Swin and
+MViT wrap with ``torch.fx.wrap`` run the export past its time limit into reshapes the
+rewriter cannot read. Every graph is marked with the capture
 that made it (``graph.meta[CAPTURED_BY]``): a value the export specialised to the
 traced size makes the converted model compute something else at other sizes, and
 verification reads the mark to compare an exported model with its eager original at

@@ -60,7 +60,7 @@ def inspect_table(conversion: Conversion) -> Table:
 
 
 def head_lines(conversion: Conversion) -> list[str]:
-    """What ``inspect`` says besides the tables: outputs, the flatten's permutation, carried layers, cut points.
+    """What ``inspect`` says besides the tables: outputs, the flatten's permutation, carried layers, cut points, capture.
 
     Read with ``getattr`` so that a conversion of an ONNX graph, which records fewer of these, prints what it has.
     """
@@ -86,6 +86,9 @@ def head_lines(conversion: Conversion) -> list[str]:
     cut_points = getattr(conversion, "cut_points", [])
     if cut_points:
         lines.append(f"  --until accepts: {', '.join(cut_points)}")
+    captured_by = getattr(conversion, "captured_by", None)
+    if captured_by:
+        lines.append(f"  captured by {captured_by}")
     return lines
 
 

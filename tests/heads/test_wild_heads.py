@@ -362,7 +362,7 @@ def test_the_detector_converts_verifies_and_checks_from_the_command_line(tmp_pat
     assert {c["output"] for c in checks if c["check"] == "reference output"} == {"class_scores", "boxes"}
 
 
-def test_inspect_shows_the_outputs_the_permutation_the_carried_layers_and_the_cut_points(tmp_path, cli):
+def test_inspect_shows_the_outputs_the_permutation_the_carried_layers_the_cut_points_and_the_capture(tmp_path, cli):
     path = checkpoint(tmp_path, TwoHeadedDetector)
     result = cli("inspect", path, "--arch", "custom_models:TwoHeadedDetector", "--input-shape", "3,14,16")
     assert result.exit_code == 0, result.stderr
@@ -372,6 +372,7 @@ def test_inspect_shows_the_outputs_the_permutation_the_carried_layers_and_the_cu
         "permuted by (0, 3, 2, 1)",
         "act (PReLU, 32 slopes) → per channel",
         "--until accepts: fc, act, classes, boxes",
+        "captured by torch.export",
     ):
         assert text in result.stdout, result.stdout
 
