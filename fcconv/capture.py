@@ -50,7 +50,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from fcconv.errors import NotConvertibleError
 
 __all__ = [
-    "CAPTURED_BY", "EXPORT", "EXPORT_SECONDS", "FX", "capture", "captures", "export_graph", "lower_exported_program",
+    "CAPTURED_BY", "EXPORT", "EXPORT_SECONDS", "FIXED_AXES", "FX", "capture", "captures", "export_graph", "lower_exported_program",
     "trace",
 ]  # fmt: skip
 
@@ -81,7 +81,7 @@ def captures(model: nn.Module, input_shape: tuple[int, ...]) -> Iterator[fx.Grap
         exported = export_graph(model, input_shape)
     except (Exception, _TimedOut) as failed:  # noqa: BLE001 - any export failure sends the model to torch.fx
         export_failure: BaseException = failed
-    if exported is not None and not exported.meta[_FIXED_AXES]:
+    if exported is not None and not exported.meta[FIXED_AXES]:
         yield exported
     try:
         traced = trace(model)
@@ -94,7 +94,7 @@ def captures(model: nn.Module, input_shape: tuple[int, ...]) -> Iterator[fx.Grap
             ) from export_failure
     else:
         yield traced
-    if exported is not None and exported.meta[_FIXED_AXES]:
+    if exported is not None and exported.meta[FIXED_AXES]:
         yield exported
 
 
@@ -109,7 +109,8 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
-_FIXED_AXES = "fcconv_fixed_axes"
+FIXED_AXES = "fcconv_fixed_axes"
+"""The key of ``GraphModule.meta`` listing the input axes an export fixed to their traced size (axis 2 is H or D or L)."""
 
 
 class _TimedOut(BaseException):
@@ -244,7 +245,7 @@ def export_graph(
     with _quiet_shape_logs(), _time_limit(EXPORT_SECONDS if seconds is None else seconds):
         program = torch.export.export(model, (sample,), strict=False, dynamic_shapes=(axes,))
     gm = lower_exported_program(program, model if as_traced else None)
-    gm.meta[_FIXED_AXES] = _fixed_axes(program)
+    gm.meta[FIXED_AXES] = _fixed_axes(program)
     return gm
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fcconv.capture import CAPTURED_BY, FX, captures, lower_exported_program
+from fcconv.capture import CAPTURED_BY, FIXED_AXES, FX, captures, lower_exported_program
 from fcconv.conversion import Conversion, HeadGeometry, RewrittenLayer, _conversion, _Plan
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.fx_cut import _cut_points, _layers_on_path, _output_items, _split, end_early
@@ -259,6 +259,26 @@ def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
     return _Located(gm, modules, rank, gates, *collapse)
 
 
+def _refuse_unverifiable_fixed_axes(gm: fx.GraphModule, geometry: HeadGeometry) -> None:
+    """Refuse an export that fixed an input axis where nothing could show the converted model wrong at other sizes.
+
+    Such a graph is planned only where torch.fx cannot trace the model. With a head that
+    reads the whole map the eager original takes every size, and verification compares
+    with it; a head that reads a fixed window (or ``dense``) has no such reference.
+    """
+    fixed = gm.meta.get(FIXED_AXES) or []
+    if not fixed or (geometry.window is None and not geometry.dense):
+        return
+    sizes = geometry.input_shape[1:]
+    names = {1: ["length"], 2: ["height", "width"], 3: ["depth", "height", "width"]}[len(sizes)]
+    axes = " and ".join(f"{names[axis - 2]} at {sizes[axis - 2]}" for axis in fixed)
+    raise NotConvertibleError(
+        f"torch.export fixed the input's {axes} (forward() computes from that size in Python, e.g. int() of it or a "
+        "loop over it) and torch.fx cannot trace the model, so the converted model would compute something else at "
+        "other sizes and no reference could show it; keep that size symbolic in forward()"
+    )
+
+
 def _refuse_zero_width(model: nn.Module) -> None:
     """Refuse a Linear with no input or output features: a convolution needs at least one channel each way."""
     for name, module in model.named_modules():
@@ -325,6 +345,7 @@ def _plan_graph(
         logits=logits,
         until=until,
     )
+    _refuse_unverifiable_fixed_axes(gm, geometry)
     branches = [(name, _layers_on_path(value, walk.nodes, modules)) for name, value in _output_items(output.args[0])]
     trunk = _ancestors(entry)
     features, head = _split(gm, entry, trunk, collapse_node if located.kind == "flatten" else None)

@@ -339,3 +339,27 @@ def test_a_linear_layer_built_from_an_export_leaves_the_container_its_weight_cam
     graph = export_graph(model, (3, 8, 8))
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(graph(x), model(x))
+
+
+class ColumnLoopFlattened(nn.Module):
+    """A loop over the map's columns in forward() (fx cannot trace it, the export unrolls it) and a flatten head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = torch.stack([2 * x[..., i] for i in range(x.shape[-1])], -1)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_an_export_that_fixed_an_axis_under_a_window_head_is_refused_since_nothing_could_check_other_sizes():
+    model = seeded(ColumnLoopFlattened)
+    with pytest.raises(TypeError, match="Proxy"):
+        trace(model)
+    with pytest.raises(
+        NotConvertibleError, match=r"^torch.export fixed the input's height at 10 and width at 10 .*keep that size"
+    ):
+        fcconv.rewrite(model, (3, 10, 10))
