@@ -52,7 +52,7 @@ from fcconv.metadata import (
     probe_keys,
     recorded_probe,
 )
-from fcconv.onnx_shapes import inferred_shapes, shapes_only, value_dims
+from fcconv.onnx_shapes import declared_dims, inferred_shapes, shapes_only
 from fcconv.runtime import ONNXRUNTIME, OnnxRunner
 from fcconv.sizes import default_sizes, parse_input_shape
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest, onnx_weights_digest
@@ -207,7 +207,7 @@ def _data_input(model: Any, path: Path) -> tuple[str, list[int | str | None]]:
     inputs = [i for i in model.graph.input if i.name not in weights]
     if len(inputs) != 1:
         raise BadInputError(f"{path} takes {len(inputs)} inputs; fcconv check checks models with one input")
-    return str(inputs[0].name), value_dims(inputs[0])
+    return str(inputs[0].name), declared_dims(inputs[0])
 
 
 def _native_shape(

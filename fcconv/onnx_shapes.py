@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-__all__ = ["inferred_shapes", "onnx_output_shapes", "shapes_only", "value_dims"]
+__all__ = ["declared_dims", "fixed_size", "inferred_shapes", "onnx_output_shapes", "shapes_only", "value_dims"]
 
 # Initializers up to this many elements keep their values for shape inference (shape and slice constants);
 # larger ones, the weights, enter it as typed inputs without their data.
@@ -27,6 +27,20 @@ def value_dims(value_info: Any) -> list[int | str | None]:
     for dim in value_info.type.tensor_type.shape.dim:
         dims.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None))
     return dims
+
+
+def fixed_size(dim: Any) -> int | None:
+    """A declared dimension's fixed size, None for a free one.
+
+    A size that is not positive is free: paddle2onnx writes a free batch axis as
+    ``dim_value: -1`` rather than as a symbolic name.
+    """
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+
+
+def declared_dims(value_info: Any) -> list[int | str | None]:
+    """Each dimension of a graph input or output as declared: its fixed size, its symbolic name, or None."""
+    return [fixed_size(dim) or dim.dim_param or None for dim in value_info.type.tensor_type.shape.dim]
 
 
 def shapes_only(model: Any) -> Any:

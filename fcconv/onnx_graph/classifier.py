@@ -15,6 +15,7 @@ from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.external_data import check_external_data
 from fcconv.files import check_readable
 from fcconv.onnx_head import attribute as _attr
+from fcconv.onnx_shapes import fixed_size
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -139,7 +140,7 @@ def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = N
     if tensor_type.elem_type not in _FLOAT_TYPES:
         kind = TensorProto.DataType.Name(tensor_type.elem_type).lower()
         raise NotConvertibleError(f"input {graph_input.name} is {kind}; fcconv converts classifiers of a float input")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    dims = [fixed_size(d) for d in tensor_type.shape.dim]
     if len(dims) != 4:
         raise NotConvertibleError(
             f"input {graph_input.name} has rank {len(dims)}; fcconv converts ONNX classifiers of an N×C×H×W "
