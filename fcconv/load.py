@@ -5,10 +5,13 @@ saves it), a safetensors file, an ExportedProgram (``torch.export.save``, ``.pt2
 only when the caller trusts it, a whole pickled module. State_dicts are read with
 ``torch.load(weights_only=True, mmap=True)``: tensors stay memory-mapped and are
 assigned into a model built on the meta device, so loading costs no copy of the
-weights and never modifies the file. Their architecture is named by the caller, by a
-JSON model card of the same stem beside the file (``digits.pt`` + ``digits.json``,
-with ``arch`` and ``input_shape``), or detected by matching keys and shapes against
-torchvision's classifiers.
+weights and never modifies the file. Loading asks what ``load_state_dict(strict=True)``
+asks: the module versions ``torch.save`` records are kept, and non-persistent buffers,
+which no state_dict holds, come from the architecture's constructor. Their architecture
+is named by the caller, by a JSON model card of the same stem beside the file
+(``digits.pt`` + ``digits.json``, with ``arch`` and ``input_shape``), or detected by
+matching keys and shapes against torchvision's classifiers (GoogLeNet and Inception v3
+with or without their auxiliary classifiers).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +100,12 @@ def _torch_load(path: Path, trust: bool) -> Any:
 
 
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state_dict, unwrapped from training-code containers and stripped of wrapper prefixes."""
+    """The tensors of a state_dict, unwrapped from training-code containers and stripped of wrapper prefixes.
+
+    The module versions ``torch.save`` keeps beside the tensors (the ``_metadata`` of the
+    state_dict) are kept too, under the same stripped names: modules read them on loading
+    (MNASNet's stem depends on its version).
+    """
     for _ in range(3):
         if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
             inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], (Mapping, nn.Module))), None)
@@ -107,13 +116,27 @@ def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             obj = obj.state_dict()
     if not isinstance(obj, Mapping) or not obj or not _is_tensor_mapping(obj):
         raise BadInputError(f"{path} holds no state_dict of tensors")
-    result = {}
-    for key, value in obj.items():
-        for prefix in PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        result[key] = value
+    result = OrderedDict((_strip_prefixes(key), value) for key, value in obj.items())
+    metadata = getattr(obj, "_metadata", None)
+    if isinstance(metadata, Mapping):
+        # a module's entry is named by its prefix without the final dot ("" for the root); a wrapper's
+        # own entry ("module" stripped to "") gives way to the wrapped model's
+        kept: dict[str, Any] = {}
+        for stripped in (False, True):
+            for name, value in metadata.items():
+                if isinstance(name, str) and isinstance(value, Mapping):
+                    key = _strip_prefixes(name + ".").removesuffix(".") if name else ""
+                    if (key != name) == stripped:
+                        kept[key] = dict(value)
+        result._metadata = kept  # type: ignore[attr-defined]
     return result
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
 
 
 def _is_tensor_mapping(obj: Mapping) -> bool:
@@ -186,21 +209,33 @@ def code_beside(spec: str, folders: Sequence[str | Path]) -> Path | None:
 
 
 def build_architecture(
-    arch: str, num_classes: int | None = None, *, search_dirs: Sequence[str] | None = None
+    arch: str,
+    num_classes: int | None = None,
+    *,
+    search_dirs: Sequence[str] | None = None,
+    aux_logits: bool = False,
+    real_buffers: bool = False,
 ) -> nn.Module:
     """Build ``arch`` on the meta device (no memory, no initialisation).
 
     ``arch`` is a torchvision classification model name (``vgg16``, or a video
     classifier such as ``r3d_18``) or ``package.module:callable``, a class or
     factory taking no arguments, imported with ``search_dirs`` (default: the working
-    directory) put first on ``sys.path``.
+    directory) put first on ``sys.path``. ``aux_logits`` builds GoogLeNet and
+    Inception v3 with their auxiliary classifiers (idle in eval mode). With
+    ``real_buffers`` only the parameters are on the meta device: the buffers hold
+    what the constructor computes, as the non-persistent ones, which no state_dict
+    holds, must.
     """
     import torchvision
+
+    def building() -> contextlib.AbstractContextManager:
+        return _parameters_on_meta(buffers=False) if real_buffers else torch.device("meta")
 
     if ":" in arch:
         factory = _import_callable(arch, [os.getcwd()] if search_dirs is None else search_dirs)
         try:
-            with torch.device("meta"):
+            with building():
                 model = factory()
         except SystemExit as exc:
             raise BadInputError(f"--arch {arch}: calling it tried to end the process ({_exit_text(exc)})") from None
@@ -218,20 +253,31 @@ def build_architecture(
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if arch in ("googlenet", "inception_v3"):
-        kwargs["aux_logits"] = False
+    if arch in AUX_HEADS:
+        kwargs["aux_logits"] = aux_logits
         kwargs["init_weights"] = False
     try:
-        with torch.device("meta"):
+        with building():
             return torchvision.models.get_model(arch, **kwargs)
     except NotImplementedError:  # builders that compute their widths with tensors (RegNet) need real ones
-        with _parameters_on_meta():
+        with _parameters_on_meta(buffers=not real_buffers):
             return torchvision.models.get_model(arch, **kwargs)
+
+
+# The torchvision classifiers that torchvision builds with auxiliary classifiers unless told otherwise
+# (weights=None), and the prefixes of their keys: a checkpoint trained from scratch holds them.
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def _aux_keys(arch: str, keys: Iterable[str]) -> set[str]:
+    """The keys among ``keys`` that belong to ``arch``'s auxiliary classifiers, if it has any."""
+    prefixes = AUX_HEADS.get(arch, ())
+    return {k for k in keys if k.startswith(prefixes)} if prefixes else set()
 
 
 @contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with every parameter and buffer moved to the meta device as it is registered."""
+def _parameters_on_meta(buffers: bool = True) -> Iterator[None]:
+    """Build modules with each parameter, and each buffer unless ``buffers`` is False, moved to meta as registered."""
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
     def parameter_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -242,7 +288,9 @@ def _parameters_on_meta() -> Iterator[None]:
     def buffer_on_meta(self: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
 
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta  # type: ignore[method-assign]
+    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign]
+    if buffers:
+        nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -323,13 +371,17 @@ def detect_architecture(state: Mapping[str, torch.Tensor], path: Path) -> str:
     """The torchvision classifier whose state_dict ``state`` is, with any class count.
 
     A state_dict fits an architecture when it has the same keys and every tensor the
-    same shape, except the class count of the last layer. Several fits or none raise
+    same shape, except the class count of the last layer; the keys of GoogLeNet's and
+    Inception v3's auxiliary classifiers (:data:`AUX_HEADS`) are not compared here,
+    :func:`load_model` builds them and checks them. Several fits or none raise
     :class:`BadInputError` naming the candidates, or the closest one and where it differs.
     """
-    keys = set(state)
     fits: list[str] = []
     closest: tuple[float, str, str] | None = None
     for arch, expected in torchvision_signatures().items():
+        # a checkpoint trained from scratch holds the auxiliary classifiers the table leaves out; load_model
+        # builds them and requires each of their keys to fit
+        keys = set(state) - _aux_keys(arch, state)
         last = [k for k in expected if k.endswith("weight")][-1:]
         differences = []
         for key, shape in expected.items():
@@ -451,10 +503,11 @@ def load_model(
     if not arch:
         arch = detect_architecture(state, path)
         detected = True
-    model = build_architecture(arch, search_dirs=search_dirs)
+    aux_logits = bool(_aux_keys(arch, state)) if ":" not in arch else False
+    model = build_architecture(arch, search_dirs=search_dirs, aux_logits=aux_logits)
     num_classes = _num_classes(model, state)
     if num_classes is not None and ":" not in arch:
-        model = build_architecture(arch, num_classes)
+        model = build_architecture(arch, num_classes, aux_logits=aux_logits)
     problem = _fit_report(model, state)
     if problem:
         raise BadInputError(f"{path} does not fit {arch}: {problem}")
@@ -462,7 +515,11 @@ def load_model(
     if not any(k.is_floating_point for k in kinds):
         raise BadInputError(f"{path} holds no floating-point weights ({', '.join(sorted(map(str, kinds)))})")
     _refuse_integer_weights(model, state, path)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except Exception as exc:  # noqa: BLE001 - a module's own loading (its version checks) may refuse the file
+        raise BadInputError(f"{path} does not load into {arch} ({reason(exc)})") from None
+    _fill_non_persistent_buffers(model, arch, num_classes if ":" not in arch else None, search_dirs, aux_logits)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise BadInputError(f"{path} does not fit {arch}: {on_meta[0]} is not in the file")
@@ -473,6 +530,41 @@ def load_model(
 
 
 DEFAULT_INPUT_SHAPE = (3, 224, 224)
+
+
+def _fill_non_persistent_buffers(
+    model: nn.Module, arch: str, num_classes: int | None, search_dirs: Sequence[str] | None, aux_logits: bool
+) -> None:
+    """Give ``model``'s non-persistent buffers the values its constructor computes.
+
+    A state_dict does not hold them (``load_state_dict(strict=True)`` does not ask for them:
+    timm's anti-aliasing filter, a fixed window), so the model built on the meta device has
+    none; the architecture is built again with its buffers real and its parameters on the
+    meta device, and they are taken from there.
+    """
+
+    def on_meta(module: nn.Module) -> list[str]:
+        return [n for n in module._non_persistent_buffers_set if _is_meta(module._buffers.get(n))]
+
+    wanted = {prefix: names for prefix, module in model.named_modules() if (names := on_meta(module))}
+    if not wanted:
+        return
+    built = build_architecture(arch, num_classes, search_dirs=search_dirs, aux_logits=aux_logits, real_buffers=True)
+    modules, fresh = dict(model.named_modules()), dict(built.named_modules())
+    for prefix, names in wanted.items():
+        for name in names:  # one of a different shape or dtype stays on meta, and is refused as not in the file
+            held, made = modules[prefix]._buffers[name], getattr(fresh.get(prefix), "_buffers", {}).get(name)
+            if (
+                isinstance(made, torch.Tensor)
+                and not made.is_meta
+                and (made.shape, made.dtype) == (held.shape, held.dtype)
+            ):
+                modules[prefix]._buffers[name] = made
+
+
+def _is_meta(tensor: Any) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.is_meta
+
 
 # torch walks a model's submodules recursively (state_dict, fx tracing), several Python frames a level:
 # under Python's default recursion limit (1000 frames) tracing fails between 130 and 150 levels. The
