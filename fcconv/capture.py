@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -215,15 +216,65 @@ def _timm_leaves() -> tuple[list[type[nn.Module]], list[Callable[..., Any]]]:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``model`` (in eval mode) symbolically traced with :class:`LinearLeafTracer`."""
+    """``model`` (in eval mode) symbolically traced with :class:`LinearLeafTracer`.
+
+    Only the first argument of ``forward()`` is an input: the arguments after it that
+    have defaults (``attn_mask=None``, ``return_features=False``) are traced at their
+    defaults, as the model is called with one tensor. One without a default stays an input.
+    """
     model.eval()
     if isinstance(model, fx.GraphModule):
         return _copy(model)
     tracer = LinearLeafTracer()
-    graph = tracer.trace(model)
+    defaults = _optional_arguments(model)
+    with warnings.catch_warnings():  # a default fx cannot guard (a tensor) is still the one traced
+        warnings.filterwarnings("ignore", message="Was not able to add assertion")
+        graph = tracer.trace(model, concrete_args=defaults or None)
+    _drop_bound_arguments(graph, model, defaults)
     traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
     traced.meta[CAPTURED_BY] = FX
     return traced
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward() without a signature is traced as fx finds it
+        return []
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, Any]:
+    """The defaults of ``model.forward()``'s named arguments after the first, by name."""
+    return {
+        p.name: p.default
+        for p in _forward_parameters(model)[1:]
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is not p.empty
+    }
+
+
+def _drop_bound_arguments(graph: fx.Graph, model: nn.Module, defaults: dict[str, Any]) -> None:
+    """Remove the placeholders fx keeps for the arguments traced at their defaults, and the checks on them.
+
+    fx still takes each such argument (as ``attn_mask_1``), only to assert that it has its
+    default; the graph computes with the default, so the traced model takes one input.
+    """
+    if not defaults:
+        return
+    stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    unbound = {stars.get(p.kind, "") + p.name for p in _forward_parameters(model) if p.name not in defaults}
+    bound = [n for n in graph.nodes if n.op == "placeholder" and n.target not in unbound]
+    checks: set[fx.Node] = set()
+    pending = list(bound)
+    while pending:
+        for user in pending.pop().users:
+            if user not in checks:
+                checks.add(user)
+                pending.append(user)
+    if any(n.op == "output" for n in checks):  # the graph reads an argument it was traced without: leave it whole
+        return
+    for node in reversed(list(graph.nodes)):
+        if node in checks or node in bound:
+            graph.erase_node(node)
 
 
 def export_graph(

@@ -81,7 +81,9 @@ def _torch_load(path: Path, trust: bool) -> Any:
         check_archive_sizes(path, path)
     if trust:
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            # a trusted pickle's classes are found where --arch finds its module: the working directory first
+            with _importable_from([os.getcwd()]):
+                return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint
             raise BadInputError(f"{path} is not a PyTorch checkpoint ({reason(exc)})") from exc
     try:
@@ -143,11 +145,31 @@ def _is_tensor_mapping(obj: Mapping) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _import_callable(spec: str, search_dirs: Sequence[str]) -> Any:
-    module_name, _, attr = spec.partition(":")
-    for directory in search_dirs:
+def _put_first_on_path(directories: Sequence[str]) -> list[str]:
+    """Put ``directories`` first on ``sys.path`` (those not on it already); returns the ones added."""
+    added = []
+    for directory in directories:
         if directory not in sys.path:
             sys.path.insert(0, directory)
+            added.append(directory)
+    return added
+
+
+@contextlib.contextmanager
+def _importable_from(directories: Sequence[str]) -> Iterator[None]:
+    """Modules in ``directories`` are found first, as ``--arch`` finds them, for the block only."""
+    added = _put_first_on_path(directories)
+    try:
+        yield
+    finally:
+        for directory in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(directory)
+
+
+def _import_callable(spec: str, search_dirs: Sequence[str]) -> Any:
+    module_name, _, attr = spec.partition(":")
+    _put_first_on_path(search_dirs)
     try:
         module = importlib.import_module(module_name)
     except SystemExit as exc:
