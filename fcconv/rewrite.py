@@ -218,13 +218,15 @@ def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
     """Propagate the captured model's shapes and find where the head starts; refuse a model that has none."""
     rank = len(input_shape) - 1
     modules = dict(gm.named_modules())
-    _refuse_size_dependent_trunk(gm, modules)
-    _propagate_shapes(gm, input_shape)
     graph = gm.graph
-
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise NotConvertibleError(f"forward() takes {len(placeholders)} inputs; fcconv converts models with one input")
+        names = ", ".join(str(n.target) for n in placeholders)
+        raise NotConvertibleError(
+            f"forward() takes {len(placeholders)} inputs ({names}); fcconv converts models with one input"
+        )
+    _refuse_size_dependent_trunk(gm, modules)
+    _propagate_shapes(gm, input_shape)
 
     # Only what is computed from the input can collapse the map (not, say, a table of position biases).
     live = _descendants(placeholders[0])

@@ -13,7 +13,7 @@ from torch import nn
 import fcconv
 import fcconv.capture
 from fcconv.capture import FX, trace
-from fcconv.errors import FcconvError
+from fcconv.errors import NotConvertibleError
 
 SHAPE = (3, 8, 8)
 SIZES = [(8, 8), (11, 13)]
@@ -93,9 +93,9 @@ def test_a_model_with_optional_arguments_converts_and_verifies_from_the_first_ca
     assert_verified(model, fcconv.rewrite(model, SHAPE))
 
 
-def test_a_model_with_a_required_second_argument_is_still_refused_naming_it():
+def test_a_model_with_a_required_second_argument_is_refused_naming_its_inputs():
     model = seeded(RequiredMask)
     assert [n.target for n in trace(model).graph.nodes if n.op == "placeholder"] == ["x", "mask"]
     for refused in (lambda: fcconv.analyze(trace(model), SHAPE), lambda: fcconv.rewrite(model, SHAPE)):
-        with pytest.raises(FcconvError, match="parameter mask"):
+        with pytest.raises(NotConvertibleError, match=r"^forward\(\) takes 2 inputs \(x, mask\); fcconv converts"):
             refused()
