@@ -54,10 +54,10 @@ from fcconv.metadata import (
 )
 from fcconv.onnx_shapes import declared_dims, inferred_shapes, shapes_only
 from fcconv.runtime import ONNXRUNTIME, OnnxRunner
-from fcconv.sizes import default_sizes, parse_input_shape
+from fcconv.sizes import check_tensor_size, default_sizes, parse_input_shape
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest, onnx_weights_digest
 
-__all__ = ["CHECKS", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
+__all__ = ["CHECKS", "SOURCES", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = (
@@ -69,6 +69,11 @@ CHECKS = (
     "output size",
     "reference output",
 )
+GIVEN, METADATA, DECLARED, REFERENCE = "given", "metadata", "declared", "reference"
+SOURCES = (GIVEN, METADATA, DECLARED, REFERENCE)
+"""Where a check's native input shape came from: ``--input-shape`` (the ``input_shape`` argument), the
+``fcconv.input_shape`` metadata, the fixed sizes the ONNX graph's input declares, or the ``--reference``
+checkpoint that rebuilds a ``.safetensors`` file."""
 RECORDED_RTOL = 1e-7
 """The default rtol of ``reference output`` at least: above float32's rounding (2**-24) of the recorded values."""
 
@@ -106,6 +111,8 @@ class CheckReport:
     model: str
     input_shape: tuple[int, ...]
     results: list[CheckResult] = field(default_factory=list)
+    input_shape_source: str = GIVEN
+    """Where ``input_shape`` came from, one of :data:`SOURCES`."""
     rtol: float | None = None
     atol: float = 0.0
     dtype: str = "float32"
@@ -135,8 +142,10 @@ def check_onnx(
     """Check the ONNX model at ``path`` without a reference; returns a :class:`CheckReport`, never raises on a failure.
 
     ``input_shape`` is the native (C, H, W) (default: the model's ``fcconv.input_shape``
-    metadata); ``sizes`` are the spatial sizes to run at (default: those ``fcconv
-    verify`` uses, :func:`fcconv.sizes.default_sizes`). Raises
+    metadata, else the sizes its input declares where channels and spatial sizes are
+    all fixed: such a model then fails ``free spatial axes``); ``sizes`` are the
+    spatial sizes to run at (default: those ``fcconv verify`` uses,
+    :func:`fcconv.sizes.default_sizes`). Raises
     :class:`~fcconv.errors.BadInputError` when the file is not an ONNX model, its
     external weights are missing, or no native size is known.
 
@@ -154,12 +163,13 @@ def check_onnx(
     channels_last = meta.get("fcconv.layout") == "nhwc"
     if channels_last:  # an N×H×W×C model (from a Keras-style ONNX classifier): read as N×C×H×W from here on
         input_dims = [*input_dims[:1], *input_dims[-1:], *input_dims[1:-1]]
-    input_shape = _native_shape(path, input_shape, meta, input_dims)
+    opens_nhwc = not channels_last and _opens_channels_last(model, input_name)
+    input_shape, source = _native_shape(path, input_shape, meta, input_dims, input_name, opens_nhwc)
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
     input_type = next(i for i in model.graph.input if i.name == input_name).type.tensor_type.elem_type
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(input_type).itemsize
     refuse_runs_beyond_memory(model, input_shape, sizes, batch, itemsize, channels_last=channels_last)
-    report = CheckReport(str(path), input_shape)
+    report = CheckReport(str(path), input_shape, input_shape_source=source)
 
     step("Checking the graph's shapes at two sizes…")
     report.results.append(_free_axes(input_name, input_dims, len(input_shape) - 1))
@@ -211,21 +221,68 @@ def _data_input(model: Any, path: Path) -> tuple[str, list[int | str | None]]:
 
 
 def _native_shape(
-    path: Path, given: Sequence[int] | None, meta: dict[str, str], dims: list[int | str | None]
-) -> tuple[int, ...]:
+    path: Path,
+    given: Sequence[int] | None,
+    meta: dict[str, str],
+    dims: list[int | str | None],
+    input_name: str = "",
+    opens_nhwc: bool = False,
+) -> tuple[tuple[int, ...], str]:
+    """The native (C, *spatial) shape and where it came from (:data:`SOURCES`).
+
+    ``given`` wins, then the ``fcconv.input_shape`` metadata, then the input's
+    declared (N, C, *spatial) dimensions, when channels and every spatial size are
+    fixed: a size is taken only where the graph declares it, never guessed.
+    """
     if given is not None:
-        shape = parse_input_shape(list(given))
+        shape, source = parse_input_shape(list(given)), GIVEN
     elif metadata_input_shape(meta) is not None:
-        shape = metadata_input_shape(meta)
+        shape, source = metadata_input_shape(meta), METADATA
     else:
-        raise BadInputError(f"{path} does not record its native input size (no fcconv metadata); give --input-shape")
+        shape, source = _declared_shape(path, dims, input_name, opens_nhwc), DECLARED
     if dims and len(dims) != len(shape) + 1:
         raise BadInputError(
             f"{path} takes a rank-{len(dims)} input; input shape {','.join(map(str, shape))} is rank {len(shape) + 1}"
         )
     if len(dims) > 1 and isinstance(dims[1], int) and dims[1] and dims[1] != shape[0]:
         raise BadInputError(f"{path} takes {dims[1]} input channels, not {shape[0]}")
-    return shape
+    return shape, source
+
+
+def _declared_shape(path: Path, dims: list[int | str | None], input_name: str, opens_nhwc: bool) -> tuple[int, ...]:
+    """(C, *spatial) from an input declared N×C×spatial with every one of them fixed; else ask for --input-shape.
+
+    An input that a Transpose to N×C×H×W opens is N×H×W×C (a Keras or TensorFlow
+    export): its second axis is no channel count, and check reads that layout from
+    fcconv's ``fcconv.layout`` metadata only.
+    """
+    missing = "no fcconv metadata"
+    if opens_nhwc:
+        raise BadInputError(
+            f"{path} does not record its native input size ({missing}) and its input {input_name!r} is N×H×W×C "
+            "(a Transpose to N×C×H×W opens the graph), which fcconv check reads only from fcconv's metadata"
+        )
+    if 3 <= len(dims) <= 5:
+        names = ("channels", *SPATIAL_AXIS_NAMES[len(dims) - 2])
+        free = [name for name, dim in zip(names, dims[1:]) if not isinstance(dim, int)]
+        if not free:
+            shape = tuple(int(d) for d in dims[1:])
+            check_tensor_size(shape, f"{path}'s declared input size {','.join(map(str, shape))}")
+            return shape
+        missing += f", and input {input_name!r} fixes no {' and '.join(free)}"
+    elif input_name:
+        missing += f", and input {input_name!r} declares no N×C×spatial shape"
+    raise BadInputError(f"{path} does not record its native input size ({missing}); give --input-shape")
+
+
+def _opens_channels_last(model: Any, input_name: str) -> bool:
+    """The graph turns its input from N×H×W×C into N×C×H×W first, as Keras and TensorFlow exports begin."""
+    return any(
+        node.op_type == "Transpose"
+        and node.input[0] == input_name
+        and [list(a.ints) for a in node.attribute if a.name == "perm"] == [[0, 3, 1, 2]]
+        for node in model.graph.node
+    )
 
 
 def _check_sizes(sizes: Sequence[Sequence[int]], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:

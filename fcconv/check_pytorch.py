@@ -25,6 +25,7 @@ import torch
 from fcconv.check import (
     FAIL,
     PASS,
+    REFERENCE,
     SKIP,
     CheckReport,
     CheckResult,
@@ -62,10 +63,10 @@ def check_program(
     step("Loading the program…")
     program = ProgramModel(path, trust=trust)
     meta = program.metadata
-    input_shape = _native_shape(path, input_shape, meta, [])
+    input_shape, source = _native_shape(path, input_shape, meta, [])
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
     refuse_runs_beyond_memory(program.module, input_shape, sizes, batch, program.dtype.itemsize)
-    report = CheckReport(str(path), input_shape)
+    report = CheckReport(str(path), input_shape, input_shape_source=source)
     report.results.append(_free_axes(program.spatial_ranges(), input_shape))
     step("Hashing the weights…")
     report.results.append(digest_verdict(state_dict_digest(program.program.state_dict), meta, "tensors"))
@@ -99,11 +100,12 @@ def check_weights(
     path = Path(path)
     step = on_step or (lambda _: None)
     meta = read_weights_metadata(path)
-    if input_shape is None and rebuilt_from is not None and "fcconv.input_shape" not in meta:
+    from_reference = input_shape is None and rebuilt_from is not None and "fcconv.input_shape" not in meta
+    if from_reference:
         input_shape = rebuilt_from.input_shape
-    input_shape = _native_shape(path, input_shape, meta, [])
+    input_shape, source = _native_shape(path, input_shape, meta, [])
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
-    report = CheckReport(str(path), input_shape)
+    report = CheckReport(str(path), input_shape, input_shape_source=REFERENCE if from_reference else source)
     step("Hashing the weights…")
     tensors = read_weights(path)
     report.results.append(digest_verdict(state_dict_digest(tensors), meta, "tensors"))

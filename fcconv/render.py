@@ -159,7 +159,10 @@ def peaks_table(score_map: ScoreMap, peaks: list[Peak]) -> Table:
 
 def check_table(report: CheckReport) -> Table:
     """One row per check of ``fcconv check`` (per input size for the runs): shapes, verdict and why."""
-    table = Table(title=f"Check of {report.model} (native input {_dims(report.input_shape)})", title_justify="left")
+    native = f"native input {_dims(report.input_shape)}"
+    if report.input_shape_source == "declared":  # a model without metadata: say that its graph gave the size
+        native += ", as its input declares"
+    table = Table(title=f"Check of {report.model} ({native})", title_justify="left")
     several = any(result.output for result in report.results)
     for column in ("check", "input", *(("output",) if several else ()), "expected", "shape", "result", "details"):
         table.add_column(column)

@@ -37,6 +37,7 @@ def check_document(reports: Sequence[CheckReport]) -> dict[str, Any]:
             "model": report.model,
             "reference": None,
             "input_shape": list(report.input_shape),
+            "input_shape_source": report.input_shape_source,
             "passed": report.passed,
             "checks": [
                 _entry(
@@ -91,6 +92,7 @@ def verification_document(
         "model": str(model),
         "reference": str(reference),
         "input_shape": [int(s) for s in input_shape],
+        "input_shape_source": None,
         "passed": report.passed,
         "checks": checks,
     }

@@ -163,7 +163,7 @@ def check(
     with, run in onnxruntime at every size with the output size its total stride
     and receptive field predict, and give the original's output, which the export
     records, on a fixed input (--rtol, --atol). Checks that need fcconv's metadata are skipped on
-    other models.
+    other models, whose native size is --input-shape or the fixed size their input declares.
 
     A .pt2 program gets the checks that apply to it: free spatial axes (its range
     constraints), weights digest, the runs, output sizes and reference output. A

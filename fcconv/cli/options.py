@@ -170,7 +170,10 @@ ExportsArgument = Annotated[
 ]
 RecordedShapeOption = Annotated[
     Optional[str],
-    typer.Option("--input-shape", help="Native input size C,H,W. [default: the model's fcconv.input_shape metadata]"),
+    typer.Option(
+        "--input-shape",
+        help="Native input size C,H,W. [default: the model's fcconv.input_shape metadata, else its input's fixed size]",
+    ),
 ]
 RebuildFromOption = Annotated[
     Optional[Path],
