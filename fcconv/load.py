@@ -9,14 +9,17 @@ weights and never modifies the file. Loading asks what ``load_state_dict(strict=
 asks: the module versions ``torch.save`` records are kept, and non-persistent buffers,
 which no state_dict holds, come from the architecture's constructor. Their architecture
 is named by the caller, by a JSON model card of the same stem beside the file
-(``digits.pt`` + ``digits.json``, with ``arch`` and ``input_shape``), or detected by
-matching keys and shapes against torchvision's classifiers (GoogLeNet and Inception v3
-with or without their auxiliary classifiers).
+(``digits.pt`` + ``digits.json``, with ``arch`` and ``input_shape``), by the
+``config.json`` of a Hugging Face folder (``model.safetensors`` or ``pytorch_model.bin``
+beside it, naming one ``...ForImageClassification``), or detected by matching keys and
+shapes against torchvision's classifiers (GoogLeNet and Inception v3 with or without
+their auxiliary classifiers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.machinery
 import json
@@ -35,7 +38,7 @@ from torch import nn
 
 from fcconv.archive import load_exported_program, refused_global
 from fcconv.errors import BadInputError, reason
-from fcconv.files import check_archive_sizes, check_readable, file_format, read_model_card
+from fcconv.files import MODEL_CARD_LIMIT, check_archive_sizes, check_readable, file_format, read_model_card
 from fcconv.sizes import check_tensor_size, parse_input_shape
 
 __all__ = [
@@ -197,13 +200,17 @@ ARCHITECTURE_PACKAGES = ("torchvision.models", "timm", "fcconv.samples")
 def card_architecture_refusal(spec: str, card_path: Path, folders: Sequence[str | Path]) -> str | None:
     """Why the model card at ``card_path`` may not name ``spec`` (``module:callable``) without trust, or None.
 
-    A card may name an architecture of :data:`ARCHITECTURE_PACKAGES`, unless the module would
-    be found in one of ``folders`` (the checkpoint's, the working directory) instead of where
-    it is installed. Nothing is imported to find out.
+    A card may name an architecture of :data:`ARCHITECTURE_PACKAGES` or of a model zoo
+    (``timm:NAME``, ``hf:CLASS``), unless the module would be found in one of ``folders``
+    (the checkpoint's, the working directory) instead of where it is installed. Nothing is
+    imported to find out.
     """
-    shipped = code_beside(spec, folders)
+    zoo = _zoo(spec)
+    shipped = code_beside(f"{ZOOS[zoo[0]]}:" if zoo else spec, folders)
     if shipped is not None:
         return f"{card_path} names Python code as the architecture ({spec}): building it would run {shipped}"
+    if zoo:
+        return None
     module = spec.partition(":")[0]
     if not any(module == package or module.startswith(package + ".") for package in ARCHITECTURE_PACKAGES):
         return (
@@ -230,6 +237,144 @@ def code_beside(spec: str, folders: Sequence[str | Path]) -> Path | None:
     return None
 
 
+# The model zoos an architecture is named in by prefix, before package.module:callable is considered:
+# ``timm:NAME`` is timm's model NAME, ``hf:CLASS`` a transformers class built from the config.json beside the
+# weights. (A module of the working directory named timm or hf is not what these name.)
+ZOOS = {"timm": "timm", "hf": "transformers"}
+
+# The weights files of a Hugging Face model folder, beside its config.json.
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _zoo(arch: str) -> tuple[str, str] | None:
+    """``("timm", NAME)`` or ``("hf", CLASS)`` when ``arch`` names a model zoo's architecture, else None."""
+    prefix, colon, name = arch.partition(":")
+    return (prefix, name) if colon and prefix in ZOOS else None
+
+
+def _import_zoo(prefix: str, arch: str) -> Any:
+    """The zoo's package, imported only when an architecture names it: neither is a dependency of fcconv."""
+    package = ZOOS[prefix]
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise BadInputError(f"--arch {arch} needs the {package} package, which is not installed") from None
+    except Exception as exc:  # noqa: BLE001 - a broken installation is reported in one line
+        raise BadInputError(f"--arch {arch}: cannot import {package} ({reason(exc)})") from None
+
+
+def _build_zoo(
+    arch: str, num_classes: int | None, config_dir: str | Path | None, building: Any, real_buffers: bool
+) -> nn.Module:
+    """Build a timm model (``num_classes`` from the checkpoint) or a transformers class from its config.json."""
+    prefix, name = _zoo(arch)  # type: ignore[misc]
+    if prefix == "timm":
+        timm = _import_zoo(prefix, arch)
+        if not name or not timm.is_model(name):
+            raise BadInputError(f"--arch {arch}: timm has no model {name!r}{_close_timm_names(timm, name)}")
+        kwargs: dict[str, Any] = {"pretrained": False}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        return _built(arch, building, real_buffers, lambda: timm.create_model(name, **kwargs))
+    transformers = _import_zoo(prefix, arch)
+    try:
+        cls = getattr(transformers, name, None) if name.isidentifier() else None
+    except Exception:  # noqa: BLE001 - a class whose own dependencies are missing
+        cls = None
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, transformers.PreTrainedModel)
+        and getattr(cls, "config_class", None) is not None
+    ):
+        raise BadInputError(
+            f"--arch {arch}: transformers has no model class {name!r} (hf: names one, e.g. ResNetForImageClassification)"
+        )
+    config = _hf_config(arch, cls, config_dir)
+    return _built(arch, building, real_buffers, lambda: cls(config))
+
+
+def _close_timm_names(timm: Any, name: str) -> str:
+    """`` (close: a, b)`` naming timm's models like ``name``, or where to find their names."""
+    close = timm.list_models(f"*{name}*")[:5] if name else []
+    close = close or difflib.get_close_matches(name, timm.list_models(), n=5)
+    return f" (close: {', '.join(close)})" if close else " (timm.list_models() names them)"
+
+
+def _hf_config(arch: str, cls: type, config_dir: str | Path | None) -> Any:
+    """``cls``'s configuration read from the config.json in ``config_dir``: local files only, nothing downloaded."""
+    if config_dir is None:
+        raise BadInputError(f"--arch {arch} is built from the config.json beside its weights; no folder was given")
+    path = Path(config_dir) / "config.json"
+    if not path.is_file():
+        raise BadInputError(f"--arch {arch}: no {path} beside the weights (a Hugging Face model is built from it)")
+    if path.stat().st_size > MODEL_CARD_LIMIT:
+        raise BadInputError(f"{path}: a config.json of {path.stat().st_size:,} bytes is not a model configuration")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise BadInputError(f"{path} is not a JSON object")
+    config_class = cls.config_class  # type: ignore[attr-defined]
+    expected, found = getattr(config_class, "model_type", ""), values.get("model_type")
+    if expected and found and found != expected:
+        raise BadInputError(f"{path} configures a {found} model, not the {expected} model {cls.__name__} is")
+    try:
+        return config_class.from_dict(values)
+    except Exception as exc:  # noqa: BLE001 - a configuration its class refuses
+        raise BadInputError(f"{path} is not a configuration of {cls.__name__} ({reason(exc)})") from None
+
+
+def _built(arch: str, building: Any, real_buffers: bool, make: Any) -> nn.Module:
+    """``make()`` on the meta device, or with real buffers where its constructor computes with them."""
+    try:
+        try:
+            with building():
+                return make()
+        except (NotImplementedError, RuntimeError):  # computing with a meta tensor's values (.item(), .tolist())
+            with _parameters_on_meta(buffers=not real_buffers):
+                return make()
+    except SystemExit as exc:
+        raise BadInputError(f"--arch {arch}: building it tried to end the process ({_exit_text(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - the zoo refusing its own arguments is bad input
+        raise BadInputError(f"--arch {arch}: building it failed ({reason(exc)})") from None
+
+
+def _hf_architecture_beside(path: Path) -> str | None:
+    """``hf:CLASS`` when ``path`` is a Hugging Face folder's weights and its config.json names one image classifier."""
+    config = path.parent / "config.json"
+    if path.name not in HF_WEIGHTS or not config.is_file() or config.stat().st_size > MODEL_CARD_LIMIT:
+        return None
+    try:
+        names = json.loads(config.read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str):
+        if names[0].isidentifier() and names[0].endswith("ForImageClassification"):
+            return f"hf:{names[0]}"
+    return None
+
+
+def _zoo_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The input size a timm model's pretrained configuration or a Hugging Face configuration gives, or None."""
+    size: Any = None
+    pretrained = getattr(model, "pretrained_cfg", None)
+    if isinstance(pretrained, Mapping):
+        size = pretrained.get("input_size")
+    config = getattr(model, "config", None)
+    if size is None and config is not None:
+        side = getattr(config, "image_size", None)
+        side = (side, side) if isinstance(side, int) else side
+        if isinstance(side, (list, tuple)) and len(side) == 2:
+            size = (getattr(config, "num_channels", 3), *side)
+    if not isinstance(size, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        return None
+    try:
+        return parse_input_shape(list(size))
+    except BadInputError:  # a configuration's size no input can have: the default stands
+        return None
+
+
 def build_architecture(
     arch: str,
     num_classes: int | None = None,
@@ -237,11 +382,14 @@ def build_architecture(
     search_dirs: Sequence[str] | None = None,
     aux_logits: bool = False,
     real_buffers: bool = False,
+    config_dir: str | Path | None = None,
 ) -> nn.Module:
     """Build ``arch`` on the meta device (no memory, no initialisation).
 
     ``arch`` is a torchvision classification model name (``vgg16``, or a video
-    classifier such as ``r3d_18``) or ``package.module:callable``, a class or
+    classifier such as ``r3d_18``), ``timm:NAME`` (timm's model NAME, with
+    ``num_classes``), ``hf:CLASS`` (a transformers class, built from the
+    ``config.json`` in ``config_dir``) or ``package.module:callable``, a class or
     factory taking no arguments, imported with ``search_dirs`` (default: the working
     directory) put first on ``sys.path``. ``aux_logits`` builds GoogLeNet and
     Inception v3 with their auxiliary classifiers (idle in eval mode). With
@@ -254,6 +402,8 @@ def build_architecture(
     def building() -> contextlib.AbstractContextManager:
         return _parameters_on_meta(buffers=False) if real_buffers else torch.device("meta")
 
+    if _zoo(arch):
+        return _build_zoo(arch, num_classes, config_dir, building, real_buffers)
     if ":" in arch:
         factory = _import_callable(arch, [os.getcwd()] if search_dirs is None else search_dirs)
         try:
@@ -270,7 +420,7 @@ def build_architecture(
     if arch not in torchvision_classifier_names():
         raise BadInputError(
             f"--arch {arch} is not a torchvision classification model (e.g. vgg16, resnet18, r3d_18) "
-            "nor package.module:callable"
+            "nor timm:NAME, hf:CLASS or package.module:callable"
         )
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
@@ -431,7 +581,7 @@ def detect_architecture(state: Mapping[str, torch.Tensor], path: Path) -> str:
     hint = f"; closest is {closest[1]}: {closest[2]}" if closest else ""
     raise BadInputError(
         f"{path} is a state_dict that fits no torchvision classifier{hint}; "
-        "name its architecture with --arch (a torchvision name or package.module:callable)"
+        "name its architecture with --arch (a torchvision name, timm:NAME, hf:CLASS or package.module:callable)"
     )
 
 
@@ -479,8 +629,10 @@ def load_model(
 
     ``path`` is a state_dict saved by torch.save (possibly wrapped by training code)
     or a safetensors file; its architecture is ``arch`` (from the argument or the model
-    card), else detected among torchvision's classifiers (:func:`detect_architecture`).
-    The class count is read from the last layer. A whole pickled module loads only
+    card), else the one image classifier a Hugging Face folder's config.json names
+    (``model.safetensors`` or ``pytorch_model.bin`` beside it), else detected among
+    torchvision's classifiers (:func:`detect_architecture`). The class count is read
+    from the last layer (a Hugging Face model's is its config's). A whole pickled module loads only
     with ``trust=True``. The model keeps the checkpoint's floating-point dtype (the
     dtype of most of its weights, where they differ) unless ``dtype`` is given.
     Every failure raises :class:`BadInputError` with one line.
@@ -522,14 +674,18 @@ def load_model(
             shape = tuple(input_shape or (native_input_shape(arch) if arch else None) or DEFAULT_INPUT_SHAPE)
             return LoadedModel(model, path, arch or type(obj).__name__, shape, card)
         state = _state_dict(obj, path)
+    arch = arch or _hf_architecture_beside(path)
     if not arch:
         arch = detect_architecture(state, path)
         detected = True
+    zoo = _zoo(arch)
+    # torchvision's and timm's builders take the class count; a callable and a Hugging Face config fix their own
+    sized = ":" not in arch or (zoo is not None and zoo[0] == "timm")
     aux_logits = bool(_aux_keys(arch, state)) if ":" not in arch else False
-    model = build_architecture(arch, search_dirs=search_dirs, aux_logits=aux_logits)
+    model = build_architecture(arch, search_dirs=search_dirs, aux_logits=aux_logits, config_dir=path.parent)
     num_classes = _num_classes(model, state)
-    if num_classes is not None and ":" not in arch:
-        model = build_architecture(arch, num_classes, aux_logits=aux_logits)
+    if num_classes is not None and sized:
+        model = build_architecture(arch, num_classes, aux_logits=aux_logits, config_dir=path.parent)
     problem = _fit_report(model, state)
     if problem:
         raise BadInputError(f"{path} does not fit {arch}: {problem}")
@@ -541,13 +697,14 @@ def load_model(
         model.load_state_dict(state, strict=True, assign=True)
     except Exception as exc:  # noqa: BLE001 - a module's own loading (its version checks) may refuse the file
         raise BadInputError(f"{path} does not load into {arch} ({reason(exc)})") from None
-    _fill_non_persistent_buffers(model, arch, num_classes if ":" not in arch else None, search_dirs, aux_logits)
+    _fill_non_persistent_buffers(model, arch, num_classes if sized else None, search_dirs, aux_logits, path.parent)
     on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise BadInputError(f"{path} does not fit {arch}: {on_meta[0]} is not in the file")
     if dtype is None:
         dtype = _main_dtype(state.values())
-    shape = tuple(input_shape or (native_input_shape(arch) if ":" not in arch else None) or DEFAULT_INPUT_SHAPE)
+    native = native_input_shape(arch) if ":" not in arch else _zoo_input_shape(model) if zoo else None
+    shape = tuple(input_shape or native or DEFAULT_INPUT_SHAPE)
     return LoadedModel(_cast(model.eval(), dtype), path, arch, shape, card, detected=detected)
 
 
@@ -555,7 +712,12 @@ DEFAULT_INPUT_SHAPE = (3, 224, 224)
 
 
 def _fill_non_persistent_buffers(
-    model: nn.Module, arch: str, num_classes: int | None, search_dirs: Sequence[str] | None, aux_logits: bool
+    model: nn.Module,
+    arch: str,
+    num_classes: int | None,
+    search_dirs: Sequence[str] | None,
+    aux_logits: bool,
+    config_dir: Path | None = None,
 ) -> None:
     """Give ``model``'s non-persistent buffers the values its constructor computes.
 
@@ -571,7 +733,9 @@ def _fill_non_persistent_buffers(
     wanted = {prefix: names for prefix, module in model.named_modules() if (names := on_meta(module))}
     if not wanted:
         return
-    built = build_architecture(arch, num_classes, search_dirs=search_dirs, aux_logits=aux_logits, real_buffers=True)
+    built = build_architecture(
+        arch, num_classes, search_dirs=search_dirs, aux_logits=aux_logits, real_buffers=True, config_dir=config_dir
+    )
     modules, fresh = dict(model.named_modules()), dict(built.named_modules())
     for prefix, names in wanted.items():
         for name in names:  # one of a different shape or dtype stays on meta, and is refused as not in the file

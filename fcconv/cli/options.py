@@ -9,7 +9,11 @@ import typer
 
 ArchOption = Annotated[
     Optional[str],
-    typer.Option("--arch", help="torchvision model name (vgg16, resnet18) or package.module:callable."),
+    typer.Option(
+        "--arch",
+        help="torchvision model name (vgg16, resnet18), timm:NAME (timm:resnet18), hf:CLASS (a transformers class, "
+        "built from the config.json beside the weights) or package.module:callable.",
+    ),
 ]
 InputShapeOption = Annotated[
     Optional[str],
