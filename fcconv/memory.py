@@ -14,6 +14,7 @@ check`` estimates an ONNX model's runs without it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -92,11 +93,16 @@ def _graph_activations(module: torch.fx.GraphModule, shape: Sequence[int]) -> tu
                         held[1] = max(held[1], last)
             return result
 
+    # an operator that refuses the size makes fake tensors log a traceback; here it only means no estimate
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, logger.disabled = logger.disabled, True
     try:
         with torch.inference_mode():
             output = Recorder(module).run(sample)
     except Exception:  # noqa: BLE001 - an operator fake tensors cannot run: no estimate
         return None
+    finally:
+        logger.disabled = disabled
     first = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
     return _peak(map(tuple, lifetimes.values())), tuple(first.shape) if first is not None else ()
 

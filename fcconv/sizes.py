@@ -47,10 +47,24 @@ def check_tensor_size(shape: Sequence[int], what: str) -> None:
         )
 
 
-def default_sizes(input_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    """The native spatial size, a larger odd non-square one, and twice the native size."""
+def default_sizes(input_shape: Sequence[int], step: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """The native spatial size, a larger odd non-square one, and twice the native size.
+
+    With ``step`` (per axis), for a trunk that takes only sizes a whole number of steps above the
+    native one (it adds an upsampled map to a skip connection): the native size plus the multiples
+    of the step nearest to those, a larger non-square one and about twice the native size.
+    """
     native = tuple(int(s) for s in input_shape[1:])
     factors = [1.25 if axis % 2 == 0 else 1.5 for axis in range(len(native))]
-    odd = tuple(max(s + 1, round(s * f)) | 1 for s, f in zip(native, factors))
-    double = tuple(2 * s for s in native)
-    return [native, odd, double]
+    if step is None:
+        odd = tuple(max(s + 1, round(s * f)) | 1 for s, f in zip(native, factors))
+        double = tuple(2 * s for s in native)
+        return [native, odd, double]
+    larger = [max(1, round(s * (f - 1) / k)) for s, f, k in zip(native, factors, step)]
+    for axis in range(1, len(native)):  # non-square where the native size is square
+        if native[axis] == native[0] and larger[axis] * step[axis] == larger[0] * step[0]:
+            larger[axis] += 1
+    twice = [max(1, round(s / k)) for s, k in zip(native, step)]
+    if twice == larger:  # one axis, or a non-square native size: three sizes all the same
+        twice = [n + 1 for n in twice]
+    return [native, *(tuple(s + n * k for s, n, k in zip(native, counts, step)) for counts in (larger, twice))]

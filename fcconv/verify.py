@@ -14,7 +14,9 @@ when ``max |converted - reference| <= atol + rtol * max |reference|``.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 from torch import fx, nn
 
 from fcconv import memory
@@ -48,12 +52,15 @@ __all__ = [
     "reference_outputs",
     "refuse_sizes_beyond_memory",
     "sliding_window_reference",
+    "verification_sizes",
     "verify",
 ]
 
 # Reduced precision rounds each product and partial sum; the defaults allow for it and are reported.
 RTOL_BY_DTYPE = {getattr(torch, name): rtol for name, rtol in RTOL_BY_DTYPE_NAME.items()}
 HEAD_CHUNK = 256  # windows per call of the original head
+# What a model raises for an input size it cannot take (torch: RuntimeError; timm's checks: AssertionError).
+SIZE_REFUSALS = (RuntimeError, ValueError, AssertionError, IndexError, OrtFail, OrtInvalidArgument)
 
 
 @dataclass(frozen=True)
@@ -260,7 +267,7 @@ def reference_outputs(
     """
     input_shape = tuple(int(s) for s in input_shape)
     native = input_shape[1:]
-    sizes = [tuple(int(s) for s in size) for size in (sizes or default_sizes(input_shape))]
+    sizes = [tuple(int(s) for s in size) for size in (sizes or [])]
     for size in sizes:
         if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
             shown, smallest = "×".join(map(str, size)), "×".join(map(str, native))
@@ -278,6 +285,7 @@ def reference_outputs(
             raise TypeError("reference_outputs: an original that is not a module needs its conversion")
         dtype = getattr(original, "dtype", torch.float32)
     dense, pool = conversion.geometry.dense, conversion.geometry.pool
+    sizes = sizes or verification_sizes(conversion, input_shape)
     refuse_sizes_beyond_memory(conversion, input_shape, sizes, dtype, batch)
     rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
@@ -292,14 +300,121 @@ def reference_outputs(
             # large input are the largest memory a conversion needs beside the weights.
             samples = x.split(1)
             expected = {}
-            if (size == native and not dense) or (size != native and eager_everywhere):
-                outputs = _concatenated([original(sample) for sample in samples])
-                expected["original"] = {
-                    name: out if pool else out.reshape(*out.shape, *(1,) * len(native)) for name, out in outputs.items()
-                }
-            expected["sliding window"] = _concatenated([sliding_window_reference(conversion, s) for s in samples])
+            try:
+                with _printed_unless_failing(failing_quietly=size != native):
+                    if (size == native and not dense) or (size != native and eager_everywhere):
+                        outputs = _concatenated([original(sample) for sample in samples])
+                        expected["original"] = {
+                            name: out if pool else out.reshape(*out.shape, *(1,) * len(native))
+                            for name, out in outputs.items()
+                        }
+                    expected["sliding window"] = _concatenated(
+                        [sliding_window_reference(conversion, s) for s in samples]
+                    )
+            except SIZE_REFUSALS as exc:
+                if size == native:  # the model was traced at this size: not a size it refuses
+                    raise
+                raise BadInputError(_size_refused(size, exc)) from exc
             references.cases.append(ReferenceCase(size, x, expected))
     return references
+
+
+def _size_refused(size: tuple[int, ...], exc: BaseException) -> str:
+    """One line: the original cannot run at ``size``, with its complaint shortened."""
+    complaint = " ".join(str(exc.__cause__ or exc).split()).split(" While executing")[0]
+    shown = "×".join(map(str, size))
+    return f"size {shown}: the original model cannot take it ({complaint[:200]}); verify at sizes it takes (--sizes)"
+
+
+@contextlib.contextmanager
+def _printed_unless_failing(failing_quietly: bool = True) -> Iterator[None]:
+    """Hold back what the block prints on stderr, and pass it on unless the block raises and ``failing_quietly``.
+
+    A traced module prints the lines of its generated code around the one that failed
+    before raising; the caller reports the failure in one line.
+    """
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        if not failing_quietly:
+            sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+
+
+def verification_sizes(conversion: Conversion | Any, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The sizes a verification runs at unless told: :func:`default_sizes` where the original's trunk takes them.
+
+    A trunk that adds an upsampled map to a skip connection (DLA, HRNet) or folds space
+    into channels (TResNet) takes only the native size plus whole steps; it is then
+    verified at the native size plus multiples of the smallest step it takes, a multiple
+    of its total stride (so that the sliding windows line up with its map). Which sizes
+    it takes is found on shapes alone; where that cannot be told, the default sizes.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    sizes = default_sizes(input_shape)
+    features = conversion.features
+    if not isinstance(features, fx.GraphModule):  # an ONNX trunk
+        return sizes
+    shapes = _trunk_shapes(features, input_shape[0])
+    native, double = sizes[0], tuple(2 * s for s in sizes[0])
+    if all(shapes(size) is not None for size in reversed(sizes[1:])) or shapes(native) is None:
+        return sizes
+    stride = _total_stride(native, shapes(native), shapes(double) or {})
+    tried = set()
+    for factor in (2**k for k in range(8)):
+        step = tuple(math.lcm(factor, s) for s in stride)
+        if step not in tried:
+            tried.add(step)
+            stepped = default_sizes(input_shape, step)
+            if all(shapes(size) is not None for size in stepped[1:]):
+                return stepped
+    return sizes
+
+
+def _total_stride(
+    native: tuple[int, ...], at_native: dict[str, tuple[int, ...]], at_double: dict[str, tuple[int, ...]]
+) -> tuple[int, ...]:
+    """Per axis, the input pixels per cell of the trunk's coarsest map: of the maps that grow with the input."""
+    stride = [1] * len(native)
+    for name, small in at_native.items():
+        large = at_double.get(name)
+        if len(small) != len(native) + 2 or large is None or len(large) != len(small):
+            continue
+        if all(b > a > 0 for a, b in zip(small[2:], large[2:])):
+            stride = [max(t, round(n / a)) for t, n, a in zip(stride, native, small[2:])]
+    return tuple(stride)
+
+
+def _trunk_shapes(features: fx.GraphModule, channels: int) -> Callable[[tuple[int, ...]], dict | None]:
+    """The shapes of ``features``'s nodes on an input of a spatial size, found on fake tensors (shapes alone);
+    None where the trunk refuses the size or fake tensors cannot tell."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fcconv.fx_trunk import _fake_tensor_errors_unlogged, _NodeShapes
+
+    params = [p for p in features.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    seen: dict[tuple[int, ...], dict | None] = {}
+
+    def shapes(size: tuple[int, ...]) -> dict | None:
+        if size not in seen:
+            fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with fake_mode:
+                sample = torch.empty((1, channels, *size), dtype=dtype, device=device)
+            prop = _NodeShapes(features, fake_mode)
+            try:
+                with _fake_tensor_errors_unlogged(), torch.no_grad():
+                    prop.run(sample)
+                seen[size] = prop.shapes
+            except Exception:  # noqa: BLE001 - a size the trunk refuses, or one fake tensors cannot tell
+                seen[size] = None
+        return seen[size]
+
+    return shapes
 
 
 def _original_reads_every_size(original: Any, conversion: Conversion) -> bool:
@@ -368,7 +483,8 @@ def compare_outputs(
             if on_size is not None:
                 on_size(case.input_size)
             try:
-                actual = run(case.input)
+                with _printed_unless_failing():
+                    actual = run(case.input)
             except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails the check, with the reason
                 text = " ".join(str(exc).split())[:300]
                 report.checks.append(SizeCheck(case.input_size, "-", (), (), math.inf, math.inf, math.inf, math.inf,
@@ -415,7 +531,7 @@ def verify(
 
     At the native size the reference is ``original``'s own output, reshaped to
     (N, K, 1, ...); at every size it is also :func:`sliding_window_reference`.
-    ``sizes`` are spatial sizes (default: :func:`default_sizes`); ``dense`` says how
+    ``sizes`` are spatial sizes (default: :func:`verification_sizes`); ``dense`` says how
     the model was converted (default: as recorded on ``converted``, else False), and
     so does ``pool`` ('avg' or 'max': the output is the pooled score map, (N, K)).
     A module converted with ``logits`` or ``until`` is compared with ``original``
@@ -424,7 +540,8 @@ def verify(
     bfloat16 (``RTOL_BY_DTYPE``); the report states the one used. On CUDA
     (``device="cuda"``, the models are moved there) float32 runs with TF32 off,
     so that convolutions and GEMMs round as the CPU does.
-    Returns a :class:`VerificationReport`; it does not raise when the check fails.
+    Returns a :class:`VerificationReport`; it does not raise when the check fails, and raises
+    :class:`BadInputError` naming a size other than the native one the original cannot take.
 
     The same as :func:`reference_outputs` followed by :func:`compare_outputs`, which a
     caller that wants to free the original before running the converted model uses.

@@ -91,7 +91,7 @@ def convert_file(
         **card_metadata(loaded.card),
     }
     del loaded
-    verifying = {"sizes": sizes, "rtol": rtol, "atol": atol, "device": device}
+    verifying = {"sizes": models.pop("sizes"), "rtol": rtol, "atol": atol, "device": device}
     if pytorch_out:
         return _convert_to_pytorch(models, target, metadata, verifying, report)
     return _convert_to_onnx(models, target, metadata, head_format, external_data, {**verifying, "dense": dense}, report)
@@ -99,9 +99,9 @@ def convert_file(
 
 def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, report) -> dict:
     """Load and rewrite ``model``; returns the models (``loaded``, ``as_loaded``, ``conversion``) in a dict the
-    callee empties, so that it can free them before the written file is read back."""
+    callee empties, so that it can free them before the written file is read back, and the verification ``sizes``."""
     from fcconv.rewrite import rewrite
-    from fcconv.verify import default_sizes, refuse_sizes_beyond_memory
+    from fcconv.verify import refuse_sizes_beyond_memory, verification_sizes
 
     loaded = load_checkpoint(model, arch, input_shape, trust, dtype, report)
     with report.stage("rewrite", "Rewriting the head…"):
@@ -111,9 +111,10 @@ def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, 
     # with logits or until the model converted, and verified against, is the original ended there
     as_loaded, loaded.module = loaded.module, conversion.source
     # the export runs the model at the native size: refuse sizes that cannot be verified before it
-    refuse_sizes_beyond_memory(conversion, loaded.input_shape, sizes or default_sizes(loaded.input_shape), loaded.dtype)
+    sizes = sizes or verification_sizes(conversion, loaded.input_shape)
+    refuse_sizes_beyond_memory(conversion, loaded.input_shape, sizes, loaded.dtype)
     report(HeadRewritten(conversion, f"{model.name} ({loaded.arch}): rewritten layers", pool=pool))
-    return {"loaded": loaded, "as_loaded": as_loaded, "conversion": conversion}
+    return {"loaded": loaded, "as_loaded": as_loaded, "conversion": conversion, "sizes": sizes}
 
 
 def _convert_to_onnx(

@@ -64,8 +64,9 @@ def references(loaded, dense, sizes, rtol, atol, device, report: Reporter, conve
     """The original's outputs on the verification inputs (:func:`~fcconv.verify.reference_outputs`)."""
     from fcconv.verify import default_sizes, reference_outputs
 
-    sizes = sizes or default_sizes(loaded.input_shape)
-    with report.per_size("references", "Running the original", "Running the original", len(sizes)) as on_size:
+    # unless given, the sizes are chosen with the trunk in hand (verification_sizes): as many as default_sizes
+    count = len(sizes or default_sizes(loaded.input_shape))
+    with report.per_size("references", "Running the original", "Running the original", count) as on_size:
         return reference_outputs(
             loaded.module, loaded.input_shape, sizes=sizes, dense=dense, pool=pool, rtol=rtol, atol=atol, device=device,
             conversion=conversion, on_size=on_size,
