@@ -115,12 +115,15 @@ class SlidingWindowHead(nn.Module):
 
     Returns (N, K, *map), or one such map per output in the container the head
     returns (a tuple or dict) for a head with several outputs. ``chunk`` bounds how
-    many windows the head sees per call.
+    many windows the head sees per call. ``features`` reads the map in place of the
+    conversion's trunk (:func:`eager_map_reader`).
     """
 
-    def __init__(self, conversion: Conversion, chunk: int | None = None) -> None:
+    def __init__(
+        self, conversion: Conversion, chunk: int | None = None, features: Callable[[torch.Tensor], Any] | None = None
+    ) -> None:
         super().__init__()
-        self.features = conversion.features
+        self.features = conversion.features if features is None else features
         self.head = conversion.head
         self.window = conversion.geometry.window
         self.stride = conversion.geometry.stride
@@ -163,6 +166,49 @@ def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> Any:
     A head with several outputs gives one such tensor per output, in the head's container.
     """
     return SlidingWindowHead(conversion, chunk=HEAD_CHUNK)(x)
+
+
+class _MapRead(Exception):
+    """Ends the original's run once the map the head reads has been computed."""
+
+
+def eager_map_reader(original: nn.Module, conversion: Conversion) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The original's own map at the head's input, as its eager run computes it; None where no module computes it.
+
+    A trunk captured by torch.export may hold a value fixed at the native size, and a head
+    that reads a window cannot take a larger input, so the original's own output is no
+    reference there. The map is read instead with a hook on the module whose call gives
+    it (its call at the same place among its calls, for a module called more than once), and the run stops there.
+    """
+    graph = conversion.features.graph
+    entry = next(node for node in graph.nodes if node.op == "output").args[0]
+    if not isinstance(entry, fx.Node) or entry.op != "call_module":
+        return None
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target == entry.target]
+    try:
+        module = original.get_submodule(str(entry.target))
+    except AttributeError:
+        return None
+    index = calls.index(entry)
+
+    def read(x: torch.Tensor) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+            seen.append(output)
+            if len(seen) > index:
+                raise _MapRead
+
+        handle = module.register_forward_hook(keep)
+        try:
+            original(x)
+        except _MapRead:
+            return seen[index]
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the original's run did not call {entry.target} {index + 1} times")
+
+    return read
 
 
 def compare_reading(
@@ -291,6 +337,10 @@ def reference_outputs(
     generator = torch.Generator().manual_seed(seed)
     references = References([], rtol, atol, dtype, device)
     eager_everywhere = _original_reads_every_size(original, conversion)
+    eager_map = None
+    if getattr(conversion, "captured_by", None) == EXPORT and not eager_everywhere:
+        if isinstance(original, nn.Module) and not isinstance(original, fx.GraphModule):
+            eager_map = eager_map_reader(original, conversion)
     with full_float32_precision():
         for size in sizes:
             if on_size is not None:
@@ -308,9 +358,8 @@ def reference_outputs(
                             name: out if pool else out.reshape(*out.shape, *(1,) * len(native))
                             for name, out in outputs.items()
                         }
-                    expected["sliding window"] = _concatenated(
-                        [sliding_window_reference(conversion, s) for s in samples]
-                    )
+                    sliding = SlidingWindowHead(conversion, chunk=HEAD_CHUNK, features=eager_map)
+                    expected["sliding window"] = _concatenated([sliding(s) for s in samples])
             except SIZE_REFUSALS as exc:
                 if size == native:  # the model was traced at this size: not a size it refuses
                     raise

@@ -363,3 +363,29 @@ def test_an_export_that_fixed_an_axis_under_a_window_head_is_refused_since_nothi
         NotConvertibleError, match=r"^torch.export fixed the input's height at 10 and width at 10 .*keep that size"
     ):
         fcconv.rewrite(model, (3, 10, 10))
+
+
+class WidthParityFlattened(nn.Module):
+    """A Python branch on the map's width (fx cannot trace it, the export keeps the native one), a flatten head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if x.shape[-1] % 2 == 0:
+            x = 2 * x
+        return self.fc(torch.flatten(self.conv2(x), 1))
+
+
+def test_a_size_branch_the_export_kept_under_a_window_head_is_caught_by_the_originals_own_map():
+    # the original cannot take a larger input (its Linear reads 6×6), so its map is read where the head starts
+    model = seeded(WidthParityFlattened)
+    conversion = fcconv.rewrite(model, (3, 10, 10))
+    assert conversion.captured_by == EXPORT and conversion.geometry.window == (6, 6)
+    report = verify(model, conversion.module, (3, 10, 10), sizes=[(10, 10), (12, 14), (12, 13)], conversion=conversion)
+    verdicts = {(check.input_size, check.reference): check.passed for check in report.checks}
+    assert verdicts[((10, 10), "sliding window")] and verdicts[((12, 14), "sliding window")]
+    assert not verdicts[((12, 13), "sliding window")] and not report.passed
