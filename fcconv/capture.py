@@ -58,8 +58,19 @@ __all__ = [
 CAPTURED_BY = "fcconv_captured_by"
 """The key of ``GraphModule.meta`` that names the capture a graph came from: :data:`EXPORT` or :data:`FX`."""
 EXPORT, FX = "torch.export", "torch.fx"
-EXPORT_SECONDS = float(os.environ.get("FCCONV_EXPORT_SECONDS", "20"))
-"""How long torch.export may take before the model is traced with torch.fx instead (``FCCONV_EXPORT_SECONDS``)."""
+
+
+def _seconds_from_environment(default: float = 20.0) -> float:
+    """``FCCONV_EXPORT_SECONDS`` as a number of seconds; the default where it is unset or not a number."""
+    try:
+        return float(os.environ.get("FCCONV_EXPORT_SECONDS", default))
+    except ValueError:
+        return default
+
+
+EXPORT_SECONDS = _seconds_from_environment()
+"""How long torch.export may take before the model is traced with torch.fx instead (``FCCONV_EXPORT_SECONDS``;
+0 for no limit)."""
 
 
 def captures(model: nn.Module, input_shape: tuple[int, ...]) -> Iterator[fx.GraphModule]:
