@@ -19,7 +19,6 @@ their auxiliary classifiers).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import importlib.machinery
 import json
@@ -38,8 +37,17 @@ from torch import nn
 
 from fcconv.archive import load_exported_program, refused_global
 from fcconv.errors import BadInputError, reason
-from fcconv.files import MODEL_CARD_LIMIT, check_archive_sizes, check_readable, file_format, read_model_card
+from fcconv.files import check_archive_sizes, check_readable, file_format, read_model_card
 from fcconv.sizes import check_tensor_size, parse_input_shape
+from fcconv.zoos import (
+    ZOOS,
+    build_zoo_model,
+    exit_text,
+    hf_architecture_beside,
+    parameters_on_meta,
+    zoo_input_shape,
+    zoo_prefix,
+)
 
 __all__ = [
     "LoadedModel",
@@ -177,7 +185,7 @@ def _import_callable(spec: str, search_dirs: Sequence[str]) -> Any:
         module = importlib.import_module(module_name)
     except SystemExit as exc:
         raise BadInputError(
-            f"--arch {spec}: importing {module_name} tried to end the process ({_exit_text(exc)})"
+            f"--arch {spec}: importing {module_name} tried to end the process ({exit_text(exc)})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - report the import failure in one line
         raise BadInputError(f"--arch {spec}: cannot import {module_name} ({reason(exc)})") from None
@@ -187,13 +195,6 @@ def _import_callable(spec: str, search_dirs: Sequence[str]) -> Any:
         raise BadInputError(f"--arch {spec}: {module_name} has no attribute {attr}") from None
 
 
-def _exit_text(exc: SystemExit) -> str:
-    return f"sys.exit({exc.code!r})"
-
-
-# The packages of architectures a model card may name without --trust: building one of their
-# models runs only the package's own code. Any other callable (builtins:input, os:fork) is code
-# the card chose to run.
 ARCHITECTURE_PACKAGES = ("torchvision.models", "timm", "fcconv.samples")
 
 
@@ -205,7 +206,7 @@ def card_architecture_refusal(spec: str, card_path: Path, folders: Sequence[str 
     (the checkpoint's, the working directory) instead of where it is installed. Nothing is
     imported to find out.
     """
-    zoo = _zoo(spec)
+    zoo = zoo_prefix(spec)
     shipped = code_beside(f"{ZOOS[zoo[0]]}:" if zoo else spec, folders)
     if shipped is not None:
         return f"{card_path} names Python code as the architecture ({spec}): building it would run {shipped}"
@@ -240,141 +241,6 @@ def code_beside(spec: str, folders: Sequence[str | Path]) -> Path | None:
 # The model zoos an architecture is named in by prefix, before package.module:callable is considered:
 # ``timm:NAME`` is timm's model NAME, ``hf:CLASS`` a transformers class built from the config.json beside the
 # weights. (A module of the working directory named timm or hf is not what these name.)
-ZOOS = {"timm": "timm", "hf": "transformers"}
-
-# The weights files of a Hugging Face model folder, beside its config.json.
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
-def _zoo(arch: str) -> tuple[str, str] | None:
-    """``("timm", NAME)`` or ``("hf", CLASS)`` when ``arch`` names a model zoo's architecture, else None."""
-    prefix, colon, name = arch.partition(":")
-    return (prefix, name) if colon and prefix in ZOOS else None
-
-
-def _import_zoo(prefix: str, arch: str) -> Any:
-    """The zoo's package, imported only when an architecture names it: neither is a dependency of fcconv."""
-    package = ZOOS[prefix]
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise BadInputError(f"--arch {arch} needs the {package} package, which is not installed") from None
-    except Exception as exc:  # noqa: BLE001 - a broken installation is reported in one line
-        raise BadInputError(f"--arch {arch}: cannot import {package} ({reason(exc)})") from None
-
-
-def _build_zoo(
-    arch: str, num_classes: int | None, config_dir: str | Path | None, building: Any, real_buffers: bool
-) -> nn.Module:
-    """Build a timm model (``num_classes`` from the checkpoint) or a transformers class from its config.json."""
-    prefix, name = _zoo(arch)  # type: ignore[misc]
-    if prefix == "timm":
-        timm = _import_zoo(prefix, arch)
-        if not name or not timm.is_model(name):
-            raise BadInputError(f"--arch {arch}: timm has no model {name!r}{_close_timm_names(timm, name)}")
-        kwargs: dict[str, Any] = {"pretrained": False}
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        return _built(arch, building, real_buffers, lambda: timm.create_model(name, **kwargs))
-    transformers = _import_zoo(prefix, arch)
-    try:
-        cls = getattr(transformers, name, None) if name.isidentifier() else None
-    except Exception:  # noqa: BLE001 - a class whose own dependencies are missing
-        cls = None
-    if not (
-        isinstance(cls, type)
-        and issubclass(cls, transformers.PreTrainedModel)
-        and getattr(cls, "config_class", None) is not None
-    ):
-        raise BadInputError(
-            f"--arch {arch}: transformers has no model class {name!r} (hf: names one, e.g. ResNetForImageClassification)"
-        )
-    config = _hf_config(arch, cls, config_dir)
-    return _built(arch, building, real_buffers, lambda: cls(config))
-
-
-def _close_timm_names(timm: Any, name: str) -> str:
-    """`` (close: a, b)`` naming timm's models like ``name``, or where to find their names."""
-    close = timm.list_models(f"*{name}*")[:5] if name else []
-    close = close or difflib.get_close_matches(name, timm.list_models(), n=5)
-    return f" (close: {', '.join(close)})" if close else " (timm.list_models() names them)"
-
-
-def _hf_config(arch: str, cls: type, config_dir: str | Path | None) -> Any:
-    """``cls``'s configuration read from the config.json in ``config_dir``: local files only, nothing downloaded."""
-    if config_dir is None:
-        raise BadInputError(f"--arch {arch} is built from the config.json beside its weights; no folder was given")
-    path = Path(config_dir) / "config.json"
-    if not path.is_file():
-        raise BadInputError(f"--arch {arch}: no {path} beside the weights (a Hugging Face model is built from it)")
-    if path.stat().st_size > MODEL_CARD_LIMIT:
-        raise BadInputError(f"{path}: a config.json of {path.stat().st_size:,} bytes is not a model configuration")
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(values, dict):
-        raise BadInputError(f"{path} is not a JSON object")
-    config_class = cls.config_class  # type: ignore[attr-defined]
-    expected, found = getattr(config_class, "model_type", ""), values.get("model_type")
-    if expected and found and found != expected:
-        raise BadInputError(f"{path} configures a {found} model, not the {expected} model {cls.__name__} is")
-    try:
-        return config_class.from_dict(values)
-    except Exception as exc:  # noqa: BLE001 - a configuration its class refuses
-        raise BadInputError(f"{path} is not a configuration of {cls.__name__} ({reason(exc)})") from None
-
-
-def _built(arch: str, building: Any, real_buffers: bool, make: Any) -> nn.Module:
-    """``make()`` on the meta device, or with real buffers where its constructor computes with them."""
-    try:
-        try:
-            with building():
-                return make()
-        except (NotImplementedError, RuntimeError):  # computing with a meta tensor's values (.item(), .tolist())
-            with _parameters_on_meta(buffers=not real_buffers):
-                return make()
-    except SystemExit as exc:
-        raise BadInputError(f"--arch {arch}: building it tried to end the process ({_exit_text(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - the zoo refusing its own arguments is bad input
-        raise BadInputError(f"--arch {arch}: building it failed ({reason(exc)})") from None
-
-
-def _hf_architecture_beside(path: Path) -> str | None:
-    """``hf:CLASS`` when ``path`` is a Hugging Face folder's weights and its config.json names one image classifier."""
-    config = path.parent / "config.json"
-    if path.name not in HF_WEIGHTS or not config.is_file() or config.stat().st_size > MODEL_CARD_LIMIT:
-        return None
-    try:
-        names = json.loads(config.read_text()).get("architectures")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str):
-        if names[0].isidentifier() and names[0].endswith("ForImageClassification"):
-            return f"hf:{names[0]}"
-    return None
-
-
-def _zoo_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The input size a timm model's pretrained configuration or a Hugging Face configuration gives, or None."""
-    size: Any = None
-    pretrained = getattr(model, "pretrained_cfg", None)
-    if isinstance(pretrained, Mapping):
-        size = pretrained.get("input_size")
-    config = getattr(model, "config", None)
-    if size is None and config is not None:
-        side = getattr(config, "image_size", None)
-        side = (side, side) if isinstance(side, int) else side
-        if isinstance(side, (list, tuple)) and len(side) == 2:
-            size = (getattr(config, "num_channels", 3), *side)
-    if not isinstance(size, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
-        return None
-    try:
-        return parse_input_shape(list(size))
-    except BadInputError:  # a configuration's size no input can have: the default stands
-        return None
-
-
 def build_architecture(
     arch: str,
     num_classes: int | None = None,
@@ -400,17 +266,17 @@ def build_architecture(
     import torchvision
 
     def building() -> contextlib.AbstractContextManager:
-        return _parameters_on_meta(buffers=False) if real_buffers else torch.device("meta")
+        return parameters_on_meta(buffers=False) if real_buffers else torch.device("meta")
 
-    if _zoo(arch):
-        return _build_zoo(arch, num_classes, config_dir, building, real_buffers)
+    if zoo_prefix(arch):
+        return build_zoo_model(arch, num_classes, config_dir, building, real_buffers)
     if ":" in arch:
         factory = _import_callable(arch, [os.getcwd()] if search_dirs is None else search_dirs)
         try:
             with building():
                 model = factory()
         except SystemExit as exc:
-            raise BadInputError(f"--arch {arch}: calling it tried to end the process ({_exit_text(exc)})") from None
+            raise BadInputError(f"--arch {arch}: calling it tried to end the process ({exit_text(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - user code failing is bad input
             raise BadInputError(f"--arch {arch}: calling it failed ({reason(exc)})") from None
         if not isinstance(model, nn.Module):
@@ -432,7 +298,7 @@ def build_architecture(
         with building():
             return torchvision.models.get_model(arch, **kwargs)
     except NotImplementedError:  # builders that compute their widths with tensors (RegNet) need real ones
-        with _parameters_on_meta(buffers=not real_buffers):
+        with parameters_on_meta(buffers=not real_buffers):
             return torchvision.models.get_model(arch, **kwargs)
 
 
@@ -445,28 +311,6 @@ def _aux_keys(arch: str, keys: Iterable[str]) -> set[str]:
     """The keys among ``keys`` that belong to ``arch``'s auxiliary classifiers, if it has any."""
     prefixes = AUX_HEADS.get(arch, ())
     return {k for k in keys if k.startswith(prefixes)} if prefixes else set()
-
-
-@contextlib.contextmanager
-def _parameters_on_meta(buffers: bool = True) -> Iterator[None]:
-    """Build modules with each parameter, and each buffer unless ``buffers`` is False, moved to meta as registered."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def parameter_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(self, name, param)
-
-    def buffer_on_meta(self: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
-
-    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign]
-    if buffers:
-        nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
 def torchvision_classifier_names() -> list[str]:
@@ -674,11 +518,11 @@ def load_model(
             shape = tuple(input_shape or (native_input_shape(arch) if arch else None) or DEFAULT_INPUT_SHAPE)
             return LoadedModel(model, path, arch or type(obj).__name__, shape, card)
         state = _state_dict(obj, path)
-    arch = arch or _hf_architecture_beside(path)
+    arch = arch or hf_architecture_beside(path)
     if not arch:
         arch = detect_architecture(state, path)
         detected = True
-    zoo = _zoo(arch)
+    zoo = zoo_prefix(arch)
     # torchvision's and timm's builders take the class count; a callable and a Hugging Face config fix their own
     sized = ":" not in arch or (zoo is not None and zoo[0] == "timm")
     aux_logits = bool(_aux_keys(arch, state)) if ":" not in arch else False
@@ -703,7 +547,7 @@ def load_model(
         raise BadInputError(f"{path} does not fit {arch}: {on_meta[0]} is not in the file")
     if dtype is None:
         dtype = _main_dtype(state.values())
-    native = native_input_shape(arch) if ":" not in arch else _zoo_input_shape(model) if zoo else None
+    native = native_input_shape(arch) if ":" not in arch else zoo_input_shape(model) if zoo else None
     shape = tuple(input_shape or native or DEFAULT_INPUT_SHAPE)
     return LoadedModel(_cast(model.eval(), dtype), path, arch, shape, card, detected=detected)
 
