@@ -51,16 +51,25 @@ def read_model_card(path: Path) -> dict[str, Any]:
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         return {}
-    if card_path.stat().st_size > MODEL_CARD_LIMIT:
-        raise BadInputError(f"{card_path}: a model card of {card_path.stat().st_size:,} bytes is not a model card")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{card_path}: model card is not valid JSON ({exc})") from None
-    if not isinstance(card, dict):
-        raise BadInputError(f"{card_path}: model card is not a JSON object")
+    card = read_json_object(card_path, "model card")
     card["_dir"] = str(card_path.parent.resolve())
     return card
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a model card, a model's configuration), refused in one line when it is none.
+
+    Read only up to :data:`MODEL_CARD_LIMIT`: such a file is a few kilobytes, and one that is not is not one.
+    """
+    if path.stat().st_size > MODEL_CARD_LIMIT:
+        raise BadInputError(f"{path}: a {what} of {path.stat().st_size:,} bytes is not a {what}")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise BadInputError(f"{path}: {what} is not a JSON object")
+    return values
 
 
 def check_readable(path: Path, kind: str = "checkpoint") -> None:

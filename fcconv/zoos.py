@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from fcconv.errors import BadInputError, reason
-from fcconv.files import MODEL_CARD_LIMIT
+from fcconv.files import read_json_object
 from fcconv.sizes import parse_input_shape
 
 __all__ = [
@@ -125,14 +124,7 @@ def _hf_config(arch: str, cls: type, config_dir: str | Path | None) -> Any:
     path = Path(config_dir) / "config.json"
     if not path.is_file():
         raise BadInputError(f"--arch {arch}: no {path} beside the weights (a Hugging Face model is built from it)")
-    if path.stat().st_size > MODEL_CARD_LIMIT:
-        raise BadInputError(f"{path}: a config.json of {path.stat().st_size:,} bytes is not a model configuration")
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(values, dict):
-        raise BadInputError(f"{path} is not a JSON object")
+    values = read_json_object(path, "model configuration")
     config_class = cls.config_class  # type: ignore[attr-defined]
     expected, found = getattr(config_class, "model_type", ""), values.get("model_type")
     if expected and found and found != expected:
@@ -161,11 +153,11 @@ def _built(arch: str, building: Any, real_buffers: bool, make: Any) -> nn.Module
 def hf_architecture_beside(path: Path) -> str | None:
     """``hf:CLASS`` when ``path`` is a Hugging Face folder's weights and its config.json names one image classifier."""
     config = path.parent / "config.json"
-    if path.name not in HF_WEIGHTS or not config.is_file() or config.stat().st_size > MODEL_CARD_LIMIT:
+    if path.name not in HF_WEIGHTS or not config.is_file():
         return None
     try:
-        names = json.loads(config.read_text()).get("architectures")
-    except (OSError, ValueError, AttributeError):
+        names = read_json_object(config, "model configuration").get("architectures")
+    except BadInputError:
         return None
     if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str):
         if names[0].isidentifier() and names[0].endswith("ForImageClassification"):
