@@ -244,6 +244,79 @@ def _refuse_token_sequence(
             )
 
 
+# Products of two activations: attention's query-key and attention-value products, by their
+# names as torch.fx (functions, methods) and torch.export (ATen operators) write them.
+_PRODUCTS = {"matmul", "__matmul__", "bmm", "baddbmm", "mm", "einsum", "multi_head_attention_forward"}
+
+
+def _call_name(node: fx.Node) -> str:
+    """A call's bare name: ``matmul`` for ``torch.matmul``, ``operator.matmul``, ``.matmul()`` and ``aten.matmul.default``."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return name.removeprefix("aten.").split(".")[0]
+
+
+def _module_path(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """The module a node runs in (``blocks.0.attn``) where the capture recorded it, else the node itself."""
+    if node.op == "call_module":
+        return _describe(node, modules)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), (None, None))[0] if stack else None
+    return f"{path} ({_call_name(node)})" if path else _describe(node, modules)
+
+
+def _refuse_token_mixing(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], live: set[fx.Node], input_shape: tuple[int, ...]
+) -> None:
+    """Refuse, naming the layer, a model that mixes all positions of its map with each other.
+
+    Attention (a product of two activations) and a Linear across an axis that grows with
+    the input (MLP-Mixer's token mixing) make every output read the whole input, so no
+    output is a sliding window's reading. Asked only where no collapse of a feature map
+    was found.
+    """
+    larger, refused_at, _ = _larger_input_shapes(gm, input_shape)
+    mixers: list[tuple[fx.Node, str]] = []
+    for node in gm.graph.nodes:
+        if node not in live or node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.op == "call_module" and isinstance(modules[node.target], nn.MultiheadAttention):
+            mixers.append((node, "is attention"))
+        elif (
+            node.op != "call_module"
+            and (_call_name(node) in _PRODUCTS or "scaled_dot_product" in _call_name(node))
+            and len([a for a in node.all_input_nodes if a in live]) >= 2
+        ):
+            mixers.append((node, "multiplies two activations (attention)"))
+        elif _is_linear_call(node, modules) and _grows(node.args[0], larger, refused_at is node):
+            mixing = f"is a Linear across the {_shape(node.args[0])[-1]} positions of the map (token mixing)"
+            mixers.append((node, mixing))
+    if mixers:
+        node, mixing = mixers[0]
+        raise NotConvertibleError(
+            f"{_module_path(node, modules)} {mixing}: every position of the map is mixed with every other, so "
+            "no output reads a window of the input and the model has no fully convolutional form"
+        )
+    if refused_at is not None:  # what stops a larger input before any layer is seen to mix positions
+        _probe_larger_input(gm, input_shape, modules)
+
+
+def _is_linear_call(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Linear)
+    return node.op == "call_function" and _call_name(node) == "linear"
+
+
+def _grows(node: Any, larger: dict[str, tuple[int, ...]], refused: bool) -> bool:
+    """Whether ``node``'s last axis grows with the input: longer at twice the native size, or the Linear
+    reading it refused that size."""
+    native = _shape(node) if isinstance(node, fx.Node) else None
+    if not native:
+        return False
+    at_double = larger.get(node.name)
+    return refused if at_double is None else len(at_double) == len(native) and at_double[-1] > native[-1]
+
+
 def _refuse_class_token(
     gm: fx.GraphModule, modules: dict[str, nn.Module], live: set[fx.Node], input_shape: tuple[int, ...]
 ) -> None:
@@ -329,10 +402,11 @@ def _fake_tensor_errors_unlogged() -> Iterator[None]:
         logger.disabled = disabled
 
 
-def _probe_larger_input(
-    features: fx.GraphModule, input_shape: tuple[int, ...], modules: dict[str, nn.Module]
-) -> dict[str, tuple[int, ...]]:
-    """Shapes of the trunk's nodes at twice the native size; refuse the model when its trunk cannot take it."""
+def _larger_input_shapes(
+    features: fx.GraphModule, input_shape: tuple[int, ...]
+) -> tuple[dict[str, tuple[int, ...]], fx.Node | None, Exception | None]:
+    """Shapes of the trunk's nodes at twice the native size, on fake tensors; where the trunk cannot take that
+    size, the shapes up to it, the node that refused it and why."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     large = (input_shape[0], *(2 * s for s in input_shape[1:]))
@@ -346,8 +420,17 @@ def _probe_larger_input(
     try:
         with _fake_tensor_errors_unlogged():
             prop.run(sample)
-    except Exception as exc:  # noqa: BLE001 - the trunk refused the larger input: say where and why
-        node = prop.current
+    except Exception as exc:  # noqa: BLE001 - the trunk refused the larger input: the caller says where and why
+        return prop.shapes, prop.current, exc
+    return prop.shapes, None, None
+
+
+def _probe_larger_input(
+    features: fx.GraphModule, input_shape: tuple[int, ...], modules: dict[str, nn.Module]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the trunk's nodes at twice the native size; refuse the model when its trunk cannot take it."""
+    shapes, node, exc = _larger_input_shapes(features, input_shape)
+    if exc is not None:
         where = ""
         if node is not None:
             where = _describe(node, modules) if node.op != "call_module" or node.target in modules else node.name
@@ -357,12 +440,12 @@ def _probe_larger_input(
                 where += f" in {path} ({getattr(cls, '__name__', cls)})"
         cause = exc.__cause__ or exc
         text = " ".join(str(cause).split()).split(" While executing")[0][:200]
-        native, bigger = "×".join(map(str, input_shape[1:])), "×".join(map(str, large[1:]))
+        native, bigger = "×".join(map(str, input_shape[1:])), "×".join(map(str, (2 * s for s in input_shape[1:])))
         raise NotConvertibleError(
             f"{where or 'the trunk'} cannot take a {bigger} input ({text}): the layers before the head are fixed "
             f"to the native {native} size, so the model cannot be made fully convolutional"
         ) from exc
-    return prop.shapes
+    return shapes
 
 
 def _pointwise_linears(

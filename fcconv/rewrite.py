@@ -70,6 +70,7 @@ from fcconv.fx_trunk import (
     _probe_larger_input,
     _refuse_class_token,
     _refuse_size_dependent_trunk,
+    _refuse_token_mixing,
     _refuse_token_sequence,
     _size_generic_replacements,
 )
@@ -251,6 +252,7 @@ def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
     if collapse is None:
         _refuse_token_sequence(gm, modules, rank, live, input_shape)
         _refuse_class_token(gm, modules, live, input_shape)
+        _refuse_token_mixing(gm, modules, live, input_shape)
         out_shapes = [_shape(n) for n in graph.nodes if n.op == "output"]
         raise NotConvertibleError(
             "no flatten, view, reshape, mean or global pooling of a "

@@ -167,6 +167,59 @@ def test_maxvit_is_refused_because_its_attention_partitions_are_fixed_to_the_nat
         fcconv.analyze(build_architecture("maxvit_t"), native_input_shape("maxvit_t"))
 
 
+class _Patches(nn.Module):
+    """A patch embedding into a token sequence (N, T, C), with no position embedding and no class token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 24, 8, stride=8)
+
+    def forward(self, x):
+        return self.embed(x).flatten(2).transpose(1, 2)
+
+
+class TokenMixer(_Patches):
+    """MLP-Mixer's token mixing: a Linear across the token axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        tokens = super().forward(x)
+        tokens = tokens + self.mix(tokens.transpose(1, 2)).transpose(1, 2)
+        return self.head(tokens.mean(1))
+
+
+class TokenAttention(_Patches):
+    """Global self-attention over the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(24, 72)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        tokens = super().forward(x)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        tokens = tokens + torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+        return self.head(tokens.mean(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        (TokenMixer, r"^mix \(Linear\) is a Linear across the 16 positions of the map \(token mixing\)"),
+        (TokenAttention, r"^matmul\w* \(matmul\) multiplies two activations \(attention\)"),
+    ],
+)
+def test_a_model_that_mixes_every_position_with_every_other_is_refused_naming_the_layer(model, named):
+    with pytest.raises(NotConvertibleError, match=named) as refused:
+        fcconv.analyze(seeded(model), (3, 32, 32))
+    assert "no output reads a window of the input" in str(refused.value)
+
+
 def test_maxvit_head_norm_over_the_pooled_features_converts_exactly():
     # MaxViT's own head (pool, flatten, LayerNorm, Linear, Tanh, Linear) on a trunk that takes any size
     model = seeded(NormalizedPooledHead)
