@@ -24,6 +24,7 @@ are in :mod:`fcconv.check_pytorch`.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,7 +58,7 @@ from fcconv.runtime import ONNXRUNTIME, OnnxRunner
 from fcconv.sizes import check_tensor_size, default_sizes, parse_input_shape
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest, onnx_weights_digest
 
-__all__ = ["CHECKS", "SOURCES", "CheckReport", "CheckResult", "check_onnx", "metadata_grid"]
+__all__ = ["CHECKS", "SOURCES", "CheckReport", "CheckResult", "check_onnx", "metadata_grid", "onnx_native_shape"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CHECKS = (
@@ -165,6 +166,7 @@ def check_onnx(
         input_dims = [*input_dims[:1], *input_dims[-1:], *input_dims[1:-1]]
     opens_nhwc = not channels_last and _opens_channels_last(model, input_name)
     input_shape, source = _native_shape(path, input_shape, meta, input_dims, input_name, opens_nhwc)
+    given = bool(sizes)
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
     input_type = next(i for i in model.graph.input if i.name == input_name).type.tensor_type.elem_type
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(input_type).itemsize
@@ -185,8 +187,25 @@ def check_onnx(
     except Exception as exc:  # noqa: BLE001 - any checker or inference error fails this check, with its text
         report.results.insert(0, CheckResult("onnx checker", FAIL, _first_line(exc)))
 
-    report.results.extend(_runs(path, input_shape, sizes, batch, seed, step, meta, report, atol, rtol, channels_last))
+    report.results.extend(
+        _runs(path, input_shape, sizes, batch, seed, step, meta, report, atol, rtol, channels_last, given)
+    )
     return report
+
+
+def onnx_native_shape(path: str | Path, reader: str = "fcconv check") -> tuple[tuple[int, ...], str]:
+    """The native (C, *spatial) shape of the ONNX model at ``path`` and where it came from (:data:`SOURCES`):
+    its ``fcconv.input_shape`` metadata, else the fixed sizes its input declares, as :func:`check_onnx` finds
+    them. Raises :class:`BadInputError` asking for --input-shape where neither tells; ``reader`` names the
+    command in that line."""
+    path = Path(path)
+    model = _read_model(path)
+    meta = {entry.key: entry.value for entry in model.metadata_props}
+    input_name, input_dims = _data_input(model, path)
+    if meta.get("fcconv.layout") == "nhwc":
+        input_dims = [*input_dims[:1], *input_dims[-1:], *input_dims[1:-1]]
+    opens_nhwc = meta.get("fcconv.layout") != "nhwc" and _opens_channels_last(model, input_name)
+    return _native_shape(path, None, meta, input_dims, input_name, opens_nhwc, reader)
 
 
 # --- reading the file -----------------------------------------------------------------------------
@@ -227,6 +246,7 @@ def _native_shape(
     dims: list[int | str | None],
     input_name: str = "",
     opens_nhwc: bool = False,
+    reader: str = "fcconv check",
 ) -> tuple[tuple[int, ...], str]:
     """The native (C, *spatial) shape and where it came from (:data:`SOURCES`).
 
@@ -239,7 +259,7 @@ def _native_shape(
     elif metadata_input_shape(meta) is not None:
         shape, source = metadata_input_shape(meta), METADATA
     else:
-        shape, source = _declared_shape(path, dims, input_name, opens_nhwc), DECLARED
+        shape, source = _declared_shape(path, dims, input_name, opens_nhwc, reader), DECLARED
     if dims and len(dims) != len(shape) + 1:
         raise BadInputError(
             f"{path} takes a rank-{len(dims)} input; input shape {','.join(map(str, shape))} is rank {len(shape) + 1}"
@@ -249,7 +269,9 @@ def _native_shape(
     return shape, source
 
 
-def _declared_shape(path: Path, dims: list[int | str | None], input_name: str, opens_nhwc: bool) -> tuple[int, ...]:
+def _declared_shape(
+    path: Path, dims: list[int | str | None], input_name: str, opens_nhwc: bool, reader: str = "fcconv check"
+) -> tuple[int, ...]:
     """(C, *spatial) from an input declared N×C×spatial with every one of them fixed; else ask for --input-shape.
 
     An input that a Transpose to N×C×H×W opens is N×H×W×C (a Keras or TensorFlow
@@ -260,7 +282,7 @@ def _declared_shape(path: Path, dims: list[int | str | None], input_name: str, o
     if opens_nhwc:
         raise BadInputError(
             f"{path} does not record its native input size ({missing}) and its input {input_name!r} is N×H×W×C "
-            "(a Transpose to N×C×H×W opens the graph), which fcconv check reads only from fcconv's metadata"
+            f"(a Transpose to N×C×H×W opens the graph), which {reader} reads only from fcconv's metadata"
         )
     if 3 <= len(dims) <= 5:
         names = ("channels", *SPATIAL_AXIS_NAMES[len(dims) - 2])
@@ -508,10 +530,12 @@ def _runs(
     atol: float,
     rtol: float | None,
     channels_last: bool = False,
+    given: bool = True,
 ) -> list[CheckResult]:
     """Run the model in onnxruntime at each size (finite outputs of the predicted shape), then on the probe input.
 
-    A channels-last model is given N×H×W×C inputs and its outputs are read channels-first.
+    A channels-last model is given N×H×W×C inputs and its outputs are read channels-first. ``given``: the
+    sizes are the user's (see :func:`run_checks`).
     """
     step("Loading the model in onnxruntime…")
     try:
@@ -525,7 +549,9 @@ def _runs(
         return runner(x.astype(runner.numpy_dtype, copy=False))
 
     dtype = runner.numpy_dtype.name
-    results = run_checks(run, dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, runner.engine)
+    results = run_checks(
+        run, dtype, input_shape, sizes, batch, seed, meta, report, atol, rtol, step, runner.engine, given=given
+    )
     if runner.engine != ONNXRUNTIME:  # a float64 model: say what ran it
         results = [
             replace(r, message=f"{r.message}, run in {runner.engine}") if r.check == "runs" and r.passed else r
@@ -547,14 +573,90 @@ def run_checks(
     rtol: float | None,
     step: Callable[[str], None],
     engine: str = "onnxruntime",
+    *,
+    given: bool = True,
 ) -> list[CheckResult]:
     """``runs`` and ``output size`` at each size, for every output, then ``reference output`` on the probe input.
+
+    A model that runs at the native size but not at every other one may take only some
+    sizes (a trunk that adds an upsampled map to a skip connection, as DLA and HRNet do,
+    takes the native size plus whole multiples of its total stride): where it runs at
+    the native size plus multiples of a step (:func:`stepped_sizes`), sizes that are not
+    ``given`` (the defaults) are replaced by those, and a ``given`` size it cannot take
+    is bad input (:class:`BadInputError` naming the size), not a failed run.
 
     ``runner`` takes a channels-first float array (it casts it to the model's ``dtype``,
     named as numpy or torch name it: ``float32``, ``bfloat16``) and gives a
     channels-first array, or a dict of them by output name; ``engine`` names what runs
     it in the messages of a failed run.
     """
+    results = _size_checks(runner, input_shape, sizes, batch, seed, meta, step, engine)
+    refused = [r.input_size for r in results if r.check == "runs" and not r.passed and r.actual_shape is None]
+    if refused and input_shape[1:] not in refused:
+        taken = stepped_sizes(runner, input_shape, meta)
+        if taken is not None and given:
+            shown, native = "×".join(map(str, refused[0])), "×".join(map(str, input_shape[1:]))
+            runs = ",".join("x".join(map(str, size)) for size in taken)
+            raise BadInputError(
+                f"size {shown}: {report.model} cannot take it, it takes only some sizes (it runs at the native "
+                f"{native} plus whole steps); give --sizes it takes, such as --sizes {runs}"
+            )
+        if taken is not None:
+            results = _size_checks(runner, input_shape, taken, batch, seed, meta, step, engine)
+            note = f"; it cannot take {'×'.join(map(str, refused[0]))}, so it runs at sizes whole steps apart"
+            results = [
+                replace(r, message=r.message + note) if r.check == "runs" and r.input_size != input_shape[1:] else r
+                for r in results
+            ]
+    step("Comparing with the original's recorded output…")
+    results.extend(_reference_output(runner, dtype, input_shape, meta, report, atol, rtol, engine))
+    return results
+
+
+def stepped_sizes(
+    runner: Callable[[np.ndarray], Any], input_shape: tuple[int, ...], meta: dict[str, str]
+) -> list[tuple[int, ...]] | None:
+    """The sizes :func:`fcconv.sizes.default_sizes` gives for the smallest step the model takes, trying each
+    power of two (times the total stride its metadata records, if any) up to 128; None where none runs or the
+    native size does not.
+
+    What :func:`fcconv.verify.verification_sizes` finds on the original's shapes, found here by running the
+    model, a batch of one zero input at each candidate size.
+    """
+    grid = metadata_grid(meta)
+    stride = grid.total_stride if grid is not None else (1,) * (len(input_shape) - 1)
+    tried: dict[tuple[int, ...], bool] = {}
+
+    def takes(size: tuple[int, ...]) -> bool:
+        if size not in tried:
+            try:
+                runner(np.zeros((1, input_shape[0], *size), dtype=np.float32))
+                tried[size] = True
+            except Exception:  # noqa: BLE001 - any failure: the model does not take this size
+                tried[size] = False
+        return tried[size]
+
+    if not takes(tuple(input_shape[1:])):
+        return None
+    steps = dict.fromkeys(tuple(math.lcm(2**k, s) for s in stride) for k in range(8))
+    for step in steps:
+        sizes = default_sizes(input_shape, step)
+        if all(takes(size) for size in sizes[1:]):
+            return sizes
+    return None
+
+
+def _size_checks(
+    runner: Callable[[np.ndarray], Any],
+    input_shape: tuple[int, ...],
+    sizes: list[tuple[int, ...]],
+    batch: int,
+    seed: int,
+    meta: dict[str, str],
+    step: Callable[[str], None],
+    engine: str,
+) -> list[CheckResult]:
+    """``runs`` and ``output size`` at each size, for every output."""
     expectation = _Expectation.from_metadata(meta)
     generator = np.random.default_rng(seed)
     results = []
@@ -583,8 +685,6 @@ def run_checks(
             )
             expected = expectation.shape(batch, size, named)
             results.append(replace(_output_size(size, actual, expected, expectation), output=named))
-    step("Comparing with the original's recorded output…")
-    results.extend(_reference_output(runner, dtype, input_shape, meta, report, atol, rtol, engine))
     return results
 
 

@@ -21,6 +21,10 @@ class NotConvertibleError(FcconvError):
     exit_code = 3
 
 
+class FcconvWarning(UserWarning):
+    """Something about a model that fcconv cannot decide and the user should check (the CLI prints it on stderr)."""
+
+
 def reason(exc: BaseException) -> str:
     """``exc``'s message on one line and at most 200 characters (its type's name where it has none), to quote."""
     text = " ".join(str(exc).split())

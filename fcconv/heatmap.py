@@ -169,6 +169,8 @@ class DenseModel:
     background_class: str | None = None
     check: VerificationReport | None = None
     activations: Callable[[tuple[int, ...]], tuple[int, tuple[int, ...]] | None] | None = None
+    fixed_size: bool = False
+    """The model takes its native size only (an ONNX file without fcconv metadata whose input fixes it)."""
 
 
 def _preprocess(spec: Any, channels: int, where: str, default_mean_std: tuple[tuple, tuple] | None) -> Preprocess:
@@ -292,8 +294,6 @@ def _card_beside(path: Path) -> dict[str, Any]:
 
 
 def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> DenseModel:
-    from fcconv.load import parse_input_shape
-
     run, meta, activations = _onnx_runner(path)
     if meta.get("fcconv.pool", "none") != "none":
         raise BadInputError(
@@ -305,10 +305,14 @@ def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> DenseModel:
             f"{path} keeps its global pooling, so its map has one position at any size; "
             "convert the checkpoint again with --dense"
         )
-    if input_shape is None:
-        if "fcconv.input_shape" not in meta:
-            raise BadInputError(f"{path} does not record its native input size; give it with --input-shape C,H,W")
-        input_shape = parse_input_shape(meta["fcconv.input_shape"])
+    description, fixed = f"{path.name} (ONNX, onnxruntime)", False
+    if input_shape is None:  # as fcconv check finds it: the metadata, else the fixed sizes the input declares
+        from fcconv.check import DECLARED, onnx_native_shape
+
+        input_shape, source = onnx_native_shape(path, "fcconv heatmap")
+        fixed = source == DECLARED  # every spatial size fixed: the model runs at that size only
+        if fixed:
+            description += f", native input {'×'.join(map(str, input_shape))} as its input declares"
     card = _card_beside(path)
     where = str(path)
     classes: Any = card.get("classes")
@@ -322,8 +326,8 @@ def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> DenseModel:
     preprocess_spec = recorded.get("preprocess", preprocess_spec)
     background = recorded.get("background_class", background)
     return _finish(
-        run, f"{path.name} (ONNX, onnxruntime)", input_shape, classes, preprocess_spec, background, where,
-        activations=activations,
+        run, description, input_shape, classes, preprocess_spec, background, where,
+        activations=activations, fixed_size=fixed,
     )  # fmt: skip
 
 
@@ -338,6 +342,7 @@ def _finish(
     arch: str | None = None,
     check: VerificationReport | None = None,
     activations: Callable[[tuple[int, ...]], Any] | None = None,
+    fixed_size: bool = False,
 ) -> DenseModel:
     """Measure the model's output (class count, stride) and resolve its class names and preprocessing."""
     if len(input_shape) != 3:
@@ -357,8 +362,10 @@ def _finish(
     preprocess = _preprocess(preprocess_spec, input_shape[0], where, mean_std)
     if background is not None and background not in names:
         raise BadInputError(f"{where}: background_class {background!r} is not one of the model's classes")
-    stride = _measure_stride(run, input_shape)
-    return DenseModel(run, description, input_shape, names, preprocess, stride, background, check, activations)
+    stride = None if fixed_size else _measure_stride(run, input_shape)
+    return DenseModel(
+        run, description, input_shape, names, preprocess, stride, background, check, activations, fixed_size
+    )
 
 
 def load_dense_model(
@@ -473,6 +480,11 @@ def score_map(model: DenseModel, picture: Any) -> ScoreMap:
     if height < native[0] or width < native[1]:
         raise BadInputError(
             f"the picture is {width}×{height} pixels, smaller than the model's native {native[1]}×{native[0]} input"
+        )
+    if model.fixed_size and (height, width) != tuple(native):
+        raise BadInputError(
+            f"the picture is {width}×{height} pixels; the model's input fixes its size to {native[1]}×{native[0]} "
+            "and it records no other (no fcconv metadata): give a picture of that size"
         )
     _refuse_picture_beyond_memory(model, width, height)
     scores = model.run(model.preprocess.tensor(picture))

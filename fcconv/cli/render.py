@@ -99,6 +99,8 @@ class Screen:
             self.stages.pop(event.stage).close()
         elif isinstance(event, events.Note):
             self.show(event.text, markup=False)
+        elif isinstance(event, events.Warned):  # on stderr, also with --quiet: the user has something to check
+            error_console.print(f"fcconv: warning: {one_line(event.text)}", markup=False)
         elif isinstance(event, events.HeadRewritten):
             self.show_all(rewritten_lines(event.conversion, event.title, onnx=event.onnx, pool=event.pool))
         elif isinstance(event, events.Compared):

@@ -101,6 +101,8 @@ class OnnxConversion(RewrittenHead):
     """The head nodes other than Gemm and MatMul that act on each position of the map, as ``name (op)``."""
     until_names: list[str] = field(default_factory=list)
     """What ``--until`` accepts: the head's node names and the tensors they compute."""
+    warnings: list[str] = field(default_factory=list)
+    """What the conversion cannot decide (:func:`~fcconv.onnx_graph.padding.baked_padding_warnings`)."""
 
 
 def load_onnx_classifier(path: str | Path, input_shape: Sequence[int] | None = None) -> OnnxClassifier:

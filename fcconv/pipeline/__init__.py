@@ -25,6 +25,7 @@ from fcconv.pipeline.events import (
     StageAdvanced,
     StageFinished,
     StageStarted,
+    Warned,
 )
 from fcconv.pipeline.inspection import heatmap_file, inspect_file
 from fcconv.pipeline.results import ConversionResult, HeatmapResult, InspectResult, VerifyResult
@@ -50,6 +51,7 @@ __all__ = [
     "StageStarted",
     "Terminated",
     "VerifyResult",
+    "Warned",
     "check_files",
     "convert_file",
     "heatmap_file",

@@ -53,6 +53,15 @@ class Note:
 
 
 @dataclass(frozen=True)
+class Warned:
+    """A warning about the model that the result cannot show (the command prints it on stderr, also when quiet).
+
+    Without a ``progress`` callback it is issued as a :class:`~fcconv.errors.FcconvWarning` instead."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class HeadRewritten:
     """The head was rewritten (``conversion``: a :class:`~fcconv.rewrite.Conversion` or an ONNX conversion).
 
@@ -104,6 +113,7 @@ Event = (
     | StageAdvanced
     | StageFinished
     | Note
+    | Warned
     | HeadRewritten
     | Compared
     | Checked
@@ -122,6 +132,17 @@ class Reporter:
     def __call__(self, event: Event) -> None:
         if self.progress is not None:
             self.progress(event)
+
+    def warn(self, text: str) -> None:
+        """A :class:`Warned` event, or where nobody listens to events, a :class:`~fcconv.errors.FcconvWarning`."""
+        if self.progress is not None:
+            self.progress(Warned(text))
+        else:
+            import warnings
+
+            from fcconv.errors import FcconvWarning
+
+            warnings.warn(text, FcconvWarning, stacklevel=4)
 
     @contextlib.contextmanager
     def stage(

@@ -28,10 +28,12 @@ def refuse_for_onnx(**given: Any) -> None:
 
 def rewrite_onnx_file(
     path: Path, input_shape: str | None, report: Reporter, logits: bool = False, until: str | None = None,
-    dense: bool = False, pool: str | None = None,
+    dense: bool = False, pool: str | None = None, target: Path | None = None,
 ) -> tuple[Any, Any]:  # fmt: skip
     """Read an ONNX classifier, cut it as ``logits``/``until`` ask, and rewrite its head (``dense``, ``pool``);
-    returns the (cut) classifier and its conversion."""
+    returns the (cut) classifier and its conversion, whose ``warnings`` (also reported) name pads an exporter
+    may have computed for one size; their advice names ``target``, the export."""
+    from fcconv.onnx_graph.padding import baked_padding_warnings
     from fcconv.onnx_rewrite import load_onnx_classifier, rewrite_onnx, truncate_onnx_classifier
 
     shape = parse_shape(input_shape)
@@ -40,6 +42,9 @@ def rewrite_onnx_file(
         classifier = truncate_onnx_classifier(classifier, logits=logits, until=until)
     with report.stage("rewrite", "Rewriting the head…"):
         conversion = rewrite_onnx(classifier, dense=dense, pool=pool)
+    conversion.warnings = baked_padding_warnings(classifier, target.name if target is not None else "OUT.onnx")
+    for warning in conversion.warnings:
+        report.warn(warning)
     return classifier, conversion
 
 
@@ -64,7 +69,8 @@ def convert_onnx_file(
     from fcconv.onnx_verify import converted_runner, onnx_probe_output
     from fcconv.staging import staged_onnx
 
-    classifier, conversion = rewrite_onnx_file(model, input_shape, report, logits, until, dense, pool)
+    classifier, conversion = rewrite_onnx_file(model, input_shape, report, logits, until, dense, pool, target)
+    warnings = conversion.warnings
     title = f"{model.name} (ONNX, opset {classifier.opset}): rewritten layers"
     report(HeadRewritten(conversion, title, onnx=True, pool=pool))
     try:
@@ -82,6 +88,6 @@ def convert_onnx_file(
             if not verification.passed:
                 raise Mismatch
     except Mismatch:
-        return ConversionResult(target, verification, written=False)
+        return ConversionResult(target, verification, written=False, warnings=warnings)
     data_path = external_data_path(target) if data_file else None
-    return ConversionResult(target, verification, written=True, data_file=data_path)
+    return ConversionResult(target, verification, written=True, data_file=data_path, warnings=warnings)

@@ -10,13 +10,16 @@ from typing import Any
 @dataclass
 class ConversionResult:
     """A verified conversion: ``target`` was written only when ``report`` passed (``written``); ``data_file`` is
-    the external weights file beside it, if one was written. ``report`` is a
+    the external weights file beside it, if one was written; ``warnings``, what to check by other means.
+    ``report`` is a
     :class:`~fcconv.verify.VerificationReport`."""
 
     target: Path
     report: Any
     written: bool
     data_file: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    """What the conversion could not decide and the user should check (each also reported as it was found)."""
 
     @property
     def passed(self) -> bool:

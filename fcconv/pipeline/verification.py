@@ -66,7 +66,7 @@ def verify_file(
         if not isinstance(exported, OnnxRunner):
             raise BadInputError(f"{model} was written for PyTorch: its reference is a PyTorch checkpoint, not ONNX")
         refuse_for_onnx(arch=arch, device=device != "cpu", dtype=dtype, trust=trust)
-        classifier, conversion = rewrite_onnx_file(reference, input_shape, report, logits, until, dense, pool)
+        classifier, conversion = rewrite_onnx_file(reference, input_shape, report, logits, until, dense, pool, model)
         made = onnx_references(classifier, conversion, sizes, rtol, atol, report)
         native_shape = classifier.input_shape
         from fcconv.onnx_verify import converted_runner
