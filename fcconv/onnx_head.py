@@ -38,6 +38,7 @@ ELEMENTWISE = {
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 CHANNEL_SOFTMAX = {"Softmax", "LogSoftmax", "Hardmax"}
 _RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+_PER_POSITION = ELEMENTWISE | BINARY | CHANNEL_SOFTMAX | {"BatchNormalization", "PRelu", "LayerNormalization"}
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):
@@ -122,8 +123,13 @@ def head_op(rewriter: Any, node: onnx.NodeProto, known: set[str], linears: dict[
 
 def _head_op(rewriter: Any, node: onnx.NodeProto, known: set[str], linears: dict[int, _Linear], base: dict) -> HeadOp:
     graph, op = rewriter.graph, node.op_type
-    if op in ("Gemm", "MatMul"):
-        linear = _read_linear(rewriter, node, known)
+    rank = _head_rank(graph, node, known)
+    if op in _RESHAPES and _same_features(graph.shapes.get(node.input[0]), graph.shapes.get(node.output[0])):
+        return HeadOp(kind=Kind.NOOP_RESHAPE, **base)
+    if op in _PER_POSITION and not _keeps_shape(graph, node, known):
+        raise _Refused("changes-shape", shape="×".join(map(str, graph.shapes.get(node.output[0]) or ("?",))))
+    if op in ("Gemm", "MatMul", "Conv"):
+        linear = _read_conv(rewriter, node, known) if op == "Conv" else _read_linear(rewriter, node, known)
         linears[id(node)] = linear
         if linear.folded_add:
             base["writes"] = (*base["writes"], linear.output)
@@ -135,23 +141,24 @@ def _head_op(rewriter: Any, node: onnx.NodeProto, known: set[str], linears: dict
         if op == "Dropout" and len(node.output) > 1 and node.output[1] and graph.consumers.get(node.output[1]):
             raise _Refused("mask-read")
         return HeadOp(kind=Kind.ELEMENTWISE, **base)
-    if op in _RESHAPES and graph.shape(node.output[0]) == graph.shape(node.input[0]):
-        return HeadOp(kind=Kind.NOOP_RESHAPE, **base)
     if op in BINARY:
         if len(base["reads"]) == 2:
             return HeadOp(kind=Kind.BINARY, **base)
-        return HeadOp(kind=Kind.BINARY_CONSTANT, constants=_constant_shapes(graph, node, known), **base)
+        return HeadOp(kind=Kind.BINARY_CONSTANT, constants=_constant_shapes(graph, node, known, rank=rank), **base)
     if op in CHANNEL_SOFTMAX:
         axis = attribute(node, "axis", 1 if rewriter.opset < 13 else -1)
-        return HeadOp(kind=Kind.CHANNEL_SOFTMAX, over_features=axis % 2 == 1, **base)
+        return HeadOp(kind=Kind.CHANNEL_SOFTMAX, over_features=axis % rank == 1, **base)
     if op in ("BatchNormalization", "PRelu", "LayerNormalization"):
         if len([o for o in node.output if o]) != 1:
             raise _Refused("parameters-not-constant")
-        shapes = _constant_shapes(graph, node, known, "parameters-not-constant")
+        # BatchNormalization's parameters are per channel at any rank; the others broadcast from the last axis
+        shapes = _constant_shapes(
+            graph, node, known, "parameters-not-constant", rank=2 if op == "BatchNormalization" else rank
+        )
         if op == "PRelu" and all(np.prod(shape) == 1 for shape in shapes):
             return HeadOp(kind=Kind.ELEMENTWISE, **base)
         family = Family.SLOPES if op == "PRelu" else Family.NORMALIZATION
-        over = attribute(node, "axis", -1) % 2 == 1 if op == "LayerNormalization" else True
+        over = attribute(node, "axis", -1) % rank == 1 if op == "LayerNormalization" else True
         return HeadOp(kind=Kind.PER_FEATURE, family=family, constants=shapes, over_features=over, **base)
     return HeadOp(kind=Kind.OTHER, **base)
 
@@ -161,8 +168,14 @@ def is_scalar(graph: Any, name: str) -> bool:
     return value is not None and value.size == 1
 
 
-def _constant_shapes(graph: Any, node: onnx.NodeProto, known: set[str], key: str = "not-constant") -> tuple:
-    """The shapes of the constants ``node`` reads besides the head tensors; refuses an input that is neither."""
+def _constant_shapes(
+    graph: Any, node: onnx.NodeProto, known: set[str], key: str = "not-constant", *, rank: int = 2
+) -> tuple:
+    """The shapes of the constants ``node`` reads besides the head tensors; refuses an input that is neither.
+
+    On a pooled N×C×1×1 head tensor (``rank`` 4) a constant broadcast along its trailing size-1 axes, say
+    (C, 1, 1), is read as the (1, C) it is per feature.
+    """
     shapes = []
     for name in node.input:
         if not name or name in known:
@@ -170,8 +183,70 @@ def _constant_shapes(graph: Any, node: onnx.NodeProto, known: set[str], key: str
         value = graph.constant(name)
         if value is None:
             raise _Refused(key, name=name)
-        shapes.append(tuple(value.shape))
+        shape = tuple(value.shape)
+        if rank > 2 and len(shape) <= rank:
+            aligned = (1,) * (rank - len(shape)) + shape
+            if all(d == 1 for d in aligned[2:]):
+                shape = aligned[:2]
+        shapes.append(shape)
     return tuple(shapes)
+
+
+def _head_rank(graph: Any, node: onnx.NodeProto, known: set[str]) -> int:
+    """The rank of the head tensor ``node`` reads: 2 for (N, features), 4 for a pooled N×C×1×1 map."""
+    shape = next((graph.shapes.get(n) for n in node.input if n and n in known), None)
+    return len(shape) if shape else 2
+
+
+def _same_features(source: tuple | None, target: tuple | None) -> bool:
+    """Whether a reshape from ``source`` to ``target`` keeps every sample's features as they are: equal shapes, or
+    (N, C) and N×C×1×1 in either direction, which on the map are the same tensor."""
+    if not source or not target or None in source or None in target:
+        return False
+    if source == target:
+        return True
+    return source[:2] == target[:2] and all(d == 1 for d in (*source[2:], *target[2:]))
+
+
+def _keeps_shape(graph: Any, node: onnx.NodeProto, known: set[str]) -> bool:
+    """Whether ``node`` computes a tensor of the shape of the head tensors it reads (nothing broadcast it
+    larger, which a per-position form could not do)."""
+    result = graph.shapes.get(node.output[0]) if node.output else None
+    reads = [graph.shapes.get(n) for n in node.input if n and n in known]
+    if result is None or None in result or any(s is None or None in s for s in reads):
+        return True  # not known: the interpreter's own checks decide
+    return all(s == result for s in reads)
+
+
+def _read_conv(rewriter: Any, node: onnx.NodeProto, known: set[str]) -> _Linear:
+    """A Conv on a pooled N×C×1×1 map as the (out, in) matrix it is there: a 1×1 kernel, without padding (a
+    grouped one as its block-diagonal matrix)."""
+    graph = rewriter.graph
+    source, result = graph.shapes.get(node.input[0]), graph.shapes.get(node.output[0])
+    weight = graph.constant(node.input[1]) if len(node.input) > 1 else None
+    if node.input[0] not in known or weight is None or weight.ndim != 4:
+        raise _Refused("weight-not-constant")
+    if not source or len(source) != 4 or any(d != 1 for d in source[2:]):
+        raise _Refused("no-equivalent")
+    if any(d != 1 for d in weight.shape[2:]):
+        raise _Refused("kernel-not-pointwise", kernel="×".join(map(str, weight.shape[2:])))
+    if not result or len(result) != 4 or any(d != 1 for d in result[2:]):
+        raise _Refused("changes-shape", shape="×".join(map(str, result or ("?",))))
+    groups = attribute(node, "group", 1)
+    out_channels, per_group = weight.shape[:2]
+    matrix = np.zeros((out_channels, per_group * groups), dtype=weight.dtype)
+    rows = out_channels // groups
+    for g in range(groups):
+        matrix[g * rows : (g + 1) * rows, g * per_group : (g + 1) * per_group] = weight[
+            g * rows : (g + 1) * rows, :, 0, 0
+        ]
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = graph.constant(node.input[2])
+        if bias is None:
+            raise _Refused("bias-not-constant")
+        bias = _as_bias(bias, out_channels)
+    return _Linear(matrix, bias, "Conv 1×1", node.output[0], False)
 
 
 def _read_linear(rewriter: Any, node: onnx.NodeProto, known: set[str]) -> _Linear:
@@ -184,6 +259,8 @@ def _read_linear(rewriter: Any, node: onnx.NodeProto, known: set[str]) -> _Linea
     if weight is None or weight.ndim != 2:
         raise _Refused("weight-not-matrix")
     if node.op_type == "MatMul":
+        if len(graph.shapes.get(node.input[0]) or ()) != 2:
+            raise _Refused("no-equivalent")  # a MatMul of a pooled N×C×1×1 map multiplies its last two axes
         return _folded_add(rewriter, node, weight.T)
     if attribute(node, "transA", 0):
         raise _Refused("transposed-input")

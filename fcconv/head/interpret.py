@@ -46,6 +46,9 @@ REASONS: dict[str, str] = {
     "transposed-input": "transposes its input (transA)",
     "bias-not-constant": "has a bias that is not a constant",
     "not-per-output": "adds a constant of shape {shape} that is not one value per output feature",
+    "weight-not-constant": "has a weight that is not a constant",
+    "kernel-not-pointwise": "has a {kernel} kernel; on the pooled map only a 1×1 kernel acts on each position alone",
+    "changes-shape": "makes a tensor of shape {shape}, not one of the shape it reads",
     # whole sentences about the outputs
     "output-window": "the flatten at {collapse} is not followed by a Linear layer{before}; "
     "a flattened window has no per-position reading",

@@ -13,7 +13,14 @@ import onnx
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.head.order import Step, feature_order
 from fcconv.onnx_graph.classifier import OnnxClassifier
-from fcconv.onnx_graph.graph import _descendants, _failing_node, _Graph, _infer, _measure_unknown_shapes
+from fcconv.onnx_graph.graph import (
+    _ancestors,
+    _descendants,
+    _failing_node,
+    _Graph,
+    _infer,
+    _measure_unknown_shapes,
+)
 from fcconv.onnx_head import BINARY as _BINARY
 from fcconv.onnx_head import ELEMENTWISE as _ELEMENTWISE
 from fcconv.onnx_head import attribute as _attr
@@ -69,7 +76,35 @@ def _find_head(graph: _Graph, input_name: str, outputs: Sequence[str]) -> _Head:
             break
     else:
         raise NotConvertibleError(reason)
+    pooling = _pooling_before(graph, collapse, outputs)
+    if pooling is not None and pooling not in _chain(graph, collapse):
+        return _read_chain(graph, pooling, input_name)  # the head begins at the pooling: all after it is per position
     return _read_chain(graph, collapse, input_name)
+
+
+def _pooling_before(graph: _Graph, collapse: onnx.NodeProto, outputs: Sequence[str]) -> onnx.NodeProto | None:
+    """The last global pooling ``collapse`` is computed from after which everything is the head's, if any.
+
+    A head that pools and then acts on the pooled N×C×1×1 map (a 1×1 Conv and its
+    activation, as PP-LCNet and MobileNetV3 end) begins at that pooling; a pooling
+    whose result is mixed back into the map (a squeeze-and-excitation block's) is
+    part of the trunk.
+    """
+    ancestors = _ancestors(graph, collapse.input[0])
+    for node in reversed(graph.nodes):
+        if id(node) in ancestors and _is_global_pooling(graph, node) and not _open_end(graph, node, outputs):
+            return node
+    return None
+
+
+def _is_global_pooling(graph: _Graph, node: onnx.NodeProto) -> bool:
+    """Whether ``node`` pools an N×C×H×W map over exactly its spatial axes into N×C×1×1."""
+    if node.op_type not in _POOLS or not node.input or not node.output:
+        return False
+    source, result = graph.shapes.get(node.input[0]) or (), graph.shapes.get(node.output[0]) or ()
+    if len(source) != 4 or len(result) != 4 or any(d != 1 for d in result[2:]):
+        return False
+    return node.op_type.startswith("Global") or _reduced_axes(graph, node, 4) == (2, 3)
 
 
 def _open_end(graph: _Graph, collapse: onnx.NodeProto, outputs: Sequence[str]) -> str:
@@ -90,15 +125,20 @@ def _chain_input(node: onnx.NodeProto) -> str:
     return node.input[0]
 
 
-def _read_chain(graph: _Graph, collapse: onnx.NodeProto, input_name: str) -> _Head:
-    """Walk back from the collapse through layout, element-wise and pooling nodes to the feature map."""
+def _chain(graph: _Graph, collapse: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The collapse and the layout, element-wise and pooling nodes before it, back towards the feature map."""
     chain = [collapse]
     while True:
         name = _chain_input(chain[0])
         node = graph.producer.get(name)
         if node is None or not _extends_chain(graph, node, chain[0]):
-            break
+            return chain
         chain.insert(0, node)
+
+
+def _read_chain(graph: _Graph, collapse: onnx.NodeProto, input_name: str) -> _Head:
+    """Walk back from the collapse through layout, element-wise and pooling nodes to the feature map."""
+    chain = _chain(graph, collapse)
     # The map is the farthest rank-4 tensor back: what comes before it (say, positions mixed
     # in an (N, C, H·W) layout) stays in the trunk and must be made size-free there.
     while len(chain) > 1 and len(graph.shapes.get(_chain_input(chain[0])) or ()) != 4:
@@ -259,22 +299,26 @@ def _layout_steps(graph: _Graph, chain: Sequence[onnx.NodeProto], batch: int) ->
 
 def _pool_index(graph: _Graph, node: onnx.NodeProto, index: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
     """The (sample, channel) each output of a global pooling gathers; refuses one that mixes channels or keeps positions."""
-    if node.op_type.startswith("Global"):
-        axes = tuple(range(2, index.ndim))
-    else:
-        axes = _attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            value = graph.constant(node.input[1])
-            axes = None if value is None else value.tolist()
-        if axes is None:
-            axes = list(range(index.ndim))
-        axes = tuple(sorted(a % index.ndim for a in axes))
+    axes = _reduced_axes(graph, node, index.ndim)
     low, high = index.min(axis=axes, keepdims=True), index.max(axis=axes, keepdims=True)
     gathered = math.prod(index.shape[a] for a in axes)
     positions = math.prod(index.shape) // max(gathered, 1)
     if not np.array_equal(low, high) or positions != len(np.unique(index)):
         raise NotConvertibleError(f"{_label(node)} does not pool exactly the spatial axes of the feature map")
     return low.reshape(out_shape)
+
+
+def _reduced_axes(graph: _Graph, node: onnx.NodeProto, rank: int) -> tuple[int, ...]:
+    """The axes a global pooling or a Reduce node reduces, for an input of ``rank``."""
+    if node.op_type.startswith("Global"):
+        return tuple(range(2, rank))
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = graph.constant(node.input[1])
+        axes = None if value is None else value.tolist()
+    if axes is None:
+        axes = list(range(rank))
+    return tuple(sorted(a % rank for a in axes))
 
 
 @dataclass

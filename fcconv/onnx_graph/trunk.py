@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 from fcconv.errors import NotConvertibleError
 from fcconv.onnx_graph.graph import _failing_node, _Graph, _infer, _NameMaker, _run_shapes, _taken_names
+from fcconv.onnx_head import attribute as _attr
 from fcconv.onnx_head import label as _label
 
 
@@ -122,10 +123,20 @@ def _size_free_trunk(
     at_probe: dict[str, onnx.TensorProto] = {}
     names = _NameMaker(_taken_names(graph.model))
     notes: list[str] = []
+    grouped: set[str] = set()  # the group splits and joins of a group normalization, size-free as they now are
     while True:
         probe, types = _probe_shapes(graph.model, input_name, probe_dims, nodes, constants, at_probe, map_name)
         for node in nodes:
-            if node.op_type != "Reshape" or node.output[0] in at_probe:
+            if node.op_type != "Reshape" or node.output[0] in at_probe or node.output[0] in grouped:
+                continue
+            edit = _group_reshape(graph, node, names, constants)
+            if edit is not None:
+                grouped.add(node.output[0])
+                if edit.nodes:
+                    position = nodes.index(node)
+                    nodes[position : position + 1] = edit.nodes
+                    notes.append(edit.note)
+                    break
                 continue
             source, target = graph.shape(node.input[0]), graph.shape(node.output[0])
             grown = probe.get(node.input[0])
@@ -169,6 +180,92 @@ def _size_free_trunk(
             if probe.get(map_name) is None or None in probe[map_name]:
                 probe[map_name] = _measure_at_probe(graph, input_name, probe_dims, map_name, nodes, constants, types)
             return _SizeFreeTrunk(nodes, constants, notes, probe)
+
+
+@dataclass
+class _GroupEdit:
+    """A group normalization's reshape made size-free: the nodes that replace it (none when it is already) and
+    the note that says so."""
+
+    nodes: list[onnx.NodeProto]
+    note: str = ""
+
+
+def _group_reshape(
+    graph: _Graph, node: onnx.NodeProto, names: _NameMaker, constants: list[onnx.TensorProto]
+) -> _GroupEdit | None:
+    """A group normalization's Reshape made size-free, or None when ``node`` is not one.
+
+    Exporters write GroupNorm as a split of the N×C×H×W map into (N, G, -1), a
+    normalization over the last axis, and a reshape back to the map's shape. The
+    split keeps the batch and the fixed group count, and -1 takes the rest at any
+    size (a batch written as a number becomes 0, the input's own batch). The
+    reshape back is size-free when its target is the Shape of the map that was
+    split; a target written as that map's native shape is replaced by its Shape.
+    """
+    split = _group_split(graph, node)
+    if split is not None:
+        if split[0] == 0:
+            return _GroupEdit([])
+        target = names(f"{node.name or node.output[0]}/fcconv_group_target")
+        constants.append(numpy_helper.from_array(np.array([0, *split[1:]], np.int64), target))
+        rewritten = _with_target(node, target)
+        note = f"{_label(node)}: its target {'×'.join(map(str, split))} now keeps the input's batch (0)"
+        return _GroupEdit([rewritten], note)
+    split_node = _split_before(graph, node.input[0])
+    if split_node is None:
+        return None
+    source = split_node.input[0]
+    producer = graph.producer.get(node.input[1])
+    whole = producer is not None and producer.op_type == "Shape" and _attr(producer, "start", 0) == 0
+    if whole and _attr(producer, "end") is None and producer.input[0] == source:
+        return _GroupEdit([])
+    target = graph.constant(node.input[1])
+    if target is None or tuple(target.tolist()) != graph.shape(source):
+        return None
+    shape_name = names(f"{node.name or node.output[0]}/fcconv_group_shape")
+    shape = helper.make_node("Shape", [source], [shape_name], name=shape_name)
+    note = (
+        f"{_label(node)}: its target {'×'.join(map(str, graph.shape(source)))} is now the shape of {source}, "
+        "the map its groups were split from"
+    )
+    return _GroupEdit([shape, _with_target(node, shape_name)], note)
+
+
+def _group_split(graph: _Graph, node: onnx.NodeProto) -> tuple[int, ...] | None:
+    """The constant (batch or 0, G, -1) target of a Reshape that splits an N×C×… map into G groups of whole
+    channels, else None."""
+    if node.op_type != "Reshape" or _attr(node, "allowzero", 0):
+        return None
+    target, source = graph.constant(node.input[1]), graph.shapes.get(node.input[0])
+    if target is None or target.ndim != 1 or target.size != 3 or not source or len(source) < 3 or None in source:
+        return None
+    batch, groups, rest = (int(v) for v in target)
+    if rest != -1 or groups <= 0 or source[1] % groups or batch not in (0, source[0]):
+        return None
+    return batch, groups, rest
+
+
+def _split_before(graph: _Graph, name: str) -> onnx.NodeProto | None:
+    """The group split whose result ``name`` is computed from, through nodes that keep their first input's shape
+    (the normalization: InstanceNormalization, or ReduceMean, Sub, Pow, Div as exporters write it)."""
+    node = graph.producer.get(name)
+    for _ in range(32):
+        if node is None or not node.input:
+            return None
+        if node.op_type == "Reshape":
+            return node if _group_split(graph, node) is not None else None
+        if graph.shapes.get(node.input[0]) != graph.shapes.get(node.output[0]):
+            return None
+        node = graph.producer.get(node.input[0])
+    return None
+
+
+def _with_target(node: onnx.NodeProto, target: str) -> onnx.NodeProto:
+    rewritten = onnx.NodeProto()
+    rewritten.CopyFrom(node)
+    rewritten.input[1] = target
+    return rewritten
 
 
 def _measure_at_probe(
