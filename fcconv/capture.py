@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from fcconv.errors import NotConvertibleError
+from fcconv.errors import BadInputError, NotConvertibleError
 
 __all__ = [
-    "CAPTURED_BY", "EXPORT", "EXPORT_SECONDS", "FIXED_AXES", "FX", "capture", "captures", "export_graph", "lower_exported_program",
-    "trace",
+    "CAPTURED_BY", "EXPORT", "EXPORT_SECONDS", "FIXED_AXES", "FIXED_BATCH", "FX", "capture", "captures", "export_graph",
+    "lower_exported_program", "refuse_training_mode", "trace",
 ]  # fmt: skip
 
 CAPTURED_BY = "fcconv_captured_by"
@@ -123,6 +123,8 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 FIXED_AXES = "fcconv_fixed_axes"
 """The key of ``GraphModule.meta`` listing the input axes an export fixed to their traced size (axis 2 is H or D or L)."""
+FIXED_BATCH = "fcconv_fixed_batch"
+"""The key of ``GraphModule.meta`` holding the batch size a lowered program's input was exported with, where fixed."""
 
 
 class _TimedOut(BaseException):
@@ -339,6 +341,7 @@ _ATEN_DROPOUT = {
     _ATEN.dropout_.default, _ATEN.feature_dropout_.default, _ATEN.alpha_dropout_.default,
 }  # fmt: skip
 _ATEN_RESHAPE = {_ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default}
+_ATEN_EXPAND = {_ATEN.expand.default}
 _ATEN_AS_TORCH: dict[Any, Callable[..., Any]] = {
     _ATEN.flatten.using_ints: torch.flatten, _ATEN.mean.dim: torch.mean, _ATEN.amax.default: torch.amax,
     _ATEN.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, _ATEN.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
@@ -401,16 +404,28 @@ def lower_exported_program(program: torch.export.ExportedProgram, model: nn.Modu
             _as_module(gm, node, _batchnorm_from(gm, node))
         elif node.target is _ATEN.layer_norm.default and _rank(node) == 2:
             _as_module(gm, node, _layer_norm_from(gm, node))
-        elif node.target in _ATEN_DROPOUT and not _arg(node, 2, "train", False):
+        elif node.target in _ATEN_DROPOUT:
+            # the identity, as in eval mode (how a live module is converted), also where the program was exported
+            # from training mode and recorded the dropout as active: its random output is no classifier's reading
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+        elif node.target in _ATEN_EXPAND and batch is not None and _expands_batch(node, batch):
+            node.args = (node.args[0], [-1, *node.args[1][1:]], *node.args[2:])  # -1: the batch of its input
         elif node.target in _ATEN_RESHAPE:
             out = node.meta.get("val")
             if batch is not None and out is not None and out.dim() >= 1 and _static_size(node.args[0], 0) == batch:
-                shape = [int(s) for s in out.shape]
+                shape = list(
+                    out.shape
+                )  # a spatial axis the program keeps free is a SymInt here: not written as a number
                 if shape[0] == batch and all(isinstance(s, int) for s in shape):
-                    node.target, node.args = torch.reshape, (node.args[0], [-1, *shape[1:]])
+                    node.target, node.args = torch.reshape, (node.args[0], [-1, *map(int, shape[1:])])
                     continue
+                sizes = node.args[1]
+                if isinstance(sizes, (list, tuple)) and sizes and sizes[0] == batch and _static_size(node, 0) == batch:
+                    # spatial axes free, batch fixed: ``view(x, [1, C, -1])`` reads the batch from its input instead
+                    with gm.graph.inserting_before(node):
+                        size = gm.graph.call_function(_ATEN.sym_size.int, (node.args[0], 0))
+                    node.args = (node.args[0], [size, *sizes[1:]])
             node.target = torch.reshape
         elif node.target in to_torch:
             node.target = to_torch[node.target]
@@ -420,7 +435,25 @@ def lower_exported_program(program: torch.export.ExportedProgram, model: nn.Modu
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.meta[CAPTURED_BY] = EXPORT
+    if batch is not None:
+        gm.meta[FIXED_BATCH] = batch
     return gm.eval()
+
+
+def refuse_training_mode(program: torch.export.ExportedProgram, source: Any) -> None:
+    """Refuse a program exported from a model in training mode: its batch norms normalize with the batch's statistics.
+
+    Its dropout is read as in eval mode (the identity), but a batch norm that holds running statistics and was
+    recorded with ``training=True`` computes each sample from the others in its batch, which no eval-mode reading
+    of the program can undo exactly.
+    """
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is _ATEN.batch_norm.default:
+            if _arg(node, 5, "training", False) and _arg(node, 3, "running_mean", None) is not None:
+                raise BadInputError(
+                    f"{source}: the program was exported in training mode ({node.name} normalizes with the batch's "
+                    "statistics); export it from model.eval() and convert that"
+                )
 
 
 def _restore_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -491,6 +524,21 @@ def _dict_keys(program: torch.export.ExportedProgram) -> list[str] | None:
     return [str(key) for key in spec.context]
 
 
+def _expands_batch(node: fx.Node, batch: int) -> bool:
+    """Whether an ``expand`` spells the traced batch size as the size of its input's first axis (``expand(y, [1, C, H, W])``).
+
+    Written ``-1`` (keep the input's size), it computes the same at the traced batch and follows any other.
+    """
+    sizes = node.args[1] if len(node.args) > 1 else None
+    return (
+        isinstance(sizes, (list, tuple))
+        and len(sizes) >= 1
+        and sizes[0] == batch
+        and _static_size(node.args[0], 0) == batch
+        and _static_size(node, 0) == batch
+    )
+
+
 def _static_size(node: Any, dim: int) -> int | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if val is None or not hasattr(val, "shape") or val.dim() <= dim:
@@ -549,13 +597,21 @@ def _batchnorm_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] 
 
 
 def _layer_norm_from(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
+    """An ``nn.LayerNorm`` holding the node's tensors; without a weight or a bias where the node has none."""
     normalized = _arg(node, 1, "normalized_shape", None)
-    weight, bias = _attr(gm, _arg(node, 2, "weight", None)), _attr(gm, _arg(node, 3, "bias", None))
-    if not isinstance(normalized, (list, tuple)) or len(normalized) != 1 or weight is None or bias is None:
+    given = [_arg(node, 2, "weight", None), _arg(node, 3, "bias", None)]
+    weight, bias = (_attr(gm, t) for t in given)
+    if not isinstance(normalized, (list, tuple)) or len(normalized) != 1:
         return None
-    norm = nn.LayerNorm(int(normalized[0]), eps=float(_arg(node, 4, "eps", 1e-5)), device="meta")
-    norm.weight, norm.bias = _as_parameter(weight[1]), _as_parameter(bias[1])
-    return _owner(weight[0], node), norm
+    if any(t is not None and held is None for t, held in zip(given, (weight, bias))) or (weight is None and bias):
+        return None  # a tensor computed in the graph, or a bias without a weight: no nn.LayerNorm holds it
+    norm = nn.LayerNorm(int(normalized[0]), eps=float(_arg(node, 4, "eps", 1e-5)), elementwise_affine=weight is not None,
+                        bias=bias is not None, device="meta")  # fmt: skip
+    if weight is not None:
+        norm.weight = _as_parameter(weight[1])
+    if bias is not None:
+        norm.bias = _as_parameter(bias[1])
+    return _owner(weight[0] if weight is not None else "", node), norm
 
 
 def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:

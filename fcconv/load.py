@@ -656,7 +656,7 @@ def _cast(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 def _read_exported_program(path: Path, trust: bool) -> tuple[nn.Module, tuple[int, ...]]:
     """The program saved at ``path`` as a module the rewriter reads, and its example input's per-sample shape."""
-    from fcconv.capture import lower_exported_program
+    from fcconv.capture import lower_exported_program, refuse_training_mode
 
     program = load_exported_program(path, trust=trust)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(program)]
@@ -668,6 +668,7 @@ def _read_exported_program(path: Path, trust: bool) -> tuple[nn.Module, tuple[in
         shape = tuple(example[0][0].shape[1:]) if example and example[0] else ()
     if not shape or not all(isinstance(s, int) for s in shape):
         raise BadInputError(f"{path}: the program's input size is not fixed; give the native one with --input-shape")
+    refuse_training_mode(program, path)
     return lower_exported_program(program), tuple(int(s) for s in shape)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fcconv.capture import CAPTURED_BY, FIXED_AXES, FX, captures, lower_exported_program
+from fcconv.capture import CAPTURED_BY, FIXED_AXES, FIXED_BATCH, FX, captures, lower_exported_program
 from fcconv.conversion import Conversion, HeadGeometry, RewrittenLayer, _conversion, _Plan
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.fx_cut import _cut_points, _layers_on_path, _output_items, _split, end_early
@@ -181,7 +181,29 @@ def _propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
         shape = "×".join(map(str, input_shape))
         cause = exc.__cause__ or exc
         text = " ".join(str(cause).split())
+        fixed = gm.meta.get(FIXED_BATCH)
+        if fixed is not None and _takes_batch(gm, input_shape, fixed, dtype, device):
+            raise BadInputError(
+                f"the program was exported with its batch fixed at {fixed} and computes with that size ({text[:200]}), "
+                "so no converted model could take another batch; export it with a free batch "
+                "(dynamic_shapes={0: torch.export.Dim('batch')}) and convert that"
+            ) from exc
         raise BadInputError(f"the model cannot take an input of shape {shape}: {text[:300]}") from exc
+
+
+def _takes_batch(gm: fx.GraphModule, input_shape: tuple[int, ...], batch: int, dtype: Any, device: Any) -> bool:
+    """Whether ``gm``'s shapes propagate at ``batch`` (the batch a program was exported with), on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        sample = torch.empty((batch, *input_shape), dtype=dtype, device=device)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm, fake_mode=fake_mode).propagate(sample)
+    except Exception:  # noqa: BLE001 - it does not take that batch either
+        return False
+    return True
 
 
 @dataclass
