@@ -49,6 +49,7 @@ from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from fcconv.errors import BadInputError, NotConvertibleError
+from fcconv.sizes import spatial_start
 
 __all__ = [
     "CAPTURED_BY", "EXPORT", "EXPORT_SECONDS", "FIXED_AXES", "FIXED_BATCH", "FX", "capture", "captures", "export_graph",
@@ -122,7 +123,8 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 FIXED_AXES = "fcconv_fixed_axes"
-"""The key of ``GraphModule.meta`` listing the input axes an export fixed to their traced size (axis 2 is H or D or L)."""
+"""The key of ``GraphModule.meta`` listing the input axes an export fixed to their traced size (axis 2 is H or D or L;
+axis 1 is L for a channel-free input)."""
 FIXED_BATCH = "fcconv_fixed_batch"
 """The key of ``GraphModule.meta`` holding the batch size a lowered program's input was exported with, where fixed."""
 
@@ -305,7 +307,7 @@ def export_graph(
     dtype = tensors[0].dtype if tensors else torch.float32
     device = tensors[0].device if tensors else torch.device("cpu")
     sample = torch.zeros((2, *input_shape), dtype=dtype, device=device)
-    axes = {axis: torch.export.Dim.AUTO for axis in (0, *range(2, len(input_shape) + 1))}
+    axes = {axis: torch.export.Dim.AUTO for axis in (0, *range(spatial_start(input_shape), len(input_shape) + 1))}
     with _quiet_shape_logs(), _time_limit(EXPORT_SECONDS if seconds is None else seconds):
         program = torch.export.export(model, (sample,), strict=False, dynamic_shapes=(axes,))
     gm = lower_exported_program(program, model if as_traced else None)
@@ -318,7 +320,7 @@ def _fixed_axes(program: torch.export.ExportedProgram) -> list[int]:
     name = program.graph_signature.user_inputs[0]
     node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
     shape = node.meta["val"].shape
-    return [axis for axis in range(2, len(shape)) if is_concrete_int(shape[axis])]
+    return [axis for axis in range(1 if len(shape) == 2 else 2, len(shape)) if is_concrete_int(shape[axis])]
 
 
 def _where(exc: BaseException) -> str:

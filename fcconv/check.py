@@ -55,7 +55,7 @@ from fcconv.metadata import (
 )
 from fcconv.onnx_shapes import declared_dims, inferred_shapes, shapes_only
 from fcconv.runtime import ONNXRUNTIME, OnnxRunner
-from fcconv.sizes import check_tensor_size, default_sizes, parse_input_shape
+from fcconv.sizes import batched_shape, check_tensor_size, default_sizes, parse_input_shape, spatial_size, spatial_start
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest, onnx_weights_digest
 
 __all__ = ["CHECKS", "SOURCES", "CheckReport", "CheckResult", "check_onnx", "metadata_grid", "onnx_native_shape"]
@@ -174,7 +174,7 @@ def check_onnx(
     report = CheckReport(str(path), input_shape, input_shape_source=source)
 
     step("Checking the graph's shapes at two sizes…")
-    report.results.append(_free_axes(input_name, input_dims, len(input_shape) - 1))
+    report.results.append(_free_axes(input_name, input_dims, input_shape))
     report.results.append(_no_collapse(model, input_name, input_shape, channels_last))
     step("Hashing the weights…")
     report.results.append(_weights_digest(model, path, meta))
@@ -264,7 +264,7 @@ def _native_shape(
         raise BadInputError(
             f"{path} takes a rank-{len(dims)} input; input shape {','.join(map(str, shape))} is rank {len(shape) + 1}"
         )
-    if len(dims) > 1 and isinstance(dims[1], int) and dims[1] and dims[1] != shape[0]:
+    if len(shape) > 1 and len(dims) > 1 and isinstance(dims[1], int) and dims[1] and dims[1] != shape[0]:
         raise BadInputError(f"{path} takes {dims[1]} input channels, not {shape[0]}")
     return shape, source
 
@@ -308,7 +308,7 @@ def _opens_channels_last(model: Any, input_name: str) -> bool:
 
 
 def _check_sizes(sizes: Sequence[Sequence[int]], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    native = input_shape[1:]
+    native = spatial_size(input_shape)
     out = [tuple(int(s) for s in size) for size in sizes]
     for size in out:
         if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
@@ -334,9 +334,10 @@ def _first_line(exc: BaseException) -> str:
 # --- structure --------------------------------------------------------------------------------------
 
 
-def _free_axes(name: str, dims: list[int | str | None], rank: int) -> CheckResult:
+def _free_axes(name: str, dims: list[int | str | None], input_shape: tuple[int, ...]) -> CheckResult:
+    rank = len(spatial_size(input_shape))
     axis_names = SPATIAL_AXIS_NAMES.get(rank, tuple(f"axis {2 + i}" for i in range(rank)))
-    spatial = dims[2:]
+    spatial = dims[spatial_start(input_shape) :]
     fixed = [f"{axis} to {dim}" for axis, dim in zip(axis_names, spatial) if isinstance(dim, int) and dim > 0]
     if fixed:
         return CheckResult(
@@ -353,11 +354,11 @@ def _free_axes(name: str, dims: list[int | str | None], rank: int) -> CheckResul
 def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], channels_last: bool = False) -> CheckResult:
     """Shape inference at the native size and at a larger one: no contraction may read an axis that grows with it."""
     light = shapes_only(model)
-    native = input_shape[1:]
+    native = spatial_size(input_shape)
     larger = tuple(2 * n + 1 for n in native)
 
     def batch_of_one(size: tuple[int, ...]) -> tuple[int, ...]:
-        return (1, *size, input_shape[0]) if channels_last else (1, input_shape[0], *size)
+        return (1, *size, input_shape[0]) if channels_last else batched_shape(input_shape, size, 1)
 
     small = inferred_shapes(light, input_name, batch_of_one(native))
     large = inferred_shapes(light, input_name, batch_of_one(larger))
@@ -662,7 +663,7 @@ def _size_checks(
     results = []
     for size in sizes:
         step(f"Running at {'×'.join(map(str, size))}…")
-        x = generator.standard_normal((batch, input_shape[0], *size), dtype=np.float32)
+        x = generator.standard_normal(batched_shape(input_shape, size, batch), dtype=np.float32)
         try:
             outputs = _named_arrays(runner(x))
         except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails there, with the reason
@@ -706,7 +707,7 @@ def _reference_output(
     # The recorded output is float32: a float64 model is compared no tighter than float32 rounds it.
     report.rtol = max(RTOL_BY_DTYPE_NAME.get(dtype, DEFAULT_RTOL), RECORDED_RTOL) if rtol is None else rtol
     report.atol, report.dtype = atol, dtype
-    size = input_shape[1:]
+    size = spatial_size(input_shape)
     try:
         # in float64: the runner rounds it to the model's dtype, as the export rounded it for the original
         outputs = _named_arrays(runner(probe_array(input_shape, np.float64)))

@@ -38,7 +38,7 @@ from fcconv.check import (
 )
 from fcconv.metadata import SPATIAL_AXIS_NAMES
 from fcconv.outputs import named_outputs
-from fcconv.sizes import default_sizes
+from fcconv.sizes import default_sizes, spatial_size, spatial_start
 from fcconv.torch_export import ProgramModel, read_weights, read_weights_metadata, rebuild
 from fcconv.weights_digest import state_dict_digest
 
@@ -67,7 +67,7 @@ def check_program(
     sizes = _check_sizes(sizes or default_sizes(input_shape), input_shape)
     refuse_runs_beyond_memory(program.module, input_shape, sizes, batch, program.dtype.itemsize)
     report = CheckReport(str(path), input_shape, input_shape_source=source)
-    report.results.append(_free_axes(program.spatial_ranges(), input_shape))
+    report.results.append(_free_axes(program.spatial_ranges(spatial_start(input_shape)), input_shape))
     step("Hashing the weights…")
     report.results.append(digest_verdict(state_dict_digest(program.program.state_dict), meta, "tensors"))
     run = _on_arrays(program, program.dtype)
@@ -139,7 +139,7 @@ def check_weights(
 
 def _free_axes(ranges: list[tuple[int, int | None]], input_shape: tuple[int, ...]) -> CheckResult:
     """The program's spatial axes take every size from the native one up."""
-    native = input_shape[1:]
+    native = spatial_size(input_shape)
     names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis {2 + i}" for i in range(len(native))))
     if len(ranges) != len(native):
         return CheckResult(

@@ -45,6 +45,10 @@ class HeadGeometry:
     """True when a trailing softmax, log-softmax or sigmoid was dropped from each output (raw scores)."""
     until: str | None = None
     """The head layer the model was ended at (its output is that layer's dense feature map), or None."""
+    added_axes: tuple[int, ...] = ()
+    """Spatial axes of the feature map (0 is its first) that a channel-free input (L,) does not have: the model added
+    them (``x.unsqueeze(1).unsqueeze(-1)`` before a Conv2d), they keep their size at every input length, and the
+    output holds one position along each, squeezed from it: the score map is (N, K, positions along L)."""
 
     @property
     def mode(self) -> str:

@@ -32,6 +32,7 @@ from fcconv.metadata import (
     output_channels_metadata,
 )
 from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
+from fcconv.sizes import spatial_size, spatial_start
 from fcconv.staging import staged_path
 from fcconv.weights_digest import WeightsDigest, onnx_data_type, tensor_bytes
 
@@ -103,16 +104,19 @@ def export_onnx(
     """
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
-    rank = len(input_shape) - 1
+    native = spatial_size(input_shape)
     if head_format not in HEAD_FORMATS:
         raise BadInputError(f"head format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
     module = as_export_module(converted, head_format).eval()
     geometry = getattr(converted, "fcconv_geometry", None)
     grid = probe_output_grid(module, input_shape) if geometry is not None and geometry.mode == "map" else None
-    axes = {0: "batch", **{2 + i: name for i, name in enumerate(SPATIAL_AXIS_NAMES[rank])}}
+    # a channel-free input (N, L) has its length at axis 1; every output map is (N, K, *map)
+    names = SPATIAL_AXIS_NAMES[len(native)]
+    axes = {0: "batch", **{2 + i: name for i, name in enumerate(names)}}
+    input_axes = {0: "batch", **{spatial_start(input_shape) + i: name for i, name in enumerate(names)}}
     outputs = output_names(module, input_shape)
 
-    model, weights = _traced_graph(module, input_shape, axes, outputs, opset)
+    model, weights = _traced_graph(module, input_shape, input_axes, axes, outputs, opset)
     props = {
         **fcconv_metadata(geometry, grid=grid),
         **output_channels_metadata(_output_channels(model)),
@@ -133,7 +137,12 @@ def export_onnx(
 
 
 def _traced_graph(
-    module: nn.Module, input_shape: tuple[int, ...], axes: dict[int, str], outputs: list[str], opset: int
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    input_axes: dict[int, str],
+    axes: dict[int, str],
+    outputs: list[str],
+    opset: int,
 ) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
     """The graph of ``module`` traced without its weights, and the weights it reads, by initializer name."""
     params = [p for p in module.parameters() if p.is_floating_point()]
@@ -155,7 +164,7 @@ def _traced_graph(
                 buffer,
                 input_names=[INPUT_NAME, *state],
                 output_names=outputs,
-                dynamic_axes={INPUT_NAME: axes, **dict.fromkeys(outputs, axes)},
+                dynamic_axes={INPUT_NAME: input_axes, **dict.fromkeys(outputs, axes)},
                 opset_version=opset,
                 dynamo=False,
                 export_params=False,

@@ -107,6 +107,20 @@ def _append_global_pool(kind: str, rank: int) -> Callable[[fx.GraphModule], None
     return edit
 
 
+def _squeeze_outputs(axes: tuple[int, ...]) -> Callable[[fx.GraphModule], None]:
+    """Squeeze the map axes a channel-free input does not have (one position each) from every output the model
+    returns: (N, K, P, 1) -> (N, K, P)."""
+
+    def edit(gm: fx.GraphModule) -> None:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        for value in output.all_input_nodes:
+            with gm.graph.inserting_before(output):
+                squeezed = gm.graph.call_function(torch.squeeze, (value, tuple(2 + axis for axis in axes)))
+            output.replace_input_with(value, squeezed)
+
+    return edit
+
+
 def _replace_linear(
     target: str, in_channels: int, kernel: tuple[int, ...], fold: Callable[[torch.Tensor], torch.Tensor] | None
 ) -> Callable[[fx.GraphModule], None]:

@@ -39,6 +39,7 @@ from fcconv.fx_nodes import (
     _shape,
 )
 from fcconv.layers import layer_norm_over_channels, pointwise_conv
+from fcconv.sizes import batched_shape, spatial_size, spatial_start
 
 
 def _is_elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -236,7 +237,7 @@ def _refuse_token_sequence(
                 if n.op == "get_attr" and (_shape(n) or ())[:2] == (1, 1) and len(_shape(n)) == 3
             ]
             cls = f" (with the class token {class_tokens[0]}, which the classifier reads)" if class_tokens else ""
-            native = "×".join(map(str, input_shape[1:]))
+            native = "×".join(map(str, spatial_size(input_shape)))
             raise NotConvertibleError(
                 f"{table.target} is a position embedding of fixed length {emb[1]}{cls}, added to the token sequence "
                 f"of the native {native} input at {node.name}; a larger input gives more tokens than it has "
@@ -409,13 +410,13 @@ def _larger_input_shapes(
     size, the shapes up to it, the node that refused it and why."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    large = (input_shape[0], *(2 * s for s in input_shape[1:]))
+    large = batched_shape(input_shape, [2 * s for s in spatial_size(input_shape)], 2)
     params = [p for p in features.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        sample = torch.empty((2, *large), dtype=dtype, device=device)
+        sample = torch.empty(large, dtype=dtype, device=device)
     prop = _NodeShapes(features, fake_mode)
     try:
         with _fake_tensor_errors_unlogged():
@@ -440,7 +441,8 @@ def _probe_larger_input(
                 where += f" in {path} ({getattr(cls, '__name__', cls)})"
         cause = exc.__cause__ or exc
         text = " ".join(str(cause).split()).split(" While executing")[0][:200]
-        native, bigger = "×".join(map(str, input_shape[1:])), "×".join(map(str, (2 * s for s in input_shape[1:])))
+        native = "×".join(map(str, spatial_size(input_shape)))
+        bigger = "×".join(str(2 * s) for s in spatial_size(input_shape))
         raise NotConvertibleError(
             f"{where or 'the trunk'} cannot take a {bigger} input ({text}): the layers before the head are fixed "
             f"to the native {native} size, so the model cannot be made fully convolutional"

@@ -28,6 +28,7 @@ from torch import nn
 from fcconv.metadata import OutputGrid
 from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
 from fcconv.outputs import output_names as names_of
+from fcconv.sizes import batched_shape, spatial_size
 
 __all__ = ["OutputGrid", "output_names", "probe_output_grid"]
 
@@ -49,13 +50,13 @@ def probe_output_grid(
     ``rf >= 1``.
     """
     input_shape = tuple(int(s) for s in input_shape)
-    native = input_shape[1:]
+    native = spatial_size(input_shape)
     output_shape = _OutputShapes(module) if isinstance(module, nn.Module) else module
     seen: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def run(size: tuple[int, ...]) -> tuple[int, ...] | None:
         if size not in seen:
-            shape = output_shape((input_shape[0], *size))
+            shape = output_shape(batched_shape(input_shape, size, 1)[1:])
             if shape is None or len(shape) != len(size) + 2:
                 return None
             seen[size] = shape[2:]

@@ -32,6 +32,7 @@ import torch
 
 from fcconv.errors import BadInputError, FcconvError
 from fcconv.metadata import card_metadata, recorded_card
+from fcconv.sizes import spatial_size
 
 if TYPE_CHECKING:
     from fcconv.verify import VerificationReport
@@ -404,7 +405,7 @@ def load_dense_model(
     activations = functools.partial(activation_bytes, module, itemsize=torch.float32.itemsize)
     report = None
     if check:
-        native = tuple(loaded.input_shape[1:])
+        native = spatial_size(loaded.input_shape)
         report = verify(loaded.module, module, loaded.input_shape, sizes=[native], conversion=conversion)
 
     @torch.inference_mode()

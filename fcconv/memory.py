@@ -26,6 +26,7 @@ import onnx
 
 from fcconv.errors import BadInputError
 from fcconv.onnx_shapes import inferred_shapes, shapes_only
+from fcconv.sizes import batched_shape
 
 if TYPE_CHECKING:
     import torch
@@ -174,7 +175,7 @@ def run_bytes(
     needs = []
     for size in sizes:
         size = tuple(int(s) for s in size)
-        shape = (batch, int(input_shape[0]), *size)
+        shape = batched_shape(input_shape, size, batch)
         run = activation_bytes(model, shape, itemsize, channels_last=channels_last)
         needs.append((size, math.prod(shape) * itemsize + (run[0] if run else 0)))
     return sorted(needs, key=lambda need: need[1])
@@ -198,12 +199,11 @@ def verification_bytes(
     trunk on the whole batch at once. The two phases do not overlap. Returns (size,
     bytes needed while verifying at it, with every size's inputs), largest last.
     """
-    channels = int(input_shape[0])
-    kept = sum(batch * channels * math.prod(size) * itemsize for size in sizes)
+    kept = sum(math.prod(batched_shape(input_shape, size, batch)) * itemsize for size in sizes)
     needs = []
     for size in sizes:
         size = tuple(int(s) for s in size)
-        trunk = activation_bytes(features, (1, channels, *size), itemsize)
+        trunk = activation_bytes(features, batched_shape(input_shape, size, 1), itemsize)
         if trunk is None:  # no estimate of the activations: the inputs alone are the floor
             needs.append((size, kept))
             continue

@@ -252,6 +252,13 @@ def inspect_lines(conversion: Any, *, onnx: bool, pool: str | None) -> list[Any]
         )
     )
     items.append(f"  each output position reads {reads}")
+    added = getattr(geometry, "added_axes", ())
+    if added and pool is None:
+        axes = " and ".join(str(2 + axis) for axis in added)
+        items.append(
+            f"  axis {axes} of the map (not an axis of the channel-free input) is squeezed from the output: "
+            "N×K×positions along the input's length"
+        )
     if pool is not None:
         items.append(f"  the score map is then {pool}-pooled over its positions: the output is N×K")
     return items

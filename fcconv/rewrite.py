@@ -28,7 +28,7 @@ import contextlib
 import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -48,6 +48,7 @@ from fcconv.fx_edits import (
     _replace_with_module,
     _set_kwarg,
     _set_target,
+    _squeeze_outputs,
 )
 from fcconv.fx_head import FirstKernel, _permuted_flatten, _PermutedFlatten, walk_head
 from fcconv.fx_nodes import (
@@ -76,6 +77,7 @@ from fcconv.fx_trunk import (
 )
 from fcconv.head.interpret import refusal
 from fcconv.head.order import feature_order
+from fcconv.sizes import spatial_size, spatial_start
 
 __all__ = [
     "Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "lower_exported_program", "rewrite",
@@ -226,8 +228,10 @@ def _from_first_capture(model: nn.Module, input_shape: tuple[int, ...], planned:
     could trace the model (its graph keeps each layer as the model wrote it), otherwise
     the export's.
     """
-    if len(input_shape) - 1 not in (1, 2, 3) or any(s <= 0 for s in input_shape):
-        raise BadInputError(f"input shape {input_shape} is not (C, L), (C, H, W) or (C, D, H, W) with positive sizes")
+    if len(input_shape) not in (1, 2, 3, 4) or any(s <= 0 for s in input_shape):
+        raise BadInputError(
+            f"input shape {input_shape} is not (L,), (C, L), (C, H, W) or (C, D, H, W) with positive sizes"
+        )
     refusals: dict[str | None, Exception] = {}
     for gm in captures(model, input_shape):
         try:
@@ -238,8 +242,11 @@ def _from_first_capture(model: nn.Module, input_shape: tuple[int, ...], planned:
 
 
 def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
-    """Propagate the captured model's shapes and find where the head starts; refuse a model that has none."""
-    rank = len(input_shape) - 1
+    """Propagate the captured model's shapes and find where the head starts; refuse a model that has none.
+
+    The head's map has the input's rank, except for a channel-free input (L,): the model adds its axes itself, and
+    the map's rank is that of the first map (of rank 1, 2 or 3) collapsed to a vector.
+    """
     modules = dict(gm.named_modules())
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -253,36 +260,62 @@ def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
 
     # Only what is computed from the input can collapse the map (not, say, a table of position biases).
     live = _descendants(placeholders[0])
-    gates = _find_gates(graph, modules, rank, live)
-    in_gates = {n for gate in gates for n in gate.nodes}
-
-    collapse = None
-    for node in graph.nodes:
-        if node not in live or node in in_gates:
-            continue
-        kind = _is_collapse(node, modules, rank)
-        if kind is None:
-            continue
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    ranks = (len(input_shape) - 1,) if len(input_shape) > 1 else (1, 2, 3)
+    found = [_first_collapse(graph, modules, r, live) for r in ranks]
+    rank, gates, collapse = min(found, key=lambda f: order[f[2][0]] if f[2] is not None else len(order))
+    if collapse is not None:
+        node, kind = collapse
         if kind == "other":
             src = _shape(node.args[0])
             raise NotConvertibleError(
                 f"{_describe(node, modules)} turns the {'×'.join(map(str, src[1:]))} feature map into a vector "
                 "in a way fcconv cannot read as sliding windows"
             )
-        collapse = (node, kind)
-        break
     if collapse is None:
         _refuse_token_sequence(gm, modules, rank, live, input_shape)
         _refuse_class_token(gm, modules, live, input_shape)
+        if len(input_shape) == 1:
+            _refuse_vector_input(gm, modules, placeholders[0], input_shape)
         _refuse_token_mixing(gm, modules, live, input_shape)
         out_shapes = [_shape(n) for n in graph.nodes if n.op == "output"]
+        maps = "(N, C, L)" if rank == 1 else "(N, C, H, W)" if rank == 2 else "(N, C, D, H, W)"
         raise NotConvertibleError(
             "no flatten, view, reshape, mean or global pooling of a "
-            f"{'(N, C, L)' if rank == 1 else '(N, C, H, W)' if rank == 2 else '(N, C, D, H, W)'} feature map "
+            f"{'(N, C, *S)' if len(input_shape) == 1 else maps} feature map "
             f"was found before the output{f' {out_shapes[0]}' if out_shapes and out_shapes[0] else ''}; "
             "either the model is already fully convolutional or its input has another rank than --input-shape"
         )
     return _Located(gm, modules, rank, gates, *collapse)
+
+
+def _first_collapse(
+    graph: fx.Graph, modules: dict[str, nn.Module], rank: int, live: set[fx.Node]
+) -> tuple[int, list[_Gate], tuple[fx.Node, str] | None]:
+    """(rank, the gates, the first node outside them that collapses a map of that rank to a vector and its kind)."""
+    gates = _find_gates(graph, modules, rank, live)
+    in_gates = {n for gate in gates for n in gate.nodes}
+    for node in graph.nodes:
+        if node in live and node not in in_gates:
+            kind = _is_collapse(node, modules, rank)
+            if kind is not None:
+                return rank, gates, (node, kind)
+    return rank, gates, None
+
+
+def _refuse_vector_input(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], placeholder: fx.Node, input_shape: tuple[int, ...]
+) -> None:
+    """Refuse, naming it, a Linear that reads a channel-free input's samples as its features (no map before it)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear) and placeholder in _ancestors(node):
+            shape = _shape(node.args[0])
+            if shape is not None and len(shape) == 2:
+                raise NotConvertibleError(
+                    f"{_describe(node, modules)} reads the {input_shape[0]} input samples as {shape[1]} features, "
+                    "with no convolution sliding along the input before it: there is no feature map whose "
+                    "windows the head reads, so the model has no fully convolutional form"
+                )
 
 
 def _refuse_unverifiable_fixed_axes(gm: fx.GraphModule, geometry: HeadGeometry) -> None:
@@ -295,9 +328,9 @@ def _refuse_unverifiable_fixed_axes(gm: fx.GraphModule, geometry: HeadGeometry) 
     fixed = gm.meta.get(FIXED_AXES) or []
     if not fixed or (geometry.window is None and not geometry.dense):
         return
-    sizes = geometry.input_shape[1:]
+    sizes, first = spatial_size(geometry.input_shape), spatial_start(geometry.input_shape)
     names = {1: ["length"], 2: ["height", "width"], 3: ["depth", "height", "width"]}[len(sizes)]
-    axes = " and ".join(f"{names[axis - 2]} at {sizes[axis - 2]}" for axis in fixed)
+    axes = " and ".join(f"{names[axis - first]} at {sizes[axis - first]}" for axis in fixed)
     raise NotConvertibleError(
         f"torch.export fixed the input's {axes} (forward() computes from that size in Python, e.g. int() of it or a "
         "loop over it) and torch.fx cannot trace the model, so the converted model would compute something else at "
@@ -375,7 +408,11 @@ def _plan_graph(
     branches = [(name, _layers_on_path(value, walk.nodes, modules)) for name, value in _output_items(output.args[0])]
     trunk = _ancestors(entry)
     features, head = _split(gm, entry, trunk, collapse_node if located.kind == "flatten" else None)
-    trunk_edits, trunk_layers, notes = _plan_trunk(located, start, features, input_shape, trunk, pointwise)
+    trunk_edits, trunk_layers, notes, larger = _plan_trunk(located, start, features, input_shape, trunk, pointwise)
+    if len(input_shape) == 1:
+        geometry = replace(geometry, added_axes=_added_axes(located, start, input_shape, larger))
+        if geometry.added_axes and pool is None:
+            start.edits.append(_squeeze_outputs(geometry.added_axes))
     return _Plan(
         gm, features, head, geometry, walk.layers, start.removed, [*start.edits, *trunk_edits], trunk_layers, notes,
         flatten_permutation=start.permuted.permutation if start.permuted is not None else None,
@@ -532,6 +569,39 @@ def _plan_adaptive_pool(start: _HeadStart, located: _Located, dense: bool) -> No
         )
 
 
+def _added_axes(
+    located: _Located, start: _HeadStart, input_shape: tuple[int, ...], larger: dict[str, tuple[int, ...]]
+) -> tuple[int, ...]:
+    """The axes of the head's map that a channel-free input (L,) does not have: all but the one that follows the
+    length (the first, where none does). Refuses a map with several axes that follow the length, and one whose
+    output would hold more than one position along an added axis."""
+    entry, modules = start.entry, located.modules
+    native, twice = _shape(entry)[2:], larger.get(entry.name, ())[2:]
+    if len(twice) != len(native):
+        return ()
+    growing = [axis for axis, (n, t) in enumerate(zip(native, twice)) if t != n]
+    shown = "×".join(map(str, _shape(entry)[1:]))
+    if len(growing) > 1:
+        raise NotConvertibleError(
+            f"the head reads the {shown} map {_describe(entry, modules)}, whose axes "
+            f"{' and '.join(str(2 + a) for a in growing)} each follow the input's length (at twice the native "
+            f"{input_shape[0]} samples it is {'×'.join(map(str, larger[entry.name][1:]))}): the score map of a "
+            "channel-free input runs along one axis, so the model has no fully convolutional form fcconv can give"
+        )
+    kept = growing[0] if growing else 0
+    added = tuple(axis for axis in range(len(native)) if axis != kept)
+    for axis in added:
+        positions = 1 if start.window is None else (native[axis] - start.window[axis]) // start.stride[axis] + 1
+        if positions != 1:
+            raise NotConvertibleError(
+                f"axis {2 + axis} of the head's {shown} map {_describe(entry, modules)} is {native[axis]} at every "
+                f"input length, an axis the channel-free input does not have, and the score map would hold {positions} "
+                "positions along it where it runs along the length alone; keep the global pooling (no --dense) or "
+                "pool that axis in forward()"
+            )
+    return added
+
+
 def _plan_trunk(
     located: _Located,
     start: _HeadStart,
@@ -539,9 +609,9 @@ def _plan_trunk(
     input_shape: tuple[int, ...],
     trunk: set[fx.Node],
     pointwise: bool,
-) -> tuple[list[Callable[[fx.GraphModule], None]], list[RewrittenLayer], list[str]]:
+) -> tuple[list[Callable[[fx.GraphModule], None]], list[RewrittenLayer], list[str], dict[str, tuple[int, ...]]]:
     """The trunk's edits: gates, per-position Linear layers, size-generic replacements; refuses a trunk whose map
-    does not keep its channels at a larger input."""
+    does not keep its channels at a larger input. Also the trunk's shapes at twice the native size."""
     gm, modules, rank, entry = located.gm, located.modules, located.rank, start.entry
     # The trunk is kept, so it must take larger inputs: run it at twice the native size (shapes only).
     larger = _probe_larger_input(features, input_shape, modules)
@@ -573,7 +643,7 @@ def _plan_trunk(
             f"{count} call{'s' if count > 1 else ''} of {function.__module__}.{function.__name__} computed by "
             f"{new.__module__}.{new.__name__}: the same values, with its size-dependent choices kept in the export"
         )
-    return edits, trunk_layers, notes
+    return edits, trunk_layers, notes, larger
 
 
 # --- ending a model earlier --------------------------------------------------------------------

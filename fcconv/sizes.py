@@ -10,11 +10,14 @@ from collections.abc import Sequence
 
 from fcconv.errors import BadInputError
 
-__all__ = ["check_tensor_size", "default_sizes", "parse_input_shape"]
+__all__ = ["batched_shape", "check_tensor_size", "default_sizes", "parse_input_shape", "spatial_size", "spatial_start"]
 
 
 def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """``"3,224,224"`` -> (3, 224, 224); accepts (C, L), (C, H, W) and (C, D, H, W)."""
+    """``"3,224,224"`` -> (3, 224, 224); accepts (L,), (C, L), (C, H, W) and (C, D, H, W).
+
+    A single number is a channel-free input: the model takes (N, L) and adds its axes itself.
+    """
     if isinstance(text, (tuple, list)):
         parts = [str(p) for p in text]
     else:
@@ -23,10 +26,29 @@ def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...
         shape = tuple(int(p) for p in parts)
     except ValueError:
         raise BadInputError(f"--input-shape {text!r} is not a list of integers like 3,224,224") from None
-    if not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape):
-        raise BadInputError(f"--input-shape {text!r} must be C,L or C,H,W or C,D,H,W with positive sizes")
+    if not 1 <= len(shape) <= 4 or any(s <= 0 for s in shape):
+        raise BadInputError(
+            f"--input-shape {text!r} must be L (no channel axis), or C,L or C,H,W or C,D,H,W with positive sizes"
+        )
     check_tensor_size(shape, f"--input-shape {text!r}")
     return shape
+
+
+def spatial_size(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The spatial part of a per-sample input shape: all of a channel-free (L,), otherwise all but its C."""
+    shape = tuple(int(s) for s in input_shape)
+    return shape if len(shape) == 1 else shape[1:]
+
+
+def spatial_start(input_shape: Sequence[int]) -> int:
+    """The axis of a batched input where the spatial axes begin: 1 for a channel-free (N, L), otherwise 2."""
+    return 1 if len(input_shape) == 1 else 2
+
+
+def batched_shape(input_shape: Sequence[int], size: Sequence[int], batch: int) -> tuple[int, ...]:
+    """A batch of inputs at spatial ``size``: (N, *size) for a channel-free input, otherwise (N, C, *size)."""
+    channels = () if len(input_shape) == 1 else (int(input_shape[0]),)
+    return (int(batch), *channels, *(int(s) for s in size))
 
 
 # Tensors count their elements in a signed 64-bit integer; fcconv runs inputs in batches of two.
@@ -54,7 +76,7 @@ def default_sizes(input_shape: Sequence[int], step: Sequence[int] | None = None)
     native one (it adds an upsampled map to a skip connection): the native size plus the multiples
     of the step nearest to those, a larger non-square one and about twice the native size.
     """
-    native = tuple(int(s) for s in input_shape[1:])
+    native = spatial_size(input_shape)
     factors = [1.25 if axis % 2 == 0 else 1.5 for axis in range(len(native))]
     if step is None:
         odd = tuple(max(s + 1, round(s * f)) | 1 for s, f in zip(native, factors))

@@ -44,6 +44,7 @@ from fcconv.files import (
     read_member,
 )
 from fcconv.metadata import SPATIAL_AXIS_NAMES, conversion_options, metadata_input_shape
+from fcconv.sizes import batched_shape, spatial_size, spatial_start
 from fcconv.weights_digest import digest_metadata, state_dict_digest
 
 __all__ = [
@@ -81,14 +82,14 @@ def export_program(converted: nn.Module, input_shape: Sequence[int]) -> torch.ex
     from torch.export import Dim
 
     input_shape = tuple(int(s) for s in input_shape)
-    native = input_shape[1:]
+    native, first = spatial_size(input_shape), spatial_start(input_shape)
     module = program_form(converted).eval()
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
     names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis{2 + i}" for i in range(len(native))))
-    dims = {0: Dim("batch", min=1), **{2 + i: Dim(name, min=n) for i, (name, n) in enumerate(zip(names, native))}}
+    dims = {0: Dim("batch", min=1), **{first + i: Dim(name, min=n) for i, (name, n) in enumerate(zip(names, native))}}
     # seeded: torch.export.save writes the example into the archive, which is then the same on every run
-    example_shape = (2, input_shape[0], *(n + n // 2 + 1 for n in native))
+    example_shape = batched_shape(input_shape, [n + n // 2 + 1 for n in native], 2)
     example = torch.randn(example_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     logging.disable(logging.WARNING)  # the tracer logs its failures before raising them
     try:
@@ -239,14 +240,16 @@ class ProgramModel:
         with torch.inference_mode():
             return self.module(x.cpu())  # the program was saved on the CPU
 
-    def spatial_ranges(self) -> list[tuple[int, int | None]]:
-        """Each spatial axis's (lowest, highest) size the program accepts; None for no upper bound (or a fixed axis)."""
+    def spatial_ranges(self, first: int = 2) -> list[tuple[int, int | None]]:
+        """Each spatial axis's (lowest, highest) size the program accepts; None for no upper bound (or a fixed axis).
+
+        ``first`` is the input's first spatial axis: 1 for a channel-free (N, L) input."""
         (placeholder,) = [
             n for n in self.program.graph.nodes
             if n.op == "placeholder" and n.name in self.program.graph_signature.user_inputs
         ]  # fmt: skip
         ranges = []
-        for size in placeholder.meta["val"].shape[2:]:
+        for size in placeholder.meta["val"].shape[first:]:
             if isinstance(size, int):
                 ranges.append((size, size))
                 continue

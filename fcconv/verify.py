@@ -37,7 +37,7 @@ from fcconv.metadata import probe_array
 from fcconv.outputs import SINGLE_OUTPUT_NAME, like, named_outputs
 from fcconv.rewrite import Conversion, analyze, truncate
 from fcconv.runtime import ONNXRUNTIME, OnnxRunner
-from fcconv.sizes import default_sizes
+from fcconv.sizes import batched_shape, default_sizes, spatial_size
 
 __all__ = [
     "ReferenceCase",
@@ -129,10 +129,13 @@ class SlidingWindowHead(nn.Module):
         self.stride = conversion.geometry.stride
         self.channels = conversion.geometry.feature_shape[0]
         self.pool = conversion.geometry.pool
+        self.added = tuple(2 + axis for axis in getattr(conversion.geometry, "added_axes", ()))
         self.chunk = chunk
 
     def forward(self, x: torch.Tensor) -> Any:
         scores = self.score_map(x)
+        if self.added:  # axes a channel-free input does not have: one position each, squeezed as the conversion does
+            scores = like(scores, [s.squeeze(self.added) for _, s in named_outputs(scores)])
         if self.pool is None:
             return scores
         pooled = []
@@ -312,7 +315,7 @@ def reference_outputs(
     ``geometry`` and the ``features`` and ``head`` callables the sliding window runs.
     """
     input_shape = tuple(int(s) for s in input_shape)
-    native = input_shape[1:]
+    native = spatial_size(input_shape)
     sizes = [tuple(int(s) for s in size) for size in (sizes or [])]
     for size in sizes:
         if len(size) != len(native) or any(s < n for s, n in zip(size, native)):
@@ -345,7 +348,7 @@ def reference_outputs(
         for size in sizes:
             if on_size is not None:
                 on_size(size)
-            x = torch.randn((batch, input_shape[0], *size), generator=generator).to(dtype=dtype, device=device)
+            x = torch.randn(batched_shape(input_shape, size, batch), generator=generator).to(dtype=dtype, device=device)
             # One sample at a time: each reading is per sample, and the activations of a
             # large input are the largest memory a conversion needs beside the weights.
             samples = x.split(1)
@@ -407,7 +410,7 @@ def verification_sizes(conversion: Conversion | Any, input_shape: Sequence[int])
     features = conversion.features
     if not isinstance(features, fx.GraphModule):  # an ONNX trunk
         return sizes
-    shapes = _trunk_shapes(features, input_shape[0])
+    shapes = _trunk_shapes(features, input_shape)
     native, double = sizes[0], tuple(2 * s for s in sizes[0])
     if all(shapes(size) is not None for size in reversed(sizes[1:])) or shapes(native) is None:
         return sizes
@@ -437,7 +440,7 @@ def _total_stride(
     return tuple(stride)
 
 
-def _trunk_shapes(features: fx.GraphModule, channels: int) -> Callable[[tuple[int, ...]], dict | None]:
+def _trunk_shapes(features: fx.GraphModule, input_shape: tuple[int, ...]) -> Callable[[tuple[int, ...]], dict | None]:
     """The shapes of ``features``'s nodes on an input of a spatial size, found on fake tensors (shapes alone);
     None where the trunk refuses the size or fake tensors cannot tell."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -453,7 +456,7 @@ def _trunk_shapes(features: fx.GraphModule, channels: int) -> Callable[[tuple[in
         if size not in seen:
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
             with fake_mode:
-                sample = torch.empty((1, channels, *size), dtype=dtype, device=device)
+                sample = torch.empty(batched_shape(input_shape, size, 1), dtype=dtype, device=device)
             prop = _NodeShapes(features, fake_mode)
             try:
                 with _fake_tensor_errors_unlogged(), torch.no_grad():
@@ -502,7 +505,7 @@ def refuse_sizes_beyond_memory(
 
     at_sizes = needs(sizes)
     if at_sizes and at_sizes[-1][1] > memory.machine_memory():  # say so first where no size would do
-        native = [tuple(int(s) for s in input_shape[1:])]
+        native = [spatial_size(input_shape)]
         memory.refuse_beyond_memory(needs(native), "verifying", "even the native size does not fit on this machine")
     memory.refuse_beyond_memory(at_sizes, "verifying", "verify at smaller sizes (--sizes)")
 

@@ -334,3 +334,48 @@ class SlopePerWindowElement(nn.Module):
 
     def forward(self, x):
         return self.fc(self.act(self.conv(x).flatten(1)))
+
+
+class FramewiseAudio(nn.Module):
+    """A frame classifier of 400-sample waveforms taken as (N, L), no channel axis: ``x.unsqueeze(1).unsqueeze(-1)``
+    makes (N, 1, L, 1) for Conv2d over an (L, 1) map (three unpadded stride-2 stages, 400 → 48), then the 16×48×1
+    map is permuted to (N, 1, 16, 48) and flattened into Linear(768 → 32) → ReLU → Linear(32 → 6)."""
+
+    def __init__(self, num_classes: int = 6) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, (5, 1), stride=(2, 1)), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, (3, 1), stride=(2, 1)), nn.ReLU(),
+            nn.Conv2d(16, 16, (3, 1), stride=(2, 1)), nn.ReLU(),
+        )  # fmt: skip
+        self.fc1 = nn.Linear(16 * 48, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.features(x.unsqueeze(1).unsqueeze(-1))
+        x = x.permute(0, 3, 1, 2).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class PooledAudio(FramewiseAudio):
+    """FramewiseAudio's trunk with a global average over the (L, 1) map before one Linear(16 → 6): any length."""
+
+    def __init__(self, num_classes: int = 6) -> None:
+        super().__init__(num_classes)
+        del self.fc1, self.fc2
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x.unsqueeze(1).unsqueeze(-1)).mean(dim=(2, 3)))
+
+
+class WaveformMLP(nn.Module):
+    """Linear layers straight on a 400-sample waveform (N, L): no convolution slides along it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(400, 32)
+        self.fc2 = nn.Linear(32, 6)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))

@@ -17,7 +17,11 @@ ArchOption = Annotated[
 ]
 InputShapeOption = Annotated[
     Optional[str],
-    typer.Option("--input-shape", help="Native input size C,H,W (or C,L / C,D,H,W). [default: 3,224,224]"),
+    typer.Option(
+        "--input-shape",
+        help="Native input size C,H,W (or C,L / C,D,H,W; a single L for a model that takes (N, L) without a channel "
+        "axis). [default: 3,224,224]",
+    ),
 ]
 DenseOption = Annotated[
     bool, typer.Option("--dense", help="Drop a global pooling before the head: return the per-position score map.")
@@ -176,7 +180,8 @@ RecordedShapeOption = Annotated[
     Optional[str],
     typer.Option(
         "--input-shape",
-        help="Native input size C,H,W. [default: the model's fcconv.input_shape metadata, else its input's fixed size]",
+        help="Native input size C,H,W (or C,L / C,D,H,W / L). [default: the model's fcconv.input_shape metadata, else "
+        "its input's fixed size]",
     ),
 ]
 RebuildFromOption = Annotated[
