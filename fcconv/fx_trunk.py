@@ -39,7 +39,7 @@ from fcconv.fx_nodes import (
     _shape,
 )
 from fcconv.layers import layer_norm_over_channels, pointwise_conv
-from fcconv.sizes import batched_shape, spatial_size, spatial_start
+from fcconv.sizes import batched_shape, spatial_size
 
 
 def _is_elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
