@@ -34,6 +34,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import operator
 import os
 import signal
 import sys
@@ -342,6 +343,10 @@ _ATEN_DROPOUT = {
     _ATEN.dropout.default, _ATEN.feature_dropout.default, _ATEN.alpha_dropout.default,
     _ATEN.dropout_.default, _ATEN.feature_dropout_.default, _ATEN.alpha_dropout_.default,
 }  # fmt: skip
+_ATEN_ADAPTIVE_MAX = {
+    _ATEN.adaptive_max_pool1d.default: F.adaptive_max_pool1d, _ATEN.adaptive_max_pool2d.default: F.adaptive_max_pool2d,
+    _ATEN.adaptive_max_pool3d.default: F.adaptive_max_pool3d,
+}  # fmt: skip
 _ATEN_RESHAPE = {_ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default}
 _ATEN_EXPAND = {_ATEN.expand.default}
 _ATEN_AS_TORCH: dict[Any, Callable[..., Any]] = {
@@ -411,6 +416,14 @@ def lower_exported_program(program: torch.export.ExportedProgram, model: nn.Modu
             # from training mode and recorded the dropout as active: its random output is no classifier's reading
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+        elif node.target in _ATEN_ADAPTIVE_MAX and all(
+            user.target is operator.getitem and (user.args[1] == 0 or not user.users) for user in node.users
+        ):
+            # the pooled values, their indices unused: the torch function, as a live module's trace writes it
+            node.target = _ATEN_ADAPTIVE_MAX[node.target]
+            for item in list(node.users):
+                item.replace_all_uses_with(node)
+                gm.graph.erase_node(item)
         elif node.target in _ATEN_EXPAND and batch is not None and _expands_batch(node, batch):
             node.args = (node.args[0], [-1, *node.args[1][1:]], *node.args[2:])  # -1: the batch of its input
         elif node.target in _ATEN_RESHAPE:

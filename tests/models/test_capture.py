@@ -389,3 +389,27 @@ def test_a_size_branch_the_export_kept_under_a_window_head_is_caught_by_the_orig
     verdicts = {(check.input_size, check.reference): check.passed for check in report.checks}
     assert verdicts[((10, 10), "sliding window")] and verdicts[((12, 14), "sliding window")]
     assert not verdicts[((12, 13), "sliding window")] and not report.passed
+
+
+class FunctionalMaxPooled(nn.Module):
+    """A head pooled by ``F.adaptive_max_pool2d``, which torch.export records with its indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_max_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
+
+
+def test_a_functional_max_pooling_captured_by_the_export_is_the_global_pooling_dense_drops():
+    model = seeded(FunctionalMaxPooled)
+    kept = fcconv.rewrite(model, (3, 12, 12))
+    dense = fcconv.rewrite(model, (3, 12, 12), dense=True)
+    assert kept.captured_by == dense.captured_by == EXPORT
+    with torch.no_grad():
+        assert dense.module(torch.randn(1, 3, 20, 16)).shape == (1, 4, 18, 14)
+        assert kept.module(torch.randn(1, 3, 20, 16)).shape == (1, 4, 1, 1)
+    report = verify(model, dense.module, (3, 12, 12), sizes=[(12, 12), (20, 16)], batch=1, conversion=dense)
+    assert report.passed
