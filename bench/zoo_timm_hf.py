@@ -195,6 +195,16 @@ def run_one(model_id: str, batch: int) -> dict[str, Any]:
     }
 
 
+def commit() -> str:
+    """The fcconv commit a model ran on (``+`` where the work tree differed from it), or ``?``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(["git", "status", "--porcelain", "fcconv"], capture_output=True, text=True, cwd=REPO)
+    except OSError:
+        return "?"
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else "?"
+
+
 def child(model_id: str, batch: int, threads: int | None) -> None:
     import warnings
 
@@ -210,6 +220,7 @@ def child(model_id: str, batch: int, threads: int | None) -> None:
         record = {"model": model_id, "result": "failed", "reason": f"crash: {type(exc).__name__}: {text}"}
     peak = next((line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")), None)
     record["peak_mb"] = int(peak) / 1024 if peak else None
+    record["commit"] = commit()
     print("ZOO-RESULT " + json.dumps(record), flush=True)
 
 
@@ -270,6 +281,8 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace, wall: float,
         "",
         f"- torch {versions['torch']}, timm {versions['timm']}, transformers {versions['transformers']}, "
         f"Python {platform.python_version()}",
+        f"- fcconv: commit {', '.join(sorted({r.get('commit', '?') for r in records}))} (each model's is in "
+        f"`{Path(args.out).with_suffix('.jsonl').name}`)",
         f"- machine: {machine()}; {args.threads or versions['threads']} torch threads; one model at a time, "
         "each in a fresh process; the models' wall times added up to "
         f"{wall / 60:.1f} min",

@@ -123,6 +123,45 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
+# What nn.Module keeps in its own __dict__: parameters, buffers, children and hooks, never a computed cache.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextlib.contextmanager
+def state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every plain attribute of ``model``'s modules after capturing or shape-propagating it.
+
+    Capture and shape propagation run the model's own modules on fake tensors. A module
+    that caches what it computes (timm's EfficientViT and LeViT keep their attention
+    biases in a dict, by device) would keep a fake tensor, and the user's model would
+    then fail, or the verification's eager run of it would read the fake value. Dicts
+    and lists are put back with their contents; attributes added are removed.
+    """
+    saved = []
+    for module in model.modules():
+        attributes = {}
+        for name, value in vars(module).items():
+            if name not in _MODULE_INTERNALS:
+                attributes[name] = (
+                    value,
+                    dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None,
+                )
+        saved.append((module, attributes))
+    try:
+        yield
+    finally:
+        for module, attributes in saved:
+            for name in [n for n in vars(module) if n not in _MODULE_INTERNALS and n not in attributes]:
+                del module.__dict__[name]
+            for name, (value, contents) in attributes.items():
+                module.__dict__[name] = value
+                if isinstance(value, dict):
+                    value.clear()
+                    value.update(contents)
+                elif isinstance(value, list):
+                    value[:] = contents
+
+
 FIXED_AXES = "fcconv_fixed_axes"
 """The key of ``GraphModule.meta`` listing the input axes an export fixed to their traced size (axis 2 is H or D or L;
 axis 1 is L for a channel-free input)."""

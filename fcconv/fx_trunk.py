@@ -7,6 +7,7 @@ Nothing here is rewritten into a convolution over a window; what is found is kep
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import operator
 from collections.abc import Callable, Iterator
@@ -215,6 +216,39 @@ def _find_gates(graph: fx.Graph, modules: dict[str, nn.Module], rank: int, live:
         edits.extend(_replace_with_input(u.name) for u in unflatten)
         nodes = _descendants(node) & _ancestors(unflatten[-1])
         gates.append(_Gate(nodes, edits, layers))
+    return gates + _convolutional_gates(graph, modules, rank, live, {n for gate in gates for n in gate.nodes})
+
+
+def _convolutional_gates(
+    graph: fx.Graph, modules: dict[str, nn.Module], rank: int, live: set[fx.Node], claimed: set[fx.Node]
+) -> list[_Gate]:
+    """Gates that scale a map by what they compute from its global pooling with no Linear layer (ResNeSt's split
+    attention: pool, 1×1 convolutions, a softmax over reshaped groups, a reshape back), kept as they are.
+
+    Whatever such a gate computes from the pooled map is the same function at any input size, since the pooling
+    is global; its reshapes are of pooled values, not a collapse of the feature map.
+    """
+    gates = []
+    for node in graph.nodes:
+        if node not in live or node in claimed or _global_pool_kind(node, modules, rank) is None:
+            continue
+        below, above = _descendants(node), _ancestors(node)
+        for product in below:
+            if not (
+                (product.op == "call_function" and product.target in (operator.mul, torch.mul))
+                or (product.op == "call_method" and product.target == "mul")
+            ):
+                continue
+            gate_side = [a for a in product.all_input_nodes if a in below]
+            map_side = [a for a in product.all_input_nodes if a not in below]
+            if len(gate_side) != 1 or len(map_side) != 1 or map_side[0] not in above:
+                continue
+            nodes = below & _ancestors(gate_side[0])
+            if any(n.op == "call_module" and isinstance(modules[n.target], nn.Linear) for n in nodes):
+                continue  # a Linear reads the pooled vector: the gates above rewrite it, or it is the head's
+            gates.append(_Gate(nodes, [], []))
+            claimed |= nodes
+            break
     return gates
 
 
@@ -318,6 +352,59 @@ def _grows(node: Any, larger: dict[str, tuple[int, ...]], refused: bool) -> bool
     return refused if at_double is None else len(at_double) == len(native) and at_double[-1] > native[-1]
 
 
+def _pool_channels_first(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> bool:
+    """Write a mean or maximum over the spatial axes of a channels-last map (timm's Swin and MambaOut heads:
+    ``x.mean((1, 2))`` on N×H×W×C) as the same reduction of the map made channels-first, so that the head is read
+    as a global pooling; True where the graph changed.
+
+    A map is channels-last where its axes 1 to rank grow with the input and its last does not (found at twice the
+    native size), so a reduction over C and H of an N×C×H×W map is never taken for one.
+    """
+    rank = len(input_shape) - 1
+    spatial = set(range(1, rank + 1))
+    candidates = []
+    for node in gm.graph.nodes:
+        is_reduction = (node.op == "call_method" and node.target in ("mean", "amax")) or (
+            node.op == "call_function" and node.target in (torch.mean, torch.amax)
+        )
+        source = node.args[0] if node.args else None
+        shape = _shape(source) if isinstance(source, fx.Node) else None
+        if not is_reduction or shape is None or len(shape) != rank + 2:
+            continue
+        dims = _arg(node, 1, "dim", None)
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if {d % (rank + 2) for d in dims if isinstance(d, int)} == spatial and len(dims) == rank:
+            candidates.append(node)
+    if not candidates:
+        return False
+    larger, refused_at, _ = _larger_input_shapes(gm, input_shape)
+    changed = False
+    for node in candidates:
+        source = node.args[0]
+        native, double = _shape(source), larger.get(source.name)
+        if double is None and refused_at is not None:  # the trunk refuses a larger input before: say where
+            _probe_larger_input(gm, input_shape, dict(gm.named_modules()))
+        if double is None or len(double) != len(native):
+            continue
+        grows = [b > a for a, b in zip(native, double)]
+        if not (all(grows[1 : rank + 1]) and not grows[-1]):
+            continue
+        keepdim = _arg(node, 2, "keepdim", False)
+        to_first = (0, rank + 1, *range(1, rank + 1))
+        with gm.graph.inserting_before(node):
+            first = gm.graph.call_method("permute", (source, to_first))
+        node.args = (first, tuple(range(2, rank + 2)), *node.args[2:])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dim"}
+        if keepdim:  # the pooled N×1×…×C the model reads next
+            with gm.graph.inserting_after(node):
+                back = gm.graph.call_method("permute", (node, (0, *range(2, rank + 2), 1)))
+            node.replace_all_uses_with(back, delete_user_cb=functools.partial(operator.is_not, back))
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def _refuse_class_token(
     gm: fx.GraphModule, modules: dict[str, nn.Module], live: set[fx.Node], input_shape: tuple[int, ...]
 ) -> None:
@@ -379,6 +466,12 @@ class _NodeShapes(fx.Interpreter):
         self.fake_mode = fake_mode
         self.current: fx.Node | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        from fcconv.capture import state_kept
+
+        with state_kept(self.module):
+            return super().run(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n

@@ -141,6 +141,12 @@ class _OutputShapes:
 
     def output(self, shape: tuple[int, ...]) -> Any:
         """The module's output (meta or fake tensors) for a batch-1 input of ``shape``, or None if it fails."""
+        from fcconv.capture import state_kept
+
+        with state_kept(self.module):
+            return self._output(shape)
+
+    def _output(self, shape: tuple[int, ...]) -> Any:
         if self.use_meta:
             try:
                 return self._meta_forward(shape)

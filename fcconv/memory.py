@@ -98,7 +98,9 @@ def _graph_activations(module: torch.fx.GraphModule, shape: Sequence[int]) -> tu
     logger = logging.getLogger("torch._subclasses.fake_tensor")
     disabled, logger.disabled = logger.disabled, True
     try:
-        with torch.inference_mode():
+        from fcconv.capture import state_kept
+
+        with torch.inference_mode(), state_kept(module):
             output = Recorder(module).run(sample)
     except Exception:  # noqa: BLE001 - an operator fake tensors cannot run: no estimate
         return None

@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fcconv.capture import CAPTURED_BY, FIXED_AXES, FIXED_BATCH, FX, captures, lower_exported_program
+from fcconv.capture import CAPTURED_BY, FIXED_AXES, FIXED_BATCH, FX, captures, lower_exported_program, state_kept
 from fcconv.conversion import Conversion, HeadGeometry, RewrittenLayer, _conversion, _Plan
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.fx_cut import _cut_points, _layers_on_path, _output_items, _split, end_early
@@ -67,6 +67,7 @@ from fcconv.fx_trunk import (
     _find_gates,
     _Gate,
     _pointwise_linears,
+    _pool_channels_first,
     _pooled_chain,
     _probe_larger_input,
     _refuse_class_token,
@@ -233,12 +234,31 @@ def _from_first_capture(model: nn.Module, input_shape: tuple[int, ...], planned:
             f"input shape {input_shape} is not (L,), (C, L), (C, H, W) or (C, D, H, W) with positive sizes"
         )
     refusals: dict[str | None, Exception] = {}
-    for gm in captures(model, input_shape):
-        try:
-            return planned(gm)
-        except Exception as refused:  # noqa: BLE001 - the next capture may be planned; raised below if none is
-            refusals.setdefault(gm.meta.get(CAPTURED_BY), refused)
+    with state_kept(model):
+        for gm in captures(model, input_shape):
+            try:
+                return planned(gm)
+            except Exception as refused:  # noqa: BLE001 - the next capture may be planned; raised below if none is
+                refusals.setdefault(gm.meta.get(CAPTURED_BY), refused)
     raise refusals.get(FX) or next(iter(refusals.values()))
+
+
+def _trunk_with_its_checks(gm: fx.GraphModule, entry: fx.Node) -> set[fx.Node]:
+    """The nodes that compute the map at ``entry``, with the model's own checks on them (``torch._assert`` that
+    the input's size suits the model, as timm's HaloNet asserts that its attention blocks tile the map).
+
+    A check computes nothing the map needs, so it is no ancestor of ``entry``; without it the trunk would
+    run at sizes the model refuses, and compute there what the model never does.
+    """
+    trunk = _ancestors(entry)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    head = (_descendants(entry) - {entry}) & _ancestors(output)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and not node.users and node.is_impure():
+            checked = _ancestors(node)
+            if not checked & head:
+                trunk |= checked
+    return trunk
 
 
 def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
@@ -257,6 +277,8 @@ def _locate_head(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Located:
         )
     _refuse_size_dependent_trunk(gm, modules)
     _propagate_shapes(gm, input_shape)
+    if len(input_shape) > 1 and _pool_channels_first(gm, input_shape):
+        _propagate_shapes(gm, input_shape)
 
     # Only what is computed from the input can collapse the map (not, say, a table of position biases).
     live = _descendants(placeholders[0])
@@ -406,7 +428,7 @@ def _plan_graph(
     )
     _refuse_unverifiable_fixed_axes(gm, geometry)
     branches = [(name, _layers_on_path(value, walk.nodes, modules)) for name, value in _output_items(output.args[0])]
-    trunk = _ancestors(entry)
+    trunk = _trunk_with_its_checks(gm, entry)
     features, head = _split(gm, entry, trunk, collapse_node if located.kind == "flatten" else None)
     trunk_edits, trunk_layers, notes, larger = _plan_trunk(located, start, features, input_shape, trunk, pointwise)
     if len(input_shape) == 1:

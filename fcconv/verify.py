@@ -32,6 +32,7 @@ from fcconv import memory
 from fcconv.capture import EXPORT
 from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME
 from fcconv.errors import BadInputError
+from fcconv.grid import _OutputShapes
 from fcconv.layers import channels_first, gather_windows
 from fcconv.metadata import probe_array
 from fcconv.outputs import SINGLE_OUTPUT_NAME, like, named_outputs
@@ -334,7 +335,7 @@ def reference_outputs(
             raise TypeError("reference_outputs: an original that is not a module needs its conversion")
         dtype = getattr(original, "dtype", torch.float32)
     dense, pool = conversion.geometry.dense, conversion.geometry.pool
-    sizes = sizes or verification_sizes(conversion, input_shape)
+    sizes = sizes or verification_sizes(conversion, input_shape, original if isinstance(original, nn.Module) else None)
     refuse_sizes_beyond_memory(conversion, input_shape, sizes, dtype, batch)
     rtol = RTOL_BY_DTYPE.get(dtype, DEFAULT_RTOL) if rtol is None else rtol
     generator = torch.Generator().manual_seed(seed)
@@ -396,28 +397,46 @@ def _printed_unless_failing(failing_quietly: bool = True) -> Iterator[None]:
     sys.stderr.write(held.getvalue())
 
 
-def verification_sizes(conversion: Conversion | Any, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+def verification_sizes(
+    conversion: Conversion | Any, input_shape: Sequence[int], original: nn.Module | None = None
+) -> list[tuple[int, ...]]:
     """The sizes a verification runs at unless told: :func:`default_sizes` where the original's trunk takes them.
 
     A trunk that adds an upsampled map to a skip connection (DLA, HRNet) or folds space
     into channels (TResNet) takes only the native size plus whole steps; it is then
     verified at the native size plus multiples of the smallest step it takes, a multiple
     of its total stride (so that the sliding windows line up with its map). Which sizes
-    it takes is found on shapes alone; where that cannot be told, the default sizes.
+    it takes is found on shapes alone: the trunk's, which keeps the model's own checks
+    of its input's size, and the ``original``'s where given and its head reads the whole
+    map (an export drops those checks; timm's HaloNet asserts that its attention blocks
+    tile the map). Where that cannot be told, the default sizes.
     """
     input_shape = tuple(int(s) for s in input_shape)
     sizes = default_sizes(input_shape)
     features = conversion.features
     if not isinstance(features, fx.GraphModule):  # an ONNX trunk
         return sizes
-    shapes = _trunk_shapes(features, input_shape)
+    trunk_shapes = _trunk_shapes(features, input_shape)
+    # an original whose head reads the whole map takes every size its trunk takes; one that reads a window, none
+    whole_map = getattr(conversion.geometry, "window", ()) is None
+    original_output = _OutputShapes(original) if original is not None and whole_map else None
+
+    def shapes(size: tuple[int, ...]) -> dict | None:
+        if original_output is not None:
+            from fcconv.fx_trunk import _fake_tensor_errors_unlogged
+
+            with _fake_tensor_errors_unlogged():
+                if original_output(batched_shape(input_shape, size, 1)[1:]) is None:
+                    return None
+        return trunk_shapes(size)
+
     native, double = sizes[0], tuple(2 * s for s in sizes[0])
     if all(shapes(size) is not None for size in reversed(sizes[1:])) or shapes(native) is None:
         return sizes
     stride = _total_stride(native, shapes(native), shapes(double) or {})
     tried = set()
-    for factor in (2**k for k in range(8)):
-        step = tuple(math.lcm(factor, s) for s in stride)
+    for factor in (2**k for k in range(5)):  # up to 16 times the total stride
+        step = tuple(factor * s for s in stride)
         if step not in tried:
             tried.add(step)
             stepped = default_sizes(input_shape, step)

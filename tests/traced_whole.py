@@ -32,3 +32,19 @@ class ScaledByRows(nn.Module):
 class ColumnsOneByOne(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return columns_one_by_one(x)
+
+
+class BlockCheckedWindow(nn.Module):
+    """A window head over a stride-4 map the model asserts tiles into blocks of 8 (inputs 32 pixels apart); defined
+    here, so torch.fx traces it and records the checks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 4, stride=4)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        torch._assert(x.shape[2] % 8 == 0, "height is not a whole number of blocks")
+        torch._assert(x.shape[3] % 8 == 0, "width is not a whole number of blocks")
+        return self.fc(torch.flatten(x, 1))

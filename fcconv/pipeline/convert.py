@@ -111,7 +111,7 @@ def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, 
     # with logits or until the model converted, and verified against, is the original ended there
     as_loaded, loaded.module = loaded.module, conversion.source
     # the export runs the model at the native size: refuse sizes that cannot be verified before it
-    sizes = sizes or verification_sizes(conversion, loaded.input_shape)
+    sizes = sizes or verification_sizes(conversion, loaded.input_shape, loaded.module)
     refuse_sizes_beyond_memory(conversion, loaded.input_shape, sizes, loaded.dtype)
     report(HeadRewritten(conversion, f"{model.name} ({loaded.arch}): rewritten layers", pool=pool))
     return {"loaded": loaded, "as_loaded": as_loaded, "conversion": conversion, "sizes": sizes}

@@ -376,3 +376,75 @@ def test_cli_refuses_vit_with_exit_code_3_and_one_line(tmp_path):
     refused = run("inspect", checkpoint, "--arch", "vit_b_32")
     assert refused.returncode == 3
     assert refused.stderr.count("\n") == 1 and "position embedding of fixed length 50" in refused.stderr
+
+
+class ChannelsLastPooled(nn.Module):
+    """A channels-last trunk pooled over its spatial axes as timm's Swin and MambaOut heads pool: x.mean((1, 2))."""
+
+    def __init__(self, keepdim=False):
+        super().__init__()
+        self.keepdim = keepdim
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.mlp = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.mlp(self.conv(x).permute(0, 2, 3, 1)))
+        pooled = x.mean((1, 2), keepdim=self.keepdim)
+        return self.fc(pooled.flatten(1))
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_a_mean_over_the_spatial_axes_of_a_channels_last_map_is_the_global_pooling(keepdim):
+    model = seeded(ChannelsLastPooled, keepdim=keepdim)
+    conversion = fcconv.rewrite(model, (3, 32, 32))
+    assert [layer.name for layer in conversion.layers] == ["fc"]
+    assert_verified(model, conversion.module, (3, 32, 32), conversion, sizes=[(32, 32), (41, 37), (64, 64)])
+    dense = fcconv.rewrite(model, (3, 32, 32), dense=True)
+    report = fcconv.verify(model, dense.module, (3, 32, 32), sizes=[(32, 32), (41, 37)], batch=1, conversion=dense)
+    assert report.passed, checks(report)
+    assert report.checks[-1].output_shape == (1, 4, 20, 18)
+
+
+def test_a_mean_over_channels_and_height_of_a_channels_first_map_is_no_pooling():
+    class MeanOverChannelsAndHeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(30, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((1, 2)))
+
+    with pytest.raises(NotConvertibleError):
+        fcconv.analyze(seeded(MeanOverChannelsAndHeight), (3, 32, 32))
+
+
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention: a gate computed from the global pooling by 1×1 convolutions and a softmax over
+    reshaped groups, reshaped back and multiplied onto the map; then a plain pooled head."""
+
+    def __init__(self, channels=8, radix=2):
+        super().__init__()
+        self.radix = radix
+        self.conv = nn.Conv2d(3, channels * radix, 3)
+        self.fc1 = nn.Conv2d(channels, 4, 1)
+        self.fc2 = nn.Conv2d(4, channels * radix, 1)
+        self.fc = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        gap = torch.relu(self.fc1(x.sum(dim=1).mean((2, 3), keepdim=True)))
+        attn = self.fc2(gap).view(b, 1, self.radix, -1).transpose(1, 2)
+        attn = torch.softmax(attn, dim=1).reshape(b, -1)
+        x = (x * attn.reshape(b, self.radix, rc // self.radix, 1, 1)).sum(dim=1)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_gate_of_convolutions_over_the_global_pooling_is_kept_and_the_head_after_it_converts():
+    model = seeded(SplitAttention)
+    conversion = fcconv.rewrite(model, (3, 32, 32))
+    assert [layer.name for layer in conversion.layers] == ["fc"]
+    assert_verified(model, conversion.module, (3, 32, 32), conversion, sizes=[(32, 32), (41, 37), (64, 64)])

@@ -413,3 +413,41 @@ def test_a_functional_max_pooling_captured_by_the_export_is_the_global_pooling_d
         assert kept.module(torch.randn(1, 3, 20, 16)).shape == (1, 4, 1, 1)
     report = verify(model, dense.module, (3, 12, 12), sizes=[(12, 12), (20, 16)], batch=1, conversion=dense)
     assert report.passed
+
+
+@timm.layers.register_notrace_module
+class CachedScale(nn.Module):
+    """Caches a tensor it computes in eval mode, by device, as timm's EfficientViT and LeViT cache their attention
+    biases; a module torch.fx keeps whole, as timm declares those."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(8, 1, 1))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if not self.training and key not in self.cache:
+            self.cache[key] = self.scale * 2
+        return x * (self.cache[key] if not self.training else self.scale * 2)
+
+
+class CachedScaleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.scaled = CachedScale()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.scaled(self.conv(x)).mean((2, 3)))
+
+
+def test_capture_and_shape_propagation_leave_a_models_cached_tensors_as_they_found_them():
+    model = seeded(CachedScaleNet)
+    conversion = fcconv.rewrite(model, (3, 12, 12))
+    assert model.scaled.cache == {}
+    report = verify(model, conversion.module, (3, 12, 12), batch=1, conversion=conversion)
+    assert report.passed
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 20, 16))).all()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import REPO, seeded
 from custom_models import LeNet
+from torch import nn
 
 from fcconv.errors import BadInputError
 from fcconv.rewrite import rewrite
@@ -139,3 +140,40 @@ def test_sizes_with_a_step_are_the_native_size_plus_whole_steps_one_non_square_a
         assert sizes[1][0] != sizes[1][1]
     if all(n % k == 0 for n, k in zip(native, step)) and len(native) == 2:
         assert sizes[2] == tuple(2 * n for n in native)
+
+
+class BlockChecked(nn.Module):
+    """Asserts, as timm's HaloNet does, that its stride-4 map tiles into blocks of 8: inputs 32 pixels apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 4, stride=4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        torch._assert(x.shape[2] % 8 == 0, "height is not a whole number of blocks")
+        torch._assert(x.shape[3] % 8 == 0, "width is not a whole number of blocks")
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_sizes_chosen_pass_the_models_own_checks_of_its_input_size():
+    model = seeded(BlockChecked)
+    conversion = rewrite(model, NATIVE)
+    sizes = verification_sizes(conversion, NATIVE, model)
+    assert len(sizes) == 3 and all(h % 32 == 0 and w % 32 == 0 for h, w in sizes), sizes
+    report = verify(model, conversion.module, NATIVE, batch=1, conversion=conversion)
+    assert report.passed
+    assert {check.input_size for check in report.checks} == set(sizes)
+
+
+def test_the_trunk_of_a_traced_model_keeps_its_checks_and_is_verified_at_sizes_they_pass():
+    from traced_whole import BlockCheckedWindow
+
+    model = seeded(BlockCheckedWindow)
+    conversion = rewrite(model, NATIVE)
+    with torch.no_grad(), pytest.raises(AssertionError, match="whole number of blocks"):
+        conversion.features(torch.randn(1, 3, 36, 36))
+    sizes = verification_sizes(conversion, NATIVE)
+    assert len(sizes) == 3 and all(h % 32 == 0 and w % 32 == 0 for h, w in sizes), sizes
+    assert verify(model, conversion.module, NATIVE, batch=1, conversion=conversion).passed
