@@ -101,13 +101,16 @@ def build(model_id: str) -> Any:
 
 
 def small_config(config: Any) -> Any:
-    """``config`` with one layer per stage (``depths``) or two layers (``num_hidden_layers``, ``depth``): the same
-    layers and head, in a fraction of the time."""
-    for key in ("depths", "num_hidden_layers", "depth"):
+    """``config`` with one block per stage (``depths``), or else two layers (``num_hidden_layers``, ``depth``): the
+    same layers and head, in a fraction of the time. A configuration with stages keeps its layer count, which some
+    read as the number of stages."""
+    depths = getattr(config, "depths", None)
+    if isinstance(depths, list) and depths and all(isinstance(v, int) for v in depths):
+        config.depths = [1] * len(depths)
+        return config
+    for key in ("num_hidden_layers", "depth"):
         value = getattr(config, key, None)
-        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
-            setattr(config, key, [1] * len(value))
-        elif isinstance(value, int) and not isinstance(value, bool) and value > 2:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 2:
             setattr(config, key, 2)
     return config
 
@@ -152,7 +155,10 @@ def run_one(model_id: str, batch: int) -> dict[str, Any]:
     from fcconv.zoos import zoo_input_shape
 
     start = time.perf_counter()
-    model = build(model_id)
+    try:
+        model = build(model_id)
+    except ImportError as exc:  # a class that needs a package this machine does not have: no model to try
+        return {"model": model_id, "result": "not built", "reason": " ".join(str(exc).split())[:200]}
     shape = zoo_input_shape(model) or (3, 224, 224)
     result: dict[str, Any] = {"model": model_id, "input": list(shape)}
     try:
@@ -247,19 +253,23 @@ def run_in_child(model_id: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(records: list[dict[str, Any]], zoo: str) -> str:
-    """``timm: 60 models, convolutional 40 of 41 converted, ...``: each kind's converted, refused and failed."""
+    """``60 models; convolutional 41: 40 converted, 1 refused, 0 failed; ...``: each kind's results."""
     mine = [r for r in records if r["model"].startswith(zoo + ":")]
+    unbuilt = [r for r in mine if r["result"] == "not built"]
+    mine_built = [r for r in mine if r["result"] != "not built"]
     parts = []
     for kind in (*KINDS, None):
-        of_kind = [r for r in mine if r.get("kind") == kind or (kind is None and r.get("kind") not in KINDS)]
+        of_kind = [r for r in mine_built if r.get("kind") == kind or (kind is None and r.get("kind") not in KINDS)]
         if not of_kind:
             continue
         counts = {k: sum(r["result"] == k for r in of_kind) for k in ("converted", "refused", "failed")}
-        label = kind or "did not run"
+        label = kind or "kind not measured (the model does not run at its own size, or crashed first)"
         parts.append(
             f"{label} {len(of_kind)}: {counts['converted']} converted, {counts['refused']} refused, "
             f"{counts['failed']} failed"
         )
+    if unbuilt:
+        parts.append(f"{len(unbuilt)} not built (a package this machine does not have)")
     return f"{len(mine)} models; " + "; ".join(parts)
 
 

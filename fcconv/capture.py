@@ -286,6 +286,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
         warnings.filterwarnings("ignore", message="Was not able to add assertion")
         graph = tracer.trace(model, concrete_args=defaults or None)
     _drop_bound_arguments(graph, model, defaults)
+    for node in list(graph.nodes):  # ``*args`` and ``**kwargs`` the model never reads: it is called with one tensor
+        if node.op == "placeholder" and str(node.target).startswith("*") and not node.users:
+            graph.erase_node(node)
     traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
     traced.meta[CAPTURED_BY] = FX
     return traced

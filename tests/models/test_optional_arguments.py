@@ -99,3 +99,18 @@ def test_a_model_with_a_required_second_argument_is_refused_naming_its_inputs():
     for refused in (lambda: fcconv.analyze(trace(model), SHAPE), lambda: fcconv.rewrite(model, SHAPE)):
         with pytest.raises(NotConvertibleError, match=r"^forward\(\) takes 2 inputs \(x, mask\); fcconv converts"):
             refused()
+
+
+class KeywordArguments(OptionalArguments):
+    """Takes ``**kwargs`` it does not read, as Hugging Face classifiers' ``forward(pixel_values, **kwargs)`` does."""
+
+    def forward(self, x, labels=None, **kwargs):
+        return super().forward(x)
+
+
+def test_a_model_taking_keyword_arguments_it_does_not_read_is_traced_with_one_input():
+    model = seeded(KeywordArguments)
+    graph = trace(model)
+    assert [n.target for n in graph.graph.nodes if n.op == "placeholder"] == ["x"]
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(graph(x), model(x))
