@@ -18,6 +18,7 @@ their auxiliary classifiers).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import importlib.machinery
@@ -98,7 +99,9 @@ def _torch_load(path: Path, trust: bool) -> Any:
         except Exception as exc:  # noqa: BLE001 - any failure means the file is not a checkpoint
             raise BadInputError(f"{path} is not a PyTorch checkpoint ({reason(exc)})") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # a training script's arguments (timm's saves them beside the weights) are a plain bag of values
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         what = refused_global(text)
@@ -383,6 +386,19 @@ def torchvision_signatures() -> dict[str, dict[str, list[int]]]:
     return table
 
 
+def timm_architecture_recorded(obj: Any) -> str | None:
+    """``timm:NAME`` where a checkpoint records the timm model it was trained as: timm's training script saves
+    ``{"arch": NAME, "state_dict": ..., "args": ...}``. Only a name timm knows counts, and only with timm installed."""
+    name = obj.get("arch") if isinstance(obj, Mapping) else None
+    if not isinstance(name, str) or not name or not isinstance(obj.get("state_dict"), Mapping):
+        return None
+    try:
+        import timm
+    except ImportError:
+        return None
+    return f"timm:{name}" if timm.is_model(name) else None
+
+
 def detect_architecture(state: Mapping[str, torch.Tensor], path: Path) -> str:
     """The torchvision classifier whose state_dict ``state`` is, with any class count.
 
@@ -518,6 +534,7 @@ def load_model(
             shape = tuple(input_shape or (native_input_shape(arch) if arch else None) or DEFAULT_INPUT_SHAPE)
             return LoadedModel(model, path, arch or type(obj).__name__, shape, card)
         state = _state_dict(obj, path)
+        arch = arch or timm_architecture_recorded(obj)
     arch = arch or hf_architecture_beside(path)
     if not arch:
         arch = detect_architecture(state, path)

@@ -1,5 +1,6 @@
 """Architectures named in a model zoo: ``--arch timm:NAME`` and ``--arch hf:CLASS`` (built from config.json)."""
 
+import argparse
 import json
 import sys
 
@@ -68,6 +69,26 @@ def test_a_timm_state_dict_named_timm_colon_name_is_built_with_its_class_count_a
 
     assert (loaded.arch, loaded.input_shape, loaded.module.num_classes) == (f"timm:{TIMM_NAME}", SHAPE, 7)
     converts_and_verifies(model, loaded)
+
+
+def test_a_checkpoint_of_timms_training_script_names_its_model_and_needs_no_arch(timm_checkpoint, tmp_path):
+    model, _ = timm_checkpoint
+    path = tmp_path / "checkpoint-9.pth.tar"
+    args = argparse.Namespace(model=TIMM_NAME, lr=0.1, input_size=None, mean=(0.5, 0.5, 0.5))
+    torch.save({"epoch": 9, "arch": TIMM_NAME, "state_dict": model.state_dict(), "args": args, "version": 2}, path)
+
+    loaded = load_model(path, input_shape=SHAPE)
+
+    assert (loaded.arch, loaded.module.num_classes) == (f"timm:{TIMM_NAME}", 7)
+    converts_and_verifies(model, loaded)
+
+
+def test_an_arch_key_that_names_no_timm_model_is_not_read_as_one(timm_checkpoint, tmp_path):
+    model, _ = timm_checkpoint
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"arch": "no_such_model", "state_dict": model.state_dict()}, path)
+    with pytest.raises(BadInputError, match="fits no torchvision classifier"):
+        load_model(path, input_shape=SHAPE)
 
 
 def test_a_timm_model_card_needs_no_trust_and_gives_timms_native_input_size(timm_checkpoint, tmp_path):
