@@ -105,8 +105,9 @@ def small_config(config: Any) -> Any:
     same layers and head, in a fraction of the time. A configuration with stages keeps its layer count, which some
     read as the number of stages."""
     depths = getattr(config, "depths", None)
-    if isinstance(depths, list) and depths and all(isinstance(v, int) for v in depths):
-        config.depths = [1] * len(depths)
+    if isinstance(depths, (list, tuple)) and depths:
+        if all(isinstance(v, int) for v in depths):
+            config.depths = [1] * len(depths)
         return config
     for key in ("num_hidden_layers", "depth"):
         value = getattr(config, key, None)
@@ -187,7 +188,14 @@ def run_one(model_id: str, batch: int) -> dict[str, Any]:
     return {
         **result,
         "result": "converted" if report.passed else "failed",
-        "reason": "" if report.passed else "verification failed",
+        "reason": ""
+        if report.passed
+        else "verification failed: "
+        + "; ".join(
+            f"{'×'.join(map(str, c.input_size))} against the {c.reference}: {c.message or f'max error {c.max_rel:.1e}'}"
+            for c in report.checks
+            if not c.passed
+        )[:300],
         "pattern": head_pattern(conversion),
         "reads": reads(conversion),
         "captured_by": conversion.captured_by,

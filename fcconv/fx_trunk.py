@@ -334,6 +334,34 @@ def _refuse_token_mixing(
         )
     if refused_at is not None:  # what stops a larger input before any layer is seen to mix positions
         _probe_larger_input(gm, input_shape, modules)
+    for node in gm.graph.nodes:
+        pooled = _token_pooling_axis(node, modules)
+        source = node.args[0] if pooled is not None and node.args else None
+        native = _shape(source) if isinstance(source, fx.Node) else None
+        double = larger.get(source.name) if isinstance(source, fx.Node) else None
+        if node not in live or native is None or double is None or len(native) != 3 or len(double) != 3:
+            continue
+        axis = pooled % 3
+        spatial = len(input_shape) - 1
+        if double[axis] >= native[axis] * 2**spatial:  # the flattened positions of every spatial axis
+            raise NotConvertibleError(
+                f"{_module_path(node, modules)} pools the {native[axis]} positions of the map after they were "
+                "flattened into a sequence of tokens; fcconv reads a global pooling of the feature map itself, "
+                "where its height and width are still axes, so this head has no per-position form it can write"
+            )
+
+
+def _token_pooling_axis(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
+    """The axis a one-axis pooling of a three-axis tensor reduces (``AdaptiveAvgPool1d(1)``, ``x.mean(1)``), else
+    None."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)):
+        size = modules[node.target].output_size
+        return -1 if size in (1, (1,)) else None
+    if _call_name(node) in ("mean", "amax", "max", "sum") and node.op in ("call_method", "call_function"):
+        dims = _arg(node, 1, "dim", None)
+        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+        return dims[0] if len(dims) == 1 and isinstance(dims[0], int) else None
+    return None
 
 
 def _is_linear_call(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

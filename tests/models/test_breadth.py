@@ -220,6 +220,26 @@ def test_a_model_that_mixes_every_position_with_every_other_is_refused_naming_th
     assert "no output reads a window of the input" in str(refused.value)
 
 
+class TokenPooled(_Patches):
+    """A sequence of tokens normalized per token and pooled over the tokens (Hugging Face FocalNet's and Swin's
+    pooler): the map's height and width are gone by the pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(24)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        tokens = self.norm(super().forward(x))
+        return self.head(self.pool(tokens.transpose(1, 2)).flatten(1))
+
+
+def test_a_pooling_over_the_tokens_of_a_flattened_map_is_refused_naming_the_pooling():
+    with pytest.raises(NotConvertibleError, match=r"^pool \(AdaptiveAvgPool1d\) pools the 16 positions of the map"):
+        fcconv.analyze(seeded(TokenPooled), (3, 32, 32))
+
+
 def test_maxvit_head_norm_over_the_pooled_features_converts_exactly():
     # MaxViT's own head (pool, flatten, LayerNorm, Linear, Tanh, Linear) on a trunk that takes any size
     model = seeded(NormalizedPooledHead)
