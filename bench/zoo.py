@@ -224,7 +224,8 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace, wall: float,
         "# The torchvision zoo",
         "",
         "Every classification model of the installed torchvision "
-        "(`torchvision.models.list_models(module=torchvision.models)`) through fcconv.",
+        "(`torchvision.models.list_models(module=torchvision.models)`) through fcconv. timm's families and "
+        "Hugging Face's image classifiers: [zoo-timm-hf.md](zoo-timm-hf.md).",
         "",
         f"**{len(records)} models: {counts['converted']} converted and verified, {counts['refused']} refused "
         f"(exit code 3), {counts['failed']} failed.**",
