@@ -346,8 +346,8 @@ def _refuse_token_mixing(
         if double[axis] >= native[axis] * 2**spatial:  # the flattened positions of every spatial axis
             raise NotConvertibleError(
                 f"{_module_path(node, modules)} pools the {native[axis]} positions of the map after they were "
-                "flattened into a sequence of tokens; fcconv reads a global pooling of the feature map itself, "
-                "where its height and width are still axes, so this head has no per-position form it can write"
+                "flattened into a sequence of tokens; fcconv reads only a global pooling of the feature map itself, "
+                "where its height and width are still axes, so it cannot tell what each position of this one reads"
             )
 
 
