@@ -318,7 +318,13 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace, wall: float,
         "- kind, measured from one forward pass: **attention** when the model multiplies two activations "
         "(`matmul`, `bmm`, `einsum`, scaled-dot-product or multi-head attention), **token-mixing MLP** when a "
         "`Linear` runs across the token axis, **recurrent** with an RNN layer, **convolutional** otherwise. "
-        "Only a convolutional model has a sliding-window reading; the others are refused with the reason",
+        "A model whose head starts at a global pooling converts whatever its kind (its trunk runs as it is, at "
+        "every size its layers take); one where every position is mixed with every other before the map "
+        "collapses, or whose layers are fixed to the native size, is refused with the reason",
+        "- a failed verification is fcconv catching a capture that computes something else than the eager model "
+        "at another size (Hugging Face's MobileNets compute TensorFlow-style padding from the input's size in "
+        "Python, and the capture keeps the padding of the native size's parity); `fcconv convert` then writes "
+        "nothing and exits 1",
         "- refused: the `NotConvertibleError` message, which `fcconv convert` prints with exit code 3; failed: "
         "a verification that did not pass, a crash (anything else raised), or the time limit",
         "",
