@@ -136,7 +136,8 @@ def kind_of(model: Any, shape: tuple[int, ...]) -> str:
     class Calls(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             kwargs = kwargs or {}
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            flat = [b for a in args for b in (a if isinstance(a, (list, tuple)) else (a,))]  # einsum(eq, [q, k])
+            tensors = [a for a in flat if isinstance(a, torch.Tensor)]
             if func in products and len(tensors) >= 2 and not any(isinstance(t, torch.nn.Parameter) for t in tensors):
                 found.add("attention")
             if func is F.multi_head_attention_forward or func is F.scaled_dot_product_attention:
