@@ -180,8 +180,9 @@ def child(name: str, batch: int, threads: int | None) -> None:
 # --- the whole zoo, in the parent process ----------------------------------------------------------
 
 
-def run_in_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", name, "--batch", str(args.batch)]
+def run_in_child(name: str, args: argparse.Namespace, script: str = __file__) -> dict[str, Any]:
+    """``script --child name`` in a fresh process, and the record it prints (or why it printed none)."""
+    command = [sys.executable, script, "--child", name, "--batch", str(args.batch)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     start = time.perf_counter()

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from zoo import fmt_size, head_pattern, machine, reads  # noqa: E402
+from zoo import fmt_size, head_pattern, machine, reads, run_in_child  # noqa: E402
 
 KINDS = ("convolutional", "attention", "token-mixing MLP", "recurrent")
 
@@ -242,25 +242,6 @@ def child(model_id: str, batch: int, threads: int | None) -> None:
 # --- the whole sweep, in the parent process --------------------------------------------------------
 
 
-def run_in_child(model_id: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", model_id, "--batch", str(args.batch)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"model": model_id, "result": "failed", "reason": f"time limit of {args.timeout} s reached",
-                "seconds": time.perf_counter() - start}  # fmt: skip
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("ZOO-RESULT "):
-            return json.loads(line[len("ZOO-RESULT ") :])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    why = "killed (out of memory?)" if done.returncode == -9 else f"exit code {done.returncode}"
-    return {"model": model_id, "result": "failed", "reason": f"the process ended without a result, {why}: {tail}",
-            "seconds": time.perf_counter() - start}  # fmt: skip
-
-
 def summary(records: list[dict[str, Any]], zoo: str) -> str:
     """``60 models; convolutional 41: 40 converted, 1 refused, 0 failed; ...``: each kind's results."""
     mine = [r for r in records if r["model"].startswith(zoo + ":")]
@@ -396,7 +377,7 @@ def main() -> None:
         if name in records:
             continue
         started = time.perf_counter()
-        record = run_in_child(name, args)
+        record = run_in_child(name, args, __file__)
         record["wall"] = time.perf_counter() - started
         records[name] = record
         with results_path.open("a") as f:
