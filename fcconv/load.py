@@ -46,6 +46,7 @@ from fcconv.zoos import (
     exit_text,
     hf_architecture_beside,
     parameters_on_meta,
+    timm_architecture_recorded,
     zoo_input_shape,
     zoo_prefix,
 )
@@ -384,19 +385,6 @@ def torchvision_signatures() -> dict[str, dict[str, list[int]]]:
         staged.write_text(json.dumps(table))
         os.replace(staged, cache)
     return table
-
-
-def timm_architecture_recorded(obj: Any) -> str | None:
-    """``timm:NAME`` where a checkpoint records the timm model it was trained as: timm's training script saves
-    ``{"arch": NAME, "state_dict": ..., "args": ...}``. Only a name timm knows counts, and only with timm installed."""
-    name = obj.get("arch") if isinstance(obj, Mapping) else None
-    if not isinstance(name, str) or not name or not isinstance(obj.get("state_dict"), Mapping):
-        return None
-    try:
-        import timm
-    except ImportError:
-        return None
-    return f"timm:{name}" if timm.is_model(name) else None
 
 
 def detect_architecture(state: Mapping[str, torch.Tensor], path: Path) -> str:

@@ -62,6 +62,7 @@ from fcconv.fx_nodes import (
     _is_collapse,
     _shape,
 )
+from fcconv.fx_tokens import _refuse_class_token, _refuse_token_mixing, _refuse_token_sequence
 from fcconv.fx_trunk import (
     _adaptive_avg_fold,
     _find_gates,
@@ -70,10 +71,7 @@ from fcconv.fx_trunk import (
     _pool_channels_first,
     _pooled_chain,
     _probe_larger_input,
-    _refuse_class_token,
     _refuse_size_dependent_trunk,
-    _refuse_token_mixing,
-    _refuse_token_sequence,
     _size_generic_replacements,
 )
 from fcconv.head.interpret import refusal

@@ -23,8 +23,8 @@ from fcconv.files import read_json_object
 from fcconv.sizes import parse_input_shape
 
 __all__ = [
-    "HF_WEIGHTS", "ZOOS", "build_zoo_model", "exit_text", "hf_architecture_beside", "parameters_on_meta", "zoo_input_shape",
-    "zoo_prefix",
+    "HF_WEIGHTS", "ZOOS", "build_zoo_model", "exit_text", "hf_architecture_beside", "parameters_on_meta",
+    "timm_architecture_recorded", "zoo_input_shape", "zoo_prefix",
 ]  # fmt: skip
 
 
@@ -163,6 +163,19 @@ def hf_architecture_beside(path: Path) -> str | None:
         if names[0].isidentifier() and names[0].endswith("ForImageClassification"):
             return f"hf:{names[0]}"
     return None
+
+
+def timm_architecture_recorded(obj: Any) -> str | None:
+    """``timm:NAME`` where a checkpoint records the timm model it was trained as: timm's training script saves
+    ``{"arch": NAME, "state_dict": ..., "args": ...}``. Only a name timm knows counts, and only with timm installed."""
+    name = obj.get("arch") if isinstance(obj, Mapping) else None
+    if not isinstance(name, str) or not name or not isinstance(obj.get("state_dict"), Mapping):
+        return None
+    try:
+        import timm
+    except ImportError:
+        return None
+    return f"timm:{name}" if timm.is_model(name) else None
 
 
 def zoo_input_shape(model: nn.Module) -> tuple[int, ...] | None:
