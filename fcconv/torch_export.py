@@ -116,21 +116,14 @@ def export_program(converted: nn.Module, input_shape: Sequence[int]) -> torch.ex
 def _free_axes(module: nn.Module, input_shape: tuple[int, ...]) -> Any:
     """The ``dynamic_shapes`` of ``module``'s input: the batch from 1 up, each spatial axis from the native size up.
 
-    As torch.export's ``ShapesSpec`` of unbacked shape variables, which the tracer never fixes to the
-    example's sizes: where a size decides a branch it cannot take for every size, the export fails and
-    says where. A torch without ``ShapesSpec`` gets ``torch.export.Dim``s, backed by the example, with
-    which a map that may be 1 wide fixes its width and the export fails saying so.
+    As torch.export's ``ShapesSpec`` of unbacked shape variables (torch 2.14 and later), which the tracer
+    never fixes to the example's sizes: where a size decides a branch it cannot take for every size, the
+    export fails and says where.
     """
+    from torch.fx.experimental.dynamic_spec import ParamsSpec, ShapesSpec, ShapeVar, TensorSpec
+
     native, first = spatial_size(input_shape), spatial_start(input_shape)
     names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis{2 + i}" for i in range(len(native))))
-    try:
-        from torch.fx.experimental.dynamic_spec import ParamsSpec, ShapesSpec, ShapeVar, TensorSpec
-    except ImportError:
-        from torch.export import Dim
-
-        return (
-            {0: Dim("batch", min=1), **{first + i: Dim(name, min=n) for i, (name, n) in enumerate(zip(names, native))}},
-        )
     channels = input_shape[: first - 1]  # none in a channel-free (N, L) input
     sizes = [ShapeVar(name, min=n) for name, n in zip(names, native)]
     spec = TensorSpec([ShapeVar("batch", min=1), *channels, *sizes])
