@@ -576,7 +576,8 @@ def _dict_keys(program: torch.export.ExportedProgram) -> list[str] | None:
     spec = program.call_spec.out_spec
     if spec is None or not isinstance(spec.type, type) or not issubclass(spec.type, dict):
         return None
-    if any(not child.is_leaf() for child in spec.children()):
+    children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs  # torch < 2.10
+    if any(not child.is_leaf() for child in children):
         return None
     return [str(key) for key in spec.context]
 

@@ -23,6 +23,11 @@ the host issuing them sets the pace for one image, every operation counts.
 
 All of these are the same sums as the convolution, reordered, so they agree with
 it to floating-point rounding.
+
+Every choice between the paths is a plain Python condition on sizes (no generator,
+nothing read from the data), which ``torch.compile(fullgraph=True, dynamic=True)``
+traces into guards on the symbolic sizes: the module compiles whole, with one graph
+for the native size and one for every larger size.
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ class FullyConnectedConvMixin:
             return self._conv_forward(x, weight, bias)
         if math.prod(kernel) == 1:
             return pointwise_linear(x, weight, bias)
-        positions = math.prod(s - k + 1 for s, k in zip(spatial, kernel))
-        if positions <= 0:
-            return self._conv_forward(x, weight, bias)
-        gathered = x.shape[0] * positions * math.prod(weight.shape[1:])
+        # A plain loop, not a generator: torch.compile traces it into guards on the symbolic sizes.
+        gathered = x.shape[0] * math.prod(weight.shape[1:])
+        for size, k in zip(spatial, kernel):
+            if size < k:  # no window fits: the convolution says so
+                return self._conv_forward(x, weight, bias)
+            gathered = gathered * (size - k + 1)
         if gathered > UNFOLD_MAX_ELEMENTS:
             return self._conv_forward(x, weight, bias)
         return unfold_linear(x, weight, bias)
@@ -181,7 +188,10 @@ class WindowGemm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = self.weight.reshape(self.weight.shape[0], -1)
         if math.prod(self.kernel_size) > 1:
-            return channels_first(F.linear(gather_windows(x, self.kernel_size), flat, self.bias))
+            # The same rows either way: strided slices for the ONNX graph, Tensor.unfold views elsewhere
+            # (a handful of operations instead of one slice per kernel cell, for eager calls and torch.compile).
+            gather = gather_windows if torch.onnx.is_in_onnx_export() else window_rows
+            return channels_first(F.linear(gather(x, self.kernel_size), flat, self.bias))
         return channels_first(F.linear(channels_last(x), flat, self.bias))  # pointwise: no windows to gather
 
 

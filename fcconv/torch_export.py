@@ -19,6 +19,9 @@ safetensors header's ``__metadata__``.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import io
 import json
 import logging
 import os
@@ -70,31 +73,28 @@ METADATA_LIMIT = 16 << 20  # far above what fcconv writes (a digest per weight);
 def export_program(converted: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
     """``converted`` as a ``torch.export`` program whose batch and spatial axes are free.
 
-    Each spatial axis is a ``torch.export.Dim`` from the native size up, the batch
-    one from 1 up. The program is traced at a larger, odd size (so that no axis of
-    the output map is 1 while tracing) with size-oblivious reasoning, which keeps
-    the tracer from specializing an axis that may be 1 at the native size. It is
-    then run at batch 1 on the native size, where such a guard would show.
-    Raises :class:`~fcconv.errors.NotConvertibleError` naming the reason when the
-    program cannot have free spatial axes.
+    Each spatial axis is free from the native size up, the batch from 1 up. The sizes
+    are declared as torch.export's unbacked shape variables (:func:`_free_axes`): a
+    map that is 1 wide at the native size and wider above it (the head's output, a
+    video model's time axis) has a size that may or may not be 1, and with a
+    variable backed by the traced example the tracer would fix that choice to the
+    example's. The program is then run at batch 1 on the native size, where a
+    runtime check the tracer placed on the sizes would show. Raises
+    :class:`~fcconv.errors.NotConvertibleError` naming torch's reason when the
+    program cannot have free axes.
     """
-    import torch.fx.experimental._config as fx_config
-    from torch.export import Dim
-
     input_shape = tuple(int(s) for s in input_shape)
-    native, first = spatial_size(input_shape), spatial_start(input_shape)
+    native = spatial_size(input_shape)
     module = program_form(converted).eval()
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
-    names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis{2 + i}" for i in range(len(native))))
-    dims = {0: Dim("batch", min=1), **{first + i: Dim(name, min=n) for i, (name, n) in enumerate(zip(names, native))}}
     # seeded: torch.export.save writes the example into the archive, which is then the same on every run
     example_shape = batched_shape(input_shape, [n + n // 2 + 1 for n in native], 2)
     example = torch.randn(example_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    logging.disable(logging.WARNING)  # the tracer logs its failures before raising them
-    try:
-        with fx_config.patch(backed_size_oblivious=True):
-            program = torch.export.export(module, (example,), dynamic_shapes=(dims,))
+    logging.disable(logging.CRITICAL)  # the tracer logs its failures before raising them
+    try:  # and prints the graph it had traced so far: the refusal below says why in one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            program = torch.export.export(module, (example,), dynamic_shapes=_free_axes(module, input_shape))
     except Exception as exc:  # noqa: BLE001 - any tracing failure means the program cannot have free axes
         raise NotConvertibleError(
             "the converted model cannot be exported as a program with free spatial axes: "
@@ -113,6 +113,32 @@ def export_program(converted: nn.Module, input_shape: Sequence[int]) -> torch.ex
     return program
 
 
+def _free_axes(module: nn.Module, input_shape: tuple[int, ...]) -> Any:
+    """The ``dynamic_shapes`` of ``module``'s input: the batch from 1 up, each spatial axis from the native size up.
+
+    As torch.export's ``ShapesSpec`` of unbacked shape variables, which the tracer never fixes to the
+    example's sizes: where a size decides a branch it cannot take for every size, the export fails and
+    says where. A torch without ``ShapesSpec`` gets ``torch.export.Dim``s, backed by the example, with
+    which a map that may be 1 wide fixes its width and the export fails saying so.
+    """
+    native, first = spatial_size(input_shape), spatial_start(input_shape)
+    names = SPATIAL_AXIS_NAMES.get(len(native), tuple(f"axis{2 + i}" for i in range(len(native))))
+    try:
+        from torch.fx.experimental.dynamic_spec import ParamsSpec, ShapesSpec, ShapeVar, TensorSpec
+    except ImportError:
+        from torch.export import Dim
+
+        return (
+            {0: Dim("batch", min=1), **{first + i: Dim(name, min=n) for i, (name, n) in enumerate(zip(names, native))}},
+        )
+    channels = input_shape[: first - 1]  # none in a channel-free (N, L) input
+    sizes = [ShapeVar(name, min=n) for name, n in zip(names, native)]
+    spec = TensorSpec([ShapeVar("batch", min=1), *channels, *sizes])
+    (parameter, *_) = inspect.signature(module.forward).parameters.values()
+    named = {"*args": [spec]} if parameter.kind is inspect.Parameter.VAR_POSITIONAL else {parameter.name: spec}
+    return ShapesSpec(ParamsSpec(named))
+
+
 class MaxPool1dAs2d(nn.Module):
     """``nn.MaxPool1d`` computed as a 2D max pooling over a height-1 map: the same values.
 
@@ -127,8 +153,50 @@ class MaxPool1dAs2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pool
         kernel, stride, padding, dilation = (_single(v) for v in (p.kernel_size, p.stride, p.padding, p.dilation))
-        y = F.max_pool2d(x.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), (1, dilation), p.ceil_mode)
+        y = max_pool(x.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), (1, dilation), p.ceil_mode)
         return y.squeeze(-2)
+
+
+class CeilModeMaxPool(nn.Module):
+    """``nn.MaxPool2d`` or ``nn.MaxPool3d`` with ``ceil_mode`` (SqueezeNet's, GoogLeNet's), computed by
+    :func:`max_pool`: the same values, with the count of windows a program keeps at every size."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, rank = self.pool, 2 if isinstance(self.pool, nn.MaxPool2d) else 3
+        kernel, stride, padding, dilation = (_tuple(v, rank) for v in (p.kernel_size, p.stride, p.padding, p.dilation))
+        return max_pool(x, kernel, stride, padding, dilation, True)
+
+
+def max_pool(
+    x: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    ceil_mode: bool,
+) -> torch.Tensor:
+    """A 2D or 3D max pooling (by the kernel's rank); in ceil mode as a floor-mode one of ``x`` padded with -inf.
+
+    PyTorch counts a ceil-mode pooling's windows with a branch in Python (one window less where the last
+    would start past the input and its near padding), which fixes the count to the traced size's. Here the
+    count is the smaller of the two counts that branch chooses between, a value a program keeps; ``x`` is
+    padded to take that many windows in floor mode. Every window holds a cell of ``x``, so the padding
+    never wins: the same values as the ceil-mode pooling.
+    """
+    pool = F.max_pool2d if len(kernel) == 2 else F.max_pool3d
+    if not ceil_mode:
+        return pool(x, kernel, stride, padding, dilation)
+    pads = []
+    for size, k, s, p, d in zip(x.shape[-len(kernel) :], kernel, stride, padding, dilation):
+        span = d * (k - 1) + 1
+        count = torch.sym_min((size + 2 * p - span + s - 1) // s + 1, (size + p - 1) // s + 1)
+        pads.append((p, torch.sym_max((count - 1) * s + span - size - p, 0)))  # less than a stride too many
+    flat = [side for near_far in reversed(pads) for side in near_far]  # F.pad lists the last axis first
+    return pool(F.pad(x, flat, value=float("-inf")), kernel, stride, 0, dilation)
 
 
 def _single(value: Any) -> int:
@@ -136,20 +204,57 @@ def _single(value: Any) -> int:
     return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
 
 
-def program_form(converted: nn.Module) -> nn.Module:
-    """The module :func:`export_program` traces: the export form (plain convolutions), 1D max poolings as 2D ones.
+def _tuple(value: Any, rank: int) -> tuple[int, ...]:
+    """A layer's size per axis, given as an int or a tuple."""
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * rank
 
+
+def program_form(converted: nn.Module) -> nn.Module:
+    """The module :func:`export_program` traces: the export form (plain convolutions), 1D max poolings as 2D ones,
+    ceil-mode max poolings as padded floor-mode ones (:func:`max_pool`), and each adaptive average pooling given
+    a contiguous input.
+
+    ATen's adaptive average pooling asks its input's layout; for a map laid out channels-last (ConvNeXt's
+    blocks and Swin's permutes leave one) the answer reads whether the batch is above 1, which a free batch
+    does not say, and the export would fail. A contiguous copy answers without it: the same values.
     Parameters are shared with ``converted`` and the state_dict's names are the same.
     """
     module = as_export_module(converted)
-    pools = [name for name, m in module.named_modules() if type(m) is nn.MaxPool1d and not m.return_indices]
-    if not pools or not isinstance(module, fx.GraphModule):
+    if not isinstance(module, fx.GraphModule):
         return module
-    # A new GraphModule has its own containers (the layers themselves are shared): the swap leaves ``converted`` be.
-    module = fx.GraphModule(module, module.graph, class_name=type(module).__name__)
+    modules = dict(module.named_modules())
+    pools = [
+        name for name, m in modules.items()
+        if not getattr(m, "return_indices", True)
+        and (type(m) is nn.MaxPool1d or (type(m) in (nn.MaxPool2d, nn.MaxPool3d) and m.ceil_mode))
+    ]  # fmt: skip
+    averages = [node for node in module.graph.nodes if _adaptive_average(node, modules)]
+    if not pools and not averages:
+        return module
+    # A new GraphModule has its own containers, and graph where it is edited (the layers themselves are shared):
+    # ``converted`` is left be.
+    graph = copy.deepcopy(module.graph) if averages else module.graph
+    for node in [n for n in graph.nodes if averages and _adaptive_average(n, modules)]:
+        with graph.inserting_before(node):
+            node.replace_input_with(node.args[0], graph.call_method("contiguous", (node.args[0],)))
+    module = fx.GraphModule(module, graph, class_name=type(module).__name__)
     for name in pools:
-        module.set_submodule(name, MaxPool1dAs2d(module.get_submodule(name)), strict=False)
+        pool = module.get_submodule(name)
+        module.set_submodule(
+            name, (MaxPool1dAs2d if type(pool) is nn.MaxPool1d else CeilModeMaxPool)(pool), strict=False
+        )
     return module
+
+
+def _adaptive_average(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node`` is an adaptive average pooling of its first argument (a module or a function)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
+    return (
+        node.op == "call_function"
+        and node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+        and bool(node.args)
+    )
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | Path, metadata: Mapping[str, str]) -> Path:
@@ -384,11 +489,14 @@ def _integer(value: Any) -> int | None:
 
 
 def _export_failure(exc: BaseException) -> str:
-    """torch.export's reason in one line: its first line and its first listed violation, without the advice."""
+    """torch.export's reason in one line: its first line, its first listed violation and the graph node it was
+    executing, without the advice."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     first = lines[0].split(" For more information")[0] if lines else type(exc).__name__
     listed = next((line.removeprefix("- ") for line in lines[1:] if line.startswith("- ")), "")
-    return " ".join(f"{first} {listed}".split())[:400]
+    node = next((line.split()[2] for line in lines if line.startswith("While executing %")), "")
+    where = f"(while computing {node.removeprefix('%')})" if node else ""
+    return " ".join(f"{first} {listed} {where}".split())[:400]
 
 
 def _first_line(exc: BaseException) -> str:

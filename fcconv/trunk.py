@@ -35,6 +35,17 @@ def _window_regions(size: Any, window: int, shift: Any, device: torch.device) ->
     return (cells >= size - window).long() + (cells >= size - shift).long()
 
 
+def _shift_where_longer(shift: int, padded: Any, window: int) -> Any:
+    """``shift`` where the padded axis is longer than the window, else 0, as a value that tracing keeps.
+
+    A traced size (a tensor) gives a tensor; a symbolic size of ``torch.export`` gives a symbolic choice, as its
+    Python truth value would fix the choice made at the traced size.
+    """
+    if isinstance(padded, torch.SymInt):
+        return torch.sym_ite(padded > window, shift, 0)
+    return shift * (padded > window)
+
+
 def shifted_window_attention(
     input: Tensor,
     qkv_weight: Tensor,
@@ -64,8 +75,8 @@ def shifted_window_attention(
     pad_b = (wh - height % wh) % wh
     x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
     _, pad_h, pad_w, _ = x.shape
-    shift_h = shift_size[0] * (pad_h > wh)
-    shift_w = shift_size[1] * (pad_w > ww)
+    shift_h = _shift_where_longer(shift_size[0], pad_h, wh)
+    shift_w = _shift_where_longer(shift_size[1], pad_w, ww)
     device = x.device
 
     # cyclic shift, as a gather

@@ -1,17 +1,17 @@
-"""Train the sample digit classifier on generated digits; seeded, so a rerun reproduces it.
+"""Train the sample digit classifier on generated digits, seeded.
 
 The data is generated here, nothing is downloaded: each 28×28 image is one digit
 drawn with Pillow's built-in font at a random size, stroke width, position and
 rotation, with noise. Writes digits_lenet.pt (a state_dict) and digits_lenet.json
 (its model card: architecture, input shape, class names, preprocessing: grayscale
-pixels / 255 with no normalization, held-out accuracy).
+pixels / 255 with no normalization, held-out accuracy, the checkpoint's sha256) into
+sample_models/retrained/, or --out DIR; --replace writes over the shipped pair.
 
     python sample_models/train_digits.py
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from training import fit_classifier  # noqa: E402
+from training import fit_classifier, output_dir, save_sample  # noqa: E402
 
 from fcconv.samples import DigitsLeNet  # noqa: E402
 
@@ -70,12 +70,11 @@ def splits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, tor
     return make_split(12000, rng), make_split(2000, rng)
 
 
-def main() -> None:
+def main(folder: Path) -> None:
     torch.manual_seed(SEED)
     (x_train, y_train), (x_test, y_test) = splits()
     model = DigitsLeNet()
     accuracy = fit_classifier(model, (x_train, y_train), (x_test, y_test), epochs=6, seed=SEED)
-    torch.save(model.state_dict(), HERE / "digits_lenet.pt")
     card = {
         "arch": "fcconv.samples:DigitsLeNet",
         "input_shape": [1, 28, 28],
@@ -86,9 +85,10 @@ def main() -> None:
         "trained_by": "sample_models/train_digits.py",
         "seed": SEED,
     }
-    (HERE / "digits_lenet.json").write_text(json.dumps(card, indent=2) + "\n")
+    save_sample(model, card, folder, "digits_lenet")
 
 
 if __name__ == "__main__":
+    folder = output_dir(__doc__.splitlines()[0])
     torch.set_num_threads(2)
-    main()
+    main(folder)

@@ -1,4 +1,4 @@
-"""Train the sample shape classifier on generated pictures; seeded and deterministic, so a rerun reproduces it.
+"""Train the sample shape classifier on generated pictures, seeded, with PyTorch's deterministic algorithms.
 
 The data is generated here, nothing is downloaded. Each 32×32 RGB picture is a
 noisy background of a random colour with one coloured shape (circle, square,
@@ -10,15 +10,15 @@ it is why the map peaks where a shape is centred in the window rather than
 anywhere it is merely visible.
 
 Writes shapes_vgg.pt (a state_dict) and shapes_vgg.json (its model card:
-architecture, input shape, class names, preprocessing and held-out accuracy).
-Takes about three minutes on one CPU core:
+architecture, input shape, class names, preprocessing, held-out accuracy and the
+checkpoint's sha256) into sample_models/retrained/, or --out DIR; --replace writes
+over the shipped pair. Takes about three minutes on one CPU core:
 
     python sample_models/train_shapes.py
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -31,6 +31,8 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from training import output_dir, save_sample  # noqa: E402
+
 from fcconv.samples import ShapesVGG  # noqa: E402
 
 SEED = 0
@@ -189,7 +191,7 @@ def accuracy(model: nn.Module, pictures: torch.Tensor, labels: torch.Tensor) -> 
     return (predicted == labels).float().mean().item()
 
 
-def main() -> None:
+def main(folder: Path) -> None:
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
     x_train, y_train = training_split()
@@ -215,7 +217,6 @@ def main() -> None:
             schedule.step()
         held_out = accuracy(model, x_test, y_test)
         print(f"epoch {epoch + 1}: loss {loss.item():.3f}, held-out accuracy {held_out:.4f}", flush=True)
-    torch.save(model.state_dict(), HERE / "shapes_vgg.pt")
     card = {
         "arch": "fcconv.samples:ShapesVGG",
         "input_shape": [3, SIZE, SIZE],
@@ -227,9 +228,10 @@ def main() -> None:
         "trained_by": "sample_models/train_shapes.py",
         "seed": SEED,
     }
-    (HERE / "shapes_vgg.json").write_text(json.dumps(card, indent=2) + "\n")
+    save_sample(model, card, folder, "shapes_vgg")
 
 
 if __name__ == "__main__":
+    folder = output_dir(__doc__.splitlines()[0])
     torch.set_num_threads(1)
-    main()
+    main(folder)

@@ -1,18 +1,18 @@
-"""Train the sample signal classifier on generated signals; seeded, so a rerun reproduces it.
+"""Train the sample signal classifier on generated signals, seeded.
 
 The data is generated here, nothing is downloaded: each 1×512 window holds one kind of
 signal, noise alone, a sine, a square wave, a sawtooth or a chirp (a sine whose frequency
 sweeps up three octaves, again and again), at a random period, phase, amplitude and offset,
 with Gaussian noise. Writes signals_net.pt (a state_dict) and signals_net.json (its model
-card: architecture, input shape, class names, held-out accuracy). It runs on one thread and
-took 73 s of CPU time here.
+card: architecture, input shape, class names, held-out accuracy, the checkpoint's sha256) into
+sample_models/retrained/, or --out DIR; --replace writes over the shipped pair. It runs on one
+thread and took 73 s of CPU time here.
 
     python sample_models/train_signals.py
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from training import fit_classifier  # noqa: E402
+from training import fit_classifier, output_dir, save_sample  # noqa: E402
 
 from fcconv.samples import SignalsNet  # noqa: E402
 
@@ -74,13 +74,12 @@ def held_out_split() -> tuple[torch.Tensor, torch.Tensor]:
     return make_split(HELD_OUT_SAMPLES, HELD_OUT_SEED)
 
 
-def main() -> None:
+def main(folder: Path) -> None:
     torch.manual_seed(SEED)
     x_train, y_train = make_split(TRAIN_SAMPLES, SEED)
     x_test, y_test = held_out_split()
     model = SignalsNet(len(CLASSES))
     accuracy = fit_classifier(model, (x_train, y_train), (x_test, y_test), epochs=EPOCHS, seed=SEED)
-    torch.save(model.state_dict(), HERE / "signals_net.pt")
     card = {
         "arch": "fcconv.samples:SignalsNet",
         "input_shape": [1, WINDOW],
@@ -91,9 +90,10 @@ def main() -> None:
         "trained_by": "sample_models/train_signals.py",
         "seed": SEED,
     }
-    (HERE / "signals_net.json").write_text(json.dumps(card, indent=2) + "\n")
+    save_sample(model, card, folder, "signals_net")
 
 
 if __name__ == "__main__":
+    folder = output_dir(__doc__.splitlines()[0])
     torch.set_num_threads(1)
-    main()
+    main(folder)

@@ -47,48 +47,62 @@ from fcconv.cli.options import (
     UntilAsConvertedOption,
     UntilOption,
 )
-from fcconv.cli.render import EXIT_BAD_INPUT, console, error_console, fail, handle_errors, one_line, screen
+from fcconv.cli.render import (
+    COMMAND_LINE_ERROR,
+    EXIT_BAD_INPUT,
+    Command,
+    Group,
+    console,
+    error_console,
+    fail,
+    handle_errors,
+    one_line,
+    screen,
+)
 from fcconv.pipeline import check_files, convert_file, heatmap_file, inspect_file, verify_file
 from fcconv.render import head_lines, inspect_lines, verification_table
 
 app = typer.Typer(
-    add_completion=False,
+    cls=Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Markdown: a docstring's paragraphs are re-flowed to the terminal and ``code`` is shown as code
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Turn a trained classifier's fully connected head into convolutions, verify it, export ONNX.",
 )
 
 
-@app.command()
+@app.command(cls=Command)
 @handle_errors
 def convert(
     model: CheckpointArgument,
     output: OutputOption = None,
+    head_format: HeadFormatOption = "conv",
+    external_data: ExternalDataOption = False,
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
+    dtype: DtypeOption = None,
+    trust: TrustOption = False,
     dense: DenseOption = False,
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
     logits: LogitsOption = False,
     until: UntilOption = None,
-    head_format: HeadFormatOption = "conv",
-    external_data: ExternalDataOption = False,
     sizes: SizesOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = 0.0,
     device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    trust: TrustOption = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Rewrite MODEL's fully connected head as convolutions, export ONNX and verify the export.
 
     The file is written only when it matches the original (exit 0); on a mismatch
-    nothing is written and the exit code is 1. ``-o NAME.pt2`` writes a torch.export
-    program with free batch and spatial axes, ``-o NAME.safetensors`` the converted
-    module's state_dict, each with the same metadata as the ONNX export. An ONNX classifier is rewritten on its
-    graph and verified against itself in onnxruntime.
+    nothing is written and the exit code is 1. `-o NAME.pt2` writes a torch.export
+    program with free batch and spatial axes, `-o NAME.safetensors` the converted
+    module's state_dict, each with the same metadata as the ONNX export. An ONNX
+    classifier is rewritten on its graph and verified against itself in onnxruntime.
     """
     with screen.shown() as progress:
         result = convert_file(
@@ -102,7 +116,7 @@ def convert(
     console.print(f"wrote {result.target}{weights}", markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @handle_errors
 def verify(
     onnx_model: ExportArgument,
@@ -140,7 +154,7 @@ def verify(
     console.print(f"{onnx_model} matches {reference}", markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @handle_errors
 def check(
     onnx_models: ExportsArgument,
@@ -187,10 +201,10 @@ def check(
         console.print(f"{report.model} passed{note}", markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @handle_errors
 def inspect(
-    model: Annotated[Path, typer.Argument(help="Checkpoint to inspect.", readable=False)],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint to inspect.", readable=False)],
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     dense: DenseOption = False,
@@ -219,7 +233,7 @@ def inspect(
         console.print(line, markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @handle_errors
 def heatmap(
     model: HeatmapModelArgument,
@@ -274,11 +288,10 @@ def run() -> None:
     except typer.Abort:
         error_console.print("fcconv: interrupted", markup=False)
         sys.exit(130)
-    except typer.TyperException as exc:  # bad option values, unknown options, missing arguments
+    except COMMAND_LINE_ERROR as exc:  # bad option values, unknown options, missing arguments
         if type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()
         else:
-            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-            error_console.print(f"fcconv: error: {one_line(message)} (see fcconv --help)", markup=False)
-        sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))
+            error_console.print(f"fcconv: error: {one_line(exc.format_message())} (see fcconv --help)", markup=False)
+        sys.exit(EXIT_BAD_INPUT)
     sys.exit(code if isinstance(code, int) else 0)

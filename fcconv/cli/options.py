@@ -1,4 +1,9 @@
-"""The command line's options, as ``Annotated`` types the commands share."""
+"""The command line's options, as ``Annotated`` types the commands share.
+
+Each shows a metavar that says what to type (``C,H,W``, ``FILE``, ``avg|max``) and, where its default is
+decided at run time, a ``show_default`` text that typer prints as ``[default: (...)]``; options share a help
+panel by what they are about, so that a command with many options groups them.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 
+# The help panels that group the options by what they are about (typer's own --help stays under "Options").
+OUTPUT, LOADING, HEAD, VERIFICATION, REPORTS = "Output", "Loading and trust", "Head", "Verification", "Reports"
+CLASSES = "Classes"
+
 ArchOption = Annotated[
     Optional[str],
     typer.Option(
         "--arch",
+        metavar="NAME",
+        rich_help_panel=LOADING,
         help="torchvision model name (vgg16, resnet18), timm:NAME (timm:resnet18), hf:CLASS (a transformers class, "
         "built from the config.json beside the weights) or package.module:callable.",
     ),
@@ -19,17 +30,27 @@ InputShapeOption = Annotated[
     Optional[str],
     typer.Option(
         "--input-shape",
+        metavar="C,H,W",
+        rich_help_panel=LOADING,
+        show_default="3,224,224, unless the model records its own",
         help="Native input size C,H,W (or C,L / C,D,H,W; a single L for a model that takes (N, L) without a channel "
-        "axis). [default: 3,224,224]",
+        "axis).",
     ),
 ]
 DenseOption = Annotated[
-    bool, typer.Option("--dense", help="Drop a global pooling before the head: return the per-position score map.")
+    bool,
+    typer.Option(
+        "--dense",
+        rich_help_panel=HEAD,
+        help="Drop a global pooling before the head: return the per-position score map.",
+    ),
 ]
 PoolOption = Annotated[
     Optional[str],
     typer.Option(
         "--pool",
+        metavar="avg|max",
+        rich_help_panel=HEAD,
         help="avg or max: pool the score map over its positions, so the output is (N, K) at any input size.",
     ),
 ]
@@ -37,6 +58,7 @@ PointwiseOption = Annotated[
     bool,
     typer.Option(
         "--pointwise",
+        rich_help_panel=HEAD,
         help="Also turn the trunk's Linear layers that act on each position of a channels-last map (ConvNeXt, "
         "Swin) into 1×1 convolutions, removing the permutations around them where that is exact.",
     ),
@@ -45,6 +67,7 @@ LogitsOption = Annotated[
     bool,
     typer.Option(
         "--logits",
+        rich_help_panel=HEAD,
         help="Drop the softmax, log-softmax or sigmoid each output ends in: the map holds the raw scores.",
     ),
 ]
@@ -53,6 +76,7 @@ UntilOption = Annotated[
     typer.Option(
         "--until",
         metavar="LAYER",
+        rich_help_panel=HEAD,
         help="End the model at this layer of the head (e.g. classifier.4): the output is its dense feature map. "
         "inspect lists the layers it accepts.",
     ),
@@ -61,13 +85,20 @@ TrustOption = Annotated[
     bool,
     typer.Option(
         "--trust",
+        rich_help_panel=LOADING,
         help="Load a whole pickled module, or an ExportedProgram holding pickled objects (runs code from the file; "
         "trusted files only).",
     ),
 ]
 DtypeOption = Annotated[
     Optional[str],
-    typer.Option("--dtype", help="Convert in this dtype: float32, float16 or float64. [default: the checkpoint's]"),
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE",
+        rich_help_panel=LOADING,
+        show_default="the checkpoint's",
+        help="Convert in this dtype: float32, float16 or float64.",
+    ),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 QuietOption = Annotated[
@@ -78,30 +109,64 @@ SizesOption = Annotated[
     Optional[str],
     typer.Option(
         "--sizes",
-        help="Spatial sizes to check, e.g. 224x224,320x480 (1000,1301 in 1D; 16x112x112 in 3D). "
-        "[default: native, 1.25-1.5×, 2×]",
+        metavar="HxW,...",
+        rich_help_panel=VERIFICATION,
+        show_default="native, 1.25-1.5×, 2×",
+        help="Spatial sizes to check, e.g. 224x224,320x480 (1000,1301 in 1D; 16x112x112 in 3D).",
     ),
 ]
 DeviceOption = Annotated[
-    str, typer.Option("--device", help="Where the PyTorch models run during verification: cpu or cuda (TF32 off).")
+    str,
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        rich_help_panel=VERIFICATION,
+        help="Where the PyTorch models run during verification: cpu or cuda (TF32 off).",
+    ),
 ]
 RtolOption = Annotated[
     Optional[float],
-    typer.Option("--rtol", help="Allowed error relative to the output's largest magnitude. [default: 1e-4 in float32]"),
+    typer.Option(
+        "--rtol",
+        metavar="FLOAT",
+        rich_help_panel=VERIFICATION,
+        show_default="1e-4 in float32",
+        help="Allowed error relative to the output's largest magnitude.",
+    ),
 ]
-AtolOption = Annotated[float, typer.Option("--atol", help="Allowed absolute error, added to rtol × magnitude.")]
+AtolOption = Annotated[
+    float,
+    typer.Option(
+        "--atol",
+        metavar="FLOAT",
+        rich_help_panel=VERIFICATION,
+        help="Allowed absolute error, added to rtol × magnitude.",
+    ),
+]
 JsonOption = Annotated[
     Optional[Path],
-    typer.Option("--json", help="Also write the report as JSON (schema fcconv.report/1), on a pass or a fail."),
+    typer.Option(
+        "--json",
+        metavar="FILE",
+        rich_help_panel=REPORTS,
+        help="Also write the report as JSON (schema fcconv.report/1), on a pass or a fail.",
+    ),
 ]
 JunitOption = Annotated[
-    Optional[Path], typer.Option("--junit", help="Also write the report as JUnit XML, on a pass or a fail.")
+    Optional[Path],
+    typer.Option(
+        "--junit",
+        metavar="FILE",
+        rich_help_panel=REPORTS,
+        help="Also write the report as JUnit XML, on a pass or a fail.",
+    ),
 ]
 
 # convert
 CheckpointArgument = Annotated[
     Path,
     typer.Argument(
+        metavar="MODEL",
         help="Checkpoint: a state_dict (.pt, .pth, .bin, .safetensors), an ExportedProgram (.pt2), a classifier "
         "exported to ONNX (.onnx) or, with --trust, a pickled module.",
         readable=False,
@@ -112,14 +177,19 @@ OutputOption = Annotated[
     typer.Option(
         "-o",
         "--output",
+        metavar="FILE",
+        rich_help_panel=OUTPUT,
+        show_default="NAME.fcn.onnx beside MODEL",
         help="File to write: NAME.onnx, NAME.pt2 (a torch.export program) or NAME.safetensors (the converted "
-        "state_dict). [default: NAME.fcn.onnx beside MODEL]",
+        "state_dict); no other suffix.",
     ),
 ]
 HeadFormatOption = Annotated[
     str,
     typer.Option(
         "--head-format",
+        metavar="conv|gemm",
+        rich_help_panel=OUTPUT,
         help="conv: the head as Conv nodes; gemm: as GEMMs over all windows (faster in onnxruntime at batch > 1).",
     ),
 ]
@@ -127,7 +197,9 @@ ExternalDataOption = Annotated[
     bool,
     typer.Option(
         "--external-data",
-        help="Write the weights to NAME.onnx.data beside the file. [default: only above protobuf's 2 GiB]",
+        rich_help_panel=OUTPUT,
+        show_default="only above protobuf's 2 GiB",
+        help="Write the weights to NAME.onnx.data beside the file.",
     ),
 ]
 
@@ -143,27 +215,49 @@ ExportArgument = Annotated[
 OriginalOption = Annotated[
     Path,
     typer.Option(
-        "--reference", help="The original checkpoint (or ONNX classifier) to compare against.", readable=False
+        "--reference",
+        metavar="FILE",
+        rich_help_panel=LOADING,
+        help="The original checkpoint (or ONNX classifier) to compare against.",
+        readable=False,
     ),
 ]
 DenseAsConvertedOption = Annotated[
     Optional[bool],
-    typer.Option("--dense/--no-dense", help="How the model was converted. [default: from its metadata]"),
+    typer.Option(
+        "--dense/--no-dense",
+        rich_help_panel=HEAD,
+        show_default="from its metadata",
+        help="How the model was converted.",
+    ),
 ]
 PoolAsConvertedOption = Annotated[
     Optional[str],
-    typer.Option("--pool", help="avg, max or none: how the model was converted. [default: from its metadata]"),
+    typer.Option(
+        "--pool",
+        metavar="avg|max|none",
+        rich_help_panel=HEAD,
+        show_default="from its metadata",
+        help="How the model was converted.",
+    ),
 ]
 LogitsAsConvertedOption = Annotated[
     Optional[bool],
     typer.Option(
-        "--logits/--no-logits", help="How the model was converted. [default: from its fcconv.logits metadata]"
+        "--logits/--no-logits",
+        rich_help_panel=HEAD,
+        show_default="from its fcconv.logits metadata",
+        help="How the model was converted.",
     ),
 ]
 UntilAsConvertedOption = Annotated[
     Optional[str],
     typer.Option(
-        "--until", metavar="LAYER", help="How the model was converted. [default: from its fcconv.until metadata]"
+        "--until",
+        metavar="LAYER",
+        rich_help_panel=HEAD,
+        show_default="from its fcconv.until metadata",
+        help="How the model was converted.",
     ),
 ]
 
@@ -171,7 +265,7 @@ UntilAsConvertedOption = Annotated[
 ExportsArgument = Annotated[
     list[Path],
     typer.Argument(
-        metavar="MODEL...",
+        metavar="MODEL",
         help="ONNX models (fcconv's exports or others), or .pt2 programs and .safetensors weights fcconv wrote.",
         readable=False,
     ),
@@ -180,15 +274,20 @@ RecordedShapeOption = Annotated[
     Optional[str],
     typer.Option(
         "--input-shape",
-        help="Native input size C,H,W (or C,L / C,D,H,W / L). [default: the model's fcconv.input_shape metadata, else "
-        "its input's fixed size]",
+        metavar="C,H,W",
+        rich_help_panel=LOADING,
+        show_default="its fcconv.input_shape metadata, else its input's fixed size",
+        help="Native input size C,H,W (or C,L / C,D,H,W / L).",
     ),
 ]
 RebuildFromOption = Annotated[
     Optional[Path],
     typer.Option(
         "--reference",
-        help="The original checkpoint: a .safetensors file is rebuilt from it and run. [default: digest only]",
+        metavar="FILE",
+        rich_help_panel=LOADING,
+        show_default="digest only",
+        help="The original checkpoint: a .safetensors file is rebuilt from it and run.",
         readable=False,
     ),
 ]
@@ -197,27 +296,52 @@ RebuildFromOption = Annotated[
 HeatmapModelArgument = Annotated[
     Path,
     typer.Argument(
-        help="A checkpoint (converted in memory) or an ONNX file written by fcconv convert.", readable=False
+        metavar="MODEL",
+        help="A checkpoint (converted in memory) or an ONNX file written by fcconv convert.",
+        readable=False,
     ),
 ]
 ImageArgument = Annotated[
-    Path, typer.Argument(help="The picture, any size at least the model's native one.", readable=False)
+    Path,
+    typer.Argument(metavar="IMAGE", help="The picture, any size at least the model's native one.", readable=False),
 ]
 PngOption = Annotated[
     Optional[Path],
-    typer.Option("-o", "--output", help="PNG to write. [default: IMAGE-NAME.heatmap.png beside IMAGE]"),
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="FILE.png",
+        rich_help_panel=OUTPUT,
+        show_default="IMAGE-NAME.heatmap.png beside IMAGE",
+        help="PNG to write.",
+    ),
 ]
 ClassOption = Annotated[
     Optional[list[str]],
-    typer.Option("--class", help="Draw this class's map (repeat for several panels). [default: the --top classes]"),
+    typer.Option(
+        "--class",
+        metavar="NAME",
+        rich_help_panel=CLASSES,
+        show_default="the --top classes",
+        help="Draw this class's map (repeat for several panels).",
+    ),
 ]
 TopOption = Annotated[
     Optional[int],
     typer.Option(
-        "--top", help="Draw the K classes most probable anywhere in the picture, one panel each. [default: 3]"
+        "--top",
+        metavar="K",
+        rich_help_panel=CLASSES,
+        show_default="3",
+        help="Draw the K classes most probable anywhere in the picture, one panel each.",
     ),
 ]
 SaveMapOption = Annotated[
     Optional[Path],
-    typer.Option("--save-map", help="Also write every class's probability map, K×h×w float32, as .npy."),
+    typer.Option(
+        "--save-map",
+        metavar="FILE.npy",
+        rich_help_panel=OUTPUT,
+        help="Also write every class's probability map, K×h×w float32, as .npy.",
+    ),
 ]

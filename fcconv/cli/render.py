@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from fcconv.errors import FcconvError
 from fcconv.pipeline import Terminated, events, terminations_raised
@@ -28,6 +29,35 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
 TORCH_EXTRA = {"torch", "torchvision", "safetensors", "matplotlib"}  # what `pip install 'fcconv[torch]'` adds
+
+# What typer raises for a bad command line: click's ClickException, from click itself up to typer 0.25 and from
+# the copy of click typer carries since 0.26. typer.BadParameter is one in every version, so the class is found
+# among its bases (typer.TyperException, their common base in newer versions, is missing from older ones).
+COMMAND_LINE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _flags_without_placeholder(params: list[Any]) -> None:
+    """A flag takes no value: an empty metavar keeps typer (0.29) from showing ``<bool>`` beside it, which
+    reads as a value to type (``--dense true`` is then refused)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class Command(TyperCommand):
+    """A command whose help shows flags as flags."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _flags_without_placeholder(self.get_params(ctx))
+        super().format_help(ctx, formatter)
+
+
+class Group(TyperGroup):
+    """The ``fcconv`` group, whose help (``--version``, the completion options) shows flags as flags."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _flags_without_placeholder(self.get_params(ctx))
+        super().format_help(ctx, formatter)
 
 
 class Screen:

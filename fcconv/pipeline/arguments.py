@@ -8,6 +8,7 @@ from pathlib import Path
 from fcconv.errors import BadInputError
 
 PYTORCH_SUFFIXES = {".pt2": "a torch.export program", ".safetensors": "the converted state_dict"}
+OUTPUT_SUFFIXES = (".onnx", *PYTORCH_SUFFIXES)  # what convert writes, told by the output's suffix
 
 
 def parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
@@ -75,6 +76,11 @@ def convert_target(model: Path, output: Path | None, head_format: str, external_
         if written.exists() and written.resolve() == model.resolve():
             raise BadInputError(f"-o {target} would overwrite the input")
     refuse_unwritable("-o", target)
+    if target.suffix.lower() not in OUTPUT_SUFFIXES:  # -o out.txt would otherwise be written as ONNX
+        given = f"not {target.suffix!r}" if target.suffix else "and the name has none"
+        raise BadInputError(
+            f"-o {target}: the suffix picks what is written and must be one of {', '.join(OUTPUT_SUFFIXES)}, {given}"
+        )
     if target.suffix.lower() in PYTORCH_SUFFIXES and (head_format != "conv" or external_data):
         flag = "--head-format" if head_format != "conv" else "--external-data"
         raise BadInputError(

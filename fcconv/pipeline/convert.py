@@ -14,6 +14,7 @@ from typing import Any
 from fcconv.errors import BadInputError
 from fcconv.pipeline.arguments import PYTORCH_SUFFIXES, check_pool, convert_target, parse_sizes
 from fcconv.pipeline.events import HeadRewritten, Progress, Reporter
+from fcconv.pipeline.input_shape import input_shape_explained
 from fcconv.pipeline.onnx_input import convert_onnx_file, is_onnx, refuse_for_onnx
 from fcconv.pipeline.results import ConversionResult
 from fcconv.pipeline.steps import (
@@ -104,7 +105,7 @@ def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, 
     from fcconv.verify import refuse_sizes_beyond_memory, verification_sizes
 
     loaded = load_checkpoint(model, arch, input_shape, trust, dtype, report)
-    with report.stage("rewrite", "Rewriting the head…"):
+    with report.stage("rewrite", "Rewriting the head…"), input_shape_explained(loaded, input_shape):
         conversion = rewrite(
             loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 from fcconv.errors import BadInputError
 from fcconv.pipeline.arguments import check_output, check_pool, parse_shape
 from fcconv.pipeline.events import DenseModelReady, MapScored, Progress, Reporter
+from fcconv.pipeline.input_shape import input_shape_explained
 from fcconv.pipeline.onnx_input import is_onnx, refuse_for_onnx, rewrite_onnx_file
 from fcconv.pipeline.results import HeatmapResult, InspectResult
 from fcconv.pipeline.steps import load_checkpoint
@@ -39,9 +40,10 @@ def inspect_file(
     from fcconv.rewrite import analyze
 
     loaded = load_checkpoint(model, arch, input_shape, trust, dtype, report)
-    conversion = analyze(
-        loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
-    )
+    with input_shape_explained(loaded, input_shape):
+        conversion = analyze(
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
+        )
     return InspectResult(conversion, onnx=False, pool=pool)
 
 
@@ -81,7 +83,13 @@ def heatmap_file(
         check_output(save_map, ".npy", "--save-map", (model, image))
     picture = read_picture(image)  # an unreadable picture is reported before the model is loaded
     shape = parse_shape(input_shape)
-    with report.stage("load", f"Loading {model}…"):
+
+    def loaded():  # the model as loaded before its dense conversion, to say what shape it takes
+        from fcconv.load import load_model
+
+        return load_model(model, arch, shape, trust=trust)
+
+    with report.stage("load", f"Loading {model}…"), input_shape_explained(loaded, input_shape):
         dense = load_dense_model(model, arch, shape, trust=trust)
     report(DenseModelReady(dense.description, dense.check))
     if dense.check is not None and not dense.check.passed:

@@ -8,6 +8,7 @@ from typing import Any
 from fcconv.errors import BadInputError
 from fcconv.pipeline.arguments import check_pool, check_report_paths, parse_shape, parse_sizes
 from fcconv.pipeline.events import Checked, Progress, Reporter
+from fcconv.pipeline.input_shape import input_shape_explained
 from fcconv.pipeline.onnx_input import is_onnx, onnx_references, refuse_for_onnx, rewrite_onnx_file
 from fcconv.pipeline.results import VerifyResult
 from fcconv.pipeline.steps import compare, load_checkpoint, references, release_memory, truncated
@@ -55,6 +56,7 @@ def verify_file(
     else:
         exported = ProgramModel(model, trust=trust) if is_program_file(model) else OnnxRunner(model)
         meta = exported.metadata
+    given = input_shape
     if input_shape is None and "fcconv.input_shape" in meta:
         input_shape = meta["fcconv.input_shape"]
     dense = meta.get("fcconv.dense", "false") == "true" if dense is None else dense
@@ -75,8 +77,9 @@ def verify_file(
     else:
         loaded = load_checkpoint(reference, arch, input_shape, trust, dtype, report)
         as_loaded = loaded.module
-        loaded = truncated(loaded, logits, until)
-        made = references(loaded, dense, sizes, rtol, atol, device, report, pool=pool)
+        with input_shape_explained(loaded, given):
+            loaded = truncated(loaded, logits, until)
+            made = references(loaded, dense, sizes, rtol, atol, device, report, pool=pool)
         native_shape = loaded.input_shape
         if weights_only:
             recorded = {**meta, "fcconv.dense": str(dense).lower(), "fcconv.pool": pool or "none"}

@@ -1,8 +1,12 @@
-"""The shipped sample models: their weights keep their model cards' promises, and their maps find what was placed."""
+"""The shipped sample models: their weights keep their model cards' promises (accuracy, sha256), their maps find what
+was placed, and their training scripts write a new checkpoint and card, never over the shipped ones unless asked."""
 
+import hashlib
 import json
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -16,6 +20,8 @@ sys.path.insert(0, str(SAMPLES))
 import demo_canvas  # noqa: E402
 import train_digits  # noqa: E402
 import train_shapes  # noqa: E402
+import train_signals  # noqa: E402
+import training  # noqa: E402
 
 # (checkpoint stem, architecture, held-out split as pictures in [0, 1] and labels)
 HELD_OUT = {
@@ -75,3 +81,62 @@ def test_a_peak_one_stride_and_a_pixel_away_is_a_miss():
     moved = [demo_canvas.PlacedSample(placed[0].name, (int(top) + d, int(left)), 28) for d in (stride, stride + 1)]
     near, far = demo_canvas.find_samples(scores, moved)
     assert near.within_one_stride and not far.within_one_stride
+
+
+STEMS = {"digits_lenet": train_digits, "shapes_vgg": train_shapes, "signals_net": train_signals}
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("stem", sorted(STEMS))
+def test_each_shipped_checkpoint_is_the_one_its_card_pins_by_sha256(stem):
+    # A retraining on another install gives other weights, so the card pins the bytes it describes.
+    card = json.loads((SAMPLES / f"{stem}.json").read_text())
+    assert card["sha256"] == sha256(SAMPLES / f"{stem}.pt")
+
+
+def test_a_training_script_writes_to_sample_models_retrained_unless_told_to_replace_the_shipped_files():
+    assert training.output_dir("", []) == SAMPLES / "retrained"
+    assert training.output_dir("", ["--out", "elsewhere"]) == Path("elsewhere")
+    assert training.output_dir("", ["--replace"]) == SAMPLES
+    with pytest.raises(SystemExit) as stopped:
+        training.output_dir("", ["--replace", "--out", "elsewhere"])
+    assert stopped.value.code == 2
+
+
+def smaller(stem, monkeypatch):
+    """The script's data and epochs cut to a few batches: what it writes, and where, is the same."""
+    if stem == "digits_lenet":
+        rng = np.random.default_rng(0)
+        monkeypatch.setattr(
+            train_digits, "splits", lambda: (train_digits.make_split(64, rng), train_digits.make_split(32, rng))
+        )
+    elif stem == "shapes_vgg":
+        monkeypatch.setattr(train_shapes, "training_split", lambda: train_shapes.make_split(64, 0))
+        monkeypatch.setattr(train_shapes, "held_out_split", lambda: train_shapes.make_split(32, 1))
+        monkeypatch.setattr(train_shapes, "EPOCHS", 1)
+    else:
+        monkeypatch.setattr(train_signals, "TRAIN_SAMPLES", 64)
+        monkeypatch.setattr(train_signals, "HELD_OUT_SAMPLES", 32)
+        monkeypatch.setattr(train_signals, "EPOCHS", 1)
+
+
+@pytest.mark.parametrize("stem", sorted(STEMS))
+def test_a_retraining_writes_a_new_checkpoint_and_card_and_leaves_the_shipped_ones_as_they_are(
+    stem, tmp_path, monkeypatch
+):
+    shipped = {path: path.read_bytes() for path in (SAMPLES / f"{stem}.pt", SAMPLES / f"{stem}.json")}
+    smaller(stem, monkeypatch)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        STEMS[stem].main(tmp_path)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert {path: path.read_bytes() for path in shipped} == shipped
+    card = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert set(card) == set(json.loads(shipped[SAMPLES / f"{stem}.json"]))
+    assert card["sha256"] == sha256(tmp_path / f"{stem}.pt")
+    model = getattr(samples, card["arch"].split(":")[1])(len(card["classes"]))
+    model.load_state_dict(torch.load(tmp_path / f"{stem}.pt", weights_only=True))
