@@ -355,13 +355,20 @@ def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], chan
     """Shape inference at the native size and at a larger one: no contraction may read an axis that grows with it."""
     light = shapes_only(model)
     native = spatial_size(input_shape)
-    larger = tuple(2 * n + 1 for n in native)
 
     def batch_of_one(size: tuple[int, ...]) -> tuple[int, ...]:
         return (1, *size, input_shape[0]) if channels_last else batched_shape(input_shape, size, 1)
 
     small = inferred_shapes(light, input_name, batch_of_one(native))
+    # A larger odd size, unless shape inference fails there and not at twice the native size: a trunk that takes
+    # only sizes whole strides apart (an upsampled map added to a skip connection) is judged at a size it takes.
+    larger = tuple(2 * n + 1 for n in native)
     large = inferred_shapes(light, input_name, batch_of_one(larger))
+    if any(_fails_beyond_native(node, small, large) for node in light.graph.node):
+        twice = tuple(2 * n for n in native)
+        at_twice = inferred_shapes(light, input_name, batch_of_one(twice))
+        if not any(_fails_beyond_native(node, small, at_twice) for node in light.graph.node):
+            larger, large = twice, at_twice
     producers = {out: node for node in light.graph.node for out in node.output}
     shown_small, shown_large = "×".join(map(str, native)), "×".join(map(str, larger))
     undetermined = 0
@@ -387,9 +394,7 @@ def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], chan
                     f"{_node_name(node)} contracts an axis that grows with the input ({a[k]} at {shown_small}, "
                     f"{b[k]} at {shown_large}){made}: the spatial axes collapse into features",
                 )
-        outputs_known_small = all(small.get(o) is not None for o in node.output if o)
-        inputs_known_large = all(large.get(i) is not None for i in node.input if i)
-        if outputs_known_small and inputs_known_large and any(large.get(o) is None for o in node.output if o):
+        if _fails_beyond_native(node, small, large):
             return CheckResult(
                 "no collapse",
                 FAIL,
@@ -402,6 +407,14 @@ def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], chan
         PASS,
         f"nothing folds the spatial axes into features (shapes at {shown_small} and {shown_large}){note}",
     )
+
+
+def _fails_beyond_native(node: Any, small: dict[str, Any], large: dict[str, Any]) -> bool:
+    """Whether shape inference gives ``node`` outputs at the native size and none at the larger one, from known
+    inputs."""
+    outputs_known_small = all(small.get(o) is not None for o in node.output if o)
+    inputs_known_large = all(large.get(i) is not None for i in node.input if i)
+    return outputs_known_small and inputs_known_large and any(large.get(o) is None for o in node.output if o)
 
 
 def _node_name(node: Any) -> str:

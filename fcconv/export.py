@@ -3,12 +3,16 @@
 The export is a graph of Conv nodes with named free batch and spatial axes. The
 converted module's fast layers (:mod:`fcconv.layers`) are exported as the plain
 convolutions they are, so the file holds no Flatten, Reshape or Gemm in the head.
+The graph comes from torch.onnx's exporter built on torch.export (``dynamo``), each
+node named after the module it computes (``classifier.0``); the TorchScript exporter
+is the named fallback for what that one cannot export.
 The metadata it records is :mod:`fcconv.metadata`'s, the weights' digest
 :mod:`fcconv.weights_digest`'s; :mod:`fcconv.runtime` runs the file.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
 import warnings
@@ -19,12 +23,14 @@ import onnx
 import torch
 from torch import fx, nn
 
-from fcconv.errors import BadInputError
+from fcconv.errors import BadInputError, FcconvWarning, reason
 from fcconv.external_data import PROTOBUF_LIMIT, external_data_path
 from fcconv.grid import output_names, probe_output_grid
 from fcconv.layers import POINTWISE_CONV, FullyConnectedConvMixin, WindowGemm, as_plain_conv
 from fcconv.metadata import (
     EACH_DIGEST_KEY,
+    ONNX_EXPORTER_FALLBACK_KEY,
+    ONNX_EXPORTER_KEY,
     SPATIAL_AXIS_NAMES,
     WEIGHTS_DIGEST_KEY,
     fcconv_metadata,
@@ -42,6 +48,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = SINGLE_OUTPUT_NAME
 OPSET = 18
 HEAD_FORMATS = ("conv", "gemm")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+"""``auto``: the torch.export-based exporter, the TorchScript one where it fails; or either one alone."""
 
 
 def as_export_module(module: nn.Module, head_format: str = "conv") -> nn.Module:
@@ -75,6 +83,7 @@ def export_onnx(
     opset: int = OPSET,
     external_data: bool | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    exporter: str = "auto",
 ) -> Path:
     """Export ``converted`` to ONNX at ``path`` with free batch and spatial axes.
 
@@ -101,12 +110,23 @@ def export_onnx(
     the batch (:class:`~fcconv.layers.WindowGemm`), which onnxruntime runs faster at
     batch > 1 because it reads the head's weights once per batch instead of once per
     image. The default ``"conv"`` writes the head as Conv nodes only.
+
+    ``exporter`` picks torch.onnx's exporter: ``"dynamo"``, the one built on
+    torch.export, which names each node after the module it computes
+    (``classifier.0``, or ``layer1.0.downsample.0/Conv`` where a module makes several
+    nodes); ``"torchscript"``, the deprecated one, whose nodes carry generic names
+    (``/Conv_3``); or ``"auto"`` (the default), the dynamo exporter, falling back to
+    the TorchScript one when it fails, with a :class:`~fcconv.errors.FcconvWarning`
+    and the reason in the metadata (``fcconv.onnx_exporter_fallback``). The metadata's
+    ``fcconv.onnx_exporter`` says which one wrote the file.
     """
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
     native = spatial_size(input_shape)
     if head_format not in HEAD_FORMATS:
         raise BadInputError(f"head format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
+    if exporter not in EXPORTERS:
+        raise BadInputError(f"ONNX exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
     module = as_export_module(converted, head_format).eval()
     geometry = getattr(converted, "fcconv_geometry", None)
     grid = probe_output_grid(module, input_shape) if geometry is not None and geometry.mode == "map" else None
@@ -116,15 +136,38 @@ def export_onnx(
     input_axes = {0: "batch", **{spatial_start(input_shape) + i: name for i, name in enumerate(names)}}
     outputs = output_names(module, input_shape)
 
-    model, weights = _traced_graph(module, input_shape, input_axes, axes, outputs, opset)
+    traced = input_shape, input_axes, axes, outputs, opset
+    used, fallback = exporter, None
+    if exporter == "torchscript":
+        model, weights = _torchscript_graph(module, *traced)
+    else:
+        try:
+            model, weights = _dynamo_graph(module, *traced)
+        except Exception as exc:  # noqa: BLE001 - whatever torch.export or its translation raises
+            if exporter == "dynamo":
+                raise
+            cause = _innermost(exc)
+            used, fallback = "torchscript", f"{type(cause).__name__}: {reason(cause)}"
+            warnings.warn(
+                f"the torch.export-based ONNX exporter failed ({fallback}); exported with the TorchScript exporter",
+                FcconvWarning,
+                stacklevel=2,
+            )
+            model, weights = _torchscript_graph(module, *traced)
+        else:
+            used = "dynamo"
     props = {
         **fcconv_metadata(geometry, grid=grid),
         **output_channels_metadata(_output_channels(model)),
         "fcconv.head_format": head_format,
         **(metadata or {}),
     }
-    for key in (WEIGHTS_DIGEST_KEY, EACH_DIGEST_KEY):  # written once, from the weights themselves, at the end
+    # which exporter wrote the graph, and, written once from the weights themselves at the end, their digest
+    for key in (ONNX_EXPORTER_KEY, ONNX_EXPORTER_FALLBACK_KEY, WEIGHTS_DIGEST_KEY, EACH_DIGEST_KEY):
         props.pop(key, None)
+    props[ONNX_EXPORTER_KEY] = used
+    if fallback is not None:
+        props[ONNX_EXPORTER_FALLBACK_KEY] = fallback
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
@@ -136,7 +179,7 @@ def export_onnx(
     return path
 
 
-def _traced_graph(
+def _dynamo_graph(
     module: nn.Module,
     input_shape: tuple[int, ...],
     input_axes: dict[int, str],
@@ -144,13 +187,69 @@ def _traced_graph(
     outputs: list[str],
     opset: int,
 ) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
-    """The graph of ``module`` traced without its weights, and the weights it reads, by initializer name."""
+    """The graph of ``module`` exported by torch.onnx's torch.export-based exporter without its weights, and the
+    weights it reads, by initializer name.
+
+    As in :func:`_torchscript_graph`, the weights enter the trace as named inputs, so the
+    exporter holds no copy of them and its optimizer folds nothing into new tensors; the
+    module stays registered, with its parameters and buffers out of their slots, so the
+    exporter records each node's module path, which names the node.
+    """
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    # batch 2: torch.export fixes an axis traced at size 1
+    sample = torch.zeros((2, *input_shape), dtype=dtype)
+    state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
+    free = torch.export.Dim.DYNAMIC  # an axis the trace would fix fails the export rather than being frozen
+    with _WeightsPassedIn(module, list(state)) as wrapper:
+        program = torch.onnx.export(
+            wrapper,
+            (sample, list(state.values())),
+            dynamo=True,
+            input_names=[INPUT_NAME, *state],
+            output_names=outputs,
+            dynamic_shapes=(dict.fromkeys(input_axes, free), [None] * len(state)),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    del program  # it holds the traced program, whose example inputs are the weights
+    graph_input = model.graph.input[0]
+    dims = graph_input.type.tensor_type.shape.dim
+    for axis, name in input_axes.items():
+        if not dims[axis].dim_param:
+            raise RuntimeError(f"the exporter fixed the input's {name} axis at {dims[axis].dim_value}")
+        dims[axis].dim_param = name
+    _name_axes(model.graph.output, axes)
+    # The shapes inside are the exporter's own symbols (s0, s77): the graph's inputs and outputs name the axes.
+    # The exporter's notes on the traced program (its signature, the symbols' ranges) describe inputs that are gone.
+    del model.graph.value_info[:], model.graph.metadata_props[:]
+    for value in (*model.graph.input, *model.graph.output):
+        del value.metadata_props[:]
+    _constants_as_nodes(model.graph)
+    _name_nodes_after_modules(model.graph, _WeightsPassedIn.PREFIX)
+    return _weights_taken_out(model, state)
+
+
+def _torchscript_graph(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    input_axes: dict[int, str],
+    axes: dict[int, str],
+    outputs: list[str],
+    opset: int,
+) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
+    """The graph of ``module`` traced by the TorchScript exporter without its weights, and the weights it reads,
+    by initializer name."""
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
     sample = torch.zeros((1, *input_shape), dtype=dtype)
     state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode():
+        # Within this call only: the fallback is asked for by name, or follows a failure that was
+        # warned of, so its deprecation and tracer warnings are no news to the caller.
         warnings.simplefilter("ignore")
         # The weights enter the trace as named inputs in place of the module's parameters:
         # the exporter then holds no copy of them (its shape inference copies the parameters
@@ -171,7 +270,11 @@ def _traced_graph(
                 training=torch.onnx.TrainingMode.PRESERVE,
                 do_constant_folding=False,
             )
-    model = onnx.load_from_string(buffer.getvalue())
+    return _weights_taken_out(onnx.load_from_string(buffer.getvalue()), state)
+
+
+def _weights_taken_out(model: onnx.ModelProto, state: dict[str, torch.Tensor]) -> tuple[onnx.ModelProto, dict]:
+    """``model`` without the graph inputs that carried the weights, and the weights its nodes read, by name."""
     used = {name for node in model.graph.node for name in node.input}
     weights = {}
     for graph_input in list(model.graph.input)[1:]:
@@ -179,6 +282,70 @@ def _traced_graph(
             weights[graph_input.name] = state[graph_input.name]
         model.graph.input.remove(graph_input)
     return model, weights
+
+
+def _name_axes(values: Sequence[onnx.ValueInfoProto], axes: dict[int, str]) -> None:
+    """Name the ``axes`` of each of ``values`` that has them (as the TorchScript exporter's dynamic axes did)."""
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in axes.items():
+            if axis < len(dims):
+                dims[axis].dim_param = name
+
+
+def _constants_as_nodes(graph: onnx.GraphProto) -> None:
+    """The exporter's own initializers (constants it lifted: reduction axes, a model's non-weight tensors) as
+    Constant nodes, so that the file's initializers are the module's weights, each one streamed and digested."""
+    constants = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
+    del graph.initializer[:]
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(constants + nodes)
+
+
+def _name_nodes_after_modules(graph: onnx.GraphProto, prefix: str) -> None:
+    """Name each node after the module it computes, from the scopes the exporter records on it.
+
+    A module that makes one node names it (``classifier.0``); one that makes several names
+    each ``PATH/OpType`` (a second of a type ``PATH/OpType_1``); a node outside any module
+    is named by its type alone. The exporter's metadata (its source locations included)
+    is dropped: the file's bytes depend on the model alone.
+    """
+    scopes = [_module_path(node, prefix) for node in graph.node]
+    counts: dict[str, int] = {}
+    for scope in scopes:
+        counts[scope] = counts.get(scope, 0) + 1
+    taken: set[str] = set()
+    for node, scope in zip(graph.node, scopes):
+        base = scope if scope and counts[scope] == 1 else "/".join(filter(None, (scope, node.op_type)))
+        name, index = base, 0
+        while name in taken:
+            index += 1
+            name = f"{base}_{index}"
+        taken.add(name)
+        node.name = name
+        node.ClearField("doc_string")
+        del node.metadata_props[:]
+
+
+def _module_path(node: onnx.NodeProto, prefix: str) -> str:
+    """The path of the innermost module ``node`` was made in, relative to the exported module ('' for none)."""
+    props = {entry.key: entry.value for entry in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        return ""
+    paths = [s for s in scopes[1:-1] if isinstance(s, str) and (s == prefix or s.startswith(prefix + "."))]
+    return paths[-1][len(prefix) + 1 :] if paths else ""
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception at the bottom of ``exc``'s chain of causes: the exporter wraps what failed in its own."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
 
 
 def _write_streamed(
@@ -321,6 +488,49 @@ class _WeightsAsInputs(nn.Module):
         finally:
             for registry, attr, original in reversed(saved):
                 registry[attr] = original
+
+
+class _WeightsPassedIn(nn.Module):
+    """``module``, registered as a submodule, called with its state_dict passed in as a list of arguments.
+
+    Inside ``with``, every slot of the state_dict holds None, so the exporter sees no
+    parameters or buffers (none it could copy or fold) while it still sees every module
+    and records each node's module path; each call puts the tensors it was given in
+    their slots and empties them again. Leaving restores the module's own tensors.
+    """
+
+    PREFIX = "model"
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = module  # PREFIX
+        self.slots = []
+        for name in names:
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            self.slots.append((owner, "_parameters" if attr in owner._parameters else "_buffers", attr))
+        self.saved = [getattr(owner, kind)[attr] for owner, kind, attr in self.slots]
+        self.eval()
+
+    def _fill(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        # The registry is looked up on each call: torch.export swaps a module's registry dicts for copies.
+        for (owner, kind, attr), tensor in zip(self.slots, tensors):
+            getattr(owner, kind)[attr] = tensor
+
+    def __enter__(self) -> _WeightsPassedIn:
+        self._fill([None] * len(self.slots))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._fill(self.saved)
+
+    def forward(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        self._fill(tensors)
+        try:
+            # several outputs (a tuple, named tuple or dict) become the graph's outputs in order
+            return tuple(tensor for _, tensor in named_outputs(self.model(x)))
+        finally:
+            self._fill([None] * len(self.slots))
 
 
 EXTERNAL_DATA_ALIGNMENT = 4096  # page-aligned offsets let readers memory-map the weights

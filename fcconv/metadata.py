@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EACH_DIGEST_KEY",
+    "ONNX_EXPORTER_FALLBACK_KEY",
+    "ONNX_EXPORTER_KEY",
     "OUTPUT_CHANNELS_KEY",
     "PROBE_OUTPUT_KEY",
     "PROBE_SHAPE_KEY",
@@ -62,6 +64,8 @@ NUM_CLASSES_KEY = "fcconv.num_classes"
 WEIGHTS_DIGEST_KEY = "fcconv.weights_sha256"
 EACH_DIGEST_KEY = "fcconv.initializer_sha256"
 OUTPUT_CHANNELS_KEY = "fcconv.output_channels"
+ONNX_EXPORTER_KEY = "fcconv.onnx_exporter"  # which of torch.onnx's exporters wrote the graph: dynamo or torchscript
+ONNX_EXPORTER_FALLBACK_KEY = "fcconv.onnx_exporter_fallback"  # why the dynamo one was not used, where it failed
 PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"
 PROBE_VALUES = 4096  # the first this many values of the probe output are recorded
 
