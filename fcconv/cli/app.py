@@ -30,6 +30,7 @@ from fcconv.cli.options import (
     JunitOption,
     LogitsAsConvertedOption,
     LogitsOption,
+    OnnxExporterOption,
     OriginalOption,
     OutputOption,
     PngOption,
@@ -79,6 +80,7 @@ def convert(
     model: CheckpointArgument,
     output: OutputOption = None,
     head_format: HeadFormatOption = "conv",
+    onnx_exporter: OnnxExporterOption = "auto",
     external_data: ExternalDataOption = False,
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
@@ -107,8 +109,8 @@ def convert(
     with screen.shown() as progress:
         result = convert_file(
             model, output, arch=arch, input_shape=input_shape, dense=dense, pool=pool, pointwise=pointwise,
-            logits=logits, until=until, head_format=head_format, external_data=external_data, sizes=sizes, rtol=rtol,
-            atol=atol, device=device, dtype=dtype, trust=trust, progress=progress,
+            logits=logits, until=until, head_format=head_format, onnx_exporter=onnx_exporter, external_data=external_data,
+            sizes=sizes, rtol=rtol, atol=atol, device=device, dtype=dtype, trust=trust, progress=progress,
         )  # fmt: skip
     if not result.written:
         fail(f"fcconv: verification failed; {result.target} was not written")

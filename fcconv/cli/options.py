@@ -193,6 +193,17 @@ HeadFormatOption = Annotated[
         help="conv: the head as Conv nodes; gemm: as GEMMs over all windows (faster in onnxruntime at batch > 1).",
     ),
 ]
+OnnxExporterOption = Annotated[
+    str,
+    typer.Option(
+        "--onnx-exporter",
+        metavar="EXPORTER",
+        rich_help_panel=OUTPUT,
+        help="torch.onnx's exporter: dynamo (built on torch.export; nodes named after their modules), "
+        "torchscript (deprecated; generic node names), or auto: dynamo, and torchscript where dynamo fails, "
+        "with a warning and the reason in the metadata.",
+    ),
+]
 ExternalDataOption = Annotated[
     bool,
     typer.Option(

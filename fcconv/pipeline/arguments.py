@@ -62,8 +62,9 @@ def default_output(path: Path) -> Path:
     return path.with_name(f"{path.name.split('.')[0]}.fcn.onnx")
 
 
-def convert_target(model: Path, output: Path | None, head_format: str, external_data: bool) -> Path:
-    """The file ``convert`` writes, refused when it cannot be written or would overwrite the input."""
+def convert_target(model: Path, output: Path | None, onnx_only: dict[str, bool], external_data: bool) -> Path:
+    """The file ``convert`` writes, refused when it cannot be written or would overwrite the input, or when an
+    option of ``onnx_only`` (flag: given) is given for PyTorch output."""
     from fcconv.external_data import external_data_path
 
     if output is not None and output.name in ("", ".."):  # an empty path arrives as '.'
@@ -81,8 +82,9 @@ def convert_target(model: Path, output: Path | None, head_format: str, external_
         raise BadInputError(
             f"-o {target}: the suffix picks what is written and must be one of {', '.join(OUTPUT_SUFFIXES)}, {given}"
         )
-    if target.suffix.lower() in PYTORCH_SUFFIXES and (head_format != "conv" or external_data):
-        flag = "--head-format" if head_format != "conv" else "--external-data"
+    given = [flag for flag, on in {**onnx_only, "--external-data": external_data}.items() if on]
+    if target.suffix.lower() in PYTORCH_SUFFIXES and given:
+        flag = given[0]
         raise BadInputError(
             f"{flag} applies to ONNX output; -o {target} writes {PYTORCH_SUFFIXES[target.suffix.lower()]}"
         )

@@ -8,6 +8,9 @@ and compared; the file moves into place only when it matches.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ def convert_file(
     logits: bool = False,
     until: str | None = None,
     head_format: str = "conv",
+    onnx_exporter: str = "auto",
     external_data: bool = False,
     sizes: str | list[tuple[int, ...]] | None = None,
     rtol: float | None = None,
@@ -53,26 +57,30 @@ def convert_file(
     ``fcconv convert`` does.
 
     ``output`` is NAME.onnx (default NAME.fcn.onnx beside the model), NAME.pt2 (a torch.export program) or
-    NAME.safetensors (the converted state_dict). The file is written only when it matches the original:
+    NAME.safetensors (the converted state_dict). ``onnx_exporter`` picks torch.onnx's exporter for ONNX output
+    (:data:`fcconv.export.EXPORTERS`). The file is written only when it matches the original:
     the result's ``written`` is False on a mismatch (the command's exit 1), and nothing is left behind.
     Raises :class:`~fcconv.errors.BadInputError` (exit 2) or :class:`~fcconv.errors.NotConvertibleError` (exit 3).
     ``progress`` receives :mod:`fcconv.pipeline.events` as the stages run.
     """
-    from fcconv.export import HEAD_FORMATS
+    from fcconv.export import EXPORTERS, HEAD_FORMATS
 
     model, report = Path(model), Reporter(progress)
     if head_format not in HEAD_FORMATS:
         raise BadInputError(f"--head-format {head_format!r} is not one of {', '.join(HEAD_FORMATS)}")
+    if onnx_exporter not in EXPORTERS:
+        raise BadInputError(f"--onnx-exporter {onnx_exporter!r} is not one of {', '.join(EXPORTERS)}")
     check_pool(pool)
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else sizes
-    target = convert_target(model, None if output is None else Path(output), head_format, external_data)
+    onnx_only = {"--head-format": head_format != "conv", "--onnx-exporter": onnx_exporter != "auto"}
+    target = convert_target(model, None if output is None else Path(output), onnx_only, external_data)
     pytorch_out = target.suffix.lower() in PYTORCH_SUFFIXES
     if is_onnx(model):
         if pytorch_out:
             raise BadInputError(f"-o {target}: an ONNX classifier is converted to ONNX only; name the output NAME.onnx")
         refuse_for_onnx(
-            arch=arch, pointwise=pointwise, head_format=head_format != "conv", device=device != "cpu", dtype=dtype,
-            trust=trust,
+            arch=arch, pointwise=pointwise, head_format=head_format != "conv", onnx_exporter=onnx_exporter != "auto",
+            device=device != "cpu", dtype=dtype, trust=trust,
         )  # fmt: skip
         return convert_onnx_file(
             model, target, input_shape, sizes, rtol, atol, external_data, logits, until, report, dense, pool
@@ -95,7 +103,8 @@ def convert_file(
     verifying = {"sizes": models.pop("sizes"), "rtol": rtol, "atol": atol, "device": device}
     if pytorch_out:
         return _convert_to_pytorch(models, target, metadata, verifying, report)
-    return _convert_to_onnx(models, target, metadata, head_format, external_data, {**verifying, "dense": dense}, report)
+    exporting = {"head_format": head_format, "exporter": onnx_exporter, "external_data": external_data}
+    return _convert_to_onnx(models, target, metadata, exporting, {**verifying, "dense": dense}, report)
 
 
 def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, report) -> dict:
@@ -119,11 +128,11 @@ def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, 
 
 
 def _convert_to_onnx(
-    models: dict, target: Path, metadata: dict, head_format: str, external_data: bool, verifying: dict,
-    report: Reporter,
-) -> ConversionResult:  # fmt: skip
-    """The conversion written as ONNX, staged with the weights in external data (which onnxruntime maps rather
-    than copies), verified, then inlined unless ``external_data``."""
+    models: dict, target: Path, metadata: dict, exporting: dict, verifying: dict, report: Reporter
+) -> ConversionResult:
+    """The conversion written as ONNX (``exporting``: the head format, the exporter and whether the weights stay
+    external), staged with the weights in external data (which onnxruntime maps rather than copies), verified,
+    then inlined unless ``exporting["external_data"]``."""
     from fcconv.export import export_onnx, inline_external_data
     from fcconv.external_data import external_data_path
     from fcconv.metadata import append_metadata, fcconv_metadata, probe_metadata
@@ -133,10 +142,10 @@ def _convert_to_onnx(
     del models["as_loaded"]
     try:
         with committed(staged_onnx(target), report) as staged:
-            with report.stage("export", f"Exporting {target.name}", 0, "bytes") as advance:
+            with report.stage("export", f"Exporting {target.name}", 0, "bytes") as advance, _exporter_fallback(report):
                 export_onnx(
-                    conversion.module, staged, loaded.input_shape, head_format=head_format,
-                    metadata={**fcconv_metadata(), **metadata}, external_data=True,
+                    conversion.module, staged, loaded.input_shape, head_format=exporting["head_format"],
+                    exporter=exporting["exporter"], metadata={**fcconv_metadata(), **metadata}, external_data=True,
                     on_progress=lambda done, total: advance(done, total=total),
                 )  # fmt: skip
             made = references(loaded, **verifying, report=report, conversion=conversion)
@@ -148,13 +157,29 @@ def _convert_to_onnx(
             verification = compare(staged, made, report)
             if not verification.passed:
                 raise Mismatch
-            if not external_data:
+            if not exporting["external_data"]:
                 inline_external_data(staged)
             data_file = external_data_path(staged).exists()
     except Mismatch:
         return ConversionResult(target, verification, written=False)
     data_path = external_data_path(target) if data_file else None
     return ConversionResult(target, verification, written=True, data_file=data_path)
+
+
+@contextlib.contextmanager
+def _exporter_fallback(report: Reporter) -> Iterator[None]:
+    """Report the export's fallback to the TorchScript exporter (a :class:`~fcconv.errors.FcconvWarning`) as the
+    pipeline's own warning, which the command shows; other warnings go on as they came."""
+    from fcconv.errors import FcconvWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FcconvWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, FcconvWarning):
+            report.warn(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _convert_to_pytorch(models: dict, target: Path, metadata: dict, verifying: dict, report: Reporter) -> Any:

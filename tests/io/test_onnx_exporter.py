@@ -12,9 +12,11 @@ import torch
 from conftest import REPO, TESTS, seeded
 from custom_models import LeNet, TinyVGG
 from torch import nn
+from typer.testing import CliRunner
 
 import fcconv
 from fcconv import export
+from fcconv.cli import app
 from fcconv.errors import BadInputError, FcconvWarning
 from fcconv.runtime import OnnxRunner
 
@@ -168,3 +170,60 @@ def test_the_export_is_byte_identical_in_another_process(tmp_path):
     subprocess.run([sys.executable, "-c", EXPORT_LENET, str(there), str(TESTS)], check=True, env=env, timeout=600)
     assert here.read_bytes() == again.read_bytes() == there.read_bytes()
     assert metadata(here)["fcconv.onnx_exporter"] == "dynamo"
+
+
+def convert(*args):
+    result = CliRunner().invoke(app, ["convert", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def lenet_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "lenet.pt"
+    torch.save(seeded(LeNet).state_dict(), path)
+    return path
+
+
+LENET = ["--arch", "custom_models:LeNet", "--input-shape", "1,28,28"]
+
+
+def test_convert_takes_the_exporter_by_name(lenet_checkpoint, tmp_path):
+    code, out, err = convert(lenet_checkpoint, *LENET, "--onnx-exporter", "torchscript", "-o", tmp_path / "ts.onnx")
+    assert code == 0, err
+    assert metadata(tmp_path / "ts.onnx")["fcconv.onnx_exporter"] == "torchscript"
+    code, out, err = convert(lenet_checkpoint, *LENET, "-o", tmp_path / "default.onnx")
+    assert code == 0, err
+    assert metadata(tmp_path / "default.onnx")["fcconv.onnx_exporter"] == "dynamo"
+    assert "warning" not in err
+
+
+def test_convert_says_on_stderr_when_it_fell_back_to_the_torchscript_exporter(lenet_checkpoint, tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("the exporter cannot translate this graph")
+
+    monkeypatch.setattr(export, "_dynamo_graph", fails)
+    code, _, err = convert(lenet_checkpoint, *LENET, "-o", tmp_path / "out.onnx")
+    assert code == 0, err
+    assert err.startswith("fcconv: warning: the torch.export-based ONNX exporter failed (RuntimeError: the exporter")
+    assert "exported with the TorchScript exporter" in err
+    meta = metadata(tmp_path / "out.onnx")
+    assert meta["fcconv.onnx_exporter"] == "torchscript"
+    assert meta["fcconv.onnx_exporter_fallback"] == "RuntimeError: the exporter cannot translate this graph"
+    code, _, err = convert(lenet_checkpoint, *LENET, "--onnx-exporter", "dynamo", "-o", tmp_path / "dynamo.onnx")
+    assert code != 0 and not (tmp_path / "dynamo.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--onnx-exporter", "jit"], "--onnx-exporter 'jit' is not one of auto, dynamo, torchscript"),
+        (["--onnx-exporter", "torchscript", "-o", "lenet.pt2"], "--onnx-exporter applies to ONNX output"),
+    ],
+)
+def test_an_exporter_that_cannot_be_used_is_refused_in_one_line(lenet_checkpoint, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = convert(lenet_checkpoint, *LENET, *args)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"fcconv: error: {message}")
+    assert list(tmp_path.iterdir()) == []
