@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from fcconv.errors import BadInputError, FcconvWarning, reason
+from fcconv.errors import BadInputError, FcconvWarning, NotConvertibleError, reason
 from fcconv.external_data import PROTOBUF_LIMIT, external_data_path
 from fcconv.grid import output_names, probe_output_grid
 from fcconv.layers import POINTWISE_CONV, FullyConnectedConvMixin, WindowGemm, as_plain_conv
@@ -114,7 +114,8 @@ def export_onnx(
     ``exporter`` picks torch.onnx's exporter: ``"dynamo"``, the one built on
     torch.export, which names each node after the module it computes
     (``classifier.0``, or ``layer1.0.downsample.0/Conv`` where a module makes several
-    nodes); ``"torchscript"``, the deprecated one, whose nodes carry generic names
+    nodes), and raises :class:`~fcconv.errors.NotConvertibleError` where it fails;
+    ``"torchscript"``, the deprecated one, whose nodes carry generic names
     (``/Conv_3``); or ``"auto"`` (the default), the dynamo exporter, falling back to
     the TorchScript one when it fails, with a :class:`~fcconv.errors.FcconvWarning`
     and the reason in the metadata (``fcconv.onnx_exporter_fallback``). The metadata's
@@ -144,9 +145,12 @@ def export_onnx(
         try:
             model, weights = _dynamo_graph(module, *traced)
         except Exception as exc:  # noqa: BLE001 - whatever torch.export or its translation raises
-            if exporter == "dynamo":
-                raise
             cause = _innermost(exc)
+            if exporter == "dynamo":
+                raise NotConvertibleError(
+                    f"the torch.export-based ONNX exporter cannot export this model ({type(cause).__name__}: "
+                    f"{reason(cause)}); --onnx-exporter auto falls back to the TorchScript exporter"
+                ) from exc
             used, fallback = "torchscript", f"{type(cause).__name__}: {reason(cause)}"
             warnings.warn(
                 f"the torch.export-based ONNX exporter failed ({fallback}); exported with the TorchScript exporter",

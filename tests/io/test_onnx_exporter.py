@@ -210,7 +210,11 @@ def test_convert_says_on_stderr_when_it_fell_back_to_the_torchscript_exporter(le
     assert meta["fcconv.onnx_exporter"] == "torchscript"
     assert meta["fcconv.onnx_exporter_fallback"] == "RuntimeError: the exporter cannot translate this graph"
     code, _, err = convert(lenet_checkpoint, *LENET, "--onnx-exporter", "dynamo", "-o", tmp_path / "dynamo.onnx")
-    assert code != 0 and not (tmp_path / "dynamo.onnx").exists()
+    assert code == 3 and not (tmp_path / "dynamo.onnx").exists()
+    assert err.strip() == (
+        "fcconv: error: the torch.export-based ONNX exporter cannot export this model (RuntimeError: the exporter "
+        "cannot translate this graph); --onnx-exporter auto falls back to the TorchScript exporter"
+    )
 
 
 @pytest.mark.parametrize(
