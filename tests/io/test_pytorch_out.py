@@ -237,23 +237,21 @@ def test_a_program_torch_export_cannot_make_is_refused_in_one_line_quoting_torch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.pt"]
 
 
-def test_the_readme_recipe_rebuilds_vgg16_from_its_safetensors(tmp_path, monkeypatch):
-    """The one line of docs/pytorch-out.md, as written there, on a .safetensors of a converted torchvision vgg16."""
+def test_the_documented_recipe_rebuilds_vgg16_from_its_safetensors(tmp_path, monkeypatch):
+    """The rebuild block of docs/pytorch-out.md, as written there, on a .safetensors of the 10-class VGG16 it names."""
     import torchvision
 
     from fcconv.torch_export import save_weights
 
-    readme = (REPO / "docs" / "pytorch-out.md").read_text()
-    (recipe,) = [
-        line for line in readme.splitlines() if line.startswith("fcn = fcconv.convert(torchvision.models.vgg16()")
-    ]
+    blocks = (REPO / "docs" / "pytorch-out.md").read_text().split("```python\n")[1:]
+    (recipe,) = [block.split("```")[0] for block in blocks if "safetensors.torch.load_file" in block]
     torch.manual_seed(0)
-    written = fcconv.convert(torchvision.models.vgg16().eval(), (3, 224, 224))
+    written = fcconv.convert(torchvision.models.vgg16(num_classes=10).eval(), (3, 224, 224))
     save_weights(written, tmp_path / "vgg16.fcn.safetensors", {})
     monkeypatch.chdir(tmp_path)
 
-    scope = {"fcconv": fcconv, "torchvision": torchvision, "safetensors": safetensors}
-    exec(recipe, scope)  # noqa: S102 - the documentation's own line
+    scope = {}
+    exec(recipe, scope)  # noqa: S102 - the documentation's own block
 
     fcn = scope["fcn"]
     assert fcn.get_submodule("classifier.0").weight.shape == (4096, 512, 7, 7)
