@@ -7,7 +7,8 @@ peak resident memory (the child's VmHWM):
 
 * idle: ``import torch`` and nothing else;
 * plain export: load the state_dict into the torchvision model, ``torch.onnx.export`` it;
-* fcconv convert: the whole command (load, rewrite, export, verification at three sizes).
+* fcconv convert: the whole command (load, rewrite, export, verification at three sizes),
+  with the default ONNX exporter (torch.export-based) and with ``--onnx-exporter torchscript``.
 
 The goals compare fcconv convert with the plain export (time) and with the
 checkpoint's size plus the idle process (memory).
@@ -77,16 +78,22 @@ def main() -> None:
     plain_wall, plain_mb = measure(
         PLAIN_EXPORT, [args.arch, str(checkpoint), str(tmp / "plain.onnx"), str(args.classes)], tmp
     )
-    convert_wall, convert_mb = measure(
-        CONVERT, ["convert", str(checkpoint), "--arch", args.arch, "-o", str(tmp / "fcn.onnx")], tmp
+    convert = ["convert", str(checkpoint), "--arch", args.arch]
+    convert_wall, convert_mb = measure(CONVERT, [*convert, "-o", str(tmp / "fcn.onnx")], tmp)
+    script_wall, script_mb = measure(
+        CONVERT, [*convert, "--onnx-exporter", "torchscript", "-o", str(tmp / "ts.onnx")], tmp
     )
     budget = 1.5 * size_mb + idle_mb
     print(f"checkpoint {size_mb:.0f} MB; idle `import torch` {idle_mb:.0f} MB, {idle_wall:.1f} s\n")
     print("| step | wall s | peak MB |\n|---|---|---|")
     print(f"| plain torch.onnx.export | {plain_wall:.1f} | {plain_mb:.0f} |")
     print(f"| fcconv convert (3 sizes verified) | {convert_wall:.1f} | {convert_mb:.0f} |")
+    print(f"| fcconv convert --onnx-exporter torchscript | {script_wall:.1f} | {script_mb:.0f} |")
     print(f"\nwall: convert / plain export = {convert_wall / plain_wall:.2f} (goal ≤ 2)")
     print(f"memory: convert peak / (1.5 × checkpoint + idle) = {convert_mb / budget:.2f} (goal ≤ 1)")
+    print(
+        f"exporters: default / torchscript = {convert_wall / script_wall:.2f} wall, {convert_mb / script_mb:.2f} peak"
+    )
 
 
 if __name__ == "__main__":
