@@ -40,6 +40,7 @@ from fcconv.metadata import (
 from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
 from fcconv.sizes import spatial_size, spatial_start
 from fcconv.staging import staged_path
+from fcconv.traceable import traceable_form
 from fcconv.weights_digest import WeightsDigest, onnx_data_type, tensor_bytes
 
 __all__ = ["as_export_module", "export_onnx", "external_data_path", "inline_external_data"]
@@ -199,6 +200,7 @@ def _dynamo_graph(
     module stays registered, with its parameters and buffers out of their slots, so the
     exporter records each node's module path, which names the node.
     """
+    module = traceable_form(module, ceil_mode_pools=False)  # a 1D max pooling would fix the length
     params = [p for p in module.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32
     # batch 2: torch.export fixes an axis traced at size 1

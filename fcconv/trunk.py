@@ -21,8 +21,11 @@ __all__ = ["shifted_window_attention", "size_dependent_functions", "size_generic
 
 
 def _roll_index(size: Any, shift: Any, device: torch.device) -> Tensor:
-    """Indices that read a length-``size`` axis rolled back by ``shift``: ``out[i] = x[(i + shift) % size]``."""
-    return (torch.arange(size, device=device) + shift) % size
+    """Indices that read a length-``size`` axis rolled back by ``shift`` (0 ≤ shift < size):
+    ``out[i] = x[(i + shift) % size]``, the remainder written as a comparison, which ONNX export keeps for a
+    symbolic ``size``."""
+    index = torch.arange(size, device=device) + shift
+    return torch.where(index >= size, index - size, index)
 
 
 def _window_regions(size: Any, window: int, shift: Any, device: torch.device) -> Tensor:

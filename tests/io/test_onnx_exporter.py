@@ -10,8 +10,9 @@ import onnx
 import pytest
 import torch
 from conftest import REPO, TESTS, seeded
-from custom_models import LeNet, TinyVGG
+from custom_models import LeNet, SENet, SignalClassifier, TinyVGG, VolumeClassifier, small_convnext
 from torch import nn
+from torchvision.models.swin_transformer import SwinTransformer
 from typer.testing import CliRunner
 
 import fcconv
@@ -231,3 +232,30 @@ def test_an_exporter_that_cannot_be_used_is_refused_in_one_line(lenet_checkpoint
     (line,) = err.strip().splitlines()
     assert line.startswith(f"fcconv: error: {message}")
     assert list(tmp_path.iterdir()) == []
+
+
+SWIN = "tiny_swin"
+FAMILIES = {
+    # name: (model, native input shape): each exported by the torch.export-based exporter, with no fallback
+    "signal (1D max poolings)": (SignalClassifier, (1, 1000)),
+    "volume (3D)": (VolumeClassifier, (1, 64, 64, 64)),
+    "convnext (channels-last blocks)": (small_convnext, (3, 64, 64)),
+    "swin (shifted windows)": (SWIN, (3, 56, 56)),
+    "senet (linear gates)": (SENet, (3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_torch_export_based_exporter_writes_every_family_without_falling_back(name, tmp_path):
+    factory, shape = FAMILIES[name]
+    if factory == SWIN:  # swin_t's blocks and 7×7 windows in two stages: the second stage shifts only above 56×56
+        factory = lambda: SwinTransformer([4, 4], 16, [2, 2], [1, 2], [7, 7], num_classes=4)  # noqa: E731
+    model = seeded(factory)
+    conversion = fcconv.rewrite(model, shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FcconvWarning)
+        path = fcconv.export_onnx(conversion.module, tmp_path / "model.onnx", shape)
+    assert metadata(path)["fcconv.onnx_exporter"] == "dynamo"
+    larger = tuple(n + n // 2 + 3 for n in shape[1:])
+    report = fcconv.verify(model, path, shape, sizes=[shape[1:], larger], conversion=conversion)
+    assert report.passed, [(c.input_size, c.max_rel, c.message) for c in report.checks]
