@@ -23,9 +23,17 @@ SAMPLE = REPO / "sample_models" / "digits_lenet.pt"
 SLOW_SIZES = ["--sizes", "28x28,2500x2500"]
 
 
+def hangup_as_a_terminal_has_it():
+    """SIGHUP at its default action in the run, as a shell's foreground job has it, also where the suite itself
+    was started with SIGHUP ignored (under nohup): the run would inherit that, and keep it ignored by design."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_convert(out):
     command = [sys.executable, "-m", "fcconv", "convert", str(SAMPLE), "-o", str(out), "-q", *SLOW_SIZES]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=hangup_as_a_terminal_has_it
+    )
 
 
 def wait_for_staging(folder, process, timeout=120.0):
