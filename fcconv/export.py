@@ -201,11 +201,7 @@ def _dynamo_graph(
     exporter records each node's module path, which names the node.
     """
     module = traceable_form(module, ceil_mode_pools=False)  # a 1D max pooling would fix the length
-    params = [p for p in module.parameters() if p.is_floating_point()]
-    dtype = params[0].dtype if params else torch.float32
-    # batch 2: torch.export fixes an axis traced at size 1
-    sample = torch.zeros((2, *input_shape), dtype=dtype)
-    state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
+    sample, state = _sample_and_weights(module, input_shape, batch=2)  # torch.export fixes an axis traced at 1
     free = torch.export.Dim.DYNAMIC  # an axis the trace would fix fails the export rather than being frozen
     with _WeightsPassedIn(module, list(state)) as wrapper:
         program = torch.onnx.export(
@@ -248,10 +244,7 @@ def _torchscript_graph(
 ) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
     """The graph of ``module`` traced by the TorchScript exporter without its weights, and the weights it reads,
     by initializer name."""
-    params = [p for p in module.parameters() if p.is_floating_point()]
-    dtype = params[0].dtype if params else torch.float32
-    sample = torch.zeros((1, *input_shape), dtype=dtype)
-    state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
+    sample, state = _sample_and_weights(module, input_shape, batch=1)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode():
         # Within this call only: the fallback is asked for by name, or follows a failure that was
@@ -277,6 +270,17 @@ def _torchscript_graph(
                 do_constant_folding=False,
             )
     return _weights_taken_out(onnx.load_from_string(buffer.getvalue()), state)
+
+
+def _sample_and_weights(
+    module: nn.Module, input_shape: tuple[int, ...], batch: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A zero input of ``batch`` samples in the module's floating dtype, and its state_dict's tensors by name:
+    what an exporter traces with, the weights entering as named inputs."""
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    state = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
+    return torch.zeros((batch, *input_shape), dtype=dtype), state
 
 
 def _weights_taken_out(model: onnx.ModelProto, state: dict[str, torch.Tensor]) -> tuple[onnx.ModelProto, dict]:
