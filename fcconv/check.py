@@ -34,6 +34,19 @@ from typing import Any
 import numpy as np
 import onnx
 
+from fcconv.check_result import (
+    CHECKS,
+    DECLARED,
+    FAIL,
+    GIVEN,
+    METADATA,
+    PASS,
+    SKIP,
+    SOURCES,
+    CheckReport,
+    CheckResult,
+)
+from fcconv.check_structure import free_axes_check, no_collapse_check
 from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME, compare_arrays
 from fcconv.errors import BadInputError
 from fcconv.external_data import check_external_data
@@ -53,80 +66,15 @@ from fcconv.metadata import (
     probe_keys,
     recorded_probe,
 )
-from fcconv.onnx_shapes import declared_dims, inferred_shapes, shapes_only
+from fcconv.onnx_shapes import declared_dims
 from fcconv.runtime import ONNXRUNTIME, OnnxRunner
-from fcconv.sizes import batched_shape, check_tensor_size, default_sizes, parse_input_shape, spatial_size, spatial_start
+from fcconv.sizes import batched_shape, check_tensor_size, default_sizes, parse_input_shape, spatial_size
 from fcconv.weights_digest import EACH_DIGITS, WeightsDigest, onnx_weights_digest
 
 __all__ = ["CHECKS", "SOURCES", "CheckReport", "CheckResult", "check_onnx", "metadata_grid", "onnx_native_shape"]
 
-PASS, FAIL, SKIP = "pass", "fail", "skip"
-CHECKS = (
-    "onnx checker",
-    "free spatial axes",
-    "no collapse",
-    "weights digest",
-    "runs",
-    "output size",
-    "reference output",
-)
-GIVEN, METADATA, DECLARED, REFERENCE = "given", "metadata", "declared", "reference"
-SOURCES = (GIVEN, METADATA, DECLARED, REFERENCE)
-"""Where a check's native input shape came from: ``--input-shape`` (the ``input_shape`` argument), the
-``fcconv.input_shape`` metadata, the fixed sizes the ONNX graph's input declares, or the ``--reference``
-checkpoint that rebuilds a ``.safetensors`` file."""
 RECORDED_RTOL = 1e-7
 """The default rtol of ``reference output`` at least: above float32's rounding (2**-24) of the recorded values."""
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One check of an ONNX file: for the whole file, or (``runs``, ``output size``) at one input size.
-
-    ``verdict`` is ``pass``, ``fail`` or ``skip``; ``message`` says why. Shapes hold
-    None where a dimension is not predicted.
-    """
-
-    check: str
-    verdict: str
-    message: str = ""
-    input_size: tuple[int, ...] | None = None
-    expected_shape: tuple[int | None, ...] | None = None
-    actual_shape: tuple[int, ...] | None = None
-    max_abs: float | None = None
-    max_rel: float | None = None
-    tolerance: float | None = None
-    """``reference output`` only: the largest errors and the allowed absolute error."""
-    output: str | None = None
-    """For checks that read the model's outputs: which one (a model with several heads has one check per output)."""
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict == PASS
-
-
-@dataclass
-class CheckReport:
-    """Every :class:`CheckResult` for one ONNX file, with the native input shape they used."""
-
-    model: str
-    input_shape: tuple[int, ...]
-    results: list[CheckResult] = field(default_factory=list)
-    input_shape_source: str = GIVEN
-    """Where ``input_shape`` came from, one of :data:`SOURCES`."""
-    rtol: float | None = None
-    atol: float = 0.0
-    dtype: str = "float32"
-    """The tolerances and input dtype of the ``reference output`` check (``rtol`` None when it did not compare)."""
-
-    @property
-    def passed(self) -> bool:
-        """No check failed and at least one passed (skipped ones neither pass nor fail the model)."""
-        return all(r.verdict != FAIL for r in self.results) and any(r.verdict == PASS for r in self.results)
-
-    @property
-    def failures(self) -> list[CheckResult]:
-        return [r for r in self.results if r.verdict == FAIL]
 
 
 def check_onnx(
@@ -174,8 +122,8 @@ def check_onnx(
     report = CheckReport(str(path), input_shape, input_shape_source=source)
 
     step("Checking the graph's shapes at two sizes…")
-    report.results.append(_free_axes(input_name, input_dims, input_shape))
-    report.results.append(_no_collapse(model, input_name, input_shape, channels_last))
+    report.results.append(free_axes_check(input_name, input_dims, input_shape))
+    report.results.append(no_collapse_check(model, input_name, input_shape, channels_last))
     step("Hashing the weights…")
     report.results.append(_weights_digest(model, path, meta))
     del model  # the weights of an inline model: free them before the checker and onnxruntime read the file
@@ -331,122 +279,7 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(text.splitlines()[0].split())[:300]
 
 
-# --- structure --------------------------------------------------------------------------------------
-
-
-def _free_axes(name: str, dims: list[int | str | None], input_shape: tuple[int, ...]) -> CheckResult:
-    rank = len(spatial_size(input_shape))
-    axis_names = SPATIAL_AXIS_NAMES.get(rank, tuple(f"axis {2 + i}" for i in range(rank)))
-    spatial = dims[spatial_start(input_shape) :]
-    fixed = [f"{axis} to {dim}" for axis, dim in zip(axis_names, spatial) if isinstance(dim, int) and dim > 0]
-    if fixed:
-        return CheckResult(
-            "free spatial axes",
-            FAIL,
-            f"input {name!r} fixes {' and '.join(fixed)}, so the model cannot take larger inputs",
-        )
-    if not spatial:
-        return CheckResult("free spatial axes", PASS, f"input {name!r} declares no sizes")
-    shown = ", ".join(str(d) if d is not None else "?" for d in spatial)
-    return CheckResult("free spatial axes", PASS, f"input {name!r} spatial axes: {shown}")
-
-
-def _no_collapse(model: Any, input_name: str, input_shape: tuple[int, ...], channels_last: bool = False) -> CheckResult:
-    """Shape inference at the native size and at a larger one: no contraction may read an axis that grows with it."""
-    light = shapes_only(model)
-    native = spatial_size(input_shape)
-
-    def batch_of_one(size: tuple[int, ...]) -> tuple[int, ...]:
-        return (1, *size, input_shape[0]) if channels_last else batched_shape(input_shape, size, 1)
-
-    small = inferred_shapes(light, input_name, batch_of_one(native))
-    # A larger odd size, unless shape inference fails there and not at twice the native size: a trunk that takes
-    # only sizes whole strides apart (an upsampled map added to a skip connection) is judged at a size it takes.
-    larger = tuple(2 * n + 1 for n in native)
-    large = inferred_shapes(light, input_name, batch_of_one(larger))
-    if any(_fails_beyond_native(node, small, large) for node in light.graph.node):
-        twice = tuple(2 * n for n in native)
-        at_twice = inferred_shapes(light, input_name, batch_of_one(twice))
-        if not any(_fails_beyond_native(node, small, at_twice) for node in light.graph.node):
-            larger, large = twice, at_twice
-    producers = {out: node for node in light.graph.node for out in node.output}
-    shown_small, shown_large = "×".join(map(str, native)), "×".join(map(str, larger))
-    undetermined = 0
-    for node in light.graph.node:
-        for index, axis in _contracted_axes(node):
-            if index >= len(node.input) or not node.input[index]:
-                continue
-            value = node.input[index]
-            a, b = small.get(value), large.get(value)
-            if a is None or b is None or len(a) != len(b) or not a:
-                undetermined += 1
-                continue
-            k = axis % len(a)
-            if a[k] is None or b[k] is None:
-                undetermined += 1
-                continue
-            if a[k] != b[k]:
-                origin = _collapse_origin(value, producers)
-                made = f", made from the spatial axes by {_node_name(origin)}" if origin is not None else ""
-                return CheckResult(
-                    "no collapse",
-                    FAIL,
-                    f"{_node_name(node)} contracts an axis that grows with the input ({a[k]} at {shown_small}, "
-                    f"{b[k]} at {shown_large}){made}: the spatial axes collapse into features",
-                )
-        if _fails_beyond_native(node, small, large):
-            return CheckResult(
-                "no collapse",
-                FAIL,
-                f"{_node_name(node)} takes the native {shown_small} input but not a {shown_large} one "
-                "(ONNX shape inference fails there): it is sized for the native input",
-            )
-    note = f"; {undetermined} contracted axes of unknown size, left to the runs below" if undetermined else ""
-    return CheckResult(
-        "no collapse",
-        PASS,
-        f"nothing folds the spatial axes into features (shapes at {shown_small} and {shown_large}){note}",
-    )
-
-
-def _fails_beyond_native(node: Any, small: dict[str, Any], large: dict[str, Any]) -> bool:
-    """Whether shape inference gives ``node`` outputs at the native size and none at the larger one, from known
-    inputs."""
-    outputs_known_small = all(small.get(o) is not None for o in node.output if o)
-    inputs_known_large = all(large.get(i) is not None for i in node.input if i)
-    return outputs_known_small and inputs_known_large and any(large.get(o) is None for o in node.output if o)
-
-
-def _node_name(node: Any) -> str:
-    return f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node (output {node.output[0]!r})"
-
-
-def _contracted_axes(node: Any) -> list[tuple[int, int]]:
-    """(input index, axis) pairs that ``node`` sums over with weights: features, never positions."""
-    if node.domain not in ("", "ai.onnx"):
-        return []
-    if node.op_type == "MatMul":
-        return [(0, -1), (1, -2)]
-    if node.op_type == "Gemm":
-        attrs = {a.name: a.i for a in node.attribute}
-        return [(0, 0 if attrs.get("transA") else 1), (1, 1 if attrs.get("transB") else 0)]
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return [(0, 1)]
-    return []
-
-
-def _collapse_origin(value: str, producers: dict[str, Any]) -> Any:
-    """The Flatten or Reshape that made ``value``, walking back through the ops between (at most 32 steps)."""
-    for _ in range(32):
-        node = producers.get(value)
-        if node is None:
-            return None
-        if node.op_type in ("Flatten", "Reshape"):
-            return node
-        if not node.input:
-            return None
-        value = node.input[0]
-    return None
+# --- weights ----------------------------------------------------------------------------------------
 
 
 def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult:
@@ -455,9 +288,6 @@ def _weights_digest(model: Any, path: Path, meta: dict[str, str]) -> CheckResult
     if expected is None:
         return CheckResult("weights digest", SKIP, f"no {WEIGHTS_DIGEST_KEY} metadata to compare the weights with")
     return digest_verdict(onnx_weights_digest(model, path), meta, "initializers")
-
-
-# --- weights ----------------------------------------------------------------------------------------
 
 
 def digest_verdict(digest: WeightsDigest, meta: dict[str, str], kind: str = "initializers") -> CheckResult:

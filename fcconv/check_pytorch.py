@@ -23,12 +23,6 @@ import numpy as np
 import torch
 
 from fcconv.check import (
-    FAIL,
-    PASS,
-    REFERENCE,
-    SKIP,
-    CheckReport,
-    CheckResult,
     _check_sizes,
     _first_line,
     _native_shape,
@@ -36,6 +30,7 @@ from fcconv.check import (
     refuse_runs_beyond_memory,
     run_checks,
 )
+from fcconv.check_result import FAIL, PASS, REFERENCE, SKIP, CheckReport, CheckResult
 from fcconv.metadata import SPATIAL_AXIS_NAMES
 from fcconv.outputs import named_outputs
 from fcconv.sizes import default_sizes, spatial_size, spatial_start

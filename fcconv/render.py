@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:  # for the annotations only: rendering imports neither torch nor onnx
-    from fcconv.check import CheckReport
+    from fcconv.check_result import CheckReport
     from fcconv.heatmap import Peak, ScoreMap
     from fcconv.rewrite import Conversion
     from fcconv.verify import VerificationReport

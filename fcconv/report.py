@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcconv._version import __version__
-from fcconv.check import CheckReport
+from fcconv.check_result import CheckReport
 from fcconv.staging import staged_path
 
 if TYPE_CHECKING:  # named in annotations only: a check's report needs no torch
