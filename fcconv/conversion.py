@@ -26,6 +26,23 @@ class RewrittenLayer:
 
 
 @dataclass(frozen=True)
+class FactoredLayer:
+    """A fully connected layer of the head made two convolutions by ``--rank`` (:mod:`fcconv.low_rank`)."""
+
+    name: str
+    rank: int
+    full_rank: int
+    """The layer's smaller dimension: the largest rank it has."""
+    energy: float
+    """The share of the sum of its squared singular values that the kept ones hold."""
+    parameters: int
+    factored_parameters: int
+    macs: int
+    factored_macs: int
+    """Multiply-adds per output position, before and after."""
+
+
+@dataclass(frozen=True)
 class HeadGeometry:
     """Which part of the original's feature map one output position of the converted model reads.
 
@@ -104,6 +121,9 @@ class Conversion(RewrittenHead):
     source: nn.Module | None = None
     """The model the conversion computes: the given model, or, with ``logits`` or ``until``, its
     :func:`fcconv.rewrite.truncate` form (verification compares with this one)."""
+    factored: list[FactoredLayer] = field(default_factory=list)
+    """The head's fully connected layers made rank-R pairs by ``--rank``: the model is then an approximation of the
+    original, verified against the original with those layers' weights truncated (:mod:`fcconv.low_rank`)."""
     captured_by: str | None = None
     """The capture the plan was made from: ``"torch.export"`` or ``"torch.fx"`` (None for a graph module given as
     it is). Verification compares an exported model with its eager original at the larger sizes too."""

@@ -67,6 +67,7 @@ OUTPUT_CHANNELS_KEY = "fcconv.output_channels"
 ONNX_EXPORTER_KEY = "fcconv.onnx_exporter"  # which of torch.onnx's exporters wrote the graph: dynamo or torchscript
 ONNX_EXPORTER_FALLBACK_KEY = "fcconv.onnx_exporter_fallback"  # why the dynamo one was not used, where it failed
 PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"
+LOW_RANK_KEY = "fcconv.low_rank"  # with --rank: each factored layer's rank and the share of its energy kept
 PROBE_VALUES = 4096  # the first this many values of the probe output are recorded
 
 
@@ -191,6 +192,14 @@ def card_metadata(card: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(card.get("background_class"), str):
         meta["fcconv.background_class"] = card["background_class"]
     return meta
+
+
+def low_rank_metadata(factored: Sequence[Any]) -> dict[str, str]:
+    """With ``--rank``: each factored layer's rank and share of energy kept, as JSON; nothing otherwise."""
+    if not factored:
+        return {}
+    layers = {f.name: {"rank": f.rank, "energy": round(f.energy, 6)} for f in factored}
+    return {LOW_RANK_KEY: json.dumps(layers, separators=(",", ":"))}
 
 
 def metadata_fragment(entries: Mapping[str, str]) -> bytes:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:  # for the annotations only: rendering imports neither torch nor onnx
     from fcconv.check_result import CheckReport
+    from fcconv.conversion import FactoredLayer
     from fcconv.heatmap import Peak, ScoreMap
     from fcconv.rewrite import Conversion
     from fcconv.verify import VerificationReport
@@ -134,6 +135,33 @@ def verification_table(report: VerificationReport) -> Table:
             str(check.worst) if check.worst else "-",
             verdict,
         )
+    return table
+
+
+def low_rank_table(layers: list[FactoredLayer], deviation: list[dict[str, Any]]) -> Table:
+    """``--rank``: each factored layer's rank, energy kept, weights and multiply-adds, then the deviation of the
+    approximation from the original at each verification size."""
+    before, after = sum(f.parameters for f in layers), sum(f.factored_parameters for f in layers)
+    macs, factored_macs = sum(f.macs for f in layers), sum(f.factored_macs for f in layers)
+    table = Table(
+        title=f"Low-rank head, an approximation: {before:,} → {after:,} weights ({after / before:.1%}), "
+        f"{macs:,} → {factored_macs:,} multiply-adds per position ({factored_macs / macs:.1%})",
+        title_justify="left",
+    )
+    for column in ("layer", "rank", "energy kept", "weights", "multiply-adds"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for f in layers:
+        table.add_row(
+            escape(f.name), f"{f.rank} of {f.full_rank}", f"{f.energy:.2%}",
+            f"{f.parameters:,} → {f.factored_parameters:,}", f"{f.macs:,} → {f.factored_macs:,}",
+        )  # fmt: skip
+    for row in deviation:
+        agreement = row["top1_agreement"]
+        same = f", same top class at {agreement:.1%} of positions" if agreement is not None else ""
+        table.add_row(
+            f"vs original at {_dims(row['input_size'])}", "", "", f"max abs {_sci(row['max_abs'])}",
+            f"max rel {_sci(row['max_rel'])}{same}",
+        )  # fmt: skip
     return table
 
 

@@ -38,6 +38,7 @@ from fcconv.cli.options import (
     PoolAsConvertedOption,
     PoolOption,
     QuietOption,
+    RankOption,
     RebuildFromOption,
     RecordedShapeOption,
     RtolOption,
@@ -89,6 +90,7 @@ def convert(
     dense: DenseOption = False,
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
+    rank: RankOption = None,
     logits: LogitsOption = False,
     until: UntilOption = None,
     sizes: SizesOption = None,
@@ -110,7 +112,7 @@ def convert(
         result = convert_file(
             model, output, arch=arch, input_shape=input_shape, dense=dense, pool=pool, pointwise=pointwise,
             logits=logits, until=until, head_format=head_format, onnx_exporter=onnx_exporter, external_data=external_data,
-            sizes=sizes, rtol=rtol, atol=atol, device=device, dtype=dtype, trust=trust, progress=progress,
+            rank=rank, sizes=sizes, rtol=rtol, atol=atol, device=device, dtype=dtype, trust=trust, progress=progress,
         )  # fmt: skip
     if not result.written:
         fail(f"fcconv: verification failed; {result.target} was not written")

@@ -63,6 +63,17 @@ PointwiseOption = Annotated[
         "Swin) into 1×1 convolutions, removing the permutations around them where that is exact.",
     ),
 ]
+RankOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--rank",
+        metavar="R|FRACTION",
+        rich_help_panel=HEAD,
+        help="Make each fully connected layer two convolutions from its truncated SVD: rank R (an integer), or the "
+        "fewest singular values keeping FRACTION of each layer's energy (0.99). An approximation: verified against "
+        "the original with those weights truncated, and its deviation from the original is reported.",
+    ),
+]
 LogitsOption = Annotated[
     bool,
     typer.Option(

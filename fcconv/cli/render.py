@@ -19,6 +19,7 @@ from fcconv.pipeline import Terminated, events, terminations_raised
 from fcconv.render import (
     check_table,
     dense_model_line,
+    low_rank_table,
     peaks_table,
     placement_line,
     rewritten_lines,
@@ -133,6 +134,8 @@ class Screen:
             error_console.print(f"fcconv: warning: {one_line(event.text)}", markup=False)
         elif isinstance(event, events.HeadRewritten):
             self.show_all(rewritten_lines(event.conversion, event.title, onnx=event.onnx, pool=event.pool))
+        elif isinstance(event, events.HeadFactored):
+            self.show(low_rank_table(event.layers, event.deviation))
         elif isinstance(event, events.Compared):
             self.show(verification_table(event.report))
         elif isinstance(event, events.Checked):

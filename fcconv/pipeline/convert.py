@@ -25,8 +25,7 @@ from fcconv.pipeline.steps import (
     committed,
     compare,
     load_checkpoint,
-    probe_output,
-    references,
+    references_and_probe,
     release_memory,
 )
 
@@ -44,6 +43,7 @@ def convert_file(
     until: str | None = None,
     head_format: str = "conv",
     onnx_exporter: str = "auto",
+    rank: str | float | None = None,
     external_data: bool = False,
     sizes: str | list[tuple[int, ...]] | None = None,
     rtol: float | None = None,
@@ -58,7 +58,9 @@ def convert_file(
 
     ``output`` is NAME.onnx (default NAME.fcn.onnx beside the model), NAME.pt2 (a torch.export program) or
     NAME.safetensors (the converted state_dict). ``onnx_exporter`` picks torch.onnx's exporter for ONNX output
-    (:data:`fcconv.export.EXPORTERS`). The file is written only when it matches the original:
+    (:data:`fcconv.export.EXPORTERS`). ``rank`` (an integer, or a fraction of the energy) makes each fully
+    connected layer two convolutions from its truncated SVD (:mod:`fcconv.low_rank`): an approximation, verified
+    against the original with those weights truncated, its deviation from the original reported. The file is written only when it matches the original:
     the result's ``written`` is False on a mismatch (the command's exit 1), and nothing is left behind.
     Raises :class:`~fcconv.errors.BadInputError` (exit 2) or :class:`~fcconv.errors.NotConvertibleError` (exit 3).
     ``progress`` receives :mod:`fcconv.pipeline.events` as the stages run.
@@ -71,6 +73,9 @@ def convert_file(
     if onnx_exporter not in EXPORTERS:
         raise BadInputError(f"--onnx-exporter {onnx_exporter!r} is not one of {', '.join(EXPORTERS)}")
     check_pool(pool)
+    from fcconv.low_rank import parse_rank
+
+    rank = parse_rank(rank)
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else sizes
     onnx_only = {"--head-format": head_format != "conv", "--onnx-exporter": onnx_exporter != "auto"}
     target = convert_target(model, None if output is None else Path(output), onnx_only, external_data)
@@ -80,24 +85,31 @@ def convert_file(
             raise BadInputError(f"-o {target}: an ONNX classifier is converted to ONNX only; name the output NAME.onnx")
         refuse_for_onnx(
             arch=arch, pointwise=pointwise, head_format=head_format != "conv", onnx_exporter=onnx_exporter != "auto",
-            device=device != "cpu", dtype=dtype, trust=trust,
+            device=device != "cpu", dtype=dtype, trust=trust, rank=rank is not None,
         )  # fmt: skip
         return convert_onnx_file(
             model, target, input_shape, sizes, rtol, atol, external_data, logits, until, report, dense, pool
         )
-    models = _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, report)
+    if rank is not None and target.suffix.lower() == ".safetensors":
+        raise BadInputError(
+            f"-o {target}: --rank writes ONNX or .pt2; a .safetensors state_dict is read back into the original's "
+            "layers, which have no place for the factors"
+        )
+    rewriting = (arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, rank)
+    models = _rewritten(model, *rewriting, report)
     loaded = models["loaded"]
     with report.stage("hash", f"Reading {model.name} (its SHA-256 for the export's metadata)", 0, "bytes") as advance:
         from fcconv.files import file_sha256
 
         source_sha256 = file_sha256(loaded.path, on_progress=lambda done, size: advance(done, total=size))
-    from fcconv.metadata import card_metadata
+    from fcconv.metadata import card_metadata, low_rank_metadata
 
     metadata = {
         "fcconv.source_sha256": source_sha256,
         "fcconv.pointwise": str(pointwise).lower(),
         **({"fcconv.arch": loaded.arch} if pytorch_out else {}),
         **card_metadata(loaded.card),
+        **low_rank_metadata(models["conversion"].factored),
     }
     del loaded
     verifying = {"sizes": models.pop("sizes"), "rtol": rtol, "atol": atol, "device": device}
@@ -107,7 +119,9 @@ def convert_file(
     return _convert_to_onnx(models, target, metadata, exporting, {**verifying, "dense": dense}, report)
 
 
-def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, report) -> dict:
+def _rewritten(
+    model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, rank, report
+) -> dict:
     """Load and rewrite ``model``; returns the models (``loaded``, ``as_loaded``, ``conversion``) in a dict the
     callee empties, so that it can free them before the written file is read back, and the verification ``sizes``."""
     from fcconv.rewrite import rewrite
@@ -120,6 +134,11 @@ def _rewritten(model, arch, input_shape, dense, pool, pointwise, logits, until, 
         )
     # with logits or until the model converted, and verified against, is the original ended there
     as_loaded, loaded.module = loaded.module, conversion.source
+    if rank is not None:
+        from fcconv.low_rank import factor_head
+
+        with report.stage("factor", "Factoring the fully connected layers (SVD in float64)…"):
+            factor_head(conversion, rank)
     # the export runs the model at the native size: refuse sizes that cannot be verified before it
     sizes = sizes or verification_sizes(conversion, loaded.input_shape, loaded.module)
     refuse_sizes_beyond_memory(conversion, loaded.input_shape, sizes, loaded.dtype)
@@ -148,8 +167,8 @@ def _convert_to_onnx(
                     exporter=exporting["exporter"], metadata={**fcconv_metadata(), **metadata}, external_data=True,
                     on_progress=lambda done, total: advance(done, total=total),
                 )  # fmt: skip
-            made = references(loaded, **verifying, report=report, conversion=conversion)
-            append_metadata(staged, probe_metadata(probe_output(conversion, loaded.input_shape, made)))
+            made, probe, low_rank = references_and_probe(loaded, conversion, report, **verifying)
+            append_metadata(staged, probe_metadata(probe))
             # The export holds its own copy of the weights: free the PyTorch models before it is loaded.
             del loaded, conversion
             with report.stage("release"):
@@ -161,9 +180,9 @@ def _convert_to_onnx(
                 inline_external_data(staged)
             data_file = external_data_path(staged).exists()
     except Mismatch:
-        return ConversionResult(target, verification, written=False)
+        return ConversionResult(target, verification, written=False, low_rank=low_rank)
     data_path = external_data_path(target) if data_file else None
-    return ConversionResult(target, verification, written=True, data_file=data_path)
+    return ConversionResult(target, verification, written=True, data_file=data_path, low_rank=low_rank)
 
 
 @contextlib.contextmanager
@@ -204,8 +223,7 @@ def _convert_to_pytorch(models: dict, target: Path, metadata: dict, verifying: d
     if program:
         with report.stage("export", f"Exporting {target.name} with torch.export…"):
             exported = export_program(conversion.module, loaded.input_shape)
-    made = references(loaded, geometry.dense, **verifying, report=report, conversion=conversion)
-    probe = probe_output(conversion, loaded.input_shape, made)
+    made, probe, low_rank = references_and_probe(loaded, conversion, report, dense=geometry.dense, **verifying)
     grid = probe_output_grid(conversion.module, loaded.input_shape) if geometry.mode == "map" else None
     meta = {
         **fcconv_metadata(geometry, grid=grid),
@@ -236,5 +254,5 @@ def _convert_to_pytorch(models: dict, target: Path, metadata: dict, verifying: d
             if not verification.passed:
                 raise Mismatch
     except Mismatch:
-        return ConversionResult(target, verification, written=False)
-    return ConversionResult(target, verification, written=True)
+        return ConversionResult(target, verification, written=False, low_rank=low_rank)
+    return ConversionResult(target, verification, written=True, low_rank=low_rank)

@@ -76,6 +76,17 @@ class HeadRewritten:
 
 
 @dataclass(frozen=True)
+class HeadFactored:
+    """``--rank`` made each fully connected layer of the head two convolutions (``layers``, each a
+    :class:`~fcconv.conversion.FactoredLayer`); ``deviation`` holds, per verification size, how far the original
+    with those weights truncated (the model the export equals) reads from the original: ``max_abs``, ``max_rel``
+    (to the original's largest magnitude) and ``top1_agreement`` (the share of positions with the same top class)."""
+
+    layers: list[Any]
+    deviation: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Compared:
     """The file written (or given) was compared with the original: ``report`` is a
     :class:`~fcconv.verify.VerificationReport`."""

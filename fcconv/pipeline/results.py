@@ -20,6 +20,9 @@ class ConversionResult:
     data_file: Path | None = None
     warnings: list[str] = field(default_factory=list)
     """What the conversion could not decide and the user should check (each also reported as it was found)."""
+    low_rank: Any = None
+    """With ``rank``: the :class:`~fcconv.pipeline.events.HeadFactored` event, the factored layers and how far the
+    model is from the original at each verification size."""
 
     @property
     def passed(self) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fcconv.errors import BadInputError
 from fcconv.pipeline.arguments import parse_shape
-from fcconv.pipeline.events import Compared, Note, Reporter, StageFinished, StageStarted
+from fcconv.pipeline.events import Compared, HeadFactored, Note, Reporter, StageFinished, StageStarted
 
 
 def load_checkpoint(
@@ -71,6 +71,26 @@ def references(loaded, dense, sizes, rtol, atol, device, report: Reporter, conve
             loaded.module, loaded.input_shape, sizes=sizes, dense=dense, pool=pool, rtol=rtol, atol=atol, device=device,
             conversion=conversion, on_size=on_size,
         )  # fmt: skip
+
+
+def references_and_probe(loaded: Any, conversion: Any, report: Reporter, **verifying: Any) -> tuple[Any, Any, Any]:
+    """The original's references and its probe output, both of the model the export must equal: with a low-rank
+    head (``--rank``), the original with its factored layers' weights truncated, after the original itself has
+    run on the same inputs so that the deviation of the truncation is measured and reported (the third item, a
+    :class:`~fcconv.pipeline.events.HeadFactored`; None without ``--rank``)."""
+    if not conversion.factored:
+        made = references(loaded, **verifying, report=report, conversion=conversion)
+        return made, probe_output(conversion, loaded.input_shape, made), None
+    from fcconv.low_rank import deviation, truncated_original
+
+    exact = references(loaded, **verifying, report=report, conversion=conversion)
+    with truncated_original(conversion):
+        made = references(loaded, **verifying, report=report, conversion=conversion)
+        probe = probe_output(conversion, loaded.input_shape, made)
+    factored = HeadFactored(list(conversion.factored), deviation(exact, made))
+    del exact
+    report(factored)
+    return made, probe, factored
 
 
 def probe_output(conversion: Any, input_shape: tuple[int, ...], references: Any) -> Any:
