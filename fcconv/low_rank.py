@@ -16,6 +16,7 @@ reported (:func:`deviation`).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -27,8 +28,9 @@ from torch import nn
 from fcconv.conversion import Conversion, FactoredLayer
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.layers import linear_as_conv
+from fcconv.metadata import LOW_RANK_KEY
 
-__all__ = ["deviation", "factor_head", "parse_rank", "truncated_original"]
+__all__ = ["deviation", "factor_head", "parse_rank", "recorded_truncation", "truncated_original"]
 
 RANK_FORMS = (
     "an integer of at least 1 (the rank of every layer) or a fraction above 0 and at most 1 (the share of each "
@@ -170,6 +172,43 @@ def truncated_original(conversion: Conversion) -> Iterator[None]:
             for holder in holders.values():
                 swapped.append((holder, holder.weight))
                 holder.weight = nn.Parameter(truncated, requires_grad=False)
+        yield
+    finally:
+        for holder, weight in reversed(swapped):
+            holder.weight = weight
+
+
+@contextlib.contextmanager
+def recorded_truncation(model: nn.Module, recorded: str | None) -> Iterator[None]:
+    """Within the block, ``model``'s Linear layers that an export's ``fcconv.low_rank`` metadata (``recorded``)
+    names carry their rank-R truncations, as ``fcconv verify`` compares the export with; nothing changes when
+    ``recorded`` is None. The truncation is recomputed from the layer's own weight (in float64), so it agrees
+    with the export's to the model dtype's rounding."""
+    if recorded is None:
+        yield
+        return
+    try:
+        ranks = {str(name): int(layer["rank"]) for name, layer in json.loads(recorded).items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise BadInputError(f"the export's {LOW_RANK_KEY} metadata is not what fcconv writes") from None
+    swapped: list[tuple[nn.Linear, nn.Parameter]] = []
+    try:
+        for name, rank in ranks.items():
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                linear = None
+            if not isinstance(linear, nn.Linear) or not 1 <= rank <= min(linear.weight.shape):
+                raise BadInputError(
+                    f"the export's {LOW_RANK_KEY} metadata names {name} at rank {rank}, which the original's "
+                    "layers do not have: is this the export's original?"
+                )
+            weight = linear.weight.detach()
+            columns = _left_singular_vectors(weight.double())[0][:, :rank]
+            swapped.append((linear, linear.weight))
+            linear.weight = nn.Parameter(
+                (columns @ (columns.T @ weight.double())).to(weight.dtype), requires_grad=False
+            )
         yield
     finally:
         for holder, weight in reversed(swapped):

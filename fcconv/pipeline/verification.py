@@ -75,9 +75,13 @@ def verify_file(
 
         verification = compare(converted_runner(model, meta.get("fcconv.layout", "nchw")), made, report)
     else:
+        from fcconv.low_rank import recorded_truncation
+        from fcconv.metadata import LOW_RANK_KEY
+
         loaded = load_checkpoint(reference, arch, input_shape, trust, dtype, report)
         as_loaded = loaded.module
-        with input_shape_explained(loaded, given):
+        # an export made with --rank is compared with the original whose factored layers are truncated alike
+        with input_shape_explained(loaded, given), recorded_truncation(as_loaded, meta.get(LOW_RANK_KEY)):
             loaded = truncated(loaded, logits, until)
             made = references(loaded, dense, sizes, rtol, atol, device, report, pool=pool)
         native_shape = loaded.input_shape

@@ -206,3 +206,19 @@ def test_rank_is_refused_for_a_state_dict_output_and_for_an_onnx_classifier(tmp_
     run = fcconv("convert", exported, "--rank", "4", "-o", tmp_path / "again.onnx")
     assert run.returncode == 2 and "--rank does not apply to an ONNX model" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx"]
+
+
+def test_verify_compares_a_low_rank_export_with_the_original_truncated_as_its_metadata_records(tmp_path):
+    out = tmp_path / "digits.r6.onnx"
+    assert fcconv("convert", DIGITS, "--rank", "6", "-o", out, "--quiet").returncode == 0
+    run = fcconv("verify", out, "--reference", DIGITS)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # without the record, the export is compared with the original itself, which it is not
+    model = onnx.load(out)
+    kept = [p for p in model.metadata_props if p.key != "fcconv.low_rank"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    unrecorded = tmp_path / "unrecorded.onnx"
+    onnx.save(model, unrecorded)
+    run = fcconv("verify", unrecorded, "--reference", DIGITS)
+    assert run.returncode == 1 and "FAIL" in run.stdout
