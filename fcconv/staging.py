@@ -107,8 +107,9 @@ def staged_paths(*paths: str | Path) -> Iterator[list[Path]]:
     try:
         for path in paths:
             remove_abandoned_staging(path.parent)
-            fd, tmp = tempfile.mkstemp(**_staging_affixes(path))
-            staged.append((fd, tmp))
+            with signals_held():  # a signal between making the file and recording it here would leave it behind
+                fd, tmp = tempfile.mkstemp(**_staging_affixes(path))
+                staged.append((fd, tmp))
             _lock(fd)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
         with _naming({tmp: path for (_, tmp), path in zip(staged, paths)}):
@@ -163,7 +164,9 @@ def staged_onnx(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     remove_abandoned_staging(path.parent)
-    with tempfile.TemporaryDirectory(**_staging_affixes(path)) as folder:
+    with contextlib.ExitStack() as stack:
+        with signals_held():  # a signal between making the folder and entering its block would leave it behind
+            folder = stack.enter_context(tempfile.TemporaryDirectory(**_staging_affixes(path)))
         fd = os.open(folder, os.O_RDONLY)
         try:
             _lock(fd)

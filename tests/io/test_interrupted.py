@@ -13,7 +13,7 @@ from conftest import REPO
 from PIL import Image
 
 from fcconv.export import external_data_path
-from fcconv.staging import staged_onnx, staged_path
+from fcconv.staging import Terminated, staged_onnx, staged_path, staged_paths, terminations_raised
 
 SAMPLE = REPO / "sample_models" / "digits_lenet.pt"
 
@@ -165,3 +165,23 @@ def test_a_signal_while_heatmap_moves_its_png_and_npy_into_place_waits_until_bot
     args = ["heatmap", SAMPLE, picture, "-o", out / "heat.png", "--save-map", out / "map.npy", "-q"]
     CliRunner().invoke(app, [str(a) for a in args])
     assert sorted(p.name for p in out.iterdir()) == ["heat.png", "map.npy"]
+
+
+@pytest.mark.parametrize("made_by", ["mkdtemp", "mkstemp"], ids=["staged folder", "staged file"])
+def test_a_signal_that_arrives_just_as_the_staging_is_made_still_leaves_nothing(tmp_path, monkeypatch, made_by):
+    # the staging exists from the moment the folder or file is made; a signal right then, before anything has
+    # recorded it for removal, is the narrowest window a run has (a loaded machine hit it in the test above)
+    import tempfile
+
+    make = getattr(tempfile, made_by)
+
+    def made_then_signalled(*args, **kwargs):
+        made = make(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+        return made
+
+    monkeypatch.setattr(tempfile, made_by, made_then_signalled)
+    staging = staged_onnx(tmp_path / "a.onnx") if made_by == "mkdtemp" else staged_paths(tmp_path / "a.png")
+    with pytest.raises(Terminated), terminations_raised(), staging:
+        pytest.fail("the block ran although the signal came before it")
+    assert list(tmp_path.iterdir()) == []
