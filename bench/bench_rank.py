@@ -4,14 +4,16 @@
 
 For each rank: the head's weights and multiply-adds per output position, and the median wall time of one
 forward pass at batch 1, at the native 224×224 (one position) and at 448×448 (an 8×8 map), in PyTorch eager on
-the CPU and in onnxruntime (the ONNX export fcconv writes); on CUDA too where a GPU is present. The weights are
-random (no download), which changes nothing here: the cost depends on the rank alone. Ratios are against the
-full-rank conversion measured in the same run.
+the CPU and in onnxruntime (the ONNX export fcconv writes), on CUDA too where a GPU is present; and the
+head alone in PyTorch on the trunk's feature map at those sizes, where the trunk does not dilute the rank's
+effect. The weights are random (no download), which changes nothing here: the cost depends on the rank
+alone. Ratios are against the full-rank conversion, every variant timed in turn within each round.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -24,14 +26,32 @@ import torchvision
 SIZES = ((224, 224), (448, 448))
 
 
-def median_ms(call, runs: int) -> float:
-    call()  # warm-up: allocations, kernel choice
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def _calls(module: torch.nn.Module, session, head: torch.nn.Module) -> dict:
+    """One forward pass of each kind, by the column it is timed in."""
+    name = session.get_inputs()[0].name
+    calls = {}
+    for size in SIZES:
+        x = torch.randn(1, 3, *size)
+        calls[f"torch {size[0]}"] = lambda x=x: _no_grad(module, x)
+        calls[f"ort {size[0]}"] = lambda feed={name: x.numpy()}: session.run(None, feed)
+        if torch.cuda.is_available():
+            on_gpu = copy.deepcopy(module).cuda()
+            calls[f"cuda {size[0]}"] = lambda x=x.cuda(), m=on_gpu: _on_gpu(m, x)
+    for cells in (7, 14):
+        features = torch.randn(1, 512, cells, cells)
+        calls[f"head torch {cells * 32}"] = lambda f=features: _no_grad(head, f)
+    return calls
+
+
+def _no_grad(module: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        module(x)
+
+
+def _on_gpu(module: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        module(x)
+    torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -49,7 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = torchvision.models.vgg16(weights=None).eval()
     folder = Path(tempfile.mkdtemp())
-    rows = []
+    rows, calls = [], []
     for rank in [None, *(int(r) for r in args.ranks.split(","))]:
         conversion = rewrite(model, (3, 224, 224))
         if rank is None:
@@ -62,26 +82,25 @@ def main() -> None:
         path = folder / f"vgg16.{rank or 'full'}.onnx"
         export_onnx(conversion.module, path, (3, 224, 224))
         module, session = conversion.module, ort.InferenceSession(str(path))
-        name = session.get_inputs()[0].name
-        row = {"rank": rank or "full", "weights": weights, "macs": macs}
-        for size in SIZES:
-            x = torch.randn(1, 3, *size)
-            with torch.inference_mode():
-                row[f"torch {size[0]}"] = median_ms(lambda x=x, module=module: module(x), args.runs)
-            feed = {name: x.numpy()}
-            row[f"ort {size[0]}"] = median_ms(lambda feed=feed, session=session: session.run(None, feed), args.runs)
-            if torch.cuda.is_available():
-                on_gpu, xc = module.cuda(), x.cuda()
-
-                def run_on_gpu(module=on_gpu, xc=xc) -> None:
-                    with torch.inference_mode():
-                        module(xc)
-                    torch.cuda.synchronize()
-
-                row[f"cuda {size[0]}"] = median_ms(run_on_gpu, 20)
-                module.cpu()
-        rows.append(row)
-        print(row, flush=True)
+        # the head alone, on the trunk's feature map (512×7×7 at the native size, 512×14×14 at 448×448)
+        layers = [module.get_submodule(f"classifier.{index}") for index in (0, 3, 6)]
+        head = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
+        rows.append({"rank": rank or "full", "weights": weights, "macs": macs})
+        calls.append(_calls(module, session, head))
+    # every variant is timed in turn within each round, so that a change in the machine's load falls on all alike
+    for key in calls[0]:
+        runs = 4 * args.runs if key.startswith("head") else args.runs
+        times = [[] for _ in calls]
+        for call in calls:
+            call[key]()  # warm-up: allocations, kernel choice
+        for _ in range(runs):
+            for index, call in enumerate(calls):
+                start = time.perf_counter()
+                call[key]()
+                times[index].append(time.perf_counter() - start)
+        for row, measured in zip(rows, times):
+            row[key] = 1000 * statistics.median(measured)
+        print(key, [round(row[key], 1) for row in rows], flush=True)
     full = rows[0]
     timed = [key for key in full if key not in ("rank", "weights", "macs")]
     print("\n| head rank | head weights | multiply-adds per position | " + " | ".join(f"{k} ms" for k in timed) + " |")
