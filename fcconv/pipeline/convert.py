@@ -60,8 +60,9 @@ def convert_file(
     NAME.safetensors (the converted state_dict). ``onnx_exporter`` picks torch.onnx's exporter for ONNX output
     (:data:`fcconv.export.EXPORTERS`). ``rank`` (an integer, or a fraction of the energy) makes each fully
     connected layer two convolutions from its truncated SVD (:mod:`fcconv.low_rank`): an approximation, verified
-    against the original with those weights truncated, its deviation from the original reported. The file is written only when it matches the original:
-    the result's ``written`` is False on a mismatch (the command's exit 1), and nothing is left behind.
+    against the original with those weights truncated, its deviation from the original reported (the result's
+    ``low_rank``). The file is written only when it matches the original: the result's ``written`` is False on
+    a mismatch (the command's exit 1), and nothing is left behind.
     Raises :class:`~fcconv.errors.BadInputError` (exit 2) or :class:`~fcconv.errors.NotConvertibleError` (exit 3).
     ``progress`` receives :mod:`fcconv.pipeline.events` as the stages run.
     """
