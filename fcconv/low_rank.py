@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ RANK_FORMS = (
 
 
 def parse_rank(value: str | float | None) -> int | float | None:
-    """``--rank``: an integer R ≥ 1, or a fraction 0 < f < 1 of each layer's energy (the sum of its squared
+    """``--rank``: an integer R ≥ 1, or a fraction 0 < f ≤ 1 of each layer's energy (the sum of its squared
     singular values) to keep. Written with a decimal point, it is a fraction (``1.0`` keeps every singular value)."""
     if value is None:
         return None
@@ -152,30 +152,44 @@ def _original_linear(conversion: Conversion, name: str) -> nn.Linear:
     return linear
 
 
+def _truncated(columns: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` projected onto the span of ``columns`` (orthonormal, float64): ``U_R U_Rᵀ W``, in its dtype."""
+    return (columns @ (columns.T @ weight.double())).to(weight.dtype)
+
+
+@contextlib.contextmanager
+def _lent(weights: Iterable[tuple[nn.Linear, torch.Tensor]]) -> Iterator[None]:
+    """Within the block each Linear holds the given weight, as a new Parameter (never written in place: the
+    original may be the checkpoint's pages); leaving puts back the very Parameters they had."""
+    swapped: list[tuple[nn.Linear, nn.Parameter]] = []
+    try:
+        for linear, weight in weights:
+            swapped.append((linear, linear.weight))
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+        yield
+    finally:
+        for linear, weight in reversed(swapped):
+            linear.weight = weight
+
+
 @contextlib.contextmanager
 def truncated_original(conversion: Conversion) -> Iterator[None]:
     """Within the block, the original's factored Linear layers (and the head that the sliding window runs, where
     it holds its own) carry their rank-R weights ``U_R U_Rᵀ W``; leaving restores the very tensors they had.
     The weights are swapped as new Parameters, never written in place (they may be the checkpoint's pages)."""
-    swapped: list[tuple[nn.Linear, nn.Parameter]] = []
-    try:
-        for layer in conversion.factored:
-            linear = _original_linear(conversion, layer.name)
-            columns = conversion.module.get_submodule(layer.name)[1].weight.detach().flatten(1).double()
-            weight = linear.weight.detach()
-            truncated = (columns @ (columns.T @ weight.double())).to(weight.dtype)
-            holders = {id(linear): linear}
-            with contextlib.suppress(AttributeError):
-                other = conversion.head.get_submodule(layer.name)
-                if isinstance(other, nn.Linear):
-                    holders[id(other)] = other
-            for holder in holders.values():
-                swapped.append((holder, holder.weight))
-                holder.weight = nn.Parameter(truncated, requires_grad=False)
+    lent = []
+    for layer in conversion.factored:
+        linear = _original_linear(conversion, layer.name)
+        columns = conversion.module.get_submodule(layer.name)[1].weight.detach().flatten(1).double()
+        truncated = _truncated(columns, linear.weight.detach())
+        holders = {id(linear): linear}
+        with contextlib.suppress(AttributeError):
+            other = conversion.head.get_submodule(layer.name)
+            if isinstance(other, nn.Linear):
+                holders[id(other)] = other
+        lent += [(holder, truncated) for holder in holders.values()]
+    with _lent(lent):
         yield
-    finally:
-        for holder, weight in reversed(swapped):
-            holder.weight = weight
 
 
 @contextlib.contextmanager
@@ -191,28 +205,21 @@ def recorded_truncation(model: nn.Module, recorded: str | None) -> Iterator[None
         ranks = {str(name): int(layer["rank"]) for name, layer in json.loads(recorded).items()}
     except (ValueError, TypeError, KeyError, AttributeError):
         raise BadInputError(f"the export's {LOW_RANK_KEY} metadata is not what fcconv writes") from None
-    swapped: list[tuple[nn.Linear, nn.Parameter]] = []
-    try:
-        for name, rank in ranks.items():
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                linear = None
-            if not isinstance(linear, nn.Linear) or not 1 <= rank <= min(linear.weight.shape):
-                raise BadInputError(
-                    f"the export's {LOW_RANK_KEY} metadata names {name} at rank {rank}, which the original's "
-                    "layers do not have: is this the export's original?"
-                )
-            weight = linear.weight.detach()
-            columns = _left_singular_vectors(weight.double())[0][:, :rank]
-            swapped.append((linear, linear.weight))
-            linear.weight = nn.Parameter(
-                (columns @ (columns.T @ weight.double())).to(weight.dtype), requires_grad=False
+    lent = []
+    for name, rank in ranks.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear) or not 1 <= rank <= min(linear.weight.shape):
+            raise BadInputError(
+                f"the export's {LOW_RANK_KEY} metadata names {name} at rank {rank}, which the original's "
+                "layers do not have: is this the export's original?"
             )
+        weight = linear.weight.detach()
+        lent.append((linear, _truncated(_left_singular_vectors(weight.double())[0][:, :rank], weight)))
+    with _lent(lent):
         yield
-    finally:
-        for holder, weight in reversed(swapped):
-            holder.weight = weight
 
 
 def deviation(original: Any, truncated: Any) -> list[dict[str, Any]]:
@@ -239,13 +246,3 @@ def deviation(original: Any, truncated: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def summary(factored: Sequence[FactoredLayer]) -> tuple[int, int, int, int]:
-    """Parameters and multiply-adds per output position of the factored layers, before and after."""
-    return (
-        sum(f.parameters for f in factored),
-        sum(f.factored_parameters for f in factored),
-        sum(f.macs for f in factored),
-        sum(f.factored_macs for f in factored),
-    )
