@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: the ONNX front end uses this module without torch
     from torch import fx, nn
 
+    from fcconv.atrous import AtrousPlan
+
 
 @dataclass(frozen=True)
 class RewrittenLayer:
@@ -127,6 +129,9 @@ class Conversion(RewrittenHead):
     captured_by: str | None = None
     """The capture the plan was made from: ``"torch.export"`` or ``"torch.fx"`` (None for a graph module given as
     it is). Verification compares an exported model with its eager original at the larger sizes too."""
+    atrous: AtrousPlan | None = None
+    """With ``stride``: the layers rewritten à trous and the output stride (:mod:`fcconv.atrous`); verification
+    reads the original's own layers à trous (:class:`fcconv.atrous.AtrousReading`)."""
 
 
 @dataclass

@@ -54,6 +54,8 @@ class FullyConnectedConvMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see module docstring
         weight, bias, kernel = self.weight, self.bias, self.kernel_size
         spatial = x.shape[2:]
+        if any(d != 1 for d in self.dilation):  # a head read à trous (--stride): windows of cells `dilation` apart
+            return self._dilated_forward(x, weight, bias)
         if spatial == kernel:  # the native size: as few operations as the Linear itself, for batch-1 latency
             y = F.linear(x.flatten(1), weight.flatten(1), bias)
             return y.view(*y.shape, *(1,) * len(kernel))
@@ -72,9 +74,28 @@ class FullyConnectedConvMixin:
             return self._conv_forward(x, weight, bias)
         return unfold_linear(x, weight, bias)
 
+    def _dilated_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernel, dilation = self.kernel_size, self.dilation
+        if x.dim() != len(kernel) + 2:
+            return self._conv_forward(x, weight, bias)
+        gathered = x.shape[0] * math.prod(weight.shape[1:])
+        for size, k, d in zip(x.shape[2:], kernel, dilation):
+            if size < (k - 1) * d + 1:
+                return self._conv_forward(x, weight, bias)
+            gathered = gathered * (size - (k - 1) * d)
+        if gathered > UNFOLD_MAX_ELEMENTS:
+            return self._conv_forward(x, weight, bias)
+        return channels_first(rows_times_weight(window_rows(x, kernel, dilation), weight, bias))
 
-def gather_windows(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Every ``kernel``-sized window of ``x`` (N, C, *S), at ``stride`` (default 1), as rows.
+
+def gather_windows(
+    x: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...] | None = None,
+    dilation: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Every ``kernel``-sized window of ``x`` (N, C, *S), at ``stride`` (default 1), as rows; the cells of a window
+    lie ``dilation`` apart (default 1).
 
     Returns (N, *positions, C·∏kernel), each row in (C, *kernel) order, as a
     Linear's weight over an NCHW-flattened window expects. Built from strided
@@ -82,10 +103,13 @@ def gather_windows(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, 
     """
     rank = len(kernel)
     stride = stride or (1,) * rank
+    dilation = dilation or (1,) * rank
     channels = x.shape[1]
-    positions = [(size - k) // step + 1 for size, k, step in zip(x.shape[2:], kernel, stride)]
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+    positions = [(size - span) // step + 1 for size, span, step in zip(x.shape[2:], spans, stride)]
     pieces = []
-    for offset in itertools.product(*(range(k) for k in kernel)):
+    for cell in itertools.product(*(range(k) for k in kernel)):
+        offset = [c * d for c, d in zip(cell, dilation)]
         index = [slice(None), slice(None)]
         index += [slice(o, o + (p - 1) * step + 1, step) for o, p, step in zip(offset, positions, stride)]
         pieces.append(x[tuple(index)])  # (N, C, *positions): cell `offset` of every window
@@ -94,7 +118,7 @@ def gather_windows(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, 
     return rows.reshape(*rows.shape[: 1 + rank], channels * math.prod(kernel))
 
 
-def window_rows(x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+def window_rows(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...] | None = None) -> torch.Tensor:
     """Every stride-1 ``kernel``-sized window of ``x`` (N, C, *S) as a row: (N, *positions, C·∏kernel).
 
     The same rows as :func:`gather_windows`, made from ``Tensor.unfold`` views and
@@ -103,7 +127,10 @@ def window_rows(x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
     rank = len(kernel)
     windows = x
     for axis, k in enumerate(kernel, start=2):
-        windows = windows.unfold(axis, k, 1)  # (N, C, *positions, *kernel) once every axis is unfolded
+        span = k if dilation is None else (k - 1) * dilation[axis - 2] + 1
+        windows = windows.unfold(axis, span, 1)  # (N, C, *positions, *kernel) once every axis is unfolded
+    if dilation is not None and any(d != 1 for d in dilation):
+        windows = windows[(Ellipsis, *(slice(None, None, d) for d in dilation))]
     rows = windows.permute(0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
     return rows.reshape(*rows.shape[: 1 + rank], -1)
 
@@ -182,6 +209,7 @@ class WindowGemm(nn.Module):
     def __init__(self, conv: nn.Module) -> None:
         super().__init__()
         self.kernel_size = tuple(conv.kernel_size)
+        self.dilation = tuple(conv.dilation)
         self.weight = conv.weight
         self.bias = conv.bias
 
@@ -190,8 +218,11 @@ class WindowGemm(nn.Module):
         if math.prod(self.kernel_size) > 1:
             # The same rows either way: strided slices for the ONNX graph, Tensor.unfold views elsewhere
             # (a handful of operations instead of one slice per kernel cell, for eager calls and torch.compile).
-            gather = gather_windows if torch.onnx.is_in_onnx_export() else window_rows
-            return channels_first(F.linear(gather(x, self.kernel_size), flat, self.bias))
+            if torch.onnx.is_in_onnx_export():
+                rows = gather_windows(x, self.kernel_size, dilation=self.dilation)
+            else:
+                rows = window_rows(x, self.kernel_size, self.dilation)
+            return channels_first(F.linear(rows, flat, self.bias))
         return channels_first(F.linear(channels_last(x), flat, self.bias))  # pointwise: no windows to gather
 
 
@@ -248,6 +279,7 @@ def as_plain_conv(conv: nn.Module) -> nn.Module:
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
+        dilation=conv.dilation,
         bias=conv.bias is not None,
         device="meta",
         dtype=conv.weight.dtype,
@@ -256,6 +288,31 @@ def as_plain_conv(conv: nn.Module) -> nn.Module:
     if conv.bias is not None:
         plain.bias = conv.bias
     return plain
+
+
+class AvgPoolAtrous(nn.Module):
+    """A stride-1 average pooling whose window's cells lie ``dilation`` apart (``--stride``), which
+    ``nn.AvgPoolNd`` cannot express: a depthwise convolution with equal weights, zero padding counted.
+
+    ``divisor`` replaces the window's size as the divisor where the original pooling overrode it.
+    """
+
+    def __init__(
+        self, kernel_size: tuple[int, ...], dilation: tuple[int, ...], padding: tuple[int, ...], divisor: int | None
+    ) -> None:
+        super().__init__()
+        self.kernel_size, self.dilation, self.padding = tuple(kernel_size), tuple(dilation), tuple(padding)
+        self.divisor = divisor or math.prod(self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rank = len(self.kernel_size)
+        channels = x.shape[1]
+        weight = x.new_full((channels, 1, *self.kernel_size), 1.0 / self.divisor)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+        return conv(x, weight, None, 1, self.padding, self.dilation, channels)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, dilation={self.dilation}, padding={self.padding}"
 
 
 class ChannelLayerNorm(nn.LayerNorm):

@@ -68,6 +68,7 @@ ONNX_EXPORTER_KEY = "fcconv.onnx_exporter"  # which of torch.onnx's exporters wr
 ONNX_EXPORTER_FALLBACK_KEY = "fcconv.onnx_exporter_fallback"  # why the dynamo one was not used, where it failed
 PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"
 LOW_RANK_KEY = "fcconv.low_rank"  # with --rank: each factored layer's rank and the share of its energy kept
+STRIDE_KEY = "fcconv.stride"  # with --stride: the output stride asked for, per spatial axis ("16,16")
 PROBE_VALUES = 4096  # the first this many values of the probe output are recorded
 
 
@@ -200,6 +201,13 @@ def low_rank_metadata(factored: Sequence[Any]) -> dict[str, str]:
         return {}
     layers = {f.name: {"rank": f.rank, "energy": round(f.energy, 6)} for f in factored}
     return {LOW_RANK_KEY: json.dumps(layers, separators=(",", ":"))}
+
+
+def stride_metadata(plan: Any) -> dict[str, str]:
+    """With ``--stride``: the output stride per spatial axis, which ``verify`` reads to convert the original alike."""
+    if plan is None:
+        return {}
+    return {STRIDE_KEY: ",".join(map(str, plan.stride))}
 
 
 def metadata_fragment(entries: Mapping[str, str]) -> bytes:

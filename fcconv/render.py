@@ -165,6 +165,22 @@ def low_rank_table(layers: list[FactoredLayer], deviation: list[dict[str, Any]])
     return table
 
 
+def atrous_table(plan: Any) -> Table:
+    """``--stride``: the output stride, the model's own, and each layer that lost its stride or was dilated."""
+    table = Table(
+        title=f"À trous: one score vector every {_dims(plan.stride)} pixels (the model's own stride: "
+        f"{_dims(plan.total)}); the model's own map is every {_dims(plan.dilation)}-th position",
+        title_justify="left",
+    )
+    for column in ("layer", "change", "before", "after"):
+        table.add_column(column)
+    for layer in plan.layers:
+        table.add_row(escape(layer.name), layer.kind, escape(layer.before), escape(layer.after))
+    if not plan.layers:
+        table.add_row("(none)", f"the stride asked for is the model's own, {_dims(plan.total)}", "", "")
+    return table
+
+
 def peaks_table(score_map: ScoreMap, peaks: list[Peak]) -> Table:
     """Each drawn class: where it is most probable (map position, window, window centre) and how probable."""
     table = Table(title="Classes drawn", title_justify="left")
@@ -266,6 +282,8 @@ def rewritten_lines(conversion: Any, title: str, *, onnx: bool, pool: str | None
 def inspect_lines(conversion: Any, *, onnx: bool, pool: str | None) -> list[Any]:
     """What ``inspect`` shows: the head's table, the trunk, what a conversion removes, where each position reads."""
     items: list[Any] = [inspect_table(conversion)] if conversion.layers else []
+    if getattr(conversion, "atrous", None) is not None:
+        items.append(atrous_table(conversion.atrous))
     items += trunk_lines(conversion, inspecting=True, linear=ONNX_LINEAR if onnx else "Linear layer")
     items += [f"  removed on conversion: {item}" for item in conversion.removed]
     if onnx:

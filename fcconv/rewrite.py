@@ -36,6 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fcconv.atrous import AtrousPlan, apply_atrous, parse_stride, plan_atrous
 from fcconv.capture import CAPTURED_BY, FIXED_AXES, FIXED_BATCH, FX, captures, lower_exported_program, state_kept
 from fcconv.conversion import Conversion, HeadGeometry, RewrittenLayer, _conversion, _Plan
 from fcconv.errors import BadInputError, NotConvertibleError
@@ -96,6 +97,7 @@ def convert(
     pointwise: bool = False,
     logits: bool = False,
     until: str | None = None,
+    stride: int | tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Return ``model`` as a fully convolutional module.
 
@@ -110,7 +112,9 @@ def convert(
     map (ConvNeXt's and Swin's MLPs) become 1×1 convolutions too, with the
     permutations around them removed where that is exact. ``logits`` and ``until``
     convert the model as :func:`truncate` ends it: without its trailing softmax, or
-    at a layer of its head.
+    at a layer of its head. With ``stride`` (a divisor of the model's total stride,
+    one for all axes or one per axis) the trunk is rewritten à trous
+    (:mod:`fcconv.atrous`): the map holds one score vector every ``stride`` pixels.
 
     The result shares its weights with ``model`` (reshaped views, no copies).
     Raises :class:`~fcconv.errors.NotConvertibleError` when the head holds
@@ -123,7 +127,8 @@ def convert(
         >>> fcn(torch.randn(1, 3, 448, 448)).shape
         torch.Size([1, 1000, 8, 8])
     """
-    return rewrite(model, input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until).module
+    options = dict(dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until, stride=stride)
+    return rewrite(model, input_shape, **options).module
 
 
 def rewrite(
@@ -135,13 +140,40 @@ def rewrite(
     pointwise: bool = False,
     logits: bool = False,
     until: str | None = None,
+    stride: int | tuple[int, ...] | None = None,
 ) -> Conversion:
     """Like :func:`convert`, returning the :class:`Conversion` with what was rewritten."""
     source = truncate(model, input_shape, logits=logits, until=until) if logits or until else model
     plan = _plan(source, input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until)
     module = _apply(plan)
     module.fcconv_geometry = plan.geometry
-    return _conversion(plan, module, model, source)
+    conversion = _conversion(plan, module, model, source)
+    if stride is not None:
+        conversion.atrous = _atrous(conversion, stride)
+    return conversion
+
+
+def _atrous(conversion: Conversion, stride: int | tuple[int, ...]) -> AtrousPlan:
+    """Rewrite the converted module à trous for an output ``stride`` (:mod:`fcconv.atrous`)."""
+    geometry = conversion.geometry
+    rank = len(geometry.feature_shape) - 1
+    parsed = parse_stride(stride)
+    if len(parsed) not in (1, rank):
+        raise BadInputError(f"--stride {','.join(map(str, parsed))}: the model has {rank} spatial axes; give one "
+                            f"stride or {rank}")  # fmt: skip
+    if geometry.window is None or geometry.pool is not None:
+        raise BadInputError(
+            "--stride makes a finer score map, but this conversion pools the whole map into one score vector "
+            "(add --dense to drop the global pooling; --pool cannot be combined with --stride)"
+        )
+    if geometry.added_axes:
+        raise BadInputError("--stride is not available for a model that takes a channel-free input")
+    if any(s != 1 for s in geometry.stride):
+        raise NotConvertibleError("--stride: the head reads its window through a strided pooling")
+    plan = plan_atrous(conversion.module, rank, parsed)
+    apply_atrous(conversion.module, plan, rank)
+    conversion.module.fcconv_stride = plan.stride
+    return plan
 
 
 def analyze(
@@ -153,8 +185,15 @@ def analyze(
     pointwise: bool = False,
     logits: bool = False,
     until: str | None = None,
+    stride: int | tuple[int, ...] | None = None,
 ) -> Conversion:
-    """Plan the rewrite without building the converted module (``module`` is the traced original)."""
+    """Plan the rewrite without building the converted module (``module`` is the traced original).
+
+    With ``stride`` the converted module is built after all: the à-trous plan is made on its graph.
+    """
+    if stride is not None:
+        return rewrite(model, input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until,
+                       stride=stride)  # fmt: skip
     source = truncate(model, input_shape, logits=logits, until=until) if logits or until else model
     plan = _plan(source, input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until)
     return _conversion(plan, plan.traced, model, source)

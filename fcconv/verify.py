@@ -29,6 +29,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 from torch import fx, nn
 
 from fcconv import memory
+from fcconv.atrous import AtrousReading
 from fcconv.capture import EXPORT
 from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME
 from fcconv.errors import BadInputError
@@ -60,6 +61,8 @@ __all__ = [
 # Reduced precision rounds each product and partial sum; the defaults allow for it and are reported.
 RTOL_BY_DTYPE = {getattr(torch, name): rtol for name, rtol in RTOL_BY_DTYPE_NAME.items()}
 HEAD_CHUNK = 256  # windows per call of the original head
+ATROUS = "à trous"
+"""The reading of a ``--stride`` conversion: the original's own layers read à trous (:class:`AtrousReading`)."""
 # What a model raises for an input size it cannot take (torch: RuntimeError; timm's checks: AssertionError).
 SIZE_REFUSALS = (RuntimeError, ValueError, AssertionError, IndexError, OrtFail, OrtInvalidArgument)
 
@@ -121,10 +124,15 @@ class SlidingWindowHead(nn.Module):
     """
 
     def __init__(
-        self, conversion: Conversion, chunk: int | None = None, features: Callable[[torch.Tensor], Any] | None = None
+        self,
+        conversion: Conversion,
+        chunk: int | None = None,
+        features: Callable[[torch.Tensor], Any] | None = None,
+        dilation: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.features = conversion.features if features is None else features
+        self.dilation = dilation
         self.head = conversion.head
         self.window = conversion.geometry.window
         self.stride = conversion.geometry.stride
@@ -153,7 +161,7 @@ class SlidingWindowHead(nn.Module):
         if self.window is None:
             scores = self.head(feats)
             return like(scores, [s.reshape(n, s.shape[1], *(1,) * rank) for _, s in named_outputs(scores)])
-        rows = gather_windows(feats, self.window, self.stride)  # (N, *positions, C·∏window)
+        rows = gather_windows(feats, self.window, self.stride, self.dilation)  # (N, *positions, C·∏window)
         positions = rows.shape[1:-1]
         windows = rows.reshape(-1, self.channels, *self.window)
         parts = [self.head(part) for part in ([windows] if self.chunk is None else windows.split(self.chunk))]
@@ -170,6 +178,13 @@ def sliding_window_reference(conversion: Conversion, x: torch.Tensor) -> Any:
     A head with several outputs gives one such tensor per output, in the head's container.
     """
     return SlidingWindowHead(conversion, chunk=HEAD_CHUNK)(x)
+
+
+@torch.inference_mode()
+def atrous_reference(conversion: Conversion, x: torch.Tensor) -> Any:
+    """For a conversion made with ``stride``: the original's own layers read à trous on ``x``, then its head on
+    every window whose cells lie (total / stride) apart: (N, K, *map), the whole finer map."""
+    return _atrous_reading(conversion)(x)
 
 
 class _MapRead(Exception):
@@ -285,6 +300,9 @@ class References:
     atol: float
     dtype: torch.dtype
     device: torch.device
+    subgrids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Readings compared with every n-th position of the output only, n per axis: with ``--stride``, the readings
+    at the model's own stride (its map is the subgrid of the finer one)."""
 
 
 @torch.inference_mode()
@@ -302,6 +320,7 @@ def reference_outputs(
     device: str | torch.device = "cpu",
     conversion: Conversion | None = None,
     on_size: Callable[[tuple[int, ...]], None] | None = None,
+    stride: int | tuple[int, ...] | None = None,
 ) -> References:
     """The random inputs of a verification and the original's readings of them (see :func:`verify`).
 
@@ -310,6 +329,10 @@ def reference_outputs(
     pooled when ``pool`` is 'avg' or 'max'; for a model captured by torch.export whose head
     reads the whole map, the original's own output at every size too. A given
     ``conversion`` says how the model was converted, in place of ``dense`` and ``pool``.
+
+    With ``stride`` (a conversion made with it), the original's readings at its own
+    stride are compared with every (total / stride)-th position of the output, and the
+    whole map with the original's layers read à trous (:class:`~fcconv.atrous.AtrousReading`).
 
     ``original`` may also be any callable on tensors with a ``dtype`` attribute (an
     ONNX model run in onnxruntime); ``conversion`` is then required, and needs only
@@ -326,7 +349,7 @@ def reference_outputs(
     if isinstance(original, nn.Module):
         original.eval()
         if conversion is None:
-            conversion = analyze(original, input_shape, dense=dense, pool=pool)
+            conversion = analyze(original, input_shape, dense=dense, pool=pool, stride=stride)
         original.to(device)
         params = [p for p in original.parameters() if p.is_floating_point()]
         dtype = params[0].dtype if params else torch.float32
@@ -345,6 +368,13 @@ def reference_outputs(
     if getattr(conversion, "captured_by", None) == EXPORT and not eager_everywhere:
         if isinstance(original, nn.Module) and not isinstance(original, fx.GraphModule):
             eager_map = eager_map_reader(original, conversion)
+    atrous = getattr(conversion, "atrous", None)
+    readings = {"original": "original", "sliding window": "sliding window"}
+    if atrous is not None and atrous.changes:
+        # the model's own readings at its own stride are every (total / stride)-th position of the finer map
+        at = "×".join(map(str, atrous.total)) if len(set(atrous.total)) > 1 else str(atrous.total[0])
+        readings = {key: f"{key} at stride {at}" for key in readings}
+        references.subgrids = {name: atrous.dilation for name in readings.values()}
     with full_float32_precision():
         for size in sizes:
             if on_size is not None:
@@ -358,18 +388,27 @@ def reference_outputs(
                 with _printed_unless_failing(failing_quietly=size != native):
                     if (size == native and not dense) or (size != native and eager_everywhere):
                         outputs = _concatenated([original(sample) for sample in samples])
-                        expected["original"] = {
+                        expected[readings["original"]] = {
                             name: out if pool else out.reshape(*out.shape, *(1,) * len(native))
                             for name, out in outputs.items()
                         }
                     sliding = SlidingWindowHead(conversion, chunk=HEAD_CHUNK, features=eager_map)
-                    expected["sliding window"] = _concatenated([sliding(s) for s in samples])
+                    expected[readings["sliding window"]] = _concatenated([sliding(s) for s in samples])
+                    if references.subgrids:
+                        expected[ATROUS] = _concatenated([_atrous_reading(conversion)(s) for s in samples])
             except SIZE_REFUSALS as exc:
                 if size == native:  # the model was traced at this size: not a size it refuses
                     raise
                 raise BadInputError(_size_refused(size, exc)) from exc
             references.cases.append(ReferenceCase(size, x, expected))
     return references
+
+
+def _atrous_reading(conversion: Conversion) -> SlidingWindowHead:
+    """The original's own layers read à trous, and its head on windows whose cells lie (total / stride) apart."""
+    plan = conversion.atrous
+    features = AtrousReading(conversion.features, plan, len(plan.stride))
+    return SlidingWindowHead(conversion, chunk=HEAD_CHUNK, features=features, dilation=plan.dilation)
 
 
 def _size_refused(size: tuple[int, ...], exc: BaseException) -> str:
@@ -576,8 +615,12 @@ def compare_outputs(
                                                        f"the converted model has no output {name} "
                                                        f"(it has {', '.join(produced)})", name))  # fmt: skip
                         continue
+                    value_produced = produced[name]
+                    step = references.subgrids.get(reading)
+                    if step is not None:
+                        value_produced = value_produced[(Ellipsis, *(slice(None, None, n) for n in step))]
                     report.checks.append(
-                        compare_reading(case.input_size, reading, value, produced[name], rtol, atol, name)
+                        compare_reading(case.input_size, reading, value, value_produced, rtol, atol, name)
                     )
     return report
 
@@ -597,6 +640,7 @@ def verify(
     device: str | torch.device = "cpu",
     conversion: Conversion | None = None,
     on_size: Callable[[tuple[int, ...]], None] | None = None,
+    stride: int | tuple[int, ...] | None = None,
 ) -> VerificationReport:
     """Compare ``converted`` (a module, an ONNX file or any callable) with ``original`` on random inputs.
 
@@ -607,6 +651,7 @@ def verify(
     so does ``pool`` ('avg' or 'max': the output is the pooled score map, (N, K)).
     A module converted with ``logits`` or ``until`` is compared with ``original``
     ended at the same point (:func:`~fcconv.rewrite.truncate`).
+    ``stride`` says the model was converted with one (default: as recorded on ``converted``).
     ``rtol`` defaults to 1e-4 in float32 and to a looser bound in float16 and
     bfloat16 (``RTOL_BY_DTYPE``); the report states the one used. On CUDA
     (``device="cuda"``, the models are moved there) float32 runs with TF32 off,
@@ -622,13 +667,15 @@ def verify(
         dense = bool(getattr(geometry, "dense", False))
     if pool is None:
         pool = getattr(geometry, "pool", None)
+    if stride is None:
+        stride = getattr(converted, "fcconv_stride", None)
     logits, until = bool(getattr(geometry, "logits", False)), getattr(geometry, "until", None)
     if (logits or until) and conversion is None:
         # converted with --logits or --until: the reference is the original ended at the same point
         original = truncate(original, input_shape, logits=logits, until=until)
     references = reference_outputs(
         original, input_shape, sizes=sizes, dense=dense, pool=pool, batch=batch, seed=seed, rtol=rtol, atol=atol,
-        device=device, conversion=conversion, on_size=on_size,
+        device=device, conversion=conversion, on_size=on_size, stride=stride,
     )  # fmt: skip
     return compare_outputs(converted, references)
 

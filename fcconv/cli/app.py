@@ -44,6 +44,7 @@ from fcconv.cli.options import (
     RtolOption,
     SaveMapOption,
     SizesOption,
+    StrideOption,
     TopOption,
     TrustOption,
     UntilAsConvertedOption,
@@ -91,6 +92,7 @@ def convert(
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
     rank: RankOption = None,
+    stride: StrideOption = None,
     logits: LogitsOption = False,
     until: UntilOption = None,
     sizes: SizesOption = None,
@@ -112,7 +114,7 @@ def convert(
         result = convert_file(
             model, output, arch=arch, input_shape=input_shape, dense=dense, pool=pool, pointwise=pointwise,
             logits=logits, until=until, head_format=head_format, onnx_exporter=onnx_exporter, external_data=external_data,
-            rank=rank, sizes=sizes, rtol=rtol, atol=atol, device=device, dtype=dtype, trust=trust, progress=progress,
+            rank=rank, stride=stride, sizes=sizes, rtol=rtol, atol=atol, device=device, dtype=dtype, trust=trust, progress=progress,
         )  # fmt: skip
     if not result.written:
         fail(f"fcconv: verification failed; {result.target} was not written")
@@ -214,6 +216,7 @@ def inspect(
     dense: DenseOption = False,
     pool: PoolOption = None,
     pointwise: PointwiseOption = False,
+    stride: StrideOption = None,
     logits: LogitsOption = False,
     until: UntilOption = None,
     dtype: DtypeOption = None,
@@ -224,12 +227,12 @@ def inspect(
 
     Also each output and the head layers on its path, a permutation the flatten read
     the map through, the per-feature layers carried to every position, and the layers
-    --until accepts.
+    --until accepts; with --stride, the layers the à-trous rewrite changes.
     """
     with screen.shown() as progress:
         result = inspect_file(
             model, arch=arch, input_shape=input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits,
-            until=until, dtype=dtype, trust=trust, progress=progress,
+            until=until, stride=stride, dtype=dtype, trust=trust, progress=progress,
         )  # fmt: skip
     for item in inspect_lines(result.conversion, onnx=result.onnx, pool=result.pool):
         console.print(item, markup=False) if isinstance(item, str) else console.print(item)

@@ -74,6 +74,17 @@ RankOption = Annotated[
         "the original with those weights truncated, and its deviation from the original is reported.",
     ),
 ]
+StrideOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--stride",
+        metavar="S|S,S,…",
+        rich_help_panel=HEAD,
+        help="Score one window every S input pixels instead of every total stride (32 for VGG16 and ResNet): S "
+        "divides the total stride, one for every axis or one per axis. The trunk is rewritten à trous (the last "
+        "strides removed, later layers dilated), exactly; verified against the original's own layers read à trous.",
+    ),
+]
 LogitsOption = Annotated[
     bool,
     typer.Option(

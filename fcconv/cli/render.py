@@ -17,6 +17,7 @@ from typer.core import TyperCommand, TyperGroup
 from fcconv.errors import FcconvError
 from fcconv.pipeline import Terminated, events, terminations_raised
 from fcconv.render import (
+    atrous_table,
     check_table,
     dense_model_line,
     low_rank_table,
@@ -136,6 +137,8 @@ class Screen:
             self.show_all(rewritten_lines(event.conversion, event.title, onnx=event.onnx, pool=event.pool))
         elif isinstance(event, events.HeadFactored):
             self.show(low_rank_table(event.layers, event.deviation))
+        elif isinstance(event, events.TrunkAtrous):
+            self.show(atrous_table(event.plan))
         elif isinstance(event, events.Compared):
             self.show(verification_table(event.report))
         elif isinstance(event, events.Checked):

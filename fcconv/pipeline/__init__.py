@@ -18,6 +18,7 @@ from fcconv.pipeline.events import (
     Compared,
     DenseModelReady,
     Event,
+    HeadFactored,
     HeadRewritten,
     MapScored,
     Note,
@@ -25,6 +26,7 @@ from fcconv.pipeline.events import (
     StageAdvanced,
     StageFinished,
     StageStarted,
+    TrunkAtrous,
     Warned,
 )
 from fcconv.pipeline.inspection import heatmap_file, inspect_file
@@ -40,6 +42,7 @@ __all__ = [
     "ConversionResult",
     "DenseModelReady",
     "Event",
+    "HeadFactored",
     "HeadRewritten",
     "HeatmapResult",
     "InspectResult",
@@ -50,6 +53,7 @@ __all__ = [
     "StageFinished",
     "StageStarted",
     "Terminated",
+    "TrunkAtrous",
     "VerifyResult",
     "Warned",
     "check_files",

@@ -16,7 +16,7 @@ from typing import Any
 
 from fcconv.errors import BadInputError
 from fcconv.pipeline.arguments import PYTORCH_SUFFIXES, check_pool, convert_target, parse_sizes
-from fcconv.pipeline.events import HeadRewritten, Progress, Reporter
+from fcconv.pipeline.events import HeadRewritten, Progress, Reporter, TrunkAtrous
 from fcconv.pipeline.input_shape import input_shape_explained
 from fcconv.pipeline.onnx_input import convert_onnx_file, is_onnx, refuse_for_onnx
 from fcconv.pipeline.results import ConversionResult
@@ -44,6 +44,7 @@ def convert_file(
     head_format: str = "conv",
     onnx_exporter: str = "auto",
     rank: str | float | None = None,
+    stride: str | int | None = None,
     external_data: bool = False,
     sizes: str | list[tuple[int, ...]] | None = None,
     rtol: float | None = None,
@@ -61,7 +62,9 @@ def convert_file(
     (:data:`fcconv.export.EXPORTERS`). ``rank`` (an integer, or a fraction of the energy) makes each fully
     connected layer two convolutions from its truncated SVD (:mod:`fcconv.low_rank`): an approximation, verified
     against the original with those weights truncated, its deviation from the original reported (the result's
-    ``low_rank``). The file is written only when it matches the original: the result's ``written`` is False on
+    ``low_rank``). ``stride`` (a divisor of the model's total stride, one or one per axis) rewrites the trunk à
+    trous (:mod:`fcconv.atrous`): one score vector every ``stride`` pixels, verified against the original's own
+    layers read à trous. The file is written only when it matches the original: the result's ``written`` is False on
     a mismatch (the command's exit 1), and nothing is left behind.
     Raises :class:`~fcconv.errors.BadInputError` (exit 2) or :class:`~fcconv.errors.NotConvertibleError` (exit 3).
     ``progress`` receives :mod:`fcconv.pipeline.events` as the stages run.
@@ -77,6 +80,11 @@ def convert_file(
     from fcconv.low_rank import parse_rank
 
     rank = parse_rank(rank)
+    from fcconv.atrous import parse_stride
+
+    stride = None if stride is None else parse_stride(stride)
+    if stride is not None and rank is not None:
+        raise BadInputError("--stride cannot be combined with --rank: the factored head has no dilated form yet")
     sizes = parse_sizes(sizes) if isinstance(sizes, str) else sizes
     onnx_only = {"--head-format": head_format != "conv", "--onnx-exporter": onnx_exporter != "auto"}
     target = convert_target(model, None if output is None else Path(output), onnx_only, external_data)
@@ -86,7 +94,7 @@ def convert_file(
             raise BadInputError(f"-o {target}: an ONNX classifier is converted to ONNX only; name the output NAME.onnx")
         refuse_for_onnx(
             arch=arch, pointwise=pointwise, head_format=head_format != "conv", onnx_exporter=onnx_exporter != "auto",
-            device=device != "cpu", dtype=dtype, trust=trust, rank=rank is not None,
+            device=device != "cpu", dtype=dtype, trust=trust, rank=rank is not None, stride=stride is not None,
         )  # fmt: skip
         return convert_onnx_file(
             model, target, input_shape, sizes, rtol, atol, external_data, logits, until, report, dense, pool
@@ -96,14 +104,19 @@ def convert_file(
             f"-o {target}: --rank writes ONNX or .pt2; a .safetensors state_dict is read back into the original's "
             "layers, which have no place for the factors"
         )
-    rewriting = (arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, rank)
+    if stride is not None and target.suffix.lower() == ".safetensors":
+        raise BadInputError(
+            f"-o {target}: --stride writes ONNX or .pt2; a .safetensors state_dict holds weights, not the strides "
+            "and dilations of the rewritten layers"
+        )
+    rewriting = (arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, rank, stride)
     models = _rewritten(model, *rewriting, report)
     loaded = models["loaded"]
     with report.stage("hash", f"Reading {model.name} (its SHA-256 for the export's metadata)", 0, "bytes") as advance:
         from fcconv.files import file_sha256
 
         source_sha256 = file_sha256(loaded.path, on_progress=lambda done, size: advance(done, total=size))
-    from fcconv.metadata import card_metadata, low_rank_metadata
+    from fcconv.metadata import card_metadata, low_rank_metadata, stride_metadata
 
     metadata = {
         "fcconv.source_sha256": source_sha256,
@@ -111,6 +124,7 @@ def convert_file(
         **({"fcconv.arch": loaded.arch} if pytorch_out else {}),
         **card_metadata(loaded.card),
         **low_rank_metadata(models["conversion"].factored),
+        **stride_metadata(models["conversion"].atrous),
     }
     del loaded
     verifying = {"sizes": models.pop("sizes"), "rtol": rtol, "atol": atol, "device": device}
@@ -121,7 +135,7 @@ def convert_file(
 
 
 def _rewritten(
-    model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, rank, report
+    model, arch, input_shape, dense, pool, pointwise, logits, until, dtype, trust, sizes, rank, stride, report
 ) -> dict:
     """Load and rewrite ``model``; returns the models (``loaded``, ``as_loaded``, ``conversion``) in a dict the
     callee empties, so that it can free them before the written file is read back, and the verification ``sizes``."""
@@ -131,8 +145,9 @@ def _rewritten(
     loaded = load_checkpoint(model, arch, input_shape, trust, dtype, report)
     with report.stage("rewrite", "Rewriting the head…"), input_shape_explained(loaded, input_shape):
         conversion = rewrite(
-            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
-        )
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until,
+            stride=stride,
+        )  # fmt: skip
     # with logits or until the model converted, and verified against, is the original ended there
     as_loaded, loaded.module = loaded.module, conversion.source
     if rank is not None:
@@ -144,6 +159,8 @@ def _rewritten(
     sizes = sizes or verification_sizes(conversion, loaded.input_shape, loaded.module)
     refuse_sizes_beyond_memory(conversion, loaded.input_shape, sizes, loaded.dtype)
     report(HeadRewritten(conversion, f"{model.name} ({loaded.arch}): rewritten layers", pool=pool))
+    if conversion.atrous is not None:
+        report(TrunkAtrous(conversion.atrous))
     return {"loaded": loaded, "as_loaded": as_loaded, "conversion": conversion, "sizes": sizes}
 
 

@@ -87,6 +87,14 @@ class HeadFactored:
 
 
 @dataclass(frozen=True)
+class TrunkAtrous:
+    """``--stride`` rewrote the trunk à trous: ``plan`` (an :class:`~fcconv.atrous.AtrousPlan`) holds the output
+    stride asked for, the model's own, and the layers that lost their stride or were dilated."""
+
+    plan: Any
+
+
+@dataclass(frozen=True)
 class Compared:
     """The file written (or given) was compared with the original: ``report`` is a
     :class:`~fcconv.verify.VerificationReport`."""
@@ -126,6 +134,8 @@ Event = (
     | Note
     | Warned
     | HeadRewritten
+    | HeadFactored
+    | TrunkAtrous
     | Compared
     | Checked
     | DenseModelReady

@@ -23,6 +23,7 @@ def inspect_file(
     pointwise: bool = False,
     logits: bool = False,
     until: str | None = None,
+    stride: str | int | None = None,
     dtype: str | None = None,
     trust: bool = False,
     progress: Progress | None = None,
@@ -33,8 +34,11 @@ def inspect_file(
     """
     model, report = Path(model), Reporter(progress)
     check_pool(pool)
+    from fcconv.atrous import parse_stride
+
+    stride = None if stride is None else parse_stride(stride)
     if is_onnx(model):
-        refuse_for_onnx(arch=arch, pointwise=pointwise, dtype=dtype, trust=trust)
+        refuse_for_onnx(arch=arch, pointwise=pointwise, dtype=dtype, trust=trust, stride=stride is not None)
         _, conversion = rewrite_onnx_file(model, input_shape, report, logits, until, dense, pool)
         return InspectResult(conversion, onnx=True, pool=pool)
     from fcconv.rewrite import analyze
@@ -42,8 +46,9 @@ def inspect_file(
     loaded = load_checkpoint(model, arch, input_shape, trust, dtype, report)
     with input_shape_explained(loaded, input_shape):
         conversion = analyze(
-            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until
-        )
+            loaded.module, loaded.input_shape, dense=dense, pool=pool, pointwise=pointwise, logits=logits, until=until,
+            stride=stride,
+        )  # fmt: skip
     return InspectResult(conversion, onnx=False, pool=pool)
 
 

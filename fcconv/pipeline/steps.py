@@ -60,7 +60,9 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def references(loaded, dense, sizes, rtol, atol, device, report: Reporter, conversion=None, pool=None) -> Any:
+def references(
+    loaded, dense, sizes, rtol, atol, device, report: Reporter, conversion=None, pool=None, stride=None
+) -> Any:
     """The original's outputs on the verification inputs (:func:`~fcconv.verify.reference_outputs`)."""
     from fcconv.verify import default_sizes, reference_outputs
 
@@ -69,7 +71,7 @@ def references(loaded, dense, sizes, rtol, atol, device, report: Reporter, conve
     with report.per_size("references", "Running the original", "Running the original", count) as on_size:
         return reference_outputs(
             loaded.module, loaded.input_shape, sizes=sizes, dense=dense, pool=pool, rtol=rtol, atol=atol, device=device,
-            conversion=conversion, on_size=on_size,
+            conversion=conversion, on_size=on_size, stride=stride,
         )  # fmt: skip
 
 
@@ -94,14 +96,16 @@ def references_and_probe(loaded: Any, conversion: Any, report: Reporter, **verif
 
 
 def probe_output(conversion: Any, input_shape: tuple[int, ...], references: Any) -> Any:
-    """The original's reading of :func:`~fcconv.verify.probe_input`, recorded in the export for ``fcconv check``."""
+    """The original's reading of :func:`~fcconv.verify.probe_input`, recorded in the export for ``fcconv check``
+    (with ``--stride``, its layers read à trous)."""
     import torch
 
-    from fcconv.verify import full_float32_precision, probe_input, sliding_window_reference
+    from fcconv.verify import atrous_reference, full_float32_precision, probe_input, sliding_window_reference
 
     probe = probe_input(input_shape, references.dtype).to(references.device)
+    reading = atrous_reference if references.subgrids else sliding_window_reference
     with torch.inference_mode(), full_float32_precision():
-        return sliding_window_reference(conversion, probe)
+        return reading(conversion, probe)
 
 
 def compare(exported: Any, references: Any, report: Reporter) -> Any:

@@ -76,14 +76,15 @@ def verify_file(
         verification = compare(converted_runner(model, meta.get("fcconv.layout", "nchw")), made, report)
     else:
         from fcconv.low_rank import recorded_truncation
-        from fcconv.metadata import LOW_RANK_KEY
+        from fcconv.metadata import LOW_RANK_KEY, STRIDE_KEY
 
         loaded = load_checkpoint(reference, arch, input_shape, trust, dtype, report)
         as_loaded = loaded.module
         # an export made with --rank is compared with the original whose factored layers are truncated alike
         with input_shape_explained(loaded, given), recorded_truncation(as_loaded, meta.get(LOW_RANK_KEY)):
             loaded = truncated(loaded, logits, until)
-            made = references(loaded, dense, sizes, rtol, atol, device, report, pool=pool)
+            stride = tuple(int(s) for s in meta[STRIDE_KEY].split(",")) if meta.get(STRIDE_KEY) else None
+            made = references(loaded, dense, sizes, rtol, atol, device, report, pool=pool, stride=stride)
         native_shape = loaded.input_shape
         if weights_only:
             recorded = {**meta, "fcconv.dense": str(dense).lower(), "fcconv.pool": pool or "none"}
