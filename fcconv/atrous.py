@@ -283,10 +283,11 @@ def _refuse_invalid_stride(
     stride: tuple[int, ...], total: tuple[int, ...], steps: list[list[tuple[int, int, str]]]
 ) -> None:
     axes = ["length"] if len(total) == 1 else (["height", "width"] if len(total) == 2 else ["depth", "height", "width"])
+    uniform = len(set(stride)) == 1 and len({tuple(_valid_strides(t, st)) for t, st in zip(total, steps)}) == 1
     for axis, (s, t) in enumerate(zip(stride, total)):
         valid = _valid_strides(t, steps[axis])
         if s not in valid:
-            along = f" along the {axes[axis]}" if len(total) > 1 else ""
+            along = "" if uniform else f" along the {axes[axis]}"
             inside = [f"{name} takes it from {b} to {b * ls}" for b, ls, name in steps[axis] if b < s < b * ls]
             why = f"does not divide the model's total stride {t}" if t % s else f"is no stride of its map ({inside[0]})"
             raise BadInputError(f"--stride {s}{along} {why}: the valid strides{along} are {', '.join(map(str, valid))}")
@@ -461,7 +462,7 @@ class AtrousReading:
             module = features.get_submodule(change.target)
             if change.unstrided:
                 module = copy.copy(module)
-                module.stride = (1,) * rank if isinstance(module.stride, tuple) else 1
+                module.stride = change.stride
             self.layers[node] = _polyphase(module, change.input_dilation)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
