@@ -376,6 +376,7 @@ def load_dense_model(
     *,
     trust: bool = False,
     check: bool = True,
+    stride: tuple[int, ...] | None = None,
 ) -> DenseModel:
     """Load ``path`` as a model that returns a score map for a picture of any size.
 
@@ -387,11 +388,18 @@ def load_dense_model(
     original once, at the native size (one batch of two random inputs), which costs
     two forward passes there. A model card's ``classes``, ``preprocess`` and
     ``background_class`` say how to read it; torchvision architectures default to
-    ImageNet's normalization (and class names when they score 1000 classes).
+    ImageNet's normalization (and class names when they score 1000 classes). ``stride``
+    converts the checkpoint à trous (:mod:`fcconv.atrous`): one window every ``stride``
+    pixels; an ONNX export has the stride it was converted with.
     Raises :class:`BadInputError` or :class:`~fcconv.errors.NotConvertibleError`.
     """
     path = Path(path)
     if path.suffix == ".onnx":
+        if stride is not None:
+            raise BadInputError(
+                f"--stride does not apply to {path.name}: an export keeps the stride it was converted with "
+                "(fcconv convert --stride)"
+            )
         return _load_onnx(path, input_shape)
     from fcconv.load import load_model
     from fcconv.memory import activation_bytes
@@ -400,7 +408,7 @@ def load_dense_model(
 
     loaded = load_model(path, arch, input_shape, trust=trust)
     loaded.module.float()
-    conversion = rewrite(loaded.module, loaded.input_shape, dense=True)
+    conversion = rewrite(loaded.module, loaded.input_shape, dense=True, stride=stride)
     module = conversion.module.eval()
     activations = functools.partial(activation_bytes, module, itemsize=torch.float32.itemsize)
     report = None

@@ -252,6 +252,7 @@ def heatmap(
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     trust: TrustOption = False,
+    stride: StrideOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -260,12 +261,13 @@ def heatmap(
     A checkpoint is converted in memory (densely: a global pooling before the head
     is dropped) and checked against the original at its native size; an ONNX file
     runs in onnxruntime as it is. The PNG shows one panel per class, the best
-    window of each outlined, and a colour bar of the probabilities.
+    window of each outlined, and a colour bar of the probabilities. --stride S draws
+    the finer map of a checkpoint converted à trous: one window every S pixels.
     """
     with screen.shown() as progress:
         result = heatmap_file(
             model, image, output, class_names=class_names, top=top, save_map=save_map, arch=arch,
-            input_shape=input_shape, trust=trust, progress=progress,
+            input_shape=input_shape, trust=trust, stride=stride, progress=progress,
         )  # fmt: skip
     if not result.passed:
         screen.show(verification_table(result.check))

@@ -63,12 +63,14 @@ def heatmap_file(
     arch: str | None = None,
     input_shape: str | None = None,
     trust: bool = False,
+    stride: str | int | None = None,
     progress: Progress | None = None,
 ) -> HeatmapResult:
     """Draw where ``model`` sees each class in ``image`` and write the PNG (and, with ``save_map``, every class's
     probability map as K×h×w float32 .npy), as ``fcconv heatmap`` does.
 
-    A checkpoint is converted in memory, densely, and checked against the original at its native size; when
+    A checkpoint is converted in memory, densely (à trous at ``stride``, where given), and checked against the
+    original at its native size; when
     that check fails nothing is written and the result's ``passed`` is False (the command's exit 1).
     Raises :class:`~fcconv.errors.BadInputError` (exit 2).
     """
@@ -88,6 +90,10 @@ def heatmap_file(
         check_output(save_map, ".npy", "--save-map", (model, image))
     picture = read_picture(image)  # an unreadable picture is reported before the model is loaded
     shape = parse_shape(input_shape)
+    if stride is not None:
+        from fcconv.atrous import parse_stride
+
+        stride = parse_stride(stride)
 
     def loaded():  # the model as loaded before its dense conversion, to say what shape it takes
         from fcconv.load import load_model
@@ -95,7 +101,7 @@ def heatmap_file(
         return load_model(model, arch, shape, trust=trust)
 
     with report.stage("load", f"Loading {model}…"), input_shape_explained(loaded, input_shape):
-        dense = load_dense_model(model, arch, shape, trust=trust)
+        dense = load_dense_model(model, arch, shape, trust=trust, stride=stride)
     report(DenseModelReady(dense.description, dense.check))
     if dense.check is not None and not dense.check.passed:
         return HeatmapResult(image, dense.check)

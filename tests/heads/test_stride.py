@@ -354,3 +354,25 @@ def test_stride_is_refused_for_an_onnx_classifier(tmp_path):
     assert fcconv("convert", DIGITS, "-o", exported, "--quiet").returncode == 0
     run = fcconv("convert", exported, "--stride", "2", "-o", tmp_path / "again.onnx")
     assert run.returncode == 2 and "--stride does not apply to an ONNX model" in run.stderr
+
+
+def test_heatmap_with_stride_draws_the_finer_map_whose_subgrid_is_the_default_one(tmp_path):
+    from PIL import Image
+
+    shapes = REPO / "sample_models" / "shapes_vgg.pt"
+    picture = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(picture)
+    maps = {}
+    for stride in (None, 2):
+        extra = [] if stride is None else ["--stride", stride]
+        saved = tmp_path / f"map{stride}.npy"
+        run = fcconv("heatmap", shapes, picture, "-o", tmp_path / f"h{stride}.png", "--save-map", saved, *extra)
+        assert run.returncode == 0, run.stdout + run.stderr
+        maps[stride] = np.load(saved)
+    assert "every 2×2 pixels" in run.stdout
+    assert maps[2].shape[1:] == ((70 - 32) // 2 + 1, (90 - 32) // 2 + 1)  # one 32×32 window every 2 pixels
+    np.testing.assert_allclose(maps[2][:, ::4, ::4], maps[None], rtol=1e-4, atol=1e-6)
+    onnx_out = tmp_path / "shapes.onnx"
+    assert fcconv("convert", shapes, "-o", onnx_out, "--quiet").returncode == 0
+    run = fcconv("heatmap", onnx_out, picture, "-o", tmp_path / "x.png", "--stride", "2")
+    assert run.returncode == 2 and "keeps the stride it was converted with" in run.stderr
