@@ -167,9 +167,10 @@ def low_rank_table(layers: list[FactoredLayer], deviation: list[dict[str, Any]])
 
 def atrous_table(plan: Any) -> Table:
     """``--stride``: the output stride, the model's own, and each layer that lost its stride or was dilated."""
+    unit = {1: "samples", 2: "pixels", 3: "voxels"}.get(len(plan.stride), "cells")
     table = Table(
-        title=f"À trous: one score vector every {_dims(plan.stride)} pixels (the model's own stride: "
-        f"{_dims(plan.total)}); the model's own map is every {_dims(plan.dilation)}-th position",
+        title=f"À trous: one score vector every {_dims(plan.stride)} {unit} (the model's own stride: "
+        f"{_dims(plan.total)}); the model's own map is the subgrid of one position in {_dims(plan.dilation)}",
         title_justify="left",
     )
     for column in ("layer", "change", "before", "after"):
