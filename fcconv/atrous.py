@@ -169,24 +169,34 @@ def plan_atrous(gm: fx.GraphModule, rank: int, stride: tuple[int, ...]) -> Atrou
     """
     modules = dict(gm.named_modules())
     cumulative: dict[fx.Node, tuple[int, ...]] = {}
-    dilation: dict[fx.Node, tuple[int, ...]] = {}
+    pooled: set[fx.Node] = set()  # values computed from whole-map poolings alone (a gate's layers)
+    whole_map: list[tuple[fx.Node, fx.Node]] = []  # (global pooling, the map it pools)
     steps: list[list[tuple[int, int, str]]] = [[] for _ in range(rank)]  # per axis: (stride before, stride, layer)
     decisions: list[tuple[fx.Node, nn.Module, tuple[int, ...], tuple[int, ...]]] = []
     unknown: dict[fx.Node, str] = {}
     one = (1,) * rank
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            cumulative[node], dilation[node] = one, one
+            cumulative[node] = one
             continue
         if node.op in ("get_attr", "output"):
             continue
-        inputs = [a for a in node.all_input_nodes if a in cumulative or a in unknown]
+        inputs = [a for a in node.all_input_nodes if a in cumulative or a in unknown or a in pooled]
         if not inputs:
             continue
         if any(a in unknown for a in inputs):
             unknown[node] = unknown[next(a for a in inputs if a in unknown)]
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
+        maps = [a for a in inputs if a not in pooled]
+        if not maps:
+            pooled.add(node)
+            continue
+        if len(maps) == 1 and _pools_whole_map(node, module, rank):
+            pooled.add(node)
+            whole_map.append((node, maps[0]))
+            continue
+        inputs = maps
         if module is not None and _strided_module(module) and len(inputs) == 1:
             (source,) = inputs
             layer_stride = _tuple(module.stride if module.stride is not None else module.kernel_size, rank)
@@ -196,7 +206,7 @@ def plan_atrous(gm: fx.GraphModule, rank: int, stride: tuple[int, ...]) -> Atrou
             cumulative[node] = tuple(c * s for c, s in zip(cumulative[source], layer_stride))
             decisions.append((node, module, cumulative[source], layer_stride))
             continue
-        if _per_position(node, module, rank, inputs, gm):
+        if _per_position(node, module, rank, inputs, gm, pooled):
             firsts = {cumulative[a] for a in inputs}
             if len(firsts) > 1:
                 unknown[node] = f"{node.name} joins maps of different strides"
@@ -225,14 +235,49 @@ def plan_atrous(gm: fx.GraphModule, rank: int, stride: tuple[int, ...]) -> Atrou
     if stride == total:
         return plan
     _decide(gm, plan, decisions, rank)
-    _refuse_unreadable(gm, plan, rank, cumulative, dilation)
+    _refuse_unreadable(gm, plan, rank, cumulative, pooled)
+    for node, source in whole_map:
+        if any(c > s for c, s in zip(cumulative[source], plan.stride)):
+            raise NotConvertibleError(
+                f"--stride: {_what(node, modules.get(node.target))} pools the whole map (a global pooling, or a "
+                "squeeze-and-excitation gate): read à trous, that map holds every polyphase component, so its "
+                "pooling is not the original's"
+            )
     return plan
 
 
+def _pools_whole_map(node: fx.Node, module: nn.Module | None, rank: int) -> bool:
+    """A global pooling: an adaptive pooling to one position, or a mean or maximum over every spatial axis."""
+    if module is not None:
+        if not isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):  # fmt: skip
+            return False
+        size = module.output_size
+        return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _op_name(node)
+    if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+                "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"):  # fmt: skip
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+    if name in ("mean", "amax", "sum"):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        return {d % (rank + 2) for d in dims} == set(range(2, rank + 2))
+    return False
+
+
 def _per_position(
-    node: fx.Node, module: nn.Module | None, rank: int, inputs: list[fx.Node], gm: fx.GraphModule
+    node: fx.Node,
+    module: nn.Module | None,
+    rank: int,
+    inputs: list[fx.Node],
+    gm: fx.GraphModule,
+    pooled: set[fx.Node] = frozenset(),  # type: ignore[assignment]
 ) -> bool:
-    """Whether ``node`` computes each position of its output from the same position of its inputs alone."""
+    """Whether ``node`` computes each position of its output from the same position of its inputs alone (other
+    operands: numbers, per-channel constants, or ``pooled`` values, the same at every position)."""
     if module is not None:
         if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
             return module.dim is not None and module.dim % (rank + 2) == 1
@@ -249,7 +294,7 @@ def _per_position(
         return False
     # every other operand a number, or a tensor that is constant over the spatial axes (a per-channel scale)
     for arg in node.all_input_nodes:
-        if arg in inputs:
+        if arg in inputs or arg in pooled:
             continue
         shape = _constant_shape(arg, gm)
         if shape is None or any(s != 1 for s in shape[-rank:]):
@@ -387,7 +432,7 @@ def _refuse_unreadable(
     plan: AtrousPlan,
     rank: int,
     cumulative: dict[fx.Node, tuple[int, ...]],
-    dilation: dict[fx.Node, tuple[int, ...]],
+    pooled: set[fx.Node],
 ) -> None:
     """Every node that reads a dilated map must be a layer the plan changes or one that acts per position."""
     modules = dict(gm.named_modules())
@@ -405,7 +450,7 @@ def _refuse_unreadable(
             continue
         if module is not None and _strided_module(module):
             continue  # a strided layer on an undilated axis only
-        if not _per_position(node, module, rank, inputs, gm):
+        if not _per_position(node, module, rank, inputs, gm, pooled):
             raise NotConvertibleError(
                 f"--stride: {_what(node, module)} does not act on each position of the map alone, so it cannot be "
                 "read à trous"
