@@ -197,6 +197,25 @@ def test_torchvision_classifiers_at_a_finer_stride_verify(arch, stride, dense):
     assert report.passed, [(c.input_size, c.reference, c.max_abs) for c in report.checks]
 
 
+@pytest.mark.parametrize("padding", [1, 0])
+def test_a_pooling_whose_window_is_not_a_multiple_of_its_stride_is_read_a_trous_exactly(padding):
+    # a 3×3 window at stride 2 (ResNet's stem): each polyphase component is pooled as the original pools it
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(3, 2, padding=padding), nn.Conv2d(4, 4, 3, padding=padding))
+    model = with_head(trunk, (1, 21, 21), 0)
+    conversion = rewrite(model, (1, 21, 21), stride=1)
+    assert [(layer.name, layer.kind) for layer in conversion.atrous.layers] == [("1", "stride removed"), ("2", "dilated"),
+                                                                            ("4", "dilated")]  # fmt: skip
+    report = verify(model, conversion.module, (1, 21, 21), conversion=conversion, sizes=[(21, 21), (30, 26)])
+    assert report.passed
+    if not padding:  # and without padding, it is the original on every crop
+        x = torch.randn(1, 1, 25, 24)
+        with torch.no_grad():
+            scores = conversion.module(x)
+            for i, j in np.ndindex(5, 4):
+                torch.testing.assert_close(scores[0, :, i, j], model(x[:, :, i : i + 21, j : j + 21])[0])
+
+
 # --- refusals -------------------------------------------------------------------------------------------------
 
 
@@ -308,6 +327,14 @@ def test_convert_with_stride_writes_a_finer_map_that_check_and_verify_accept(tmp
     assert run.returncode == 0, run.stdout + run.stderr
     assert "à trous" in run.stdout and "sliding window at stride 32" in run.stdout
     assert SIGNALS.read_bytes() == before
+
+
+def test_a_gemm_head_and_a_program_at_a_finer_stride_verify(tmp_path):
+    shapes = REPO / "sample_models" / "shapes_vgg.pt"
+    for out, extra in ((tmp_path / "shapes.gemm.onnx", ["--head-format", "gemm"]), (tmp_path / "shapes.pt2", [])):
+        run = fcconv("convert", shapes, "--stride", "2", "-o", out, "--quiet", *extra)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert fcconv("check", out).returncode == 0
 
 
 def test_inspect_shows_the_layers_the_stride_changes():
