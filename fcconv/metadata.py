@@ -68,7 +68,7 @@ ONNX_EXPORTER_KEY = "fcconv.onnx_exporter"  # which of torch.onnx's exporters wr
 ONNX_EXPORTER_FALLBACK_KEY = "fcconv.onnx_exporter_fallback"  # why the dynamo one was not used, where it failed
 PROBE_OUTPUT_KEY, PROBE_SHAPE_KEY = "fcconv.probe_output", "fcconv.probe_shape"
 LOW_RANK_KEY = "fcconv.low_rank"  # with --rank: each factored layer's rank and the share of its energy kept
-STRIDE_KEY = "fcconv.stride"  # with --stride: the output stride asked for, per spatial axis ("16,16")
+STRIDE_KEY = "fcconv.atrous_stride"  # with --stride: the output stride asked for, per spatial axis ("16,16")
 PROBE_VALUES = 4096  # the first this many values of the probe output are recorded
 
 

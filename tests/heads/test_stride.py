@@ -313,7 +313,7 @@ def test_convert_with_stride_writes_a_finer_map_that_check_and_verify_accept(tmp
     assert "À trous: one score vector every 8 samples (the model's own stride: 32)" in run.stdout
     assert "features.14" in run.stdout and "stride removed" in run.stdout and "à trous" in run.stdout
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
-    assert meta["fcconv.stride"] == "8" and meta["fcconv.total_stride"] == "8"
+    assert meta["fcconv.atrous_stride"] == "8" and meta["fcconv.total_stride"] == "8" and meta["fcconv.stride"] == "1"
     # the export's map at 1024 samples: one position every 8 samples
     import onnxruntime as ort
 
