@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -62,7 +62,7 @@ from fcconv.cli.render import (
     one_line,
     screen,
 )
-from fcconv.pipeline import check_files, convert_file, heatmap_file, inspect_file, verify_file
+from fcconv.pipeline import check_files, convert_file, heatmap_file, inspect_file, map_file, verify_file
 from fcconv.render import head_lines, inspect_lines, verification_table
 
 app = typer.Typer(
@@ -273,6 +273,57 @@ def heatmap(
         screen.show(verification_table(result.check))
         fail(f"fcconv: the in-memory conversion of {model} does not match it; nothing written")
     console.print(f"wrote {' and '.join(map(str, result.written))}", markup=False, soft_wrap=True)
+
+
+@app.command(cls=Command, name="map")
+@handle_errors
+def map_command(
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="An ONNX file written by fcconv convert.", readable=False)
+    ],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT",
+            help="A .npy array (C, *S) or (*S), a zarr array, a TIFF or BigTIFF, a WAV file, or a picture.",
+            readable=False,
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT.npy", help="The map, K×positions, float32.")],
+    tile: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tile",
+            metavar="N|N,N,…",
+            help="Input pixels per axis a tile reads, its overlap included (default 1024 in 2D, 262144 in 1D, "
+            "128 in 3D).",
+        ),
+    ] = None,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option(
+            "--scheduler",
+            metavar="tcp://HOST:PORT",
+            help="Run the tiles on this Dask cluster (the model and input readable by its workers at the same "
+            "paths); default: threads on this machine.",
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option("--workers", metavar="N", help="Threads on this machine (default: one per core).")
+    ] = None,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write MODEL's dense map of INPUT, an input of any size, exactly: tile by tile, as the tiles finish.
+
+    The tiles overlap by what each map position reads (measured on the model, its
+    padding included) and line up with the map's grid, so the map equals one pass over
+    the whole input, in the memory of a few tiles. The map is staged beside OUT and
+    moved onto it when complete.
+    """
+    with screen.shown() as progress:
+        result = map_file(model, source, output, tile=tile, scheduler=scheduler, workers=workers, progress=progress)
+    console.print(f"wrote {result.target} ({'×'.join(map(str, result.shape))})", markup=False, soft_wrap=True)
 
 
 def version_callback(value: bool) -> None:

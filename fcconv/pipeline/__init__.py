@@ -30,7 +30,8 @@ from fcconv.pipeline.events import (
     Warned,
 )
 from fcconv.pipeline.inspection import heatmap_file, inspect_file
-from fcconv.pipeline.results import ConversionResult, HeatmapResult, InspectResult, VerifyResult
+from fcconv.pipeline.mapping import map_file
+from fcconv.pipeline.results import ConversionResult, HeatmapResult, InspectResult, MapResult, VerifyResult
 from fcconv.pipeline.verification import check_files, verify_file
 
 # What a command line installs around a call so that SIGTERM and SIGHUP stop it as an error does, nothing written.
@@ -46,6 +47,7 @@ __all__ = [
     "HeadRewritten",
     "HeatmapResult",
     "InspectResult",
+    "MapResult",
     "MapScored",
     "Note",
     "Progress",
@@ -60,6 +62,7 @@ __all__ = [
     "convert_file",
     "heatmap_file",
     "inspect_file",
+    "map_file",
     "parse_shape",
     "parse_sizes",
     "terminations_raised",

@@ -67,3 +67,17 @@ class HeatmapResult:
     @property
     def passed(self) -> bool:
         return self.check is None or self.check.passed
+
+
+@dataclass
+class MapResult:
+    """``fcconv map``: the map (``shape``: K, *positions) written to ``target`` from ``tiles`` tiles."""
+
+    target: Path
+    shape: tuple[int, ...]
+    tiles: int
+    written: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.written

@@ -1,0 +1,273 @@
+"""``fcconv map``: the dense map of an input of any size, tile by tile, written to disk as it is made.
+
+The input is read lazily, one tile at a time: a ``.npy`` array through a memory map, a zarr array, a TIFF
+(BigTIFF, tiled or pyramidal: its full-resolution level) through tifffile's zarr view, a WAV file by frames;
+only a picture Pillow reads whole is decoded at once. The tiles (:mod:`fcconv.tiling`) are scheduled by Dask:
+on this machine's threads by default, or on a Dask cluster (``scheduler``), where each worker keeps one
+onnxruntime session per model. The map goes into a ``.npy`` memory map or a zarr array, staged beside the
+target and moved onto it when every tile is written.
+
+Nothing here imports torch: a worker needs numpy, onnxruntime and the readers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import threading
+import wave
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcconv.errors import BadInputError
+from fcconv.tiling import AxisExtent, Tile, measure_extent, output_size, plan_tiles
+
+__all__ = ["InputArray", "MapPlan", "open_input", "plan_map", "run_tile", "session_for"]
+
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+DEFAULT_TILE = {1: 1 << 18, 2: 1024, 3: 128}
+"""Input pixels per axis a tile reads, its overlap included: about 1 M input values per channel in 2D."""
+
+_sessions: dict[str, Any] = {}
+_sessions_lock = threading.Lock()
+
+
+def session_for(model: str) -> Any:
+    """This process's onnxruntime session of ``model`` (one per model and worker), made on first use."""
+    with _sessions_lock:
+        if model not in _sessions:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1  # Dask runs tiles side by side; one thread each keeps runs reproducible
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 4
+            _sessions[model] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return _sessions[model]
+
+
+@dataclass(frozen=True)
+class InputArray:
+    """Where an input's values come from and how they become the model's input: channels-first (C, *S)."""
+
+    path: str
+    kind: str
+    """``npy``, ``zarr``, ``tiff``, ``wav`` or ``picture``."""
+    shape: tuple[int, ...]
+    """(C, *S), as the model reads it."""
+    channels_last: bool = False
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    scale: float = 1.0
+    """Raw values are multiplied by this before ``mean`` and ``std`` (1/255 for 8-bit pictures)."""
+
+    def read(self, slices: tuple[slice, ...]) -> np.ndarray:
+        """The (C, *S) block at ``slices`` (spatial), as float32, normalised as the model expects."""
+        raw = self._raw(slices).astype(np.float32)
+        if self.channels_last:
+            raw = np.moveaxis(raw, -1, 0)
+        if raw.ndim == len(slices):
+            raw = raw[None]
+        raw = raw * np.float32(self.scale)
+        if self.mean:
+            shape = (-1, *(1,) * len(slices))
+            raw = (raw - np.asarray(self.mean, np.float32).reshape(shape)) / np.asarray(self.std, np.float32).reshape(
+                shape
+            )
+        return np.ascontiguousarray(raw, dtype=np.float32)
+
+    def _raw(self, slices: tuple[slice, ...]) -> np.ndarray:
+        if self.kind == "npy":
+            array = np.load(self.path, mmap_mode="r")
+            return np.asarray(array[(Ellipsis, *slices)] if not self.channels_last else array[slices])
+        if self.kind == "zarr":
+            import zarr
+
+            array = zarr.open_array(self.path, mode="r")
+            return np.asarray(array[(slice(None), *slices)] if array.ndim == len(slices) + 1 else array[slices])
+        if self.kind == "tiff":
+            import tifffile
+            import zarr
+
+            with tifffile.TiffFile(self.path) as tif:
+                store = tif.series[0].aszarr(level=0)
+                array = zarr.open_array(store, mode="r")
+                return np.asarray(array[slices])
+        if self.kind == "wav":
+            (span,) = slices
+            with wave.open(self.path, "rb") as audio:
+                width, channels = audio.getsampwidth(), audio.getnchannels()
+                audio.setpos(span.start)
+                frames = audio.readframes(span.stop - span.start)
+            dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+            samples = np.frombuffer(frames, dtype=dtype).reshape(-1, channels)
+            if width == 1:
+                samples = samples.astype(np.int16) - 128
+            return samples.T  # (C, L)
+        return _picture(self.path, self.shape[0])[(slice(None), *slices)]
+
+
+_pictures: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _picture(path: str, channels: int) -> np.ndarray:
+    """A picture Pillow reads, decoded once per process, (C, H, W) uint8."""
+    key = (path, channels)
+    if key not in _pictures:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            converted = image.convert("L" if channels == 1 else "RGB")
+            _pictures[key] = np.moveaxis(np.asarray(converted).reshape(converted.height, converted.width, -1), -1, 0)
+    return _pictures[key]
+
+
+def open_input(path: Path, channels: int, rank: int, preprocess: dict | None) -> InputArray:
+    """``path`` as the model's input: its kind, its (C, *S) shape and its normalisation; refused in one line
+    (:class:`BadInputError`) where it cannot be read or does not fit the model.
+
+    Arrays (``.npy``, zarr) are the model's input values as they are; a WAV file's samples are scaled to
+    [-1, 1); pictures and TIFF files are pixels / 255 (8-bit) normalised as the export's recorded
+    ``preprocess`` says, as ``fcconv heatmap`` reads a picture."""
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    mean, std = _normalisation(preprocess, channels)
+    try:
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r")
+            shape = tuple(array.shape)
+            if len(shape) == rank:
+                shape = (1, *shape)
+            if array.dtype.kind not in "fiub" or len(shape) != rank + 1:
+                raise BadInputError(f"{path}: a {array.dtype} array of shape {array.shape}; the model reads "
+                                    f"(C, {', '.join('S' * rank)}) numbers")  # fmt: skip
+            return InputArray(str(path), "npy", shape)
+        if suffix == ".zarr" or path.is_dir():
+            import zarr
+
+            array = zarr.open_array(str(path), mode="r")
+            shape = tuple(array.shape) if array.ndim == rank + 1 else (1, *array.shape)
+            return InputArray(str(path), "zarr", shape)
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape = tuple(series.levels[0].shape)
+            scale = 1 / 255 if series.dtype == np.uint8 else 1.0
+            if len(shape) == rank:
+                return InputArray(str(path), "tiff", (1, *shape), False, mean, std, scale)
+            return InputArray(str(path), "tiff", (shape[-1], *shape[:-1]), True, mean, std, scale)
+        if suffix == ".wav":
+            with wave.open(str(path), "rb") as audio:
+                length, count, width = audio.getnframes(), audio.getnchannels(), audio.getsampwidth()
+            scale = 1 / {1: 128, 2: 32768, 4: 2147483648}[width]
+            return InputArray(str(path), "wav", (count, length), scale=scale)
+        if suffix in PICTURE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                width, height = image.size
+            return InputArray(str(path), "picture", (channels, height, width), scale=1 / 255, mean=mean, std=std)
+    except BadInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader's failure is an unreadable input
+        raise BadInputError(f"{path}: cannot be read as an input ({' '.join(str(exc).split())[:200]})") from exc
+    raise BadInputError(
+        f"{path}: not an input fcconv map reads (.npy, .zarr, .tif/.tiff, .wav, or a picture: "
+        f"{', '.join(sorted(PICTURE_SUFFIXES))})"
+    )
+
+
+def _normalisation(preprocess: dict | None, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if not preprocess:
+        return (), ()
+    mean = tuple(float(v) for v in preprocess.get("mean", (0.0,) * channels))
+    std = tuple(float(v) for v in preprocess.get("std", (1.0,) * channels))
+    return mean, std
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """One map's work: the model and input, the extent per axis, the tiles, and the map's shape (K, *positions)."""
+
+    model: str
+    input: InputArray
+    extents: tuple[AxisExtent, ...]
+    tiles: tuple[Tile, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.shape[1:])
+
+
+def plan_map(model: str, source: InputArray, native: Sequence[int], tile: Sequence[int] | None) -> MapPlan:
+    """Measure the model's extent and cut the input into tiles (:func:`fcconv.tiling.plan_tiles`)."""
+    session = session_for(model)
+    name = session.get_inputs()[0].name
+    channels = source.shape[0]
+    rank = len(source.shape) - 1
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    strides = [int(s) for s in meta["fcconv.total_stride"].split(",")]
+    fields = [int(s) for s in meta["fcconv.receptive_field"].split(",")]
+    for axis, (n, field) in enumerate(zip(source.shape[1:], fields)):
+        if n < max(field, native[axis]):
+            shown = "×".join(map(str, source.shape[1:]))
+            raise BadInputError(f"the input is {shown}, smaller than the model's native size "
+                                f"{'×'.join(map(str, native))}")  # fmt: skip
+    extents = tuple(measure_extent(run, native, channels, strides, fields))
+    size = source.shape[1:]
+    tile = tuple(tile) if tile is not None else (DEFAULT_TILE[rank],) * rank
+    if len(tile) == 1:
+        tile = tile * rank
+    tiles = tuple(plan_tiles(size, extents, tile))
+    classes = run(np.zeros((1, channels, *native), np.float32)).shape[1]
+    shape = (classes, *(output_size(n, e) for n, e in zip(size, extents)))
+    return MapPlan(model, source, extents, tiles, shape)
+
+
+def run_tile(model: str, source: InputArray, tile: Tile) -> np.ndarray:
+    """One tile's part of the map, (K, *positions): the model on the tile's input, cut to the positions it owns."""
+    session = session_for(model)
+    x = source.read(tile.input_slices)[None]
+    scores = session.run(None, {session.get_inputs()[0].name: x})[0][0]
+    return np.ascontiguousarray(scores[(slice(None), *tile.own_slices)])
+
+
+@contextlib.contextmanager
+def map_writer(path: Path, shape: tuple[int, ...]) -> Iterator[Callable[[Tile, np.ndarray], None]]:
+    """A function that writes one tile's scores into the ``.npy`` map at ``path``, a memory map flushed at the end."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    yield functools.partial(_write, array)
+    array.flush()
+
+
+def _write(array: np.ndarray, tile: Tile, scores: np.ndarray) -> None:
+    array[(slice(None), *tile.output_slices)] = scores
+
+
+def describe(plan: MapPlan) -> str:
+    """One line: the input, the map, the tiles and their overlap."""
+    extents = ", ".join(f"{e.before} before, {e.span} in all" for e in plan.extents)
+    return (
+        f"map {'×'.join(map(str, plan.shape[1:]))} of {plan.shape[0]} classes from "
+        f"{'×'.join(map(str, plan.input.shape[1:]))} input values, {len(plan.tiles)} tiles; each position reads "
+        f"{extents} (input pixels per axis)"
+    )
+
+
+def extents_json(plan: MapPlan) -> str:
+    return json.dumps([e.__dict__ for e in plan.extents])

@@ -1,0 +1,153 @@
+"""``fcconv map``: a converted model's dense map of an input of any size, exactly, tile by tile (:mod:`fcconv.mapping`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fcconv.errors import BadInputError
+from fcconv.pipeline.arguments import check_output
+from fcconv.pipeline.events import Note, Progress, Reporter
+from fcconv.pipeline.results import MapResult
+
+SCHEDULER_TIMEOUT = 10  # seconds a scheduler address has to answer
+
+
+def map_file(
+    model: str | Path,
+    source: str | Path,
+    output: str | Path,
+    *,
+    tile: str | int | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> MapResult:
+    """Score every window of ``source`` with the converted ONNX ``model`` and write the map (K, *positions) to
+    ``output`` (``.npy``), as ``fcconv map`` does.
+
+    The input is cut into tiles of at most ``tile`` input pixels per axis (one value, or one per axis) that overlap by
+    the extent each map position reads, measured on the model, and are aligned to the map's grid, so that the
+    map equals one pass over the whole input. Dask runs the tiles: on ``workers`` threads of this machine, or on
+    the Dask cluster whose scheduler is at ``scheduler`` (``tcp://HOST:PORT``; the model and the input must be
+    readable there at the same paths). The map is written as tiles finish, staged beside ``output`` and moved
+    onto it at the end, so an interrupted run leaves nothing under that name.
+    Raises :class:`~fcconv.errors.BadInputError` (exit 2) before any tile runs.
+    """
+    from fcconv.mapping import describe, open_input, plan_map
+
+    model, source, output, report = Path(model), Path(source), Path(output), Reporter(progress)
+    check_output(output, ".npy", "-o", (model, source))
+    if model.suffix.lower() != ".onnx":
+        raise BadInputError(f"{model}: fcconv map reads a converted ONNX export; convert the checkpoint first")
+    if workers is not None and workers < 1:
+        raise BadInputError(f"--workers {workers}: give at least 1")
+    sizes = _parse_tile(tile)
+    meta = _metadata(model)
+    native = tuple(int(s) for s in meta["fcconv.input_shape"].split(","))
+    channels, rank = native[0], len(native) - 1
+    preprocess = json.loads(meta["fcconv.preprocess"]) if meta.get("fcconv.preprocess") else None
+    array = open_input(source, channels, rank, preprocess)
+    if array.shape[0] != channels or len(array.shape) != len(native):
+        raise BadInputError(
+            f"{source}: {'×'.join(map(str, array.shape))} values (C, *S); the model reads {channels} channels and "
+            f"{rank} spatial axes"
+        )
+    client = _client(scheduler) if scheduler else None
+    try:
+        with report.stage("extent", "Measuring what each map position reads…"):
+            plan = plan_map(str(model.resolve()), array, native[1:], sizes)
+        report(Note(describe(plan)))
+        written = _run(plan, output, client, workers, report)
+    finally:
+        if client is not None:
+            client.close()
+    return MapResult(output, plan.shape, len(plan.tiles), written)
+
+
+def _parse_tile(tile: str | int | None) -> tuple[int, ...] | None:
+    if tile is None:
+        return None
+    try:
+        values = tuple(int(v) for v in str(tile).split(","))
+    except ValueError:
+        raise BadInputError(
+            f"--tile {tile}: input pixels per axis, one value or one per axis (1024, 64,512,512)"
+        ) from None
+    if any(v < 1 for v in values):
+        raise BadInputError(f"--tile {tile}: a tile is at least 1 pixel along each axis")
+    return values
+
+
+def _metadata(model: Path) -> dict[str, str]:
+    """The export's fcconv metadata, which says its native shape, total stride and receptive field."""
+    import onnx
+
+    from fcconv.files import check_readable
+
+    check_readable(model, "model")
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - not an ONNX file
+        raise BadInputError(f"{model}: not an ONNX model ({' '.join(str(exc).split())[:120]})") from exc
+    meta = {p.key: p.value for p in proto.metadata_props}
+    needed = ("fcconv.input_shape", "fcconv.total_stride", "fcconv.receptive_field")
+    if any(key not in meta for key in needed) or not all(meta[k][:1].isdigit() for k in needed[1:]):
+        raise BadInputError(
+            f"{model}: no score map to tile: fcconv map reads an export of fcconv convert whose metadata records "
+            "its native shape, total stride and receptive field (one converted with --pool has none)"
+        )
+    return meta
+
+
+def _client(address: str) -> Any:
+    """A Dask client of the scheduler at ``address``; refused in one line when it does not answer."""
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=SCHEDULER_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - a scheduler that does not answer, or an address that is none
+        text = " ".join(str(exc).split())[:160]
+        raise BadInputError(f"--scheduler {address}: no Dask scheduler answers there ({text})") from exc
+
+
+def _run(plan: Any, output: Path, client: Any, workers: int | None, report: Reporter) -> bool:
+    """Every tile run and written into the staged map; the map moved onto ``output`` when all are written."""
+    from fcconv.mapping import map_writer, run_tile
+    from fcconv.staging import staged_path
+
+    started, done, lock = time.monotonic(), [0, 0], threading.Lock()
+    text = f"Mapping {Path(plan.input.path).name}"
+    with report.stage("map", text, len(plan.tiles), unit="tiles") as advance, staged_path(output) as staged:
+        with map_writer(staged, plan.shape) as write:
+
+            def finished(tile: Any, scores: Any) -> None:
+                write(tile, scores)
+                with lock:
+                    done[0] += 1
+                    done[1] += tile.positions
+                    rate = done[1] / max(time.monotonic() - started, 1e-9)
+                    left = (plan.positions - done[1]) / rate if rate else 0.0
+                    advance(done[0], text=f"{text}: {rate:,.0f} positions/s, {left:,.0f} s left")
+
+            if client is None:
+                import dask
+
+                def one(tile: Any) -> None:
+                    finished(tile, run_tile(plan.model, plan.input, tile))
+
+                tasks = [dask.delayed(one)(tile) for tile in plan.tiles]
+                dask.compute(*tasks, scheduler="threads", num_workers=workers)
+            else:
+                from distributed import as_completed
+
+                futures = {
+                    client.submit(run_tile, plan.model, plan.input, tile, pure=False, retries=3): tile
+                    for tile in plan.tiles
+                }
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+    return True

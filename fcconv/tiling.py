@@ -1,0 +1,188 @@
+"""Exact tiling of a dense map: which part of the input each tile reads, and which part of the map it gives.
+
+A fully convolutional model's output position m (along one axis) is computed from the input pixels
+``[T·m − before, T·m − before + extent)``, T the total stride, clipped to the input: its *extent*, padding
+included. Where the trunk pads its layers, this is wider than the unpadded receptive field on both sides,
+and it is what a tile must hold around the positions it keeps. A tile that starts at a multiple of T
+puts every layer's grid where the whole input puts it, so each position whose extent lies inside the tile
+(or reaches past it only where the input itself ends) is computed from the same pixels by the same sums as
+in one pass over the whole input. Tiles are cut along the output grid: every position is computed by
+exactly one tile, none twice, none skipped.
+
+The extent is measured on the model itself (:func:`measure_extent`), by changing half of a probe input and
+seeing which output positions change, so that it holds for any padding, pooling or dilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fcconv.errors import BadInputError, NotConvertibleError
+
+__all__ = ["AxisExtent", "Tile", "measure_extent", "output_size", "plan_tiles"]
+
+
+@dataclass(frozen=True)
+class AxisExtent:
+    """Along one spatial axis: the total stride, the receptive field (the smallest input that gives one position),
+    and the input interval position m reads, ``[stride·m − before, stride·m − before + span)``."""
+
+    stride: int
+    receptive_field: int
+    before: int
+    span: int
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One piece of work: the input it reads (per axis, [start, stop)), the map positions it writes, and where
+    those lie in its own map."""
+
+    input: tuple[tuple[int, int], ...]
+    output: tuple[tuple[int, int], ...]
+    offset: tuple[int, ...]
+    """The index, in the tile's own map, of its first written position, per axis."""
+
+    @property
+    def input_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.input)
+
+    @property
+    def output_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.output)
+
+    @property
+    def own_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + b - a) for o, (a, b) in zip(self.offset, self.output))
+
+    @property
+    def positions(self) -> int:
+        return math.prod(b - a for a, b in self.output)
+
+
+def output_size(size: int, axis: AxisExtent) -> int:
+    """The map positions along an axis of ``size`` input pixels (at least the receptive field)."""
+    return (size - axis.receptive_field) // axis.stride + 1
+
+
+def measure_extent(
+    run: Callable[[np.ndarray], np.ndarray],
+    native: Sequence[int],
+    channels: int,
+    strides: Sequence[int],
+    receptive_fields: Sequence[int],
+    *,
+    seed: int = 0,
+) -> list[AxisExtent]:
+    """Per spatial axis, the input interval each output position reads, measured on ``run`` (N, C, *S) → (N, K, *s).
+
+    Along each axis in turn, on an input four receptive fields long (the other axes at the native size), the
+    position in the middle of the map is watched while everything from some pixel on (then everything before
+    it) is replaced by other random values: by bisection, the last pixel whose change reaches it and the first.
+    Where that interval touches the probe's border the probe is doubled, up to 64 receptive fields.
+    """
+    rng = np.random.default_rng(seed)
+    extents = []
+    for axis, (stride, field) in enumerate(zip(strides, receptive_fields)):
+        length = 4 * max(field, stride)
+        while True:
+            shape = [channels, *native]
+            shape[1 + axis] = length
+            base = rng.standard_normal((1, *shape)).astype(np.float32)
+            other = (rng.standard_normal(base.shape) * 10).astype(np.float32)
+            reference = run(base)
+            positions = reference.shape[2 + axis]
+            middle = positions // 2
+
+            changes = functools.partial(_reaches, run, base, other, reference, axis, middle)
+
+            # the first pixel from which a changed suffix no longer reaches the position: the interval's end
+            low, high = 0, length  # changes(low, length) holds; changes(high, length) does not
+            if not changes(0, length):
+                raise NotConvertibleError("the model's output does not depend on its input: no extent to tile by")
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if changes(mid, length) else (low, mid)
+            end = high
+            low, high = 0, length  # changes(0, high) holds; changes(0, low) does not
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (low, mid) if changes(0, mid) else (mid, high)
+            start = low
+            if (start > 0 and end < length) or length >= 64 * max(field, stride):
+                break
+            length *= 2
+        extents.append(AxisExtent(stride, field, stride * middle - start, end - start))
+    return extents
+
+
+def _reaches(
+    run: Callable[[np.ndarray], np.ndarray],
+    base: np.ndarray,
+    other: np.ndarray,
+    reference: np.ndarray,
+    axis: int,
+    position: int,
+    start: int,
+    stop: int,
+) -> bool:
+    """Whether replacing ``base``'s pixels [start, stop) along ``axis`` by ``other``'s changes the map at
+    ``position`` along that axis."""
+    rank = base.ndim - 2
+    index = (slice(None), slice(None), *(slice(start, stop) if a == axis else slice(None) for a in range(rank)))
+    watched = (slice(None), slice(None), *(position if a == axis else slice(None) for a in range(rank)))
+    probe = base.copy()
+    probe[index] = other[index]
+    return not np.array_equal(run(probe)[watched], reference[watched])
+
+
+def plan_tiles(size: Sequence[int], extents: Sequence[AxisExtent], tile: Sequence[int]) -> list[Tile]:
+    """Tiles of at most ``tile`` input pixels per axis, overlap included, that cover the map once.
+
+    Raises :class:`BadInputError` when a tile is smaller than the extent of one position, or the input smaller
+    than the receptive field.
+    """
+    per_axis = []
+    for n, axis, t in zip(size, extents, tile):
+        if n < axis.receptive_field:
+            raise BadInputError(f"the input is {n} long where the model reads at least {axis.receptive_field}")
+        least = _smallest_tile(axis)
+        if t < least:
+            raise BadInputError(
+                f"--tile {t} is smaller than what one map position reads, from a tile start on the map's grid: "
+                f"at least {least} input pixels along that axis"
+            )
+        per_axis.append(_axis_tiles(n, axis, t))
+    tiles = []
+    for parts in itertools.product(*per_axis):
+        tiles.append(Tile(tuple(p[0] for p in parts), tuple(p[1] for p in parts), tuple(p[2] for p in parts)))
+    return tiles
+
+
+def _smallest_tile(axis: AxisExtent) -> int:
+    """The fewest input pixels a tile that starts on the map's grid needs to hold one position whole."""
+    return math.ceil(axis.before / axis.stride) * axis.stride + max(axis.span - axis.before, axis.receptive_field)
+
+
+def _axis_tiles(n: int, axis: AxisExtent, tile: int) -> list[tuple[tuple[int, int], tuple[int, int], int]]:
+    """Along one axis: (input [start, stop), positions [first, last), first position's index in the tile's map)."""
+    stride, before, span, field = axis.stride, axis.before, axis.span, axis.receptive_field
+    total = output_size(n, axis)
+    reach = max(span - before, field)  # past T·m, a position reads this far (and its map needs this much input)
+    # positions per tile: a tile of `tile` pixels, starting at a multiple of the stride, holds the whole
+    # extent of `count` positions when before (rounded up to the stride) + (count − 1)·stride + reach ≤ tile
+    lead = math.ceil(before / stride) * stride
+    count = max(1, (tile - lead - reach) // stride + 1)
+    parts = []
+    for first in range(0, total, count):
+        last = min(total, first + count)
+        start = max(0, (stride * first - before) // stride * stride)
+        stop = min(n, stride * (last - 1) + reach)
+        parts.append(((start, stop), (first, last), first - start // stride))
+    return parts

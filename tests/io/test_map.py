@@ -1,0 +1,207 @@
+"""``fcconv map``: the dense map of an input of any size, tile by tile, equal to one pass over the whole input.
+
+The contract: for 1D, 2D and 3D exports, padded trunks and unpadded ones, and a map à trous, the map written tile
+by tile equals the export run once on the whole input (within float32 rounding), whatever the tile size, down to
+the smallest the model's extent allows; on a two-worker Dask cluster it is byte-identical to the map made on
+this machine's threads; every input kind reads as the model expects it; and bad input is refused in one line
+with exit 2 before any work, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import REPO
+from torch import nn
+
+from fcconv.errors import BadInputError
+from fcconv.pipeline import map_file
+
+SAMPLES = REPO / "sample_models"
+
+
+def fcconv(*args):
+    return subprocess.run([sys.executable, "-m", "fcconv", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """The sample classifiers converted (shapes: padded 2D; digits: unpadded 2D; signals: 1D; shapes at stride 2),
+    and a small padded volume classifier."""
+    folder = tmp_path_factory.mktemp("exports")
+    made = {}
+    for name, sample, extra in [
+        ("shapes", "shapes_vgg", []),
+        ("digits", "digits_lenet", []),
+        ("signals", "signals_net", []),
+        ("shapes-s2", "shapes_vgg", ["--stride", "2"]),
+    ]:
+        out = folder / f"{name}.onnx"
+        run = fcconv("convert", SAMPLES / f"{sample}.pt", "-o", out, "--quiet", *extra)
+        assert run.returncode == 0, run.stderr
+        made[name] = out
+    import fcconv as package
+    from fcconv.export import export_onnx
+
+    torch.manual_seed(0)
+    volume = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(4, 4, 3, padding=1), nn.MaxPool3d(2),
+        nn.Flatten(), nn.Linear(4 * 2 * 2 * 2, 3),
+    ).eval()  # fmt: skip
+    made["volume"] = folder / "volume.onnx"
+    export_onnx(package.convert(volume, (1, 8, 8, 8)), made["volume"], (1, 8, 8, 8))
+    return made
+
+
+def one_pass(model, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x[None].astype(np.float32)})[0][0]
+
+
+CASES = [
+    ("shapes", (3, 157, 203), ["100", "64,150", "60"]),
+    ("digits", (1, 97, 131), ["64", "40,90"]),
+    ("shapes-s2", (3, 101, 77), ["70", "56"]),
+    ("signals", (1, 9000), ["2048", "1000"]),
+    ("volume", (1, 27, 33, 22), ["20", "18,30,40"]),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "tiles"), CASES, ids=[c[0] for c in CASES])
+def test_the_tiled_map_equals_one_pass_over_the_whole_input(exports, tmp_path, name, shape, tiles):
+    x = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
+    source = tmp_path / "input.npy"
+    np.save(source, x)
+    expected = one_pass(exports[name], x)
+    for tile in tiles:
+        out = tmp_path / f"map-{tile.replace(',', '-')}.npy"
+        result = map_file(exports[name], source, out, tile=tile)
+        assert result.tiles > 1 and result.shape == expected.shape
+        np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tiles_cover_the_map_once_and_start_on_its_grid(exports, tmp_path):
+    from fcconv.mapping import open_input, plan_map
+
+    x = np.zeros((3, 157, 203), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    plan = plan_map(str(exports["shapes"]), open_input(tmp_path / "x.npy", 3, 2, None), (32, 32), (60, 60))
+    covered = np.zeros(plan.shape[1:], int)
+    for tile in plan.tiles:
+        covered[tile.output_slices] += 1
+        assert all(start % e.stride == 0 for (start, _), e in zip(tile.input, plan.extents))
+    assert (covered == 1).all()
+    # a padded trunk reads past its unpadded receptive field, on both sides
+    assert all(e.before > 0 and e.span > e.receptive_field for e in plan.extents)
+
+
+def test_a_two_worker_dask_cluster_writes_the_same_bytes(exports, tmp_path):
+    from distributed import LocalCluster
+
+    x = np.random.default_rng(0).standard_normal((3, 141, 187)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    local = map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "threads.npy", tile="64")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "cluster.npy", tile="64",
+                          scheduler=cluster.scheduler_address)  # fmt: skip
+    assert local.tiles == remote.tiles > 4
+    assert (tmp_path / "threads.npy").read_bytes() == (tmp_path / "cluster.npy").read_bytes()
+
+
+def test_pictures_wav_tiff_and_zarr_inputs_read_as_the_model_expects(exports, tmp_path):
+    import tifffile
+    import zarr
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "picture.png")
+    tifffile.imwrite(tmp_path / "picture.tif", pixels, tile=(32, 32))
+    meta = {p.key: p.value for p in __import__("onnx").load(exports["shapes"]).metadata_props}
+    import json
+
+    spec = json.loads(meta["fcconv.preprocess"])
+    mean, std = (np.asarray(spec[k], np.float32)[:, None, None] for k in ("mean", "std"))
+    expected = one_pass(exports["shapes"], (np.moveaxis(pixels, -1, 0) / np.float32(255) - mean) / std)
+    for name in ("picture.png", "picture.tif"):
+        map_file(exports["shapes"], tmp_path / name, tmp_path / "map.npy", tile="64")
+        np.testing.assert_allclose(np.load(tmp_path / "map.npy"), expected, rtol=1e-5, atol=1e-5)
+    array = rng.standard_normal((3, 70, 95)).astype(np.float32)
+    zarr.save_array(str(tmp_path / "input.zarr"), array)
+    map_file(exports["shapes"], tmp_path / "input.zarr", tmp_path / "map.npy", tile="60")
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), one_pass(exports["shapes"], array), rtol=1e-5, atol=1e-5)
+    samples = (rng.standard_normal(6000) * 8000).astype(np.int16)
+    with wave.open(str(tmp_path / "signal.wav"), "wb") as audio:
+        audio.setnchannels(1), audio.setsampwidth(2), audio.setframerate(16000)
+        audio.writeframes(samples.tobytes())
+    map_file(exports["signals"], tmp_path / "signal.wav", tmp_path / "map.npy", tile="1500")
+    expected = one_pass(exports["signals"], samples[None].astype(np.float32) / 32768)
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_command_writes_the_map_and_says_what_it_tiled(exports, tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((3, 80, 100)).astype(np.float32))
+    run = fcconv("map", exports["shapes"], tmp_path / "x.npy", "-o", tmp_path / "map.npy", "--tile", "64")
+    assert run.returncode == 0, run.stderr
+    assert "tiles; each position reads" in run.stdout and f"wrote {tmp_path / 'map.npy'} (7×7×9)" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["{model}", "{tmp}/missing.npy", "-o", "{tmp}/map.npy"], "no such file"),
+        (["{model}", "{tmp}/small.npy", "-o", "{tmp}/map.npy"], "smaller than the model's native size 32×32"),
+        (
+            ["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.npy", "--tile", "20"],
+            "--tile 20 is smaller than what one map position reads",
+        ),
+        (["{model}", "{tmp}/x.npy", "-o", "{tmp}/x.npy"], "would overwrite an input"),
+        (["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.zip"], "name it NAME.npy"),
+        (["{model}", "{tmp}/x.txt", "-o", "{tmp}/map.npy"], "not an input fcconv map reads"),
+        (["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.npy", "--scheduler", "tcp://127.0.0.1:9"], "no Dask scheduler"),
+        (["{tmp}/x.npy", "{tmp}/x.npy", "-o", "{tmp}/map.npy"], "reads a converted ONNX export"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_before_any_work(exports, tmp_path, args, says):
+    np.save(tmp_path / "x.npy", np.zeros((3, 64, 64), np.float32))
+    np.save(tmp_path / "small.npy", np.zeros((3, 20, 64), np.float32))
+    (tmp_path / "x.txt").write_text("3 64 64")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [a.replace("{model}", str(exports["shapes"])).replace("{tmp}", str(tmp_path)) for a in args]
+    run = fcconv("map", *args)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.count("\n") == 1 and says in run.stderr, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_run_that_fails_midway_leaves_nothing_under_the_output_name(exports, tmp_path, monkeypatch):
+    import fcconv.mapping
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 150, 150), np.float32))
+    calls = []
+    real = fcconv.mapping.run_tile
+
+    def failing(model, source, tile):
+        calls.append(tile)
+        if len(calls) == 5:
+            raise RuntimeError("a tile failed")
+        return real(model, source, tile)
+
+    monkeypatch.setattr(fcconv.mapping, "run_tile", failing)
+    with pytest.raises(RuntimeError, match="a tile failed"):
+        map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "map.npy", tile="64", workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_a_pooled_export_has_no_map_to_tile(tmp_path):
+    out = tmp_path / "pooled.onnx"
+    assert fcconv("convert", SAMPLES / "digits_lenet.pt", "--pool", "avg", "-o", out, "--quiet").returncode == 0
+    np.save(tmp_path / "x.npy", np.zeros((1, 64, 64), np.float32))
+    with pytest.raises(BadInputError, match="no score map to tile"):
+        map_file(out, tmp_path / "x.npy", tmp_path / "map.npy")
