@@ -146,7 +146,7 @@ def _strided_module(module: nn.Module) -> bool:
     return isinstance(module, (*_CONV, *_MAX_POOL, *_AVG_POOL))
 
 
-def _describe(name: str, module: nn.Module, rank: int) -> str:
+def _describe(module: nn.Module, rank: int) -> str:
     parts = [type(module).__name__]
     stride = _tuple(module.stride if module.stride is not None else module.kernel_size, rank)
     parts.append(f"stride {'×'.join(map(str, stride))}")
@@ -334,7 +334,8 @@ def _refuse_invalid_stride(
         if s not in valid:
             along = "" if uniform else f" along the {axes[axis]}"
             inside = [f"{name} takes it from {b} to {b * ls}" for b, ls, name in steps[axis] if b < s < b * ls]
-            why = f"does not divide the model's total stride {t}" if t % s else f"is no stride of its map ({inside[0]})"
+            between = inside[0] if inside else "no layer's output is at that stride"
+            why = f"does not divide the model's total stride {t}" if t % s else f"is no stride of its map ({between})"
             raise BadInputError(f"--stride {s}{along} {why}: the valid strides{along} are {', '.join(map(str, valid))}")
 
 
@@ -361,13 +362,13 @@ def _decide(
         kind = "stride removed" if unstrided else "dilated"
         changed = _atrous_module(module, d_in, new_stride, rank)
         shown = name if sum(str(n.target) == name for n, *_ in decisions) == 1 else f"{name} (call {call + 1})"
-        plan.layers.append(AtrousLayer(shown, kind, _describe(name, module, rank), _after(changed, rank, d_in)))
+        plan.layers.append(AtrousLayer(shown, kind, _describe(module, rank), _after(changed, rank)))
 
 
-def _after(module: nn.Module, rank: int, d_in: tuple[int, ...]) -> str:
+def _after(module: nn.Module, rank: int) -> str:
     if isinstance(module, AvgPoolAtrous):
-        return f"AvgPool{rank}d, stride 1, dilation {'×'.join(map(str, module.dilation))}"
-    return _describe("", module, rank)
+        return f"AvgPool{rank}d, stride {_dims((1,) * rank)}, dilation {_dims(module.dilation)}"
+    return _describe(module, rank)
 
 
 def _refuse_layer(name: str, module: nn.Module, rank: int, unstrided: bool) -> None:
