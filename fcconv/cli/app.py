@@ -279,7 +279,12 @@ def heatmap(
 @handle_errors
 def map_command(
     model: Annotated[
-        Path, typer.Argument(metavar="MODEL", help="An ONNX file written by fcconv convert.", readable=False)
+        Path,
+        typer.Argument(
+            metavar="MODEL",
+            help="An ONNX file written by fcconv convert, or a checkpoint (converted and verified first, densely).",
+            readable=False,
+        ),
     ],
     source: Annotated[
         Path,
@@ -311,6 +316,10 @@ def map_command(
     workers: Annotated[
         Optional[int], typer.Option("--workers", metavar="N", help="Threads on this machine (default: one per core).")
     ] = None,
+    arch: ArchOption = None,
+    input_shape: InputShapeOption = None,
+    stride: StrideOption = None,
+    trust: TrustOption = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -319,10 +328,16 @@ def map_command(
     The tiles overlap by what each map position reads (measured on the model, its
     padding included) and line up with the map's grid, so the map equals one pass over
     the whole input, in the memory of a few tiles. The map is staged beside OUT and
-    moved onto it when complete.
+    moved onto it when complete. A checkpoint is converted first, densely (à trous with
+    --stride), into a temporary folder, and verified as convert verifies.
     """
     with screen.shown() as progress:
-        result = map_file(model, source, output, tile=tile, scheduler=scheduler, workers=workers, progress=progress)
+        result = map_file(
+            model, source, output, tile=tile, scheduler=scheduler, workers=workers, arch=arch, input_shape=input_shape,
+            stride=stride, trust=trust, progress=progress,
+        )  # fmt: skip
+    if not result.written:
+        fail(f"fcconv: the conversion of {model} does not match it; nothing written")
     console.print(f"wrote {result.target} ({'×'.join(map(str, result.shape))})", markup=False, soft_wrap=True)
 
 

@@ -24,10 +24,19 @@ def map_file(
     tile: str | int | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
+    arch: str | None = None,
+    input_shape: str | None = None,
+    stride: str | int | None = None,
+    trust: bool = False,
     progress: Progress | None = None,
 ) -> MapResult:
-    """Score every window of ``source`` with the converted ONNX ``model`` and write the map (K, *positions) to
-    ``output`` (``.npy``), as ``fcconv map`` does.
+    """Score every window of ``source`` with ``model`` and write the map (K, *positions) to ``output`` (``.npy``),
+    as ``fcconv map`` does.
+
+    ``model`` is an ONNX export of ``fcconv convert``, or a checkpoint (``arch``, ``input_shape``, ``trust`` as
+    ``convert`` reads them), converted first as ``convert --dense`` (with ``stride``, à trous) converts it, into a
+    temporary folder, and verified: a conversion that does not match leaves the result's ``written`` False (the
+    command's exit 1) and nothing written.
 
     The input is cut into tiles of at most ``tile`` input pixels per axis (one value, or one per axis) that overlap by
     the extent each map position reads, measured on the model, and are aligned to the map's grid, so that the
@@ -37,15 +46,38 @@ def map_file(
     onto it at the end, so an interrupted run leaves nothing under that name.
     Raises :class:`~fcconv.errors.BadInputError` (exit 2) before any tile runs.
     """
-    from fcconv.mapping import describe, open_input, plan_map
-
     model, source, output, report = Path(model), Path(source), Path(output), Reporter(progress)
     check_output(output, ".npy", "-o", (model, source))
-    if model.suffix.lower() != ".onnx":
-        raise BadInputError(f"{model}: fcconv map reads a converted ONNX export; convert the checkpoint first")
     if workers is not None and workers < 1:
         raise BadInputError(f"--workers {workers}: give at least 1")
     sizes = _parse_tile(tile)
+    if not source.exists():
+        raise BadInputError(f"{source}: no such file")
+    if model.suffix.lower() == ".onnx":
+        if any(given is not None for given in (arch, input_shape, stride)) or trust:
+            raise BadInputError("--arch, --input-shape, --stride and --trust are for a checkpoint; an export is mapped "
+                                "as it was converted")  # fmt: skip
+        return _map_export(model, source, output, sizes, scheduler, workers, report)
+    import tempfile
+
+    from fcconv.pipeline.convert import convert_file
+
+    with tempfile.TemporaryDirectory(prefix="fcconv-map-") as folder:
+        converted = Path(folder) / f"{model.name.split('.')[0]}.fcn.onnx"
+        result = convert_file(model, converted, arch=arch, input_shape=input_shape, dense=True, stride=stride,
+                              trust=trust, progress=progress)  # fmt: skip
+        if not result.written:
+            return MapResult(output, (), 0, written=False, report=result.report)
+        return _map_export(converted, source, output, sizes, scheduler, workers, report)
+
+
+def _map_export(
+    model: Path, source: Path, output: Path, sizes: tuple[int, ...] | None, scheduler: str | None,
+    workers: int | None, report: Reporter,
+) -> MapResult:  # fmt: skip
+    """The map of ``source`` by the export ``model``: its metadata read, the input opened, the tiles run."""
+    from fcconv.mapping import describe, open_input, plan_map
+
     meta = _metadata(model)
     native = tuple(int(s) for s in meta["fcconv.input_shape"].split(","))
     channels, rank = native[0], len(native) - 1

@@ -77,6 +77,8 @@ class MapResult:
     shape: tuple[int, ...]
     tiles: int
     written: bool
+    report: Any = None
+    """For a checkpoint converted first: the conversion's verification (nothing is mapped when it failed)."""
 
     @property
     def passed(self) -> bool:

@@ -165,7 +165,8 @@ def test_the_command_writes_the_map_and_says_what_it_tiled(exports, tmp_path):
         (["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.zip"], "name it NAME.npy"),
         (["{model}", "{tmp}/x.txt", "-o", "{tmp}/map.npy"], "not an input fcconv map reads"),
         (["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.npy", "--scheduler", "tcp://127.0.0.1:9"], "no Dask scheduler"),
-        (["{tmp}/x.npy", "{tmp}/x.npy", "-o", "{tmp}/map.npy"], "reads a converted ONNX export"),
+        (["{tmp}/x.npy", "{tmp}/x.npy", "-o", "{tmp}/map.npy"], "is not a PyTorch checkpoint"),
+        (["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.npy", "--stride", "4"], "are for a checkpoint"),
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_any_work(exports, tmp_path, args, says):
@@ -197,6 +198,19 @@ def test_a_run_that_fails_midway_leaves_nothing_under_the_output_name(exports, t
     with pytest.raises(RuntimeError, match="a tile failed"):
         map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "map.npy", tile="64", workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_a_checkpoint_is_converted_and_verified_first_then_mapped(exports, tmp_path):
+    x = np.random.default_rng(0).standard_normal((1, 70, 90)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = fcconv("map", SAMPLES / "digits_lenet.pt", tmp_path / "x.npy", "-o", tmp_path / "map.npy", "--tile", "60",
+                 "--stride", "2")  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "à trous" in run.stdout and "Verification" in run.stdout  # the conversion's own tables
+    export = tmp_path / "digits.s2.onnx"
+    assert fcconv("convert", SAMPLES / "digits_lenet.pt", "--stride", "2", "-o", export, "--quiet").returncode == 0
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), one_pass(export, x), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.s2.onnx", "map.npy", "x.npy"]
 
 
 def test_a_pooled_export_has_no_map_to_tile(tmp_path):
