@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import threading
 import wave
@@ -260,14 +259,16 @@ def _write(array: np.ndarray, tile: Tile, scores: np.ndarray) -> None:
 
 
 def describe(plan: MapPlan) -> str:
-    """One line: the input, the map, the tiles and their overlap."""
-    extents = ", ".join(f"{e.before} before, {e.span} in all" for e in plan.extents)
+    """One line: the input, the map, the tiles, and what each position reads."""
+
+    def dims(values: Sequence[int]) -> str:
+        return "×".join(map(str, values))
+
+    spans = dims([e.span for e in plan.extents])
+    before = dims([e.before for e in plan.extents])
+    strides = dims([e.stride for e in plan.extents])
     return (
-        f"map {'×'.join(map(str, plan.shape[1:]))} of {plan.shape[0]} classes from "
-        f"{'×'.join(map(str, plan.input.shape[1:]))} input values, {len(plan.tiles)} tiles; each position reads "
-        f"{extents} (input pixels per axis)"
+        f"map {dims(plan.shape[1:])} of {plan.shape[0]} classes from {dims(plan.input.shape[1:])} input values, "
+        f"{len(plan.tiles)} tiles; each position reads {spans} input pixels, from {before} before its step "
+        f"({strides} pixels apart)"
     )
-
-
-def extents_json(plan: MapPlan) -> str:
-    return json.dumps([e.__dict__ for e in plan.extents])
