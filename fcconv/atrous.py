@@ -25,15 +25,21 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
 from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.layers import AvgPoolAtrous, FullyConnectedConvMixin
+from fcconv.sizes import parse_counts
 
-__all__ = ["AtrousLayer", "AtrousPlan", "AtrousReading", "apply_atrous", "parse_stride", "plan_atrous"]
+if TYPE_CHECKING:
+    from fcconv.conversion import Conversion
+
+__all__ = [
+    "AtrousLayer", "AtrousPlan", "AtrousReading", "apply_atrous", "parse_stride", "plan_atrous", "rewrite_atrous",
+]  # fmt: skip
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAX_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -103,31 +109,37 @@ class AtrousPlan:
 
 def parse_stride(text: str | int | Sequence[int], rank: int | None = None) -> tuple[int, ...]:
     """``--stride``: one positive integer for every spatial axis, or one per axis (``2,16,16``); with ``rank``
-    unknown (before the model is read), the values as given."""
-    if isinstance(text, int):
-        values: list[Any] = [text]
-    elif isinstance(text, str):
-        values = [part.strip() for part in text.split(",")]
-    else:
-        values = list(text)
-    shown = text if isinstance(text, str) else ",".join(map(str, values))
-    try:
-        parsed = [int(v) for v in values]
-    except ValueError:
-        raise BadInputError(f"--stride {shown}: not a whole number or one per axis (such as 16, or 2,16,16)") from None
-    if any(v < 1 for v in parsed):
-        raise BadInputError(f"--stride {shown}: a stride is a whole number of at least 1")
-    if rank is None:
-        return tuple(parsed)
-    if len(parsed) == 1:
-        return tuple(parsed) * rank
-    if len(parsed) != rank:
-        raise BadInputError(f"--stride {shown}: the model has {rank} spatial axes; give one stride or {rank}")
-    return tuple(parsed)
+    known, refused unless there is one value or ``rank`` of them."""
+    parsed = parse_counts(text, "--stride", "16, or 2,16,16")
+    if rank is not None and len(parsed) not in (1, rank):
+        raise BadInputError(
+            f"--stride {_dims(parsed, ',')}: the model has {rank} spatial axes; give one stride or {rank}"
+        )
+    return parsed
 
 
-def _dims(values: tuple[int, ...]) -> str:
-    return "×".join(map(str, values))
+def rewrite_atrous(conversion: Conversion, stride: str | int | Sequence[int]) -> AtrousPlan:
+    """Rewrite a conversion's module à trous for an output ``stride``, in place; returns the plan."""
+    geometry = conversion.geometry
+    rank = len(geometry.feature_shape) - 1
+    parsed = parse_stride(stride, rank)
+    if geometry.window is None or geometry.pool is not None:
+        raise BadInputError(
+            "--stride makes a finer score map, but this conversion pools the whole map into one score vector "
+            "(add --dense to drop the global pooling; --pool cannot be combined with --stride)"
+        )
+    if geometry.added_axes:
+        raise BadInputError("--stride is not available for a model that takes a channel-free input")
+    if any(s != 1 for s in geometry.stride):
+        raise NotConvertibleError("--stride: the head reads its window through a strided pooling")
+    plan = plan_atrous(conversion.module, rank, parsed)
+    apply_atrous(conversion.module, plan, rank)
+    conversion.module.fcconv_stride = plan.stride
+    return plan
+
+
+def _dims(values: Sequence[int], sep: str = "×") -> str:
+    return sep.join(map(str, values))
 
 
 def _op_name(node: fx.Node) -> str:

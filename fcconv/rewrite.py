@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fcconv.atrous import AtrousPlan, apply_atrous, parse_stride, plan_atrous
+from fcconv.atrous import rewrite_atrous
 from fcconv.capture import CAPTURED_BY, FIXED_AXES, FIXED_BATCH, FX, captures, lower_exported_program, state_kept
 from fcconv.conversion import Conversion, HeadGeometry, RewrittenLayer, _conversion, _Plan
 from fcconv.errors import BadInputError, NotConvertibleError
@@ -149,31 +149,8 @@ def rewrite(
     module.fcconv_geometry = plan.geometry
     conversion = _conversion(plan, module, model, source)
     if stride is not None:
-        conversion.atrous = _atrous(conversion, stride)
+        conversion.atrous = rewrite_atrous(conversion, stride)
     return conversion
-
-
-def _atrous(conversion: Conversion, stride: int | tuple[int, ...]) -> AtrousPlan:
-    """Rewrite the converted module à trous for an output ``stride`` (:mod:`fcconv.atrous`)."""
-    geometry = conversion.geometry
-    rank = len(geometry.feature_shape) - 1
-    parsed = parse_stride(stride)
-    if len(parsed) not in (1, rank):
-        raise BadInputError(f"--stride {','.join(map(str, parsed))}: the model has {rank} spatial axes; give one "
-                            f"stride or {rank}")  # fmt: skip
-    if geometry.window is None or geometry.pool is not None:
-        raise BadInputError(
-            "--stride makes a finer score map, but this conversion pools the whole map into one score vector "
-            "(add --dense to drop the global pooling; --pool cannot be combined with --stride)"
-        )
-    if geometry.added_axes:
-        raise BadInputError("--stride is not available for a model that takes a channel-free input")
-    if any(s != 1 for s in geometry.stride):
-        raise NotConvertibleError("--stride: the head reads its window through a strided pooling")
-    plan = plan_atrous(conversion.module, rank, parsed)
-    apply_atrous(conversion.module, plan, rank)
-    conversion.module.fcconv_stride = plan.stride
-    return plan
 
 
 def analyze(

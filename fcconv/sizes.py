@@ -10,7 +10,24 @@ from collections.abc import Sequence
 
 from fcconv.errors import BadInputError
 
-__all__ = ["batched_shape", "check_tensor_size", "default_sizes", "parse_input_shape", "spatial_size", "spatial_start"]
+__all__ = [
+    "batched_shape", "check_tensor_size", "default_sizes", "parse_counts", "parse_input_shape", "spatial_size",
+    "spatial_start",
+]  # fmt: skip
+
+
+def parse_counts(text: str | int | Sequence[int], option: str, example: str) -> tuple[int, ...]:
+    """``"16"`` or ``"2,16,16"`` -> whole numbers of at least 1, one for every axis or one per axis (``--stride``,
+    ``--tile``); refused in one line naming ``option`` and an ``example``."""
+    values = [text] if isinstance(text, int) else text.split(",") if isinstance(text, str) else list(text)
+    shown = text if isinstance(text, str) else ",".join(map(str, values))
+    try:
+        parsed = tuple(int(str(v).strip()) for v in values)
+    except ValueError:
+        raise BadInputError(f"{option} {shown}: not a whole number, or one per axis (such as {example})") from None
+    if any(v < 1 for v in parsed):
+        raise BadInputError(f"{option} {shown}: each value is a whole number of at least 1")
+    return parsed
 
 
 def parse_input_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:

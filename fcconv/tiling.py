@@ -175,10 +175,9 @@ def _axis_tiles(n: int, axis: AxisExtent, tile: int) -> list[tuple[tuple[int, in
     stride, before, span, field = axis.stride, axis.before, axis.span, axis.receptive_field
     total = output_size(n, axis)
     reach = max(span - before, field)  # past T·m, a position reads this far (and its map needs this much input)
-    # positions per tile: a tile of `tile` pixels, starting at a multiple of the stride, holds the whole
-    # extent of `count` positions when before (rounded up to the stride) + (count − 1)·stride + reach ≤ tile
-    lead = math.ceil(before / stride) * stride
-    count = max(1, (tile - lead - reach) // stride + 1)
+    # a tile of `tile` pixels starting on the grid holds `count` positions whole when the smallest tile (one
+    # position) plus (count − 1) steps fits in it
+    count = max(1, (tile - _smallest_tile(axis)) // stride + 1)
     parts = []
     for first in range(0, total, count):
         last = min(total, first + count)

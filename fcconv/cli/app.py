@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,6 +30,9 @@ from fcconv.cli.options import (
     JunitOption,
     LogitsAsConvertedOption,
     LogitsOption,
+    MapInputArgument,
+    MapModelArgument,
+    MapOutputOption,
     OnnxExporterOption,
     OriginalOption,
     OutputOption,
@@ -43,12 +46,15 @@ from fcconv.cli.options import (
     RecordedShapeOption,
     RtolOption,
     SaveMapOption,
+    SchedulerOption,
     SizesOption,
     StrideOption,
+    TileOption,
     TopOption,
     TrustOption,
     UntilAsConvertedOption,
     UntilOption,
+    WorkersOption,
 )
 from fcconv.cli.render import (
     COMMAND_LINE_ERROR,
@@ -278,44 +284,12 @@ def heatmap(
 @app.command(cls=Command, name="map")
 @handle_errors
 def map_command(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            metavar="MODEL",
-            help="An ONNX file written by fcconv convert, or a checkpoint (converted and verified first, densely).",
-            readable=False,
-        ),
-    ],
-    source: Annotated[
-        Path,
-        typer.Argument(
-            metavar="INPUT",
-            help="A .npy array (C, *S) or (*S), a zarr array, a TIFF or BigTIFF, a WAV file, or a picture.",
-            readable=False,
-        ),
-    ],
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUT.npy", help="The map, K×positions, float32.")],
-    tile: Annotated[
-        Optional[str],
-        typer.Option(
-            "--tile",
-            metavar="N|N,N,…",
-            help="Input pixels per axis a tile reads, its overlap included (default 1024 in 2D, 262144 in 1D, "
-            "128 in 3D).",
-        ),
-    ] = None,
-    scheduler: Annotated[
-        Optional[str],
-        typer.Option(
-            "--scheduler",
-            metavar="tcp://HOST:PORT",
-            help="Run the tiles on this Dask cluster (the model and input readable by its workers at the same "
-            "paths); default: threads on this machine.",
-        ),
-    ] = None,
-    workers: Annotated[
-        Optional[int], typer.Option("--workers", metavar="N", help="Threads on this machine (default: one per core).")
-    ] = None,
+    model: MapModelArgument,
+    source: MapInputArgument,
+    output: MapOutputOption,
+    tile: TileOption = None,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
     arch: ArchOption = None,
     input_shape: InputShapeOption = None,
     stride: StrideOption = None,

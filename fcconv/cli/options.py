@@ -378,3 +378,44 @@ SaveMapOption = Annotated[
         help="Also write every class's probability map, K×h×w float32, as .npy.",
     ),
 ]
+
+# fcconv map
+MapModelArgument = Annotated[
+    Path,
+    typer.Argument(
+        metavar="MODEL",
+        help="An ONNX file written by fcconv convert, or a checkpoint (converted and verified first, densely).",
+        readable=False,
+    ),
+]
+MapInputArgument = Annotated[
+    Path,
+    typer.Argument(
+        metavar="INPUT",
+        help="A .npy array (C, *S) or (*S), a zarr array, a TIFF or BigTIFF, a WAV file, or a picture.",
+        readable=False,
+    ),
+]
+MapOutputOption = Annotated[
+    Path, typer.Option("-o", "--output", metavar="OUT.npy", help="The map, K×positions, float32.")
+]
+TileOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--tile",
+        metavar="N|N,N,…",
+        help="Input pixels per axis a tile reads, its overlap included (default 1024 in 2D, 262144 in 1D, 128 in 3D).",
+    ),
+]
+SchedulerOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        help="Run the tiles on this Dask cluster (the model and input readable by its workers at the same "
+        "paths); default: threads on this machine.",
+    ),
+]
+WorkersOption = Annotated[
+    Optional[int], typer.Option("--workers", metavar="N", help="Threads on this machine (default: one per core).")
+]

@@ -12,6 +12,7 @@ from fcconv.errors import BadInputError
 from fcconv.pipeline.arguments import check_output
 from fcconv.pipeline.events import Note, Progress, Reporter
 from fcconv.pipeline.results import MapResult
+from fcconv.sizes import parse_counts
 
 SCHEDULER_TIMEOUT = 10  # seconds a scheduler address has to answer
 
@@ -50,7 +51,7 @@ def map_file(
     check_output(output, ".npy", "-o", (model, source))
     if workers is not None and workers < 1:
         raise BadInputError(f"--workers {workers}: give at least 1")
-    sizes = _parse_tile(tile)
+    sizes = None if tile is None else parse_counts(tile, "--tile", "1024, or 64,512,512")
     if not source.exists():
         raise BadInputError(f"{source}: no such file")
     if model.suffix.lower() == ".onnx":
@@ -98,20 +99,6 @@ def _map_export(
         if client is not None:
             client.close()
     return MapResult(output, plan.shape, len(plan.tiles), written)
-
-
-def _parse_tile(tile: str | int | None) -> tuple[int, ...] | None:
-    if tile is None:
-        return None
-    try:
-        values = tuple(int(v) for v in str(tile).split(","))
-    except ValueError:
-        raise BadInputError(
-            f"--tile {tile}: input pixels per axis, one value or one per axis (1024, 64,512,512)"
-        ) from None
-    if any(v < 1 for v in values):
-        raise BadInputError(f"--tile {tile}: a tile is at least 1 pixel along each axis")
-    return values
 
 
 def _metadata(model: Path) -> dict[str, str]:
