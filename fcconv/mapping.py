@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 import wave
 from collections.abc import Callable, Iterator, Sequence
@@ -25,31 +26,43 @@ from typing import Any
 import numpy as np
 
 from fcconv.errors import BadInputError
-from fcconv.tiling import AxisExtent, Tile, measure_extent, output_size, plan_tiles
+from fcconv.tiling import AxisExtent, Tile, default_tile, measure_extent, output_size, plan_tiles
 
-__all__ = ["InputArray", "MapPlan", "open_input", "plan_map", "run_tile", "session_for"]
+__all__ = ["InputArray", "MapPlan", "open_input", "plan_map", "run_tile", "session_for", "tile_budget"]
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
-DEFAULT_TILE = {1: 1 << 18, 2: 1024, 3: 128}
-"""Input pixels per axis a tile reads, its overlap included: about 1 M input values per channel in 2D."""
+TILE_BUDGET = 2 << 30
+"""Bytes of activations a default tile's run may hold, as ONNX shape inference estimates them."""
+SMALLEST_DEFAULT_TILE = {1: 1 << 18, 2: 1024, 3: 128}
+"""Input pixels per axis of a default tile at least (about 1 M input values per channel in 2D), and of every
+default tile where the model's activations cannot be estimated."""
 
-_sessions: dict[str, Any] = {}
+_sessions: dict[tuple[str, int], Any] = {}
 _sessions_lock = threading.Lock()
 
 
-def session_for(model: str) -> Any:
-    """This process's onnxruntime session of ``model`` (one per model and worker), made on first use."""
+def session_for(model: str, threads: int = 1) -> Any:
+    """This process's onnxruntime session of ``model`` on ``threads`` threads (one per model, thread count and
+    worker), made on first use."""
     with _sessions_lock:
-        if model not in _sessions:
+        if (model, threads) not in _sessions:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
-            options.intra_op_num_threads = 1  # Dask runs tiles side by side; one thread each keeps runs reproducible
+            options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 4
-            _sessions[model] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        return _sessions[model]
+            _sessions[model, threads] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return _sessions[model, threads]
+
+
+def tile_budget(concurrent: int) -> int:
+    """Bytes of activations one of ``concurrent`` tiles run side by side may hold by default: ``TILE_BUDGET``, or
+    a quarter of this machine's memory shared among them where that is less."""
+    from fcconv.memory import machine_memory
+
+    return min(TILE_BUDGET, machine_memory() // (4 * max(1, concurrent)))
 
 
 @dataclass(frozen=True)
@@ -203,15 +216,28 @@ class MapPlan:
     extents: tuple[AxisExtent, ...]
     tiles: tuple[Tile, ...]
     shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    """The most input pixels per axis a tile reads."""
+    threads: int = 1
+    """onnxruntime threads per tile: the workers shared among the tiles that run at once."""
 
     @property
     def positions(self) -> int:
         return math.prod(self.shape[1:])
 
 
-def plan_map(model: str, source: InputArray, native: Sequence[int], tile: Sequence[int] | None) -> MapPlan:
-    """Measure the model's extent and cut the input into tiles (:func:`fcconv.tiling.plan_tiles`)."""
-    session = session_for(model)
+def plan_map(
+    model: str, source: InputArray, native: Sequence[int], tile: Sequence[int] | None, *,
+    workers: int | None = None, budget: int | None = None,
+) -> MapPlan:  # fmt: skip
+    """Measure the model's extent and cut the input into tiles (:func:`fcconv.tiling.plan_tiles`).
+
+    Without ``tile``, tiles are as large as ``budget`` bytes of activations allow (:func:`tile_budget` of
+    ``workers`` by default; :func:`fcconv.tiling.default_tile`). ``workers`` threads (this machine's cores by
+    default) are shared among the tiles that run at once.
+    """
+    workers = workers or os.cpu_count() or 1
+    session = session_for(model, workers)
     name = session.get_inputs()[0].name
     channels = source.shape[0]
     rank = len(source.shape) - 1
@@ -229,18 +255,38 @@ def plan_map(model: str, source: InputArray, native: Sequence[int], tile: Sequen
                                 f"{'×'.join(map(str, native))}")  # fmt: skip
     extents = tuple(measure_extent(run, native, channels, strides, fields))
     size = source.shape[1:]
-    tile = tuple(tile) if tile is not None else (DEFAULT_TILE[rank],) * rank
+    if tile is None:
+        least = SMALLEST_DEFAULT_TILE[rank]
+        tile = default_tile(size, extents, _activations(model, channels), budget or tile_budget(workers), least)
+    tile = tuple(tile) if tile is not None else (SMALLEST_DEFAULT_TILE[rank],) * rank
     if len(tile) == 1:
         tile = tile * rank
     tiles = tuple(plan_tiles(size, extents, tile))
     classes = run(np.zeros((1, channels, *native), np.float32)).shape[1]
     shape = (classes, *(output_size(n, e) for n, e in zip(size, extents)))
-    return MapPlan(model, source, extents, tiles, shape)
+    threads = max(1, workers // min(workers, len(tiles)))
+    return MapPlan(model, source, extents, tiles, shape, tile, threads)
 
 
-def run_tile(model: str, source: InputArray, tile: Tile) -> np.ndarray:
+def _activations(model: str, channels: int) -> Callable[[tuple[int, ...]], int | None]:
+    """The estimated activation bytes of ``model`` on one tile of each size, from ONNX shape inference."""
+    import onnx
+
+    from fcconv.memory import activation_bytes
+    from fcconv.onnx_shapes import shapes_only
+
+    light = shapes_only(onnx.load(model, load_external_data=False))
+
+    def estimate(tile: tuple[int, ...]) -> int | None:
+        found = activation_bytes(light, (1, channels, *tile), np.dtype(np.float32).itemsize)
+        return found[0] if found else None
+
+    return estimate
+
+
+def run_tile(model: str, source: InputArray, tile: Tile, threads: int = 1) -> np.ndarray:
     """One tile's part of the map, (K, *positions): the model on the tile's input, cut to the positions it owns."""
-    session = session_for(model)
+    session = session_for(model, threads)
     x = source.read(tile.input_slices)[None]
     scores = session.run(None, {session.get_inputs()[0].name: x})[0][0]
     return np.ascontiguousarray(scores[(slice(None), *tile.own_slices)])
@@ -269,6 +315,6 @@ def describe(plan: MapPlan) -> str:
     strides = dims([e.stride for e in plan.extents])
     return (
         f"map {dims(plan.shape[1:])} of {plan.shape[0]} classes from {dims(plan.input.shape[1:])} input values, "
-        f"{len(plan.tiles)} tiles; each position reads {spans} input pixels, from {before} before its step "
-        f"({strides} pixels apart)"
+        f"{len(plan.tiles)} tile{'s' * (len(plan.tiles) != 1)} of at most {dims(plan.tile)}; each position reads "
+        f"{spans} input pixels, from {before} before its step ({strides} pixels apart)"
     )

@@ -25,7 +25,7 @@ import numpy as np
 
 from fcconv.errors import BadInputError, NotConvertibleError
 
-__all__ = ["AxisExtent", "Tile", "measure_extent", "output_size", "plan_tiles"]
+__all__ = ["AxisExtent", "Tile", "default_tile", "measure_extent", "output_size", "plan_tiles"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,50 @@ def plan_tiles(size: Sequence[int], extents: Sequence[AxisExtent], tile: Sequenc
     return tiles
 
 
+OVERLAP_SHARE = 0.05
+"""The share of a default tile's length, per axis, that it reads again from its neighbour."""
+
+
+def default_tile(
+    size: Sequence[int], extents: Sequence[AxisExtent], activations: Callable[[tuple[int, ...]], int | None],
+    budget: int, least: int,
+) -> tuple[int, ...] | None:  # fmt: skip
+    """A tile whose overlap with its neighbours is at most ``OVERLAP_SHARE`` of its length per axis (and at least
+    ``least`` pixels long), or, where that would not fit ``budget`` bytes of activations as ``activations(tile)``
+    estimates them, the largest that does; clipped to the input, with the same number of map positions per axis.
+    None where the activations cannot be estimated.
+
+    The overlap is what one position reads, whatever the tile's size, so a larger tile recomputes a smaller share
+    of the input; past that share, a larger tile only holds more memory (and, on a CPU, runs out of its caches).
+    """
+
+    def tile(count: int) -> tuple[int, ...]:
+        return tuple(min(n, _smallest_tile(e) + (count - 1) * e.stride) for n, e in zip(size, extents))
+
+    def fits(count: int) -> bool:
+        needed = activations(tile(count))
+        return needed is not None and needed <= budget
+
+    wanted = max(
+        math.ceil((max(least, (_smallest_tile(e) - e.stride) / OVERLAP_SHARE) - _smallest_tile(e)) / e.stride) + 1
+        for e in extents
+    )
+    most = max(1, min(wanted, max(output_size(n, e) for n, e in zip(size, extents))))
+    if activations(tile(1)) is None:
+        return None
+    if not fits(1):
+        return tile(1)  # one position per tile is the least a tile can hold
+    low, high = 1, min(2, most)  # fits(low); find a high that does not
+    while fits(high):
+        if high == most:
+            return tile(most)
+        low, high = high, min(2 * high, most)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return tile(low)
+
+
 def _smallest_tile(axis: AxisExtent) -> int:
     """The fewest input pixels a tile that starts on the map's grid needs to hold one position whole."""
     return math.ceil(axis.before / axis.stride) * axis.stride + max(axis.span - axis.before, axis.receptive_field)
@@ -176,8 +220,9 @@ def _axis_tiles(n: int, axis: AxisExtent, tile: int) -> list[tuple[tuple[int, in
     total = output_size(n, axis)
     reach = max(span - before, field)  # past T·m, a position reads this far (and its map needs this much input)
     # a tile of `tile` pixels starting on the grid holds `count` positions whole when the smallest tile (one
-    # position) plus (count − 1) steps fits in it
-    count = max(1, (tile - _smallest_tile(axis)) // stride + 1)
+    # position) plus (count − 1) steps fits in it; a tile that holds the whole axis holds every position
+    count = total if n <= tile else max(1, (tile - _smallest_tile(axis)) // stride + 1)
+    count = math.ceil(total / math.ceil(total / count))  # as many tiles as that takes, holding as many positions each
     parts = []
     for first in range(0, total, count):
         last = min(total, first + count)

@@ -404,7 +404,8 @@ TileOption = Annotated[
     typer.Option(
         "--tile",
         metavar="N|N,N,…",
-        help="Input pixels per axis a tile reads, its overlap included (default 1024 in 2D, 262144 in 1D, 128 in 3D).",
+        help="Input pixels per axis a tile reads, its overlap included (default: as large as 2 GiB of "
+        "activations per tile allow, less where memory is short).",
     ),
 ]
 SchedulerOption = Annotated[

@@ -77,7 +77,7 @@ def _map_export(
     workers: int | None, report: Reporter,
 ) -> MapResult:  # fmt: skip
     """The map of ``source`` by the export ``model``: its metadata read, the input opened, the tiles run."""
-    from fcconv.mapping import describe, open_input, plan_map
+    from fcconv.mapping import TILE_BUDGET, describe, open_input, plan_map
 
     meta = _metadata(model)
     native = tuple(int(s) for s in meta["fcconv.input_shape"].split(","))
@@ -92,7 +92,9 @@ def _map_export(
     client = _client(scheduler) if scheduler else None
     try:
         with report.stage("extent", "Measuring what each map position reads…"):
-            plan = plan_map(str(model.resolve()), array, native[1:], sizes)
+            # on a cluster, the workers' memory is not this machine's: the budget is the default one
+            budget = TILE_BUDGET if client is not None else None
+            plan = plan_map(str(model.resolve()), array, native[1:], sizes, workers=workers, budget=budget)
         report(Note(describe(plan)))
         written = _run(plan, output, client, workers, report)
     finally:
@@ -156,7 +158,7 @@ def _run(plan: Any, output: Path, client: Any, workers: int | None, report: Repo
                 import dask
 
                 def one(tile: Any) -> None:
-                    finished(tile, run_tile(plan.model, plan.input, tile))
+                    finished(tile, run_tile(plan.model, plan.input, tile, plan.threads))
 
                 tasks = [dask.delayed(one)(tile) for tile in plan.tiles]
                 dask.compute(*tasks, scheduler="threads", num_workers=workers)

@@ -9,6 +9,7 @@ with exit 2 before any work, leaving nothing behind.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import wave
@@ -101,6 +102,48 @@ def test_the_tiles_cover_the_map_once_and_start_on_its_grid(exports, tmp_path):
     assert all(e.before > 0 and e.span > e.receptive_field for e in plan.extents)
 
 
+def test_default_tiles_are_as_large_as_their_memory_allows_up_to_a_small_overlap():
+    from fcconv.tiling import OVERLAP_SHARE, AxisExtent, default_tile, plan_tiles
+
+    vgg = AxisExtent(stride=32, receptive_field=224, before=90, span=404)  # VGG16's extent, measured
+
+    def activations(tile):  # VGG16's: 64 channels at full resolution, held twice
+        return 2 * 64 * 4 * tile[0] * tile[1]
+
+    for budget in (1 << 28, 1 << 30, 2 << 30):
+        tile = default_tile((20_000, 20_000), (vgg, vgg), activations, budget, least=1024)
+        assert activations(tile) <= budget < activations((tile[0] + 32, tile[1] + 32))  # the largest that fits
+        assert tile[0] == tile[1] and tile[0] % 32 == 410 % 32  # whole positions from a start on the grid
+    # where memory allows, no larger than an overlap of OVERLAP_SHARE needs
+    tile = default_tile((50_000, 50_000), (vgg, vgg), activations, 1 << 40, least=1024)
+    overlap = 410 - 32
+    assert overlap / tile[0] <= OVERLAP_SHARE < overlap / (tile[0] - 32)
+    # a small model's tiles are the least given; an input smaller than a tile is one tile
+    small = AxisExtent(stride=4, receptive_field=28, before=0, span=28)
+    assert default_tile((5000, 5000), (small, small), activations, 2 << 30, least=1024) == (1024, 1024)
+    assert default_tile((700, 900), (small, small), activations, 2 << 30, least=1024) == (700, 900)
+    assert len(plan_tiles((700, 900), (small, small), (700, 900))) == 1
+    # where the activations cannot be estimated, there is no default to give
+    assert default_tile((5000, 5000), (small, small), lambda tile: None, 2 << 30, least=1024) is None
+
+
+def test_default_tiles_map_exactly_and_share_the_threads(exports, tmp_path):
+    from fcconv.mapping import open_input, plan_map, run_tile
+
+    x = np.random.default_rng(2).standard_normal((3, 150, 170)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    source = open_input(tmp_path / "x.npy", 3, 2, None)
+    whole = plan_map(str(exports["shapes"]), source, (32, 32), None, workers=2)
+    assert len(whole.tiles) == 1 and whole.threads == 2 and whole.tile == (150, 170)
+    # a budget of a few tiles' activations: several tiles, one thread each, the same map
+    split = plan_map(str(exports["shapes"]), source, (32, 32), None, workers=2, budget=1_000_000)
+    assert len(split.tiles) > 2 and split.threads == 1
+    stitched = np.zeros(split.shape, np.float32)
+    for tile in split.tiles:
+        stitched[(slice(None), *tile.output_slices)] = run_tile(split.model, split.input, tile, split.threads)
+    np.testing.assert_allclose(stitched, one_pass(exports["shapes"], x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_two_worker_dask_cluster_writes_the_same_bytes(exports, tmp_path):
     from distributed import LocalCluster
 
@@ -112,6 +155,33 @@ def test_a_two_worker_dask_cluster_writes_the_same_bytes(exports, tmp_path):
                           scheduler=cluster.scheduler_address)  # fmt: skip
     assert local.tiles == remote.tiles > 4
     assert (tmp_path / "threads.npy").read_bytes() == (tmp_path / "cluster.npy").read_bytes()
+
+
+def test_a_worker_that_dies_mid_run_is_replaced_and_the_map_is_still_exact(exports, tmp_path):
+    from distributed import Client, LocalCluster, WorkerPlugin
+
+    class DiesOnce(WorkerPlugin):
+        """Kills its worker's process as the first tile of the run starts executing (once, across restarts)."""
+
+        def __init__(self, marker):
+            self.marker = marker
+
+        def transition(self, key, start, finish, **kwargs):
+            if finish == "executing" and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os._exit(1)
+
+    x = np.random.default_rng(1).standard_normal((3, 141, 187)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    marker = tmp_path / "died"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            client.register_plugin(DiesOnce(str(marker)))
+        result = map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "map.npy", tile="64",
+                          scheduler=cluster.scheduler_address)  # fmt: skip
+    assert marker.exists()  # a worker did die mid-run
+    assert result.written and result.tiles > 4
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), one_pass(exports["shapes"], x), rtol=1e-5, atol=1e-5)
 
 
 def test_pictures_wav_tiff_and_zarr_inputs_read_as_the_model_expects(exports, tmp_path):
@@ -149,7 +219,7 @@ def test_the_command_writes_the_map_and_says_what_it_tiled(exports, tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((3, 80, 100)).astype(np.float32))
     run = fcconv("map", exports["shapes"], tmp_path / "x.npy", "-o", tmp_path / "map.npy", "--tile", "64")
     assert run.returncode == 0, run.stderr
-    assert "tiles; each position reads" in run.stdout and f"wrote {tmp_path / 'map.npy'} (7×7×9)" in run.stdout
+    assert "63 tiles of at most 64×64; each position reads" in run.stdout and f"wrote {tmp_path / 'map.npy'} (7×7×9)" in run.stdout
 
 
 @pytest.mark.parametrize(
@@ -188,11 +258,11 @@ def test_a_run_that_fails_midway_leaves_nothing_under_the_output_name(exports, t
     calls = []
     real = fcconv.mapping.run_tile
 
-    def failing(model, source, tile):
+    def failing(model, source, tile, threads=1):
         calls.append(tile)
         if len(calls) == 5:
             raise RuntimeError("a tile failed")
-        return real(model, source, tile)
+        return real(model, source, tile, threads)
 
     monkeypatch.setattr(fcconv.mapping, "run_tile", failing)
     with pytest.raises(RuntimeError, match="a tile failed"):
