@@ -6,7 +6,8 @@ For each model (the shipped digits and shapes samples, and VGG16 with random wei
 here), on a random SIZE×SIZE input held as a ``.npy`` file:
 
 * tiled throughput (input pixels per second, default tiles, this machine's threads) against one pass of the
-  same export over the whole input in onnxruntime (all threads), where one pass still fits in memory;
+  same export over the whole input in onnxruntime (all threads), at SIZE and twice the side (where one pass
+  still fits in memory);
 * the tiled time at twice the side (four times the area) against SIZE: linear is 4×;
 * the tiled time with 1, 2 and 4 Dask threads, against 1.
 
@@ -51,9 +52,9 @@ def _export(name: str, folder: Path) -> tuple[Path, tuple[int, ...]]:
 
 
 def _one_pass(model: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from fcconv.mapping import session_for
 
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = session_for(str(model), os.cpu_count() or 1)
     return session.run(None, {session.get_inputs()[0].name: x[None]})[0][0]
 
 
@@ -62,8 +63,11 @@ def _tiled(plan, out: Path, workers: int | None) -> None:
 
     from fcconv.mapping import map_writer, run_tile
 
+    threads = max(1, (workers or os.cpu_count() or 1) // min(workers or os.cpu_count() or 1, len(plan.tiles)))
     with map_writer(out, plan.shape) as write:
-        tasks = [dask.delayed(lambda t: write(t, run_tile(plan.model, plan.input, t)))(tile) for tile in plan.tiles]
+        tasks = [
+            dask.delayed(lambda t: write(t, run_tile(plan.model, plan.input, t, threads)))(tile) for tile in plan.tiles
+        ]
         dask.compute(*tasks, scheduler="threads", num_workers=workers)
 
 
@@ -93,6 +97,7 @@ def main() -> None:
             calls = {
                 "one pass": lambda: _one_pass(model, inputs[args.size]),
                 "tiled": lambda: _tiled(small, folder / "map.npy", None),
+                "one pass 2×": lambda: _one_pass(model, inputs[2 * args.size]),
                 "tiled 2×": lambda: _tiled(large, folder / "map2.npy", None),
                 **{
                     f"tiled, {w} thread{'s' * (w > 1)}": (lambda w=w: _tiled(small, folder / "mapw.npy", w))
@@ -108,9 +113,12 @@ def main() -> None:
                     times.setdefault(label, []).append(time.perf_counter() - start)
             median = {label: statistics.median(values) for label, values in times.items()}
             diff = float(np.abs(np.load(folder / "map.npy") - _one_pass(model, inputs[args.size])).max())
-            pixels = args.size**2
-            rows.append(f"| {name} | {args.size}×{args.size} | {len(small.tiles)} | {pixels / median['one pass'] / 1e6:.2f} "
-                        f"| {pixels / median['tiled'] / 1e6:.2f} | {median['one pass'] / median['tiled']:.2f}× | {diff:.1e} |")  # fmt: skip
+            diff2 = float(np.abs(np.load(folder / "map2.npy") - _one_pass(model, inputs[2 * args.size])).max())
+            for side, plan, suffix in ((args.size, small, ""), (2 * args.size, large, " 2×")):
+                pixels, one, tiled = side**2, median["one pass" + suffix], median["tiled" + suffix]
+                tile = "×".join(map(str, plan.tile))
+                rows.append(f"| {name} | {side}×{side} | {len(plan.tiles)} of {tile} | {pixels / one / 1e6:.2f} "
+                            f"| {pixels / tiled / 1e6:.2f} | {one / tiled:.2f}× | {diff if not suffix else diff2:.1e} |")  # fmt: skip
             scaling.append(f"| {name} | {median['tiled']:.2f} s | {median['tiled 2×']:.2f} s | "
                            f"{median['tiled 2×'] / median['tiled']:.2f}× |")  # fmt: skip
             one = median["tiled, 1 thread"]

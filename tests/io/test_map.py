@@ -219,7 +219,10 @@ def test_the_command_writes_the_map_and_says_what_it_tiled(exports, tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((3, 80, 100)).astype(np.float32))
     run = fcconv("map", exports["shapes"], tmp_path / "x.npy", "-o", tmp_path / "map.npy", "--tile", "64")
     assert run.returncode == 0, run.stderr
-    assert "63 tiles of at most 64×64; each position reads" in run.stdout and f"wrote {tmp_path / 'map.npy'} (7×7×9)" in run.stdout
+    assert (
+        "63 tiles of at most 64×64; each position reads" in run.stdout
+        and f"wrote {tmp_path / 'map.npy'} (7×7×9)" in run.stdout
+    )
 
 
 @pytest.mark.parametrize(
