@@ -1,6 +1,7 @@
 """What tiling costs: ``fcconv map`` against one pass over the whole input, its time against input area, and workers.
 
     python bench/bench_map.py [--runs 2] [--models digits,shapes,vgg16] [--size 2048]
+    python bench/bench_map.py --memory 2048,8192,20000
 
 For each model (the shipped digits and shapes samples, and VGG16 with random weights, converted and exported
 here), on a random SIZE×SIZE input held as a ``.npy`` file:
@@ -10,6 +11,11 @@ here), on a random SIZE×SIZE input held as a ``.npy`` file:
   still fits in memory);
 * the tiled time at twice the side (four times the area) against SIZE: linear is 4×;
 * the tiled time with 1, 2 and 4 Dask threads, against 1.
+
+With ``--memory 2048,8192,20000``, instead: ``fcconv map`` of the digits sample over random inputs of those sides (a
+20,000×20,000 input is 400 megapixels, 1.6 GB as float32), each in a process of its own whose resident memory is
+sampled every 20 ms: the peak of its anonymous memory (what the run holds; the input and map are memory-mapped
+files, whose pages the kernel may drop) and of all its resident memory, and the time.
 
 Times are medians of ``--runs`` rounds; within a round every variant runs in turn. The map's extent is measured
 once per model, outside the timed calls (``plan_map``), as is writing the input file. The tiled map is checked
@@ -71,13 +77,61 @@ def _tiled(plan, out: Path, workers: int | None) -> None:
         dask.compute(*tasks, scheduler="threads", num_workers=workers)
 
 
+def _memory(sides: list[int]) -> None:
+    """Peak memory of ``fcconv map`` against the input's size (see the module's docstring)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model, _ = _export("digits", folder)
+        for side in sides:
+            path = folder / "x.npy"
+            x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(1, side, side))
+            rng = np.random.default_rng(side)
+            for row in range(0, side, 1024):  # written in strips: the bench itself holds no whole input
+                x[0, row : row + 1024] = rng.random((min(1024, side - row), side), np.float32)
+            x.flush()
+            del x
+            command = [sys.executable, "-m", "fcconv", "map", model, path, "-o", folder / "map.npy", "--quiet"]
+            start = time.perf_counter()
+            child = subprocess.Popen(command)
+            peak = {"RssAnon": 0, "VmRSS": 0}
+            while child.poll() is None:
+                try:
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                except OSError:
+                    break
+                for line in status.splitlines():
+                    key, _, value = line.partition(":")
+                    if key in peak:
+                        peak[key] = max(peak[key], int(value.split()[0]) * 1024)
+                time.sleep(0.02)
+            child.wait()
+            elapsed = time.perf_counter() - start
+            assert child.returncode == 0, child.returncode
+            size = path.stat().st_size
+            rows.append(f"| {side}×{side} | {side * side / 1e6:,.0f} | {size / 1e9:.2f} GB | {elapsed:.1f} s | "
+                        f"{peak['RssAnon'] / 1e6:,.0f} MB | {peak['VmRSS'] / 1e6:,.0f} MB |")  # fmt: skip
+            path.unlink()
+            (folder / "map.npy").unlink()
+    print("| input | megapixels | input file | time | peak anonymous memory | peak resident memory |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="digits,shapes,vgg16")
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--workers", default="1,2,4", help="thread counts to compare ('' for none)")
+    parser.add_argument("--no-warmup", action="store_true", help="for long runs, where sessions' start is noise")
+    parser.add_argument("--memory", help="sides, comma-separated: measure peak memory against input size instead")
     args = parser.parse_args()
+    if args.memory:
+        _memory([int(side) for side in args.memory.split(",")])
+        return
     from fcconv.mapping import open_input, plan_map
+    from fcconv.memory import activation_bytes, machine_memory
 
     rows, scaling, workers_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,18 +147,24 @@ def main() -> None:
                 plans[side] = plan_map(str(model), open_input(path, native[0], 2, None), native[1:], None)
                 del x
             small, large = plans[args.size], plans[2 * args.size]
+            # one pass at twice the side only where its activations fit in a quarter of this machine's memory
+            fits, fits_small = (
+                (activation_bytes(str(model), (1, native[0], side, side), 4) or (0,))[0] <= machine_memory() // 4
+                for side in (2 * args.size, args.size)
+            )
+            counts = [int(w) for w in args.workers.split(",") if w]
             times: dict[str, list[float]] = {}
             calls = {
-                "one pass": lambda: _one_pass(model, inputs[args.size]),
+                **({"one pass": lambda: _one_pass(model, inputs[args.size])} if fits_small else {}),
                 "tiled": lambda: _tiled(small, folder / "map.npy", None),
-                "one pass 2×": lambda: _one_pass(model, inputs[2 * args.size]),
+                **({"one pass 2×": lambda: _one_pass(model, inputs[2 * args.size])} if fits else {}),
                 "tiled 2×": lambda: _tiled(large, folder / "map2.npy", None),
                 **{
                     f"tiled, {w} thread{'s' * (w > 1)}": (lambda w=w: _tiled(small, folder / "mapw.npy", w))
-                    for w in (1, 2, 4)
+                    for w in counts
                 },  # fmt: skip
             }
-            for call in calls.values():  # warm-up
+            for call in calls.values() if not args.no_warmup else ():  # warm-up
                 call()
             for _ in range(args.runs):
                 for label, call in calls.items():
@@ -112,18 +172,32 @@ def main() -> None:
                     call()
                     times.setdefault(label, []).append(time.perf_counter() - start)
             median = {label: statistics.median(values) for label, values in times.items()}
-            diff = float(np.abs(np.load(folder / "map.npy") - _one_pass(model, inputs[args.size])).max())
-            diff2 = float(np.abs(np.load(folder / "map2.npy") - _one_pass(model, inputs[2 * args.size])).max())
+            diff = (
+                float(np.abs(np.load(folder / "map.npy") - _one_pass(model, inputs[args.size])).max())
+                if fits_small
+                else None
+            )
+            diff2 = (
+                float(np.abs(np.load(folder / "map2.npy") - _one_pass(model, inputs[2 * args.size])).max())
+                if fits
+                else None
+            )
             for side, plan, suffix in ((args.size, small, ""), (2 * args.size, large, " 2×")):
-                pixels, one, tiled = side**2, median["one pass" + suffix], median["tiled" + suffix]
+                pixels, tiled = side**2, median["tiled" + suffix]
                 tile = "×".join(map(str, plan.tile))
+                if "one pass" + suffix not in median:
+                    rows.append(f"| {name} | {side}×{side} | {len(plan.tiles)} of {tile} | – (past a quarter of "
+                                f"memory) | {pixels / tiled / 1e6:.2f} | – | – |")  # fmt: skip
+                    continue
+                one = median["one pass" + suffix]
                 rows.append(f"| {name} | {side}×{side} | {len(plan.tiles)} of {tile} | {pixels / one / 1e6:.2f} "
                             f"| {pixels / tiled / 1e6:.2f} | {one / tiled:.2f}× | {diff if not suffix else diff2:.1e} |")  # fmt: skip
             scaling.append(f"| {name} | {median['tiled']:.2f} s | {median['tiled 2×']:.2f} s | "
                            f"{median['tiled 2×'] / median['tiled']:.2f}× |")  # fmt: skip
-            one = median["tiled, 1 thread"]
-            workers_rows.append(f"| {name} | {one:.2f} s | " + " | ".join(
-                f"{one / median[label]:.2f}×" for label in ("tiled, 2 threads", "tiled, 4 threads")) + " |")  # fmt: skip
+            if counts:
+                one = median[f"tiled, {counts[0]} thread{'s' * (counts[0] > 1)}"]
+                workers_rows.append(f"| {name} | {one:.2f} s | " + " | ".join(
+                    f"{one / median[f'tiled, {w} threads']:.2f}×" for w in counts[1:]) + " |")  # fmt: skip
             inputs.clear()
     print(f"CPU: {os.cpu_count()} cores; medians of {args.runs} rounds\n")
     print("| model | input | tiles | one pass Mpx/s | tiled Mpx/s | tiled / one pass throughput | max abs diff |")
@@ -131,8 +205,10 @@ def main() -> None:
     print("\n".join(rows))
     print(f"\n| model | tiled {args.size}² | tiled {2 * args.size}² (4× the area) | ratio |\n|---|---|---|---|")
     print("\n".join(scaling))
-    print("\n| model | 1 thread | 2 threads, speedup | 4 threads, speedup |\n|---|---|---|---|")
-    print("\n".join(workers_rows))
+    if workers_rows:
+        print(f"\n| model | {counts[0]} thread(s) | " + " | ".join(f"{w} threads, speedup" for w in counts[1:]) + " |")
+        print("|---|---|" + "---|" * len(counts[1:]))
+        print("\n".join(workers_rows))
 
 
 if __name__ == "__main__":

@@ -475,10 +475,15 @@ def _probabilities(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     return np.exp(log).astype(np.float32), log, "softmax of the scores"
 
 
-def score_map(model: DenseModel, picture: Any) -> ScoreMap:
+def score_map(
+    model: DenseModel, picture: Any, *, tile: tuple[int, ...] | None = None, budget: int | None = None
+) -> ScoreMap:
     """Run ``model`` on ``picture`` (a path or a PIL image, converted to the model's mode) and return its :class:`ScoreMap`.
 
-    The picture must be at least the model's native size on both axes.
+    The picture must be at least the model's native size on both axes. A picture whose run would hold more than
+    ``budget`` bytes of activations (``fcconv map``'s default tile budget, :func:`fcconv.mapping.tile_budget`) is
+    scored as ``fcconv map`` scores an input, in exact tiles (:mod:`fcconv.tiling`) of at most ``tile`` pixels
+    per axis (by default as large as the budget allows), so that its run need not fit in memory at once.
     """
     if not hasattr(picture, "convert"):
         picture = read_picture(picture, model.preprocess.mode)
@@ -495,9 +500,11 @@ def score_map(model: DenseModel, picture: Any) -> ScoreMap:
             f"the picture is {width}×{height} pixels; the model's input fixes its size to {native[1]}×{native[0]} "
             "and it records no other (no fcconv metadata): give a picture of that size"
         )
-    _refuse_picture_beyond_memory(model, width, height)
-    scores = model.run(model.preprocess.tensor(picture))
-    scores = scores.detach().float().cpu().numpy()[0]
+    scores = _scores_by_tiles(model, picture, tile, budget)
+    if scores is None:
+        _refuse_picture_beyond_memory(model, width, height)
+        scores = model.run(model.preprocess.tensor(picture))
+        scores = scores.detach().float().cpu().numpy()[0]
     probabilities, log_probabilities, source = _probabilities(scores)
     placement = _placement(model, (height, width), scores.shape[1:])
     return ScoreMap(
@@ -510,6 +517,51 @@ def score_map(model: DenseModel, picture: Any) -> ScoreMap:
         background_class=model.background_class,
         probability_source=source,
     )
+
+
+def _scores_by_tiles(
+    model: DenseModel, picture: Any, tile: tuple[int, ...] | None, budget: int | None
+) -> np.ndarray | None:
+    """The K×h×w scores of ``picture`` computed tile by tile, or None where one pass serves: without ``tile``, a
+    picture whose run fits ``budget``, or a model whose activations cannot be estimated."""
+    from fcconv.mapping import SMALLEST_DEFAULT_TILE, tile_budget
+    from fcconv.tiling import default_tile, measure_extent, output_size, plan_tiles
+
+    size = (picture.height, picture.width)
+    channels, native = model.input_shape[0], tuple(model.input_shape[1:])
+
+    def activations(shape: tuple[int, ...]) -> int | None:
+        found = model.activations((1, channels, *shape)) if model.activations is not None else None
+        return found[0] if found else None
+
+    if tile is None:
+        budget = budget or tile_budget(1)
+        whole = activations(size)
+        if whole is None or whole <= budget:
+            return None
+    if model.stride is None:
+        if tile is None:
+            return None  # no sliding map to cut: one pass, if it fits in memory
+        raise BadInputError(f"--tile: {model.description}'s map does not step like a sliding window, so it cannot be "
+                            "cut into tiles; leave --tile out")  # fmt: skip
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return model.run(torch.from_numpy(x)).detach().float().cpu().numpy()
+
+    extents = measure_extent(run, native, channels, model.stride, native)
+    if tile is None:
+        tile = default_tile(size, extents, activations, budget, SMALLEST_DEFAULT_TILE[2])
+    tile = tile * 2 if tile is not None and len(tile) == 1 else tile
+    scores = None
+    for part in plan_tiles(size, extents, tile or (SMALLEST_DEFAULT_TILE[2],) * 2):
+        (top, bottom), (left, right) = part.input
+        own = run(model.preprocess.tensor(picture.crop((left, top, right, bottom))).numpy())[0][
+            (slice(None), *part.own_slices)
+        ]
+        if scores is None:
+            scores = np.empty((own.shape[0], *(output_size(n, e) for n, e in zip(size, extents))), np.float32)
+        scores[(slice(None), *part.output_slices)] = own
+    return scores
 
 
 def _refuse_picture_beyond_memory(model: DenseModel, width: int, height: int) -> None:

@@ -165,7 +165,7 @@ def plan_tiles(size: Sequence[int], extents: Sequence[AxisExtent], tile: Sequenc
     return tiles
 
 
-OVERLAP_SHARE = 0.05
+OVERLAP_SHARE = 0.025
 """The share of a default tile's length, per axis, that it reads again from its neighbour."""
 
 

@@ -259,6 +259,7 @@ def heatmap(
     input_shape: InputShapeOption = None,
     trust: TrustOption = False,
     stride: StrideOption = None,
+    tile: TileOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -269,11 +270,13 @@ def heatmap(
     runs in onnxruntime as it is. The PNG shows one panel per class, the best
     window of each outlined, and a colour bar of the probabilities. --stride S draws
     the finer map of a checkpoint converted à trous: one window every S pixels.
+    A picture too large to run at once is scored in exact tiles, as fcconv map
+    scores an input (--tile to choose their size).
     """
     with screen.shown() as progress:
         result = heatmap_file(
             model, image, output, class_names=class_names, top=top, save_map=save_map, arch=arch,
-            input_shape=input_shape, trust=trust, stride=stride, progress=progress,
+            input_shape=input_shape, trust=trust, stride=stride, tile=tile, progress=progress,
         )  # fmt: skip
     if not result.passed:
         screen.show(verification_table(result.check))

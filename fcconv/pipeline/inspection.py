@@ -11,6 +11,7 @@ from fcconv.pipeline.input_shape import input_shape_explained
 from fcconv.pipeline.onnx_input import is_onnx, refuse_for_onnx, rewrite_onnx_file
 from fcconv.pipeline.results import HeatmapResult, InspectResult
 from fcconv.pipeline.steps import load_checkpoint
+from fcconv.sizes import parse_counts
 
 
 def inspect_file(
@@ -64,6 +65,7 @@ def heatmap_file(
     input_shape: str | None = None,
     trust: bool = False,
     stride: str | int | None = None,
+    tile: str | int | None = None,
     progress: Progress | None = None,
 ) -> HeatmapResult:
     """Draw where ``model`` sees each class in ``image`` and write the PNG (and, with ``save_map``, every class's
@@ -72,6 +74,8 @@ def heatmap_file(
     A checkpoint is converted in memory, densely (à trous at ``stride``, where given), and checked against the
     original at its native size; when
     that check fails nothing is written and the result's ``passed`` is False (the command's exit 1).
+    A picture whose run would not fit ``fcconv map``'s tile budget is scored in exact tiles (of at most ``tile``
+    pixels per axis, where given).
     Raises :class:`~fcconv.errors.BadInputError` (exit 2).
     """
     from fcconv.heatmap import load_dense_model, read_picture, score_map
@@ -90,6 +94,9 @@ def heatmap_file(
         check_output(save_map, ".npy", "--save-map", (model, image))
     picture = read_picture(image)  # an unreadable picture is reported before the model is loaded
     shape = parse_shape(input_shape)
+    tile = None if tile is None else parse_counts(tile, "--tile", "1024, or 768,1024")
+    if tile is not None and len(tile) > 2:
+        raise BadInputError(f"--tile {','.join(map(str, tile))}: a picture has two axes; give one value or two")
     if stride is not None:
         from fcconv.atrous import parse_stride
 
@@ -106,7 +113,7 @@ def heatmap_file(
     if dense.check is not None and not dense.check.passed:
         return HeatmapResult(image, dense.check)
     with report.stage("score", f"Running on {image.name}…"):
-        scores = score_map(dense, picture)
+        scores = score_map(dense, picture, tile=tile)
     if class_names:
         peaks = [scores.peak(scores.class_index(name)) for name in class_names]
     else:

@@ -169,12 +169,22 @@ def test_a_native_size_beyond_memory_says_no_size_would_do(folder):
     assert "verifying at 1000000×1000000 needs at least" in line and "even the native size does not fit" in line
 
 
-def test_a_heatmap_of_a_picture_beyond_memory_is_refused_before_running(folder, monkeypatch):
+def test_a_heatmap_of_a_picture_beyond_memory_is_drawn_in_tiles_or_refused_before_running(folder, monkeypatch):
+    """A map that slides is cut into tiles that fit; one that does not (no tile reproduces it) is refused."""
+    import numpy as np
+    from custom_models import MeanPooled
     from PIL import Image
 
     Image.new("L", (3000, 2000)).save(folder / "wide.png")
     monkeypatch.setattr(fcconv.memory, "machine_memory", lambda: 200_000_000)
-    line = refused(folder, "heatmap", "digits_lenet.pt", "wide.png")
+    drawn = CliRunner().invoke(app, ["heatmap", "digits_lenet.pt", "wide.png", "--save-map", "map.npy", "-q"])
+    assert drawn.exit_code == 0, drawn.stderr
+    assert np.load(folder / "map.npy").shape == (10, (2000 - 28) // 4 + 1, (3000 - 28) // 4 + 1)
+
+    torch.manual_seed(0)
+    torch.save(MeanPooled().state_dict(), folder / "pooled.pt")
+    line = refused(folder, "heatmap", "pooled.pt", "wide.png", "--arch", "custom_models:MeanPooled",
+                   "--input-shape", "3,16,16")  # fmt: skip
     assert "drawing the heatmap at 3000×2000 needs at least" in line and "scale the picture down" in line
 
 

@@ -180,6 +180,38 @@ def test_the_export_draws_the_same_map_as_the_checkpoint_with_its_class_names(tm
     assert not (tmp_path / "b.png").exists()
 
 
+@pytest.mark.parametrize("source", ["checkpoint", "export"])
+def test_a_picture_too_large_for_one_run_is_scored_in_exact_tiles(tmp_path, source):
+    """Past the tile budget (or with --tile), the map is made tile by tile as fcconv map makes it, and is the same."""
+    import dataclasses
+
+    path = SHAPES
+    if source == "export":
+        path = tmp_path / "shapes.onnx"
+        assert invoke("convert", SHAPES, "-o", path).exit_code == 0
+    model = load_dense_model(path)
+    picture = random_picture(150, 190, "RGB", seed=3)
+    one_pass = score_map(model, picture)
+    seen = []
+
+    def run(x):
+        seen.append(tuple(x.shape[2:]))
+        return model.run(x)
+
+    counted = dataclasses.replace(model, run=run)
+    for tiled in (score_map(counted, picture, tile=(64,)), score_map(counted, picture, budget=1_000_000)):
+        np.testing.assert_allclose(tiled.scores, one_pass.scores, rtol=1e-5, atol=1e-5)
+        assert tiled.placement == one_pass.placement
+    # no run held the whole picture; measuring the extent ran probes of four native sizes along one axis
+    assert (150, 190) not in seen and all(h <= 128 and w <= 128 for h, w in seen)
+
+    picture.save(tmp_path / "picture.png")
+    for tile, says in [("8", "smaller than what one map position reads"), ("64,64,64", "a picture has two axes")]:
+        refused = invoke("heatmap", path, tmp_path / "picture.png", "-o", tmp_path / "out.png", "--tile", tile)
+        assert refused.exit_code == 2 and says in refused.stderr, refused.stderr
+        assert not (tmp_path / "out.png").exists()
+
+
 def test_an_export_without_class_names_reads_the_model_card_beside_it(tmp_path, canvases):
     import json
 
