@@ -500,9 +500,10 @@ def score_map(
             f"the picture is {width}×{height} pixels; the model's input fixes its size to {native[1]}×{native[0]} "
             "and it records no other (no fcconv metadata): give a picture of that size"
         )
-    scores = _scores_by_tiles(model, picture, tile, budget)
+    whole = _activation_bytes(model, (height, width))
+    scores = _scores_by_tiles(model, picture, tile, budget, whole)
     if scores is None:
-        _refuse_picture_beyond_memory(model, width, height)
+        _refuse_picture_beyond_memory(model, width, height, whole)
         scores = model.run(model.preprocess.tensor(picture))
         scores = scores.detach().float().cpu().numpy()[0]
     probabilities, log_probabilities, source = _probabilities(scores)
@@ -519,24 +520,25 @@ def score_map(
     )
 
 
+def _activation_bytes(model: DenseModel, size: tuple[int, ...]) -> int | None:
+    """The peak activation bytes of one run of ``model`` on a picture of ``size`` (H, W); None where unknown."""
+    found = model.activations((1, model.input_shape[0], *size)) if model.activations is not None else None
+    return found[0] if found else None
+
+
 def _scores_by_tiles(
-    model: DenseModel, picture: Any, tile: tuple[int, ...] | None, budget: int | None
+    model: DenseModel, picture: Any, tile: tuple[int, ...] | None, budget: int | None, whole: int | None
 ) -> np.ndarray | None:
     """The K×h×w scores of ``picture`` computed tile by tile, or None where one pass serves: without ``tile``, a
-    picture whose run fits ``budget``, or a model whose activations cannot be estimated."""
+    picture whose run (``whole`` bytes of activations) fits ``budget``, or a model whose activations cannot be
+    estimated."""
     from fcconv.mapping import SMALLEST_DEFAULT_TILE, tile_budget
     from fcconv.tiling import default_tile, measure_extent, output_size, plan_tiles
 
     size = (picture.height, picture.width)
     channels, native = model.input_shape[0], tuple(model.input_shape[1:])
-
-    def activations(shape: tuple[int, ...]) -> int | None:
-        found = model.activations((1, channels, *shape)) if model.activations is not None else None
-        return found[0] if found else None
-
     if tile is None:
         budget = budget or tile_budget(1)
-        whole = activations(size)
         if whole is None or whole <= budget:
             return None
     if model.stride is None:
@@ -550,7 +552,9 @@ def _scores_by_tiles(
 
     extents = measure_extent(run, native, channels, model.stride, native)
     if tile is None:
-        tile = default_tile(size, extents, activations, budget, SMALLEST_DEFAULT_TILE[2])
+        tile = default_tile(
+            size, extents, functools.partial(_activation_bytes, model), budget, SMALLEST_DEFAULT_TILE[2]
+        )
     tile = tile * 2 if tile is not None and len(tile) == 1 else tile
     scores = None
     for part in plan_tiles(size, extents, tile or (SMALLEST_DEFAULT_TILE[2],) * 2):
@@ -564,16 +568,15 @@ def _scores_by_tiles(
     return scores
 
 
-def _refuse_picture_beyond_memory(model: DenseModel, width: int, height: int) -> None:
+def _refuse_picture_beyond_memory(model: DenseModel, width: int, height: int, activations: int | None) -> None:
     """Refuse a picture whose run cannot fit in memory, before it is run: the picture as float32 pixels, twice
-    (normalized, then transposed channels-first), and the model's activations at its size."""
+    (normalized, then transposed channels-first), and the model's ``activations`` at its size."""
     from fcconv.memory import refuse_beyond_memory
 
     if model.activations is None:
         return
     shape = (1, model.input_shape[0], height, width)
-    run = model.activations(shape)
-    needed = 2 * math.prod(shape) * torch.float32.itemsize + (run[0] if run else 0)
+    needed = 2 * math.prod(shape) * torch.float32.itemsize + (activations or 0)
     refuse_beyond_memory([((width, height), needed)], "drawing the heatmap", "scale the picture down")
 
 

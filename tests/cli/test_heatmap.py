@@ -206,6 +206,12 @@ def test_a_picture_too_large_for_one_run_is_scored_in_exact_tiles(tmp_path, sour
     assert (150, 190) not in seen and all(h <= 128 and w <= 128 for h, w in seen)
 
     picture.save(tmp_path / "picture.png")
+    for name, extra in (("whole.npy", []), ("tiled.npy", ["--tile", "64"])):
+        drawn = invoke("heatmap", path, tmp_path / "picture.png", "-o", tmp_path / "out.png", "--save-map",
+                       tmp_path / name, *extra)  # fmt: skip
+        assert drawn.exit_code == 0, drawn.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "tiled.npy"), np.load(tmp_path / "whole.npy"), rtol=1e-5, atol=1e-5)
+    (tmp_path / "out.png").unlink()
     for tile, says in [("8", "smaller than what one map position reads"), ("64,64,64", "a picture has two axes")]:
         refused = invoke("heatmap", path, tmp_path / "picture.png", "-o", tmp_path / "out.png", "--tile", tile)
         assert refused.exit_code == 2 and says in refused.stderr, refused.stderr
