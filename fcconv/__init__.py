@@ -39,7 +39,8 @@ _TORCH_SIDE = {
     **dict.fromkeys(
         ("Conversion", "HeadGeometry", "RewrittenLayer", "analyze", "convert", "rewrite", "truncate"), "fcconv.rewrite"
     ),
-    **dict.fromkeys(("SizeCheck", "VerificationReport", "sliding_window_reference", "verify"), "fcconv.verify"),
+    **dict.fromkeys(("SizeCheck", "VerificationReport", "verify"), "fcconv.verify"),
+    "sliding_window_reference": "fcconv.readings",
 }
 
 

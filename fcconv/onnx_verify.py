@@ -21,10 +21,10 @@ import torch
 
 from fcconv.onnx_rewrite import OnnxClassifier, OnnxConversion
 from fcconv.outputs import like, named_outputs
+from fcconv.readings import SlidingWindowHead
 from fcconv.runtime import OnnxRunner
 from fcconv.verify import (
     References,
-    SlidingWindowHead,
     VerificationReport,
     compare_outputs,
     probe_input,
@@ -50,7 +50,7 @@ class _EachPositionHead:
 
 
 def _sliding_window(classifier: OnnxClassifier, conversion: OnnxConversion) -> SimpleNamespace:
-    """What :class:`fcconv.verify.SlidingWindowHead` runs: the size-free trunk and the input model's own head."""
+    """What :class:`fcconv.readings.SlidingWindowHead` runs: the size-free trunk and the input model's own head."""
     geometry = conversion.geometry
     head = OnnxRunner(conversion.head)
     native_map = tuple(geometry.feature_shape[1:])

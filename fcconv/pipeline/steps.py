@@ -100,7 +100,8 @@ def probe_output(conversion: Any, input_shape: tuple[int, ...], references: Any)
     (with ``--stride``, its layers read à trous)."""
     import torch
 
-    from fcconv.verify import atrous_reference, full_float32_precision, probe_input, sliding_window_reference
+    from fcconv.readings import atrous_reference, sliding_window_reference
+    from fcconv.verify import full_float32_precision, probe_input
 
     probe = probe_input(input_shape, references.dtype).to(references.device)
     reading = atrous_reference if references.subgrids else sliding_window_reference
