@@ -153,7 +153,7 @@ def plan_tiles(size: Sequence[int], extents: Sequence[AxisExtent], tile: Sequenc
         if n < axis.receptive_field:
             raise BadInputError(f"the input is {n} long where the model reads at least {axis.receptive_field}")
         least = _smallest_tile(axis)
-        if t < least:
+        if t < min(least, n):  # a tile that holds the whole axis holds every position, however short
             raise BadInputError(
                 f"--tile {t} is smaller than what one map position reads, from a tile start on the map's grid: "
                 f"at least {least} input pixels along that axis"

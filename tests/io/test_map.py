@@ -123,6 +123,9 @@ def test_default_tiles_are_as_large_as_their_memory_allows_up_to_a_small_overlap
     assert default_tile((5000, 5000), (small, small), activations, 2 << 30, least=1024) == (1024, 1024)
     assert default_tile((700, 900), (small, small), activations, 2 << 30, least=1024) == (700, 900)
     assert len(plan_tiles((700, 900), (small, small), (700, 900))) == 1
+    # an input shorter than one position's interval from a grid start (but not than the receptive field) is one tile
+    assert default_tile((300, 300), (vgg, vgg), activations, 2 << 30, least=1024) == (300, 300)
+    assert len(plan_tiles((300, 300), (vgg, vgg), (300, 300))) == 1
     # where the activations cannot be estimated, there is no default to give
     assert default_tile((5000, 5000), (small, small), lambda tile: None, 2 << 30, least=1024) is None
 
