@@ -82,18 +82,19 @@ class InputArray:
 
     def read(self, slices: tuple[slice, ...]) -> np.ndarray:
         """The (C, *S) block at ``slices`` (spatial), as float32, normalised as the model expects."""
-        raw = self._raw(slices).astype(np.float32)
+        raw = self._raw(slices)
         if self.channels_last:
             raw = np.moveaxis(raw, -1, 0)
         if raw.ndim == len(slices):
             raw = raw[None]
-        raw = raw * np.float32(self.scale)
+        values = np.array(raw, dtype=np.float32, order="C")  # the one copy: the rest is done in place
+        if self.scale != 1.0:
+            values *= np.float32(self.scale)
         if self.mean:
             shape = (-1, *(1,) * len(slices))
-            raw = (raw - np.asarray(self.mean, np.float32).reshape(shape)) / np.asarray(self.std, np.float32).reshape(
-                shape
-            )
-        return np.ascontiguousarray(raw, dtype=np.float32)
+            values -= np.asarray(self.mean, np.float32).reshape(shape)
+            values /= np.asarray(self.std, np.float32).reshape(shape)
+        return values
 
     def _raw(self, slices: tuple[slice, ...]) -> np.ndarray:
         if self.kind == "npy":
