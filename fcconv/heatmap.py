@@ -532,8 +532,8 @@ def _scores_by_tiles(
     """The K×h×w scores of ``picture`` computed tile by tile, or None where one pass serves: without ``tile``, a
     picture whose run (``whole`` bytes of activations) fits ``budget``, or a model whose activations cannot be
     estimated."""
-    from fcconv.mapping import SMALLEST_DEFAULT_TILE, tile_budget
-    from fcconv.tiling import default_tile, measure_extent, output_size, plan_tiles
+    from fcconv.mapping import default_tiles, tile_budget
+    from fcconv.tiling import measure_extent, output_size, plan_tiles, tile_per_axis
 
     size = (picture.height, picture.width)
     channels, native = model.input_shape[0], tuple(model.input_shape[1:])
@@ -552,12 +552,9 @@ def _scores_by_tiles(
 
     extents = measure_extent(run, native, channels, model.stride, native)
     if tile is None:
-        tile = default_tile(
-            size, extents, functools.partial(_activation_bytes, model), budget, SMALLEST_DEFAULT_TILE[2]
-        )
-    tile = tile * 2 if tile is not None and len(tile) == 1 else tile
+        tile = default_tiles(size, extents, functools.partial(_activation_bytes, model), budget)
     scores = None
-    for part in plan_tiles(size, extents, tile or (SMALLEST_DEFAULT_TILE[2],) * 2):
+    for part in plan_tiles(size, extents, tile_per_axis(tile, 2, "a picture")):
         (top, bottom), (left, right) = part.input
         own = run(model.preprocess.tensor(picture.crop((left, top, right, bottom))).numpy())[0][
             (slice(None), *part.own_slices)

@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 
 from fcconv.errors import BadInputError
-from fcconv.tiling import AxisExtent, Tile, default_tile, measure_extent, output_size, plan_tiles
+from fcconv.tiling import AxisExtent, Tile, default_tile, measure_extent, output_size, plan_tiles, tile_per_axis
 
-__all__ = ["InputArray", "MapPlan", "open_input", "plan_map", "run_tile", "session_for", "tile_budget"]
+__all__ = [
+    "InputArray", "MapPlan", "default_tiles", "open_input", "plan_map", "run_tile", "session_for", "tile_budget",
+]  # fmt: skip
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -63,6 +65,16 @@ def tile_budget(concurrent: int) -> int:
     from fcconv.memory import machine_memory
 
     return min(TILE_BUDGET, machine_memory() // (4 * max(1, concurrent)))
+
+
+def default_tiles(
+    size: Sequence[int], extents: Sequence[AxisExtent], activations: Callable[[tuple[int, ...]], int | None],
+    budget: int,
+) -> tuple[int, ...]:  # fmt: skip
+    """The default tile of ``fcconv map`` and ``fcconv heatmap`` (:func:`fcconv.tiling.default_tile`), at least
+    ``SMALLEST_DEFAULT_TILE`` pixels per axis; that size where the activations cannot be estimated."""
+    least = SMALLEST_DEFAULT_TILE[len(size)]
+    return default_tile(size, extents, activations, budget, least) or (least,) * len(size)
 
 
 @dataclass(frozen=True)
@@ -257,11 +269,8 @@ def plan_map(
     extents = tuple(measure_extent(run, native, channels, strides, fields))
     size = source.shape[1:]
     if tile is None:
-        least = SMALLEST_DEFAULT_TILE[rank]
-        tile = default_tile(size, extents, _activations(model, channels), budget or tile_budget(workers), least)
-    tile = tuple(tile) if tile is not None else (SMALLEST_DEFAULT_TILE[rank],) * rank
-    if len(tile) == 1:
-        tile = tile * rank
+        tile = default_tiles(size, extents, _activations(model, channels), budget or tile_budget(workers))
+    tile = tile_per_axis(tile, rank)
     tiles = tuple(plan_tiles(size, extents, tile))
     classes = run(np.zeros((1, channels, *native), np.float32)).shape[1]
     shape = (classes, *(output_size(n, e) for n, e in zip(size, extents)))

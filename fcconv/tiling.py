@@ -25,7 +25,7 @@ import numpy as np
 
 from fcconv.errors import BadInputError, NotConvertibleError
 
-__all__ = ["AxisExtent", "Tile", "default_tile", "measure_extent", "output_size", "plan_tiles"]
+__all__ = ["AxisExtent", "Tile", "default_tile", "measure_extent", "output_size", "plan_tiles", "tile_per_axis"]
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,10 @@ def default_tile(
         for e in extents
     )
     most = max(1, min(wanted, max(output_size(n, e) for n, e in zip(size, extents))))
-    if activations(tile(1)) is None:
+    least_needed = activations(tile(1))
+    if least_needed is None:
         return None
-    if not fits(1):
+    if least_needed > budget:
         return tile(1)  # one position per tile is the least a tile can hold
     low, high = 1, min(2, most)  # fits(low); find a high that does not
     while fits(high):
@@ -207,6 +208,19 @@ def default_tile(
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return tile(low)
+
+
+def tile_per_axis(tile: Sequence[int], rank: int, subject: str = "the input") -> tuple[int, ...]:
+    """``--tile``'s values, one for every axis or one per axis, as one per axis; any other count is refused in one
+    line, saying that ``subject`` has ``rank`` axes."""
+    if len(tile) == 1:
+        return tuple(tile) * rank
+    if len(tile) != rank:
+        words = {1: "one", 2: "two", 3: "three"}
+        axes = f"{words.get(rank, rank)} ax{'is' if rank == 1 else 'es'}"
+        give = "one value" if rank == 1 else f"one value or {words.get(rank, rank)}"
+        raise BadInputError(f"--tile {','.join(map(str, tile))}: {subject} has {axes}; give {give}")
+    return tuple(tile)
 
 
 def _smallest_tile(axis: AxisExtent) -> int:

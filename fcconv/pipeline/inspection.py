@@ -12,6 +12,7 @@ from fcconv.pipeline.onnx_input import is_onnx, refuse_for_onnx, rewrite_onnx_fi
 from fcconv.pipeline.results import HeatmapResult, InspectResult
 from fcconv.pipeline.steps import load_checkpoint
 from fcconv.sizes import parse_counts
+from fcconv.tiling import tile_per_axis
 
 
 def inspect_file(
@@ -94,9 +95,8 @@ def heatmap_file(
         check_output(save_map, ".npy", "--save-map", (model, image))
     picture = read_picture(image)  # an unreadable picture is reported before the model is loaded
     shape = parse_shape(input_shape)
-    tile = None if tile is None else parse_counts(tile, "--tile", "1024, or 768,1024")
-    if tile is not None and len(tile) > 2:
-        raise BadInputError(f"--tile {','.join(map(str, tile))}: a picture has two axes; give one value or two")
+    if tile is not None:  # refused here, before the model is loaded
+        tile = tile_per_axis(parse_counts(tile, "--tile", "1024, or 768,1024"), 2, "a picture")
     if stride is not None:
         from fcconv.atrous import parse_stride
 

@@ -13,6 +13,7 @@ from fcconv.pipeline.arguments import check_output
 from fcconv.pipeline.events import Note, Progress, Reporter
 from fcconv.pipeline.results import MapResult
 from fcconv.sizes import parse_counts
+from fcconv.tiling import tile_per_axis
 
 SCHEDULER_TIMEOUT = 10  # seconds a scheduler address has to answer
 
@@ -89,6 +90,8 @@ def _map_export(
             f"{source}: {'×'.join(map(str, array.shape))} values (C, *S); the model reads {channels} channels and "
             f"{rank} spatial axes"
         )
+    if sizes is not None:  # refused before the extent is measured
+        sizes = tile_per_axis(sizes, rank)
     client = _client(scheduler) if scheduler else None
     try:
         with report.stage("extent", "Measuring what each map position reads…"):

@@ -237,6 +237,10 @@ def test_the_command_writes_the_map_and_says_what_it_tiled(exports, tmp_path):
             ["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.npy", "--tile", "20"],
             "--tile 20 is smaller than what one map position reads",
         ),
+        (
+            ["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.npy", "--tile", "64,64,64"],
+            "--tile 64,64,64: the input has two axes; give one value or two",
+        ),
         (["{model}", "{tmp}/x.npy", "-o", "{tmp}/x.npy"], "would overwrite an input"),
         (["{model}", "{tmp}/x.npy", "-o", "{tmp}/map.zip"], "name it NAME.npy"),
         (["{model}", "{tmp}/x.txt", "-o", "{tmp}/map.npy"], "not an input fcconv map reads"),
