@@ -57,24 +57,59 @@ def _export(name: str, folder: Path) -> tuple[Path, tuple[int, ...]]:
     return out, {"digits": (1, 28, 28), "shapes": (3, 32, 32)}[name]
 
 
-def _one_pass(model: Path, x: np.ndarray) -> np.ndarray:
-    from fcconv.mapping import session_for
+def _one_pass(model: Path, x: np.ndarray, timing: list[float] | None = None) -> np.ndarray:
+    """The export run once over ``x`` on all threads, in a session of its own, closed after (its memory arena holds
+    the run's activations: VGG16's at 4096×4096 are 8 GiB); the run's seconds appended to ``timing``."""
+    import onnxruntime as ort
 
-    session = session_for(str(model), os.cpu_count() or 1)
-    return session.run(None, {session.get_inputs()[0].name: x[None]})[0][0]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    scores = session.run(None, {session.get_inputs()[0].name: x[None]})[0][0]
+    if timing is not None:
+        timing.append(time.perf_counter() - start)
+    return scores
 
 
-def _tiled(plan, out: Path, workers: int | None) -> None:
+def _plan(model: Path, path: Path, native: tuple[int, ...], folder: Path) -> list:
+    """The plans ``fcconv map`` makes: the whole model's default tiles, or its parts' where those are too small."""
+    from fcconv.map_parts import needs_parts, plan_parts
+    from fcconv.mapping import open_input, plan_map
+
+    whole = plan_map(str(model), open_input(path, native[0], 2, None), native[1:], None)
+    if not needs_parts(whole):
+        return [whole]
+    folder.mkdir(exist_ok=True)
+    return plan_parts(whole, native, folder) or [whole]
+
+
+def _tiled(plans: list, out: Path, workers: int | None) -> None:
+    """The plans run as ``fcconv map`` runs them: each part's tiles into the file the next part reads."""
     import dask
 
     from fcconv.mapping import map_writer, run_tile
 
-    threads = max(1, (workers or os.cpu_count() or 1) // min(workers or os.cpu_count() or 1, len(plan.tiles)))
-    with map_writer(out, plan.shape) as write:
-        tasks = [
-            dask.delayed(lambda t: write(t, run_tile(plan.model, plan.input, t, threads)))(tile) for tile in plan.tiles
-        ]
-        dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    for k, plan in enumerate(plans):
+        target = Path(plans[k + 1].input.path) if k + 1 < len(plans) else out
+        count = workers or os.cpu_count() or 1
+        threads = max(1, count // min(count, len(plan.tiles)))
+        with map_writer(target, plan.shape) as write:
+            tasks = [
+                dask.delayed(lambda t, plan=plan, write=write: write(t, run_tile(plan.model, plan.input, t, threads)))(
+                    tile
+                )
+                for tile in plan.tiles
+            ]
+            dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        if k:
+            Path(plan.input.path).unlink()
+
+
+def _tiles(plans: list) -> str:
+    each = "; ".join(f"{len(p.tiles)} of {'×'.join(map(str, p.tile))}" for p in plans)
+    return each if len(plans) == 1 else f"{len(plans)} parts: {each}"
 
 
 def _memory(sides: list[int]) -> None:
@@ -125,12 +160,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--workers", default="1,2,4", help="thread counts to compare ('' for none)")
     parser.add_argument("--no-warmup", action="store_true", help="for long runs, where sessions' start is noise")
+    parser.add_argument("--one-pass-share", type=float, default=0.25,
+                        help="one pass runs where its activations are at most this share of memory")  # fmt: skip
     parser.add_argument("--memory", help="sides, comma-separated: measure peak memory against input size instead")
     args = parser.parse_args()
     if args.memory:
         _memory([int(side) for side in args.memory.split(",")])
         return
-    from fcconv.mapping import open_input, plan_map
     from fcconv.memory import activation_bytes, machine_memory
 
     rows, scaling, workers_rows = [], [], []
@@ -144,20 +180,22 @@ def main() -> None:
                 path = folder / f"{name}-{side}.npy"
                 np.save(path, x)
                 inputs[side] = x
-                plans[side] = plan_map(str(model), open_input(path, native[0], 2, None), native[1:], None)
+                plans[side] = _plan(model, path, native, folder / f"{name}-{side}-parts")
                 del x
             small, large = plans[args.size], plans[2 * args.size]
-            # one pass at twice the side only where its activations fit in a quarter of this machine's memory
+            # one pass only where its activations fit in --one-pass-share of this machine's memory
             fits, fits_small = (
-                (activation_bytes(str(model), (1, native[0], side, side), 4) or (0,))[0] <= machine_memory() // 4
+                (activation_bytes(str(model), (1, native[0], side, side), 4) or (0,))[0]
+                <= machine_memory() * args.one_pass_share
                 for side in (2 * args.size, args.size)
             )
             counts = [int(w) for w in args.workers.split(",") if w]
             times: dict[str, list[float]] = {}
+            run: list[float] = []
             calls = {
-                **({"one pass": lambda: _one_pass(model, inputs[args.size])} if fits_small else {}),
+                **({"one pass": lambda: _one_pass(model, inputs[args.size], run)} if fits_small else {}),
                 "tiled": lambda: _tiled(small, folder / "map.npy", None),
-                **({"one pass 2×": lambda: _one_pass(model, inputs[2 * args.size])} if fits else {}),
+                **({"one pass 2×": lambda: _one_pass(model, inputs[2 * args.size], run)} if fits else {}),
                 "tiled 2×": lambda: _tiled(large, folder / "map2.npy", None),
                 **{
                     f"tiled, {w} thread{'s' * (w > 1)}": (lambda w=w: _tiled(small, folder / "mapw.npy", w))
@@ -168,9 +206,10 @@ def main() -> None:
                 call()
             for _ in range(args.runs):
                 for label, call in calls.items():
+                    run: list[float] = []  # a one pass's own time, its session's making left out
                     start = time.perf_counter()
                     call()
-                    times.setdefault(label, []).append(time.perf_counter() - start)
+                    times.setdefault(label, []).append(run[0] if run else time.perf_counter() - start)
             median = {label: statistics.median(values) for label, values in times.items()}
             diff = (
                 float(np.abs(np.load(folder / "map.npy") - _one_pass(model, inputs[args.size])).max())
@@ -184,13 +223,12 @@ def main() -> None:
             )
             for side, plan, suffix in ((args.size, small, ""), (2 * args.size, large, " 2×")):
                 pixels, tiled = side**2, median["tiled" + suffix]
-                tile = "×".join(map(str, plan.tile))
                 if "one pass" + suffix not in median:
-                    rows.append(f"| {name} | {side}×{side} | {len(plan.tiles)} of {tile} | – (past a quarter of "
-                                f"memory) | {pixels / tiled / 1e6:.2f} | – | – |")  # fmt: skip
+                    rows.append(f"| {name} | {side}×{side} | {_tiles(plan)} | – (past --one-pass-share of memory) | "
+                                f"{pixels / tiled / 1e6:.2f} | – | – |")  # fmt: skip
                     continue
                 one = median["one pass" + suffix]
-                rows.append(f"| {name} | {side}×{side} | {len(plan.tiles)} of {tile} | {pixels / one / 1e6:.2f} "
+                rows.append(f"| {name} | {side}×{side} | {_tiles(plan)} | {pixels / one / 1e6:.2f} "
                             f"| {pixels / tiled / 1e6:.2f} | {one / tiled:.2f}× | {diff if not suffix else diff2:.1e} |")  # fmt: skip
             scaling.append(f"| {name} | {median['tiled']:.2f} s | {median['tiled 2×']:.2f} s | "
                            f"{median['tiled 2×'] / median['tiled']:.2f}× |")  # fmt: skip

@@ -29,7 +29,8 @@ from fcconv.errors import BadInputError
 from fcconv.tiling import AxisExtent, Tile, default_tile, measure_extent, output_size, plan_tiles, tile_per_axis
 
 __all__ = [
-    "InputArray", "MapPlan", "default_tiles", "open_input", "plan_map", "run_tile", "session_for", "tile_budget",
+    "InputArray", "MapPlan", "default_tiles", "forget_sessions", "open_input", "plan_map", "run_tile", "session_for",
+    "tile_budget",
 ]  # fmt: skip
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
@@ -59,6 +60,13 @@ def session_for(model: str, threads: int = 1) -> Any:
         return _sessions[model, threads]
 
 
+def forget_sessions(models: Sequence[str]) -> None:
+    """Close this process's sessions of ``models`` (files about to be removed: a map's parts)."""
+    with _sessions_lock:
+        for key in [key for key in _sessions if key[0] in models]:
+            del _sessions[key]
+
+
 def tile_budget(concurrent: int) -> int:
     """Bytes of activations one of ``concurrent`` tiles run side by side may hold by default: ``TILE_BUDGET``, or
     a quarter of this machine's memory shared among them where that is less."""
@@ -69,11 +77,11 @@ def tile_budget(concurrent: int) -> int:
 
 def default_tiles(
     size: Sequence[int], extents: Sequence[AxisExtent], activations: Callable[[tuple[int, ...]], int | None],
-    budget: int,
+    budget: int, least: int | None = None,
 ) -> tuple[int, ...]:  # fmt: skip
     """The default tile of ``fcconv map`` and ``fcconv heatmap`` (:func:`fcconv.tiling.default_tile`), at least
-    ``SMALLEST_DEFAULT_TILE`` pixels per axis; that size where the activations cannot be estimated."""
-    least = SMALLEST_DEFAULT_TILE[len(size)]
+    ``least`` (``SMALLEST_DEFAULT_TILE``) pixels per axis; that size where the activations cannot be estimated."""
+    least = least or SMALLEST_DEFAULT_TILE[len(size)]
     return default_tile(size, extents, activations, budget, least) or (least,) * len(size)
 
 
@@ -241,13 +249,14 @@ class MapPlan:
 
 def plan_map(
     model: str, source: InputArray, native: Sequence[int], tile: Sequence[int] | None, *,
-    workers: int | None = None, budget: int | None = None,
+    workers: int | None = None, budget: int | None = None, least: int | None = None,
 ) -> MapPlan:  # fmt: skip
     """Measure the model's extent and cut the input into tiles (:func:`fcconv.tiling.plan_tiles`).
 
     Without ``tile``, tiles are as large as ``budget`` bytes of activations allow (:func:`tile_budget` of
-    ``workers`` by default; :func:`fcconv.tiling.default_tile`). ``workers`` threads (this machine's cores by
-    default) are shared among the tiles that run at once.
+    ``workers`` by default; :func:`fcconv.tiling.default_tile`), and at least ``least`` pixels per axis
+    (:func:`default_tiles`). ``workers`` threads (this machine's cores by default) are shared among the tiles
+    that run at once.
     """
     workers = workers or os.cpu_count() or 1
     session = session_for(model, workers)
@@ -269,7 +278,7 @@ def plan_map(
     extents = tuple(measure_extent(run, native, channels, strides, fields))
     size = source.shape[1:]
     if tile is None:
-        tile = default_tiles(size, extents, _activations(model, channels), budget or tile_budget(workers))
+        tile = default_tiles(size, extents, _activations(model, channels), budget or tile_budget(workers), least)
     tile = tile_per_axis(tile, rank)
     tiles = tuple(plan_tiles(size, extents, tile))
     classes = run(np.zeros((1, channels, *native), np.float32)).shape[1]

@@ -14,7 +14,15 @@ from typing import Any
 
 import onnx
 
-__all__ = ["declared_dims", "fixed_size", "inferred_shapes", "onnx_output_shapes", "shapes_only", "value_dims"]
+__all__ = [
+    "declared_dims",
+    "fixed_size",
+    "inferred_element_types",
+    "inferred_shapes",
+    "onnx_output_shapes",
+    "shapes_only",
+    "value_dims",
+]
 
 # Initializers up to this many elements keep their values for shape inference (shape and slice constants);
 # larger ones, the weights, enter it as typed inputs without their data.
@@ -63,8 +71,8 @@ def shapes_only(model: Any) -> Any:
     return light
 
 
-def inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int | None, ...] | None]:
-    """Every value's shape when the input has ``shape``, as ONNX shape inference (with data propagation) gives it."""
+def _inferred(light: Any, input_name: str, shape: tuple[int, ...]) -> Any:
+    """``light`` with its input's shape set to ``shape`` and every value's type inferred; None where inference fails."""
     sized = onnx.ModelProto()
     sized.CopyFrom(light)
     for graph_input in sized.graph.input:
@@ -73,8 +81,24 @@ def inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dict
             for size in shape:
                 graph_input.type.tensor_type.shape.dim.add().dim_value = size
     try:
-        inferred = onnx.shape_inference.infer_shapes(sized, check_type=False, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(sized, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - no shapes at all: every axis is undetermined
+        return None
+
+
+def inferred_element_types(light: Any, input_name: str, shape: tuple[int, ...]) -> dict[str, int]:
+    """Every value's element type (``onnx.TensorProto.FLOAT``, …) when the input has ``shape``."""
+    inferred = _inferred(light, input_name, shape)
+    if inferred is None:
+        return {}
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return {info.name: info.type.tensor_type.elem_type for info in values}
+
+
+def inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int | None, ...] | None]:
+    """Every value's shape when the input has ``shape``, as ONNX shape inference (with data propagation) gives it."""
+    inferred = _inferred(light, input_name, shape)
+    if inferred is None:
         return {}
     shapes: dict[str, tuple[int | None, ...] | None] = {}
     for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:

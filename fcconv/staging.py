@@ -27,6 +27,7 @@ except ImportError:  # Windows has none: staging is then never taken for abandon
 __all__ = [
     "Terminated",
     "remove_abandoned_staging",
+    "scratch_folder",
     "signals_held",
     "staged_onnx",
     "staged_path",
@@ -163,6 +164,20 @@ def staged_onnx(path: str | Path) -> Iterator[Path]:
     is removed first (:func:`remove_abandoned_staging`).
     """
     path = Path(path)
+    with scratch_folder(path) as folder:
+        with _naming({folder / path.name: path}):
+            yield folder / path.name
+        with signals_held():
+            for item in sorted(folder.iterdir()):
+                os.replace(item, path.parent / item.name)
+
+
+@contextlib.contextmanager
+def scratch_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``path``, named and locked as staging is, removed with what it holds when the block
+    ends, however it ends (and by a later run where this one is killed outright). What killed runs left staged
+    beside ``path`` is removed first (:func:`remove_abandoned_staging`)."""
+    path = Path(path)
     remove_abandoned_staging(path.parent)
     with contextlib.ExitStack() as stack:
         with signals_held():  # a signal between making the folder and entering its block would leave it behind
@@ -170,11 +185,7 @@ def staged_onnx(path: str | Path) -> Iterator[Path]:
         fd = os.open(folder, os.O_RDONLY)
         try:
             _lock(fd)
-            with _naming({Path(folder) / path.name: path}):
-                yield Path(folder) / path.name
-            with signals_held():
-                for item in sorted(Path(folder).iterdir()):
-                    os.replace(item, path.parent / item.name)
+            yield Path(folder)
         finally:
             os.close(fd)
 

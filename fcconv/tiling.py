@@ -25,7 +25,9 @@ import numpy as np
 
 from fcconv.errors import BadInputError, NotConvertibleError
 
-__all__ = ["AxisExtent", "Tile", "default_tile", "measure_extent", "output_size", "plan_tiles", "tile_per_axis"]
+__all__ = [
+    "AxisExtent", "Tile", "default_tile", "measure_extent", "output_size", "overlap_share", "plan_tiles", "tile_per_axis",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,11 @@ def default_tile(
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return tile(low)
+
+
+def overlap_share(extents: Sequence[AxisExtent], tile: Sequence[int]) -> float:
+    """The largest share of a tile's length, over the axes, that it reads again from its neighbour."""
+    return max((_smallest_tile(e) - e.stride) / t for e, t in zip(extents, tile))
 
 
 def tile_per_axis(tile: Sequence[int], rank: int, subject: str = "the input") -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -78,7 +79,9 @@ def _map_export(
     workers: int | None, report: Reporter,
 ) -> MapResult:  # fmt: skip
     """The map of ``source`` by the export ``model``: its metadata read, the input opened, the tiles run."""
-    from fcconv.mapping import TILE_BUDGET, describe, open_input, plan_map
+    from fcconv.map_parts import describe_parts, needs_parts, plan_parts
+    from fcconv.mapping import TILE_BUDGET, describe, forget_sessions, open_input, plan_map
+    from fcconv.staging import scratch_folder
 
     meta = _metadata(model)
     native = tuple(int(s) for s in meta["fcconv.input_shape"].split(","))
@@ -94,16 +97,27 @@ def _map_export(
         sizes = tile_per_axis(sizes, rank)
     client = _client(scheduler) if scheduler else None
     try:
-        with report.stage("extent", "Measuring what each map position reads…"):
-            # on a cluster, the workers' memory is not this machine's: the budget is the default one
-            budget = TILE_BUDGET if client is not None else None
-            plan = plan_map(str(model.resolve()), array, native[1:], sizes, workers=workers, budget=budget)
-        report(Note(describe(plan)))
-        written = _run(plan, output, client, workers, report)
+        with contextlib.ExitStack() as stack:
+            with report.stage("extent", "Measuring what each map position reads…"):
+                # on a cluster, the workers' memory is not this machine's: the budget is the default one
+                budget = TILE_BUDGET if client is not None else None
+                plan = plan_map(str(model.resolve()), array, native[1:], sizes, workers=workers, budget=budget)
+            report(Note(describe(plan)))
+            plans = [plan]
+            # a model cut into parts maps through files on this machine's disk: not on a cluster, and not where
+            # --tile bounds the model's tiles
+            if client is None and sizes is None and needs_parts(plan):
+                folder = stack.enter_context(scratch_folder(output))
+                with report.stage("extent", "Cutting the model into parts, measuring what each reads…"):
+                    plans = plan_parts(plan, native, folder, workers=workers) or [plan]
+                stack.callback(forget_sessions, [p.model for p in plans] if len(plans) > 1 else [])
+                report(Note(describe_parts(plans) if len(plans) > 1 else "the model has no cut that a map can use, "
+                            "or the disk no room for the tensors at its cuts: mapped whole"))  # fmt: skip
+            written = _run(plans, output, client, workers, report)
     finally:
         if client is not None:
             client.close()
-    return MapResult(output, plan.shape, len(plan.tiles), written)
+    return MapResult(output, plan.shape, sum(len(p.tiles) for p in plans), written)
 
 
 def _metadata(model: Path) -> dict[str, str]:
@@ -138,40 +152,54 @@ def _client(address: str) -> Any:
         raise BadInputError(f"--scheduler {address}: no Dask scheduler answers there ({text})") from exc
 
 
-def _run(plan: Any, output: Path, client: Any, workers: int | None, report: Reporter) -> bool:
-    """Every tile run and written into the staged map; the map moved onto ``output`` when all are written."""
-    from fcconv.mapping import map_writer, run_tile
+def _run(plans: list[Any], output: Path, client: Any, workers: int | None, report: Reporter) -> bool:
+    """Every tile of every part run and written, the parts' outputs to the files the next parts read, the map into
+    its staged file, moved onto ``output`` when all are written."""
+    from fcconv.mapping import forget_sessions
     from fcconv.staging import staged_path
 
-    started, done, lock = time.monotonic(), [0, 0], threading.Lock()
-    text = f"Mapping {Path(plan.input.path).name}"
-    with report.stage("map", text, len(plan.tiles), unit="tiles") as advance, staged_path(output) as staged:
-        with map_writer(staged, plan.shape) as write:
-
-            def finished(tile: Any, scores: Any) -> None:
-                write(tile, scores)
-                with lock:
-                    done[0] += 1
-                    done[1] += tile.positions
-                    rate = done[1] / max(time.monotonic() - started, 1e-9)
-                    left = (plan.positions - done[1]) / rate if rate else 0.0
-                    advance(done[0], text=f"{text}: {rate:,.0f} positions/s, {left:,.0f} s left")
-
-            if client is None:
-                import dask
-
-                def one(tile: Any) -> None:
-                    finished(tile, run_tile(plan.model, plan.input, tile, plan.threads))
-
-                tasks = [dask.delayed(one)(tile) for tile in plan.tiles]
-                dask.compute(*tasks, scheduler="threads", num_workers=workers)
-            else:
-                from distributed import as_completed
-
-                futures = {
-                    client.submit(run_tile, plan.model, plan.input, tile, pure=False, retries=3): tile
-                    for tile in plan.tiles
-                }
-                for future in as_completed(futures):
-                    finished(futures[future], future.result())
+    with staged_path(output) as staged:
+        for k, plan in enumerate(plans):
+            target = Path(plans[k + 1].input.path) if k + 1 < len(plans) else staged
+            part = f" (part {k + 1} of {len(plans)})" if len(plans) > 1 else ""
+            _run_plan(plan, target, client, workers, report, f"Mapping {Path(plans[0].input.path).name}{part}")
+            if k:  # the part's input, the last part's output, is read
+                Path(plan.input.path).unlink()
+            if len(plans) > 1:
+                forget_sessions([plan.model])
     return True
+
+
+def _run_plan(plan: Any, target: Path, client: Any, workers: int | None, report: Reporter, text: str) -> None:
+    """One plan's tiles run and written into the ``.npy`` memory map at ``target``."""
+    from fcconv.mapping import map_writer, run_tile
+
+    started, done, lock = time.monotonic(), [0, 0], threading.Lock()
+    with report.stage("map", text, len(plan.tiles), unit="tiles") as advance, map_writer(target, plan.shape) as write:
+
+        def finished(tile: Any, scores: Any) -> None:
+            write(tile, scores)
+            with lock:
+                done[0] += 1
+                done[1] += tile.positions
+                rate = done[1] / max(time.monotonic() - started, 1e-9)
+                left = (plan.positions - done[1]) / rate if rate else 0.0
+                advance(done[0], text=f"{text}: {rate:,.0f} positions/s, {left:,.0f} s left")
+
+        if client is None:
+            import dask
+
+            def one(tile: Any) -> None:
+                finished(tile, run_tile(plan.model, plan.input, tile, plan.threads))
+
+            tasks = [dask.delayed(one)(tile) for tile in plan.tiles]
+            dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        else:
+            from distributed import as_completed
+
+            futures = {
+                client.submit(run_tile, plan.model, plan.input, tile, pure=False, retries=3): tile
+                for tile in plan.tiles
+            }
+            for future in as_completed(futures):
+                finished(futures[future], future.result())

@@ -57,7 +57,24 @@ def exports(tmp_path_factory):
     ).eval()  # fmt: skip
     made["volume"] = folder / "volume.onnx"
     export_onnx(package.convert(volume, (1, 8, 8, 8)), made["volume"], (1, 8, 8, 8))
+    made["residual"] = folder / "residual.onnx"
+    export_onnx(package.convert(Residual().eval(), (3, 32, 32)), made["residual"], (3, 32, 32))
     return made
+
+
+class Residual(nn.Module):
+    """A padded stem at stride 2, a residual block whose input is read again by its sum, a pooling, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.pool(torch.relu(self.block(x) + x)))
 
 
 def one_pass(model, x: np.ndarray) -> np.ndarray:
@@ -145,6 +162,72 @@ def test_default_tiles_map_exactly_and_share_the_threads(exports, tmp_path):
     for tile in split.tiles:
         stitched[(slice(None), *tile.output_slices)] = run_tile(split.model, split.input, tile, split.threads)
     np.testing.assert_allclose(stitched, one_pass(exports["shapes"], x), rtol=1e-5, atol=1e-5)
+
+
+PARTED = [
+    ("shapes", (3, 157, 203), 400_000),
+    ("residual", (3, 70, 90), 100_000),
+    ("signals", (1, 9000), 200_000),
+    ("volume", (1, 27, 33, 22), 20_000),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "budget"), PARTED, ids=[c[0] for c in PARTED])
+def test_a_model_whose_tiles_cannot_hold_their_overlap_is_mapped_in_parts_exactly(
+    exports, tmp_path, monkeypatch, name, shape, budget
+):
+    import fcconv.mapping
+    from fcconv.pipeline.events import Note
+
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    expected = one_pass(exports[name], x)
+    # under a budget of a few small tiles' activations, each whole-model tile mostly re-reads its neighbours
+    monkeypatch.setattr(fcconv.mapping, "TILE_BUDGET", budget)
+    events = []
+    result = map_file(exports[name], tmp_path / "x.npy", tmp_path / "map.npy", progress=events.append)
+    notes = [e.text for e in events if isinstance(e, Note)]
+    assert any(text.startswith("in ") and " parts, cut after each downsampling" in text for text in notes), notes
+    assert result.shape == expected.shape
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), expected, rtol=1e-5, atol=1e-5)
+    # the parts and the tensors at their cuts are gone with the run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.npy", "x.npy"]
+    # --tile bounds the whole model's tiles: no parts
+    events.clear()
+    map_file(exports[name], tmp_path / "x.npy", tmp_path / "tiled.npy", tile=str(max(shape[1:]) // 2 + 20),
+             progress=events.append)  # fmt: skip
+    assert not any("parts" in e.text for e in events if isinstance(e, Note))
+    np.testing.assert_allclose(np.load(tmp_path / "tiled.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_models_are_cut_after_each_downsampling_where_one_tensor_carries_everything(exports, tmp_path):
+    import onnx
+
+    from fcconv.map_parts import cuts, write_parts
+
+    for name, native, strides in [
+        ("shapes", (3, 32, 32), [(2, 2), (4, 4), (8, 8)]),
+        ("residual", (3, 32, 32), [(2, 2), (4, 4)]),
+        ("signals", (1, 512), [(2,), (4,), (8,), (32,)]),
+    ]:
+        model = onnx.load(exports[name])
+        total = tuple(int(v) for v in {p.key: p.value for p in model.metadata_props}["fcconv.total_stride"].split(","))
+        found = cuts(model, native, total)
+        assert [c.stride for c in found] == strides, name
+        folder = tmp_path / name
+        folder.mkdir()
+        parts = write_parts(model, native, total, found, folder)
+        assert [p.native for p in parts] == [native, *((c.channels, *c.native) for c in found)]
+        if name == "residual":
+            # the stem's output is read by the block and again by its sum: the cut is before both, not between
+            assert "Add" in {node.op_type for node in onnx.load(parts[1].path).graph.node}
+    # a model with no downsampling before its head has no cut
+    flat = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
+    import fcconv as package
+    from fcconv.export import export_onnx
+
+    export_onnx(package.convert(flat, (1, 8, 8)), tmp_path / "flat.onnx", (1, 8, 8))
+    assert cuts(onnx.load(tmp_path / "flat.onnx"), (1, 8, 8), (1, 1)) == []
 
 
 def test_a_two_worker_dask_cluster_writes_the_same_bytes(exports, tmp_path):
@@ -277,6 +360,27 @@ def test_a_run_that_fails_midway_leaves_nothing_under_the_output_name(exports, t
     monkeypatch.setattr(fcconv.mapping, "run_tile", failing)
     with pytest.raises(RuntimeError, match="a tile failed"):
         map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "map.npy", tile="64", workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_a_run_in_parts_that_fails_midway_leaves_nothing_behind(exports, tmp_path, monkeypatch):
+    import fcconv.mapping
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 150, 150), np.float32))
+    monkeypatch.setattr(fcconv.mapping, "TILE_BUDGET", 400_000)
+    models = []
+    real = fcconv.mapping.run_tile
+
+    def failing(model, source, tile, threads=1):
+        if model not in models:
+            models.append(model)
+        if len(models) == 3:  # the third part's first tile
+            raise RuntimeError("a tile failed")
+        return real(model, source, tile, threads)
+
+    monkeypatch.setattr(fcconv.mapping, "run_tile", failing)
+    with pytest.raises(RuntimeError, match="a tile failed"):
+        map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "map.npy", workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 
