@@ -210,7 +210,9 @@ def scratch_bytes(plans: Sequence[MapPlan]) -> int:
 def describe_parts(plans: Sequence[MapPlan]) -> str:
     """One line: the parts, their tiles, and the disk their cuts' tensors hold."""
     tiles = ", ".join(f"{len(p.tiles)} of at most {'×'.join(map(str, p.tile))}" for p in plans)
+    held = scratch_bytes(plans)
+    disk = f"{held / 1e9:,.2f} GB" if held >= 1e9 else f"{held / 1e6:,.1f} MB"
     return (
         f"in {len(plans)} parts, cut after each downsampling, each mapping the last one's output from disk "
-        f"({scratch_bytes(plans) / 1e9:.2f} GB at most): tiles {tiles}"
+        f"({disk} at most): tiles {tiles}"
     )

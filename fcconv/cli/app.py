@@ -304,8 +304,9 @@ def map_command(
 
     The tiles overlap by what each map position reads (measured on the model, its
     padding included) and line up with the map's grid, so the map equals one pass over
-    the whole input, in the memory of a few tiles. The map is staged beside OUT and
-    moved onto it when complete. A checkpoint is converted first, densely (à trous with
+    the whole input, in the memory of a few tiles. Where memory keeps a model's tiles far
+    smaller than what they share (VGG16), it is cut into parts that map through files
+    beside OUT. The map is staged beside OUT and moved onto it when complete. A checkpoint is converted first, densely (à trous with
     --stride), into a temporary folder, and verified as convert verifies.
     """
     with screen.shown() as progress:

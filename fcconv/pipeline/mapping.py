@@ -45,8 +45,11 @@ def map_file(
     the extent each map position reads, measured on the model, and are aligned to the map's grid, so that the
     map equals one pass over the whole input. Dask runs the tiles: on ``workers`` threads of this machine, or on
     the Dask cluster whose scheduler is at ``scheduler`` (``tcp://HOST:PORT``; the model and the input must be
-    readable there at the same paths). The map is written as tiles finish, staged beside ``output`` and moved
-    onto it at the end, so an interrupted run leaves nothing under that name.
+    readable there at the same paths). Where memory keeps the default tiles far smaller than the extent they
+    share with their neighbours, the model is cut into parts after each downsampling, each mapping the last
+    one's output through a file in a scratch folder beside ``output`` (:mod:`fcconv.map_parts`; not on a cluster
+    or with ``tile``). The map is written as tiles finish, staged beside ``output`` and moved onto it at the end,
+    so an interrupted run leaves nothing under that name.
     Raises :class:`~fcconv.errors.BadInputError` (exit 2) before any tile runs.
     """
     model, source, output, report = Path(model), Path(source), Path(output), Reporter(progress)

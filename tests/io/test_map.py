@@ -167,6 +167,7 @@ def test_default_tiles_map_exactly_and_share_the_threads(exports, tmp_path):
 PARTED = [
     ("shapes", (3, 157, 203), 400_000),
     ("residual", (3, 70, 90), 100_000),
+    ("shapes-s2", (3, 101, 77), 300_000),
     ("signals", (1, 9000), 200_000),
     ("volume", (1, 27, 33, 22), 20_000),
 ]
