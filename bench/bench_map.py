@@ -6,9 +6,10 @@
 For each model (the shipped digits and shapes samples, and VGG16 with random weights, converted and exported
 here), on a random SIZE×SIZE input held as a ``.npy`` file:
 
-* tiled throughput (input pixels per second, default tiles, this machine's threads) against one pass of the
-  same export over the whole input in onnxruntime (all threads), at SIZE and twice the side (where one pass
-  still fits in memory);
+* tiled throughput (input pixels per second, default tiles, or the model's parts where ``fcconv map`` would cut
+  it, this machine's threads) against one pass of the same export over the whole input in onnxruntime (all
+  threads, a session of its own), at SIZE and twice the side (where one pass's activations are at most
+  ``--one-pass-share`` of this machine's memory, a quarter by default);
 * the tiled time at twice the side (four times the area) against SIZE: linear is 4×;
 * the tiled time with 1, 2 and 4 Dask threads, against 1.
 
