@@ -24,6 +24,7 @@ from typing import Any
 
 import onnx
 
+from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.mapping import InputArray, MapPlan, forget_sessions, plan_map
 from fcconv.onnx_shapes import inferred_element_types, inferred_shapes, shapes_only
 from fcconv.tiling import OVERLAP_SHARE, overlap_share
@@ -176,7 +177,8 @@ def plan_parts(
     """The map ``whole`` plans, as the plans of the model's parts (native input (C, *S)), cut at :func:`cuts`: each
     reads the last one's output from ``folder`` (``cut1.npy``, …), the last gives the map. The parts are written
     into ``folder``; each plan's tiles are the default ones, at least ``SMALLEST_PART_TILE`` pixels per axis.
-    None where the model has no cut, or ``folder``'s disk has no room for the tensors at two cuts at once."""
+    None (the parts removed again) where the model has no cut, a part cannot be tiled, or ``folder``'s disk has
+    no room for the tensors at two cuts at once."""
     proto = onnx.load(whole.model)
     meta = {p.key: p.value for p in proto.metadata_props}
     total_stride = tuple(int(s) for s in meta["fcconv.total_stride"].split(","))
@@ -193,10 +195,15 @@ def plan_parts(
                             least=least)  # fmt: skip
             plans.append(plan)
             current = InputArray(str(folder / f"cut{k + 1}.npy"), "npy", plan.shape)
+    except (BadInputError, NotConvertibleError):  # a part that cannot be tiled: the model is mapped whole
+        plans = []
     finally:
         # the tiles make their own sessions; the whole model's, which measured its extent, is not needed again
         forget_sessions([whole.model, *(str(part.path) for part in parts)])
-    if plans[-1].shape != whole.shape or shutil.disk_usage(folder).free < scratch_bytes(plans):
+    if not plans or plans[-1].shape != whole.shape or shutil.disk_usage(folder).free < scratch_bytes(plans):
+        for part in parts:  # their disk is not held while the model is mapped whole
+            for written in folder.glob(f"{part.path.name}*"):
+                written.unlink()
         return None
     return plans
 

@@ -201,6 +201,26 @@ def test_a_model_whose_tiles_cannot_hold_their_overlap_is_mapped_in_parts_exactl
     np.testing.assert_allclose(np.load(tmp_path / "tiled.npy"), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_without_disk_for_the_cuts_tensors_the_model_is_mapped_whole(exports, tmp_path, monkeypatch):
+    import shutil
+
+    import fcconv.map_parts
+    import fcconv.mapping
+    from fcconv.pipeline.events import Note
+
+    x = np.random.default_rng(4).standard_normal((3, 157, 203)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(fcconv.mapping, "TILE_BUDGET", 400_000)
+    full = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(fcconv.map_parts.shutil, "disk_usage", lambda path: full)
+    events = []
+    map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "map.npy", progress=events.append)
+    notes = [e.text for e in events if isinstance(e, Note)]
+    assert any("no room for the tensors at its cuts: mapped whole" in text for text in notes), notes
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), one_pass(exports["shapes"], x), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.npy", "x.npy"]
+
+
 def test_models_are_cut_after_each_downsampling_where_one_tensor_carries_everything(exports, tmp_path):
     import onnx
 
