@@ -18,29 +18,25 @@ and returns None rather than a guess when the sizes it sees do not follow the fo
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from fcconv.grid_fit import fit_output_grid
 from fcconv.metadata import OutputGrid
 from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
 from fcconv.outputs import output_names as names_of
-from fcconv.sizes import batched_shape, spatial_size
 
 __all__ = ["OutputGrid", "output_names", "probe_output_grid"]
-
-# The period probe adds this many pixels to the native size: 8! is a multiple of every stride up to 10
-# and of every power of two up to 128, so it holds a whole number of periods of the usual total strides.
-_PERIOD_PROBE = math.factorial(8)
 
 
 def probe_output_grid(
     module: nn.Module | Callable[[tuple[int, ...]], tuple[int, ...] | None], input_shape: Sequence[int]
 ) -> OutputGrid | None:
-    """Total stride and receptive field of ``module``'s (N, K, *map) output, found by probing sizes on shapes alone.
+    """Total stride and receptive field of ``module``'s (N, K, *map) output, found by probing sizes on shapes alone
+    (:func:`fcconv.grid_fit.fit_output_grid`; a module's output shapes come from meta or fake tensors).
 
     ``input_shape`` is the native (C, *spatial) shape, which the module must take.
     About ten probes: the native size, the native size plus 8!, a binary search for
@@ -49,73 +45,7 @@ def probe_output_grid(
     a probe fails, or the sizes do not fit ``floor((X - rf) / stride) + 1`` with
     ``rf >= 1``.
     """
-    input_shape = tuple(int(s) for s in input_shape)
-    native = spatial_size(input_shape)
-    output_shape = _OutputShapes(module) if isinstance(module, nn.Module) else module
-    seen: dict[tuple[int, ...], tuple[int, ...]] = {}
-
-    def run(size: tuple[int, ...]) -> tuple[int, ...] | None:
-        if size not in seen:
-            shape = output_shape(batched_shape(input_shape, size, 1)[1:])
-            if shape is None or len(shape) != len(size) + 2:
-                return None
-            seen[size] = shape[2:]
-        return seen[size]
-
-    searches = [_fit_axis(n) for n in native]
-    pending = [next(search) for search in searches]
-    fitted: list[tuple[int, int] | None] = [None] * len(native)
-    done = [False] * len(native)
-    while not all(done):
-        size = tuple(n if finished else p for n, p, finished in zip(native, pending, done))
-        out = run(size)
-        if out is None:
-            return None
-        for axis, search in enumerate(searches):
-            if done[axis]:
-                continue
-            try:
-                pending[axis] = search.send(out[axis])
-            except StopIteration as stop:
-                fitted[axis], done[axis] = stop.value, True
-    if None in fitted:
-        return None
-    grid = OutputGrid(total_stride=tuple(f[0] for f in fitted), receptive_field=tuple(f[1] for f in fitted))
-    # Every size seen, one period past the native size, and two odd sizes that differ between the axes.
-    checks = [
-        tuple(n + s for n, s in zip(native, grid.total_stride)),
-        tuple(2 * n + 1 + 2 * axis for axis, n in enumerate(native)),
-        tuple(3 * n + 7 * (axis + 1) for axis, n in enumerate(native)),
-    ]
-    for size in [*seen, *checks]:
-        out = run(size)
-        if out is None or out != grid.output_size(size):
-            return None
-    return grid
-
-
-def _fit_axis(native: int) -> Generator[int, int, tuple[int, int] | None]:
-    """Asks for output sizes at input extents along one axis; returns (total stride, receptive field) or None."""
-    first = yield native
-    far = yield native + _PERIOD_PROBE
-    steps = far - first
-    if first < 1 or steps <= 0 or _PERIOD_PROBE % steps:
-        return None
-    stride = _PERIOD_PROBE // steps
-    # The first extent above native that adds a position lies in (native, native + stride].
-    low, high = native, native + stride
-    while high - low > 1:
-        middle = (low + high) // 2
-        if (yield middle) > first:
-            high = middle
-        else:
-            low = middle
-    # out(high) = (high + c) // stride exactly at a step: high + c = stride * (first + 1)
-    offset = stride * (first + 1) - high
-    receptive_field = stride - offset
-    if receptive_field < 1:  # padding wider than the kernels: any extent gives positions, and no field is smallest
-        return None
-    return stride, receptive_field
+    return fit_output_grid(_OutputShapes(module) if isinstance(module, nn.Module) else module, input_shape)
 
 
 class _OutputShapes:

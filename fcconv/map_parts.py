@@ -25,8 +25,9 @@ from typing import Any
 import onnx
 
 from fcconv.errors import BadInputError, NotConvertibleError
+from fcconv.grid_fit import fit_output_grid
 from fcconv.mapping import InputArray, MapPlan, forget_sessions, plan_map
-from fcconv.onnx_shapes import inferred_element_types, inferred_shapes, shapes_only
+from fcconv.onnx_shapes import inferred_element_types, inferred_shapes, onnx_output_shapes, shapes_only
 from fcconv.tiling import OVERLAP_SHARE, overlap_share
 
 __all__ = ["Cut", "Part", "cuts", "describe_parts", "needs_parts", "plan_parts", "scratch_bytes", "write_parts"]
@@ -110,8 +111,9 @@ class Part:
 def write_parts(model: onnx.ModelProto, native: Sequence[int], total_stride: Sequence[int], found: Sequence[Cut],
                 folder: Path) -> list[Part] | None:  # fmt: skip
     """The parts between the input, each of ``found`` and the output, written into ``folder`` with the metadata
-    ``fcconv map`` reads (native shape, total stride, receptive field); None where a part's grid does not follow
-    ``floor((X - field) / stride) + 1``. The cuts' types are declared in ``model`` (it is changed)."""
+    ``fcconv map`` reads (native shape, total stride, receptive field, fitted from its output sizes by
+    :func:`fcconv.grid_fit.fit_output_grid`); None where a part's sizes do not follow
+    ``floor((X - field) / stride) + 1`` at the stride its cuts give. The cuts' types are declared in ``model`` (it is changed)."""
     graph = model.graph
     weights = {t.name for t in graph.initializer}
     source = next(i.name for i in graph.input if i.name not in weights)
@@ -126,9 +128,10 @@ def write_parts(model: onnx.ModelProto, native: Sequence[int], total_stride: Seq
     for k, ((start, shape, before), (stop, _, after)) in enumerate(zip(ends, ends[1:])):
         part = extractor.extract_model([start], [stop])
         stride = tuple(a // b for a, b in zip(after, before))
-        field = _part_field(part, shape, stride)
-        if field is None:
+        grid = fit_output_grid(onnx_output_shapes(part), shape)
+        if grid is None or grid.total_stride != stride:
             return None
+        field = grid.receptive_field
         for key, value in {
             "fcconv.input_shape": shape, "fcconv.total_stride": stride, "fcconv.receptive_field": field,
         }.items():  # fmt: skip
@@ -139,30 +142,6 @@ def write_parts(model: onnx.ModelProto, native: Sequence[int], total_stride: Seq
         onnx.save(part, str(path), save_as_external_data=large, location=f"{path.name}.data")
         parts.append(Part(path, shape))
     return parts
-
-
-def _part_field(part: onnx.ModelProto, native: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...] | None:
-    """Per axis, the smallest input that gives a part one output position, from its output sizes at
-    ``stride`` consecutive input sizes; None where other sizes do not follow ``floor((X - field) / stride) + 1``."""
-    light = shapes_only(part)
-    source, output = part.graph.input[0].name, part.graph.output[0].name
-
-    def positions(axis: int, size: int) -> int | None:
-        shape = list(native)
-        shape[1 + axis] = size
-        dims = inferred_shapes(light, source, (1, *shape)).get(output)
-        return dims[2 + axis] if dims and len(dims) == len(native) + 1 and dims[2 + axis] else None
-
-    fields = []
-    for axis, (n, step) in enumerate(zip(native[1:], stride)):
-        seen = {size: positions(axis, size) for size in (*range(n, n + step), 2 * n + 1, 3 * n + 7)}
-        if None in seen.values():
-            return None
-        field = min(size - (seen[size] - 1) * step for size in range(n, n + step))
-        if field < 1 or any(count != (size - field) // step + 1 for size, count in seen.items()):
-            return None
-        fields.append(field)
-    return tuple(fields)
 
 
 def needs_parts(whole: MapPlan) -> bool:

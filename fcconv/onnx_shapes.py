@@ -115,7 +115,7 @@ def inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dict
 def onnx_output_shapes(model: Any) -> Callable[[tuple[int, ...]], tuple[int, ...] | None]:
     """The output's shape for a batch-1 input of a given (C, *spatial) shape, by ONNX shape inference alone.
 
-    What :func:`~fcconv.grid.probe_output_grid` needs to measure an ONNX model's
+    What :func:`~fcconv.grid_fit.fit_output_grid` needs to measure an ONNX model's
     total stride and receptive field without running it; None where inference
     cannot determine every axis.
     """

@@ -10,7 +10,7 @@ import onnx
 from fcconv._version import __version__
 from fcconv.errors import NotConvertibleError
 from fcconv.external_data import PROTOBUF_LIMIT, external_data_path
-from fcconv.grid import probe_output_grid
+from fcconv.grid_fit import fit_output_grid
 from fcconv.metadata import fcconv_metadata, output_channels_metadata
 from fcconv.onnx_graph.classifier import MAP_AXES, SCORE_AXES, OnnxClassifier, OnnxConversion
 from fcconv.onnx_graph.collapse import _Analysis, _Head
@@ -122,7 +122,7 @@ def write_onnx(
     if conversion.layout == "nhwc" and conversion.geometry.pool is None:  # pooled scores are (N, K) either way
         output_shape = _channels_first_shapes(output_shape)
     native_output = output_shape(tuple(input_shape))
-    grid = probe_output_grid(output_shape, input_shape) if conversion.geometry.mode == "map" else None
+    grid = fit_output_grid(output_shape, input_shape) if conversion.geometry.mode == "map" else None
     digest = onnx_weights_digest(model)
     props = {
         **fcconv_metadata(
