@@ -38,12 +38,8 @@ def probe_output_grid(
     """Total stride and receptive field of ``module``'s (N, K, *map) output, found by probing sizes on shapes alone
     (:func:`fcconv.grid_fit.fit_output_grid`; a module's output shapes come from meta or fake tensors).
 
-    ``input_shape`` is the native (C, *spatial) shape, which the module must take.
-    About ten probes: the native size, the native size plus 8!, a binary search for
-    where the first position is added, and a few odd sizes that must agree with the
-    fitted formula. Returns None when the output is not a map of the input's rank,
-    a probe fails, or the sizes do not fit ``floor((X - rf) / stride) + 1`` with
-    ``rf >= 1``.
+    ``input_shape`` is the native (C, *spatial) shape, which the module must take; None where the sizes do not fit
+    ``floor((X - rf) / stride) + 1`` (see ``fit_output_grid`` for the probes).
     """
     return fit_output_grid(_OutputShapes(module) if isinstance(module, nn.Module) else module, input_shape)
 
