@@ -7,9 +7,10 @@ For each model (the shipped digits and shapes samples, and VGG16 with random wei
 here), on a random SIZE×SIZE input held as a ``.npy`` file:
 
 * tiled throughput (input pixels per second, default tiles, or the model's parts where ``fcconv map`` would cut
-  it, this machine's threads) against one pass of the same export over the whole input in onnxruntime (all
-  threads, a session of its own), at SIZE and twice the side (where one pass's activations are at most
-  ``--one-pass-share`` of this machine's memory, a quarter by default);
+  it, this machine's threads; from the ``.npy`` input to the ``.npy`` map) against one pass of the same export
+  over the whole input in onnxruntime (all threads, a session of its own): the run alone, and the same job from
+  file to file (the input loaded, the map saved); at SIZE and twice the side (where one pass's activations are
+  at most ``--one-pass-share`` of this machine's memory, a quarter by default);
 * the tiled time at twice the side (four times the area) against SIZE: linear is 4×;
 * the tiled time with 1, 2 and 4 Dask threads, against 1.
 
@@ -18,7 +19,9 @@ With ``--memory 2048,8192,20000``, instead: ``fcconv map`` of the digits sample 
 sampled every 20 ms: the peak of its anonymous memory (what the run holds; the input and map are memory-mapped
 files, whose pages the kernel may drop) and of all its resident memory, and the time.
 
-Times are medians of ``--runs`` rounds; within a round every variant runs in turn. The map's extent is measured
+Times are medians of ``--runs`` rounds; within a round every variant runs in turn, after a warm-up round (without
+``--no-warmup``: the tiles' sessions stay open from one map to the next, and one pass is timed on the third
+run of its session, so that neither pays for its first run's allocations). The map's extent is measured
 once per model, outside the timed calls (``plan_map``), as is writing the input file. The tiled map is checked
 against the one-pass map (largest absolute difference).
 """
@@ -58,19 +61,29 @@ def _export(name: str, folder: Path) -> tuple[Path, tuple[int, ...]]:
     return out, {"digits": (1, 28, 28), "shapes": (3, 32, 32)}[name]
 
 
-def _one_pass(model: Path, x: np.ndarray, timing: list[float] | None = None) -> np.ndarray:
-    """The export run once over ``x`` on all threads, in a session of its own, closed after (its memory arena holds
-    the run's activations: VGG16's at 4096×4096 are 8 GiB); the run's seconds appended to ``timing``."""
+def _one_pass(model: Path, path: Path, timing: dict[str, float] | None = None, warm: bool = False) -> np.ndarray:
+    """The export run once over the input at ``path`` on all threads, in a session of its own, closed after (its
+    memory arena holds the run's activations: VGG16's at 4096×4096 are 8 GiB). In ``timing``: the run's seconds,
+    and those of the same job from file to file (the input loaded, run, the map saved beside it). ``warm``: timed
+    on a third run in the session (its first two grow its memory arena: the shapes sample at 2048×2048 took 0.65
+    and 0.62 s, then 0.32 s), as the tiles' sessions are warm after their first map."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(2 if warm else 0):
+        session.run(None, {name: np.load(path)[None]})
     start = time.perf_counter()
-    scores = session.run(None, {session.get_inputs()[0].name: x[None]})[0][0]
+    x = np.load(path)[None]
+    loaded = time.perf_counter()
+    scores = session.run(None, {name: x})[0][0]
+    ran = time.perf_counter()
+    np.save(path.with_name("one-pass-map.npy"), scores)
     if timing is not None:
-        timing.append(time.perf_counter() - start)
+        timing.update(run=ran - loaded, files=time.perf_counter() - start)
     return scores
 
 
@@ -175,14 +188,11 @@ def main() -> None:
         folder = Path(tmp)
         for name in args.models.split(","):
             model, native = _export(name, folder)
-            plans, inputs = {}, {}
+            plans, paths = {}, {}
             for side in (args.size, 2 * args.size):
-                x = np.random.default_rng(side).random((native[0], side, side), np.float32)
-                path = folder / f"{name}-{side}.npy"
-                np.save(path, x)
-                inputs[side] = x
-                plans[side] = _plan(model, path, native, folder / f"{name}-{side}-parts")
-                del x
+                paths[side] = folder / f"{name}-{side}.npy"
+                np.save(paths[side], np.random.default_rng(side).random((native[0], side, side), np.float32))
+                plans[side] = _plan(model, paths[side], native, folder / f"{name}-{side}-parts")
             small, large = plans[args.size], plans[2 * args.size]
             # one pass only where its activations fit in --one-pass-share of this machine's memory
             fits, fits_small = (
@@ -191,56 +201,61 @@ def main() -> None:
                 for side in (2 * args.size, args.size)
             )
             counts = [int(w) for w in args.workers.split(",") if w]
+            warm = not args.no_warmup
             times: dict[str, list[float]] = {}
-            run: list[float] = []
+            run: dict[str, float] = {}
             calls = {
-                **({"one pass": lambda: _one_pass(model, inputs[args.size], run)} if fits_small else {}),
+                **({"one pass": lambda: _one_pass(model, paths[args.size], run, warm)} if fits_small else {}),
                 "tiled": lambda: _tiled(small, folder / "map.npy", None),
-                **({"one pass 2×": lambda: _one_pass(model, inputs[2 * args.size], run)} if fits else {}),
+                **({"one pass 2×": lambda: _one_pass(model, paths[2 * args.size], run, warm)} if fits else {}),
                 "tiled 2×": lambda: _tiled(large, folder / "map2.npy", None),
                 **{
                     f"tiled, {w} thread{'s' * (w > 1)}": (lambda w=w: _tiled(small, folder / "mapw.npy", w))
                     for w in counts
                 },  # fmt: skip
             }
-            for call in calls.values() if not args.no_warmup else ():  # warm-up
-                call()
+            for label, call in calls.items() if warm else ():  # warm-up (a one pass warms its own session)
+                if not label.startswith("one pass"):
+                    call()
             for _ in range(args.runs):
                 for label, call in calls.items():
-                    run: list[float] = []  # a one pass's own time, its session's making left out
+                    run.clear()  # a one pass's own times, its session's making left out
                     start = time.perf_counter()
                     call()
-                    times.setdefault(label, []).append(run[0] if run else time.perf_counter() - start)
+                    times.setdefault(label, []).append(run["run"] if run else time.perf_counter() - start)
+                    if run:
+                        times.setdefault(label + ", files", []).append(run["files"])
             median = {label: statistics.median(values) for label, values in times.items()}
             diff = (
-                float(np.abs(np.load(folder / "map.npy") - _one_pass(model, inputs[args.size])).max())
+                float(np.abs(np.load(folder / "map.npy") - _one_pass(model, paths[args.size])).max())
                 if fits_small
                 else None
             )
             diff2 = (
-                float(np.abs(np.load(folder / "map2.npy") - _one_pass(model, inputs[2 * args.size])).max())
+                float(np.abs(np.load(folder / "map2.npy") - _one_pass(model, paths[2 * args.size])).max())
                 if fits
                 else None
             )
             for side, plan, suffix in ((args.size, small, ""), (2 * args.size, large, " 2×")):
                 pixels, tiled = side**2, median["tiled" + suffix]
                 if "one pass" + suffix not in median:
-                    rows.append(f"| {name} | {side}×{side} | {_tiles(plan)} | – (past --one-pass-share of memory) | "
-                                f"{pixels / tiled / 1e6:.2f} | – | – |")  # fmt: skip
+                    rows.append(f"| {name} | {side}×{side} | {_tiles(plan)} | – (past --one-pass-share of memory) | – "
+                                f"| {pixels / tiled / 1e6:.2f} | – | – | – |")  # fmt: skip
                     continue
-                one = median["one pass" + suffix]
+                one, files = median["one pass" + suffix], median["one pass" + suffix + ", files"]
                 rows.append(f"| {name} | {side}×{side} | {_tiles(plan)} | {pixels / one / 1e6:.2f} "
-                            f"| {pixels / tiled / 1e6:.2f} | {one / tiled:.2f}× | {diff if not suffix else diff2:.1e} |")  # fmt: skip
+                            f"| {pixels / files / 1e6:.2f} | {pixels / tiled / 1e6:.2f} | {one / tiled:.2f}× "
+                            f"| {files / tiled:.2f}× | {diff if not suffix else diff2:.1e} |")  # fmt: skip
             scaling.append(f"| {name} | {median['tiled']:.2f} s | {median['tiled 2×']:.2f} s | "
                            f"{median['tiled 2×'] / median['tiled']:.2f}× |")  # fmt: skip
             if counts:
                 one = median[f"tiled, {counts[0]} thread{'s' * (counts[0] > 1)}"]
                 workers_rows.append(f"| {name} | {one:.2f} s | " + " | ".join(
                     f"{one / median[f'tiled, {w} threads']:.2f}×" for w in counts[1:]) + " |")  # fmt: skip
-            inputs.clear()
     print(f"CPU: {os.cpu_count()} cores; medians of {args.runs} rounds\n")
-    print("| model | input | tiles | one pass Mpx/s | tiled Mpx/s | tiled / one pass throughput | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | input | tiles | one pass Mpx/s | one pass, file to file | tiled Mpx/s | tiled / one pass "
+          "| tiled / one pass, file to file | max abs diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\n| model | tiled {args.size}² | tiled {2 * args.size}² (4× the area) | ratio |\n|---|---|---|---|")
     print("\n".join(scaling))

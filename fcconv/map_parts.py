@@ -28,7 +28,7 @@ from fcconv.errors import BadInputError, NotConvertibleError
 from fcconv.grid_fit import fit_output_grid
 from fcconv.mapping import InputArray, MapPlan, forget_sessions, plan_map
 from fcconv.onnx_shapes import inferred_element_types, inferred_shapes, onnx_output_shapes, shapes_only
-from fcconv.tiling import OVERLAP_SHARE, overlap_share
+from fcconv.tiling import OVERLAP_SHARE, reread_share
 
 __all__ = ["Cut", "Part", "cuts", "describe_parts", "needs_parts", "plan_parts", "scratch_bytes", "write_parts"]
 
@@ -145,9 +145,11 @@ def write_parts(model: onnx.ModelProto, native: Sequence[int], total_stride: Seq
 
 
 def needs_parts(whole: MapPlan) -> bool:
-    """Whether ``whole``'s tiles are too small for their overlap: more than one tile, each reading again more than
-    ``OVERLAP_SHARE`` of its length from its neighbours because memory allowed no larger tile."""
-    return len(whole.tiles) > 1 and overlap_share(whole.extents, whole.tile) > OVERLAP_SHARE * (1 + 1e-9)
+    """Whether ``whole``'s tiles are too small for their overlap: more than one tile, together reading more of the
+    input again than tiles overlapping by ``OVERLAP_SHARE`` of their length per axis would, because memory
+    allowed no larger tile."""
+    rank = len(whole.extents)
+    return len(whole.tiles) > 1 and reread_share(whole.tiles, whole.input.shape[1:]) > (1 + OVERLAP_SHARE) ** rank - 1
 
 
 def plan_parts(

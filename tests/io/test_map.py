@@ -9,6 +9,7 @@ with exit 2 before any work, leaving nothing behind.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -145,6 +146,38 @@ def test_default_tiles_are_as_large_as_their_memory_allows_up_to_a_small_overlap
     assert len(plan_tiles((300, 300), (vgg, vgg), (300, 300))) == 1
     # where the activations cannot be estimated, there is no default to give
     assert default_tile((5000, 5000), (small, small), lambda tile: None, 2 << 30, least=1024) is None
+
+
+def test_default_tiles_are_shaped_so_the_workers_finish_together():
+    from fcconv.tiling import AxisExtent, balanced_tile, plan_tiles, reread_share
+
+    shapes = AxisExtent(stride=8, receptive_field=32, before=9, span=50)  # the shapes sample's extent, measured
+    extents, largest = (shapes, shapes), (1961, 1961)  # the largest tile 2 GiB of its activations allow
+
+    def cut(size, tile):
+        tiles = plan_tiles(size, extents, tile)
+        return tiles, math.prod(tile), reread_share(tiles, size)
+
+    # 4096×4096 cut evenly is 3×3 tiles: on two workers the ninth runs alone; the balanced tiles come in pairs
+    even, even_volume, _ = cut((4096, 4096), largest)
+    tile = balanced_tile((4096, 4096), extents, largest, 2)
+    tiles, volume, reread = cut((4096, 4096), tile)
+    assert len(even) == 9 and len(tiles) % 2 == 0 and volume <= even_volume
+    assert math.ceil(len(tiles) / 2) * volume < math.ceil(len(even) / 2) * even_volume
+    # an input a little larger than the tile keeps one axis whole: one seam to read again, not two
+    tiles, volume, reread = cut((2048, 2048), balanced_tile((2048, 2048), extents, largest, 2))
+    assert len(tiles) == 2 and volume <= even_volume and reread < cut((2048, 2048), largest)[2]
+    assert any(stop - start == 2048 for start, stop in tiles[0].input)
+    # on one worker, the tiles that read the fewest pixels; and only tiles that fit
+    one = balanced_tile((4096, 4096), extents, largest, 1)
+    assert cut((4096, 4096), one)[2] <= cut((4096, 4096), largest)[2]
+    assert balanced_tile((4096, 4096), extents, largest, 2, fits=lambda tile: tile == largest) == largest
+    # an input that one tile holds is cut once per worker, where the overlap costs less than running one tile on
+    # all threads; where it would cost more (VGG16 reads 378 pixels again at each cut), it stays whole
+    assert len(plan_tiles((1500, 1800), extents, balanced_tile((1500, 1800), extents, (1500, 1800), 2))) == 2
+    assert balanced_tile((1500, 1800), extents, (1500, 1800), 1) == (1500, 1800)
+    vgg = AxisExtent(stride=32, receptive_field=224, before=90, span=404)
+    assert balanced_tile((1500, 1800), (vgg, vgg), (1500, 1800), 2) == (1500, 1800)
 
 
 def test_default_tiles_map_exactly_and_share_the_threads(exports, tmp_path):
