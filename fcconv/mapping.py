@@ -27,7 +27,14 @@ import numpy as np
 
 from fcconv.errors import BadInputError
 from fcconv.tiling import (
-    AxisExtent, Tile, balanced_tile, default_tile, measure_extent, output_size, plan_tiles, tile_per_axis,
+    AxisExtent,
+    Tile,
+    balanced_tile,
+    default_tile,
+    measure_extent,
+    output_size,
+    plan_tiles,
+    tile_per_axis,
 )  # fmt: skip
 
 __all__ = [
