@@ -49,7 +49,7 @@ TILE_BUDGET = 2 << 30
 SMALLEST_DEFAULT_TILE = {1: 1 << 18, 2: 2048, 3: 128}
 """Input pixels per axis of a default tile at least (about 4 M input values per channel in 2D), and of every
 default tile where the model's activations cannot be estimated. A light model's tiles cost more in reading,
-writing and scheduling than in their overlap: the digits sample's 2048×2048 map took 1.13–1.24× as long in
+writing and scheduling than in their overlap: the digits sample's 2048×2048 map took 1.18–1.24× as long in
 six tiles of 1036×700 as in two of 2048×1036 (2D measured; 1D and 3D as before, not measured)."""
 
 _sessions: dict[tuple[str, int], Any] = {}

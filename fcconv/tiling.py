@@ -214,9 +214,9 @@ def default_tile(
 
 
 SHARED_THREADS_EFFICIENCY = 0.85
-"""A tile's speed on n threads, as n one-thread tiles side by side: the digits sample's 2048×2048 input took
-1.12–1.18× as long as one tile on two threads as in two tiles of 2048×1036 on one thread each (reading the
-input and writing the map then overlap another tile's run)."""
+"""A tile's speed on n threads, against n one-thread tiles side by side: the digits sample's 2048×2048 input
+took 1.08–1.18× as long as one tile on two threads as in two tiles of 2048×1036 on one thread each (whose
+reading of the input and writing of the map overlap the other tile's run); the lower end."""
 
 
 def balanced_tile(
