@@ -404,8 +404,9 @@ TileOption = Annotated[
     typer.Option(
         "--tile",
         metavar="N|N,N,…",
-        help="Input pixels per axis a tile reads, its overlap included (default: as large as 2 GiB of "
-        "activations per tile allow, less where memory is short).",
+        help="Input pixels per axis a tile reads, its overlap included (default: as large as the overlap calls "
+        "for within 2 GiB of activations per tile, less where memory is short, one tile per core where that is "
+        "faster).",
     ),
 ]
 SchedulerOption = Annotated[
