@@ -337,11 +337,7 @@ def map_writer(path: Path, shape: tuple[int, ...]) -> Iterator[Callable[[Tile, n
 
     Not flushed (``msync``) at the end: the page cache holds the writes for the file as for any other written
     file, and waiting for the disk cost the digits sample's 2048×2048 map 11 ms of its 150."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-    try:
-        yield functools.partial(_write, array)
-    finally:
-        del array
+    yield functools.partial(_write, np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
 
 
 def _write(array: np.ndarray, tile: Tile, scores: np.ndarray) -> None:

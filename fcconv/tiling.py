@@ -235,7 +235,7 @@ def balanced_tile(
     per_axis = []  # per axis: (tiles, input pixels per tile) for each count of tiles that differs
     for n, axis, t in zip(size, extents, tile):
         total, least = output_size(n, axis), _smallest_tile(axis)
-        given = math.ceil(total / (total if n <= t else max(1, (t - least) // axis.stride + 1)))
+        given = math.ceil(total / _positions_held(n, axis, t))
         options = {}
         for count in range(max(1, given // 2), min(total, given + min(workers, 8)) + 1):
             held = math.ceil(total / count)  # positions per tile, as _axis_tiles spreads them
@@ -280,14 +280,18 @@ def _smallest_tile(axis: AxisExtent) -> int:
     return math.ceil(axis.before / axis.stride) * axis.stride + max(axis.span - axis.before, axis.receptive_field)
 
 
+def _positions_held(n: int, axis: AxisExtent, tile: int) -> int:
+    """The map positions a tile of ``tile`` pixels starting on the grid holds whole along an axis of ``n``: the
+    smallest tile (one position) plus (count − 1) steps fits in it; a tile that holds the whole axis holds all."""
+    return output_size(n, axis) if n <= tile else max(1, (tile - _smallest_tile(axis)) // axis.stride + 1)
+
+
 def _axis_tiles(n: int, axis: AxisExtent, tile: int) -> list[tuple[tuple[int, int], tuple[int, int], int]]:
     """Along one axis: (input [start, stop), positions [first, last), first position's index in the tile's map)."""
     stride, before, span, field = axis.stride, axis.before, axis.span, axis.receptive_field
     total = output_size(n, axis)
     reach = max(span - before, field)  # past T·m, a position reads this far (and its map needs this much input)
-    # a tile of `tile` pixels starting on the grid holds `count` positions whole when the smallest tile (one
-    # position) plus (count − 1) steps fits in it; a tile that holds the whole axis holds every position
-    count = total if n <= tile else max(1, (tile - _smallest_tile(axis)) // stride + 1)
+    count = _positions_held(n, axis, tile)
     count = math.ceil(total / math.ceil(total / count))  # as many tiles as that takes, holding as many positions each
     parts = []
     for first in range(0, total, count):
