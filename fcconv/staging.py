@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -199,11 +200,13 @@ def signals_held() -> Iterator[None]:
 
     Moving an export and its data file into place takes two renames; a signal handled between them
     would leave the new file beside the old one's data. Signals that are ignored stay ignored. Python
-    runs signal handlers in the main thread only, so elsewhere the block runs as it is.
+    runs signal handlers in the main thread only, so elsewhere the block runs as it is. A termination
+    whose exception a finaliser dropped (:func:`terminations_raised`) is raised before the block runs.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _raise_swallowed_termination()
     held: list[int] = []
     previous = {}
     for signum in TERMINATION_SIGNALS:
@@ -233,13 +236,26 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+# The termination signals that arrived while terminations_raised() was in force. Python runs a signal's handler
+# wherever the main thread is, and an exception raised inside a finaliser (an object's __del__, a weakref
+# callback) is printed and dropped: kept here, such a signal is raised again before anything is committed.
+_terminations_arrived: list[int] = []
+
+
+def _raise_swallowed_termination() -> None:
+    if _terminations_arrived:
+        raise Terminated(_terminations_arrived[0])
+
+
 @contextlib.contextmanager
 def terminations_raised() -> Iterator[None]:
     """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process at once.
 
     Only signals left at their default action are taken over (a SIGHUP that ``nohup`` ignores stays
     ignored), and their handlers are put back afterwards. Once one has arrived both are ignored, so that
-    a second one cannot cut the clean-up short.
+    a second one cannot cut the clean-up short. One that arrived inside a finaliser, where Python drops
+    what a handler raises, is raised again when the next output is moved into place
+    (:func:`signals_held`) and when the block ends: a run told to stop never commits or succeeds.
     """
     if threading.current_thread() is not threading.main_thread():  # Python handles signals in the main thread only
         yield
@@ -249,12 +265,24 @@ def terminations_raised() -> Iterator[None]:
     def terminate(signum: int, frame: Any) -> None:
         for s in taken:
             signal.signal(s, signal.SIG_IGN)
+        _terminations_arrived.append(signum)
         raise Terminated(signum)
 
+    unraisable_hook = sys.unraisablehook
+
+    def drop_terminated(unraisable: Any) -> None:  # it is raised again; its dropped copy is not news to the user
+        if not isinstance(unraisable.exc_value, Terminated):
+            unraisable_hook(unraisable)
+
+    _terminations_arrived.clear()
+    sys.unraisablehook = drop_terminated
     for s in taken:
         signal.signal(s, terminate)
     try:
         yield
+        _raise_swallowed_termination()
     finally:
         for s in taken:
             signal.signal(s, signal.SIG_DFL)
+        sys.unraisablehook = unraisable_hook
+        _terminations_arrived.clear()

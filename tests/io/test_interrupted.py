@@ -185,3 +185,29 @@ def test_a_signal_that_arrives_just_as_the_staging_is_made_still_leaves_nothing(
     with pytest.raises(Terminated), terminations_raised(), staging:
         pytest.fail("the block ran although the signal came before it")
     assert list(tmp_path.iterdir()) == []
+
+
+class SignalledWhenCollected:
+    """An object whose finaliser receives the signal, as torch's storage finaliser did in a stopped conversion."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # its handler's Terminated is dropped: Python ignores a finaliser's errors
+
+
+def test_a_signal_whose_exception_a_finaliser_dropped_still_stops_the_run_before_anything_is_moved_into_place(
+    tmp_path, capsys
+):
+    with pytest.raises(Terminated), terminations_raised(), staged_path(tmp_path / "out.txt") as staged:
+        SignalledWhenCollected()  # collected at once: the signal arrives inside __del__
+        staged.write_text("written after the signal")  # the run goes on, but must not commit
+    assert list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err == ""  # the dropped copy is not printed: the stop is reported once, by the CLI
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_block_that_ends_after_a_dropped_signal_raises_it_at_its_end(tmp_path):
+    finished = False
+    with pytest.raises(Terminated) as raised, terminations_raised():
+        SignalledWhenCollected()
+        finished = True
+    assert finished and raised.value.signum == signal.SIGTERM
