@@ -214,9 +214,11 @@ def default_tile(
 
 
 SHARED_THREADS_EFFICIENCY = 0.85
-"""A tile's speed on n threads, against n one-thread tiles side by side: the digits sample's 2048×2048 input
-took 1.08–1.18× as long as one tile on two threads as in two tiles of 2048×1036 on one thread each (whose
-reading of the input and writing of the map overlap the other tile's run); the lower end."""
+"""A tile's speed on n threads, against n one-thread tiles side by side. In the bench (``bench/bench_map.py``,
+two cores) the digits sample's 2048×2048 input was mapped at 0.95–0.99× one pass's speed in two strips on a
+thread each, and at 0.82–0.89× as one tile on both threads (earlier, with the columns' map written through a
+memory map: 1.08–1.18× as long as one tile); scripts that ran both in one process found the reverse (one tile
+1.11× as fast), cause not found. The bench's figure is taken."""
 
 
 def balanced_tile(
@@ -225,7 +227,8 @@ def balanced_tile(
 ) -> tuple[int, ...]:  # fmt: skip
     """The tile, holding no more input pixels than ``tile`` and ``fits``, whose tiling of ``size`` ``workers``
     finish soonest: the fewest rounds of tiles side by side times the pixels of the largest, a tile's threads
-    shared out where there are fewer tiles than workers (as ``fcconv map`` shares them).
+    shared out where there are fewer tiles than workers (as ``fcconv map`` shares them); of those, the fewest
+    tiles, then strips that span every axis but the first (written to the map in one run per class).
 
     ``tile`` cut evenly can leave one tile running alone at the end (9 tiles on 2 workers: 5 rounds where 2×4
     tiles take 4), or two tiles per axis where one axis could stay whole (2×2 tiles recompute two overlaps per
@@ -243,11 +246,11 @@ def balanced_tile(
         per_axis.append(sorted(options.items()))
     volume = math.prod(tile)
 
-    def finish(choice: tuple[tuple[int, int], ...]) -> tuple[float, int]:
+    def finish(choice: tuple[tuple[int, int], ...]) -> tuple[float, int, int]:
         count, pixels = math.prod(c for c, _ in choice), math.prod(length for _, length in choice)
         threads = workers // min(workers, count)
         speed = threads * (SHARED_THREADS_EFFICIENCY if threads > 1 else 1.0)
-        return math.ceil(count / workers) * pixels / speed, count
+        return math.ceil(count / workers) * pixels / speed, count, sum(c > 1 for c, _ in choice[1:])
 
     choices = sorted((c for c in itertools.product(*per_axis) if math.prod(p for _, p in c) <= volume), key=finish)
     for choice in choices:

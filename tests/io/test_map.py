@@ -120,6 +120,31 @@ def test_the_tiles_cover_the_map_once_and_start_on_its_grid(exports, tmp_path):
     assert all(e.before > 0 and e.span > e.receptive_field for e in plan.extents)
 
 
+WRITTEN = [
+    ((3000,), (700,)),  # 1D: every tile one run per class
+    ((90, 120), (40, 120)),  # strips of whole rows: one run per class
+    ((90, 120), (40, 50)),  # a grid: through the memory map
+    ((30, 40, 50), (12, 40, 50)),  # slabs of whole planes
+    ((30, 40, 50), (12, 20, 50)),
+]
+
+
+@pytest.mark.parametrize(("size", "tile"), WRITTEN, ids=["1d", "strips", "grid", "slabs", "3d grid"])
+def test_the_map_file_holds_every_tiles_scores_where_they_belong(tmp_path, size, tile):
+    from fcconv.mapping import map_writer
+    from fcconv.tiling import AxisExtent, output_size, plan_tiles
+
+    extent = AxisExtent(stride=2, receptive_field=6, before=1, span=8)
+    extents = (extent,) * len(size)
+    expected = np.random.default_rng(0).standard_normal((3, *(output_size(n, extent) for n in size)), np.float32)
+    tiles = plan_tiles(size, extents, tile)
+    assert len(tiles) > 1
+    with map_writer(tmp_path / "map.npy", expected.shape) as write:
+        for t in reversed(tiles):  # in any order, and from views that are not contiguous
+            write(t, expected[(slice(None), *t.output_slices)])
+    np.testing.assert_array_equal(np.load(tmp_path / "map.npy"), expected)
+
+
 def test_default_tiles_are_as_large_as_their_memory_allows_up_to_a_small_overlap():
     from fcconv.tiling import OVERLAP_SHARE, AxisExtent, default_tile, plan_tiles
 
@@ -173,8 +198,12 @@ def test_default_tiles_are_shaped_so_the_workers_finish_together():
     assert cut((4096, 4096), one)[2] <= cut((4096, 4096), largest)[2]
     assert balanced_tile((4096, 4096), extents, largest, 2, fits=lambda tile: tile == largest) == largest
     # an input that one tile holds is cut once per worker, where the overlap costs less than running one tile on
-    # all threads; where it would cost more (VGG16 reads 378 pixels again at each cut), it stays whole
-    assert len(plan_tiles((1500, 1800), extents, balanced_tile((1500, 1800), extents, (1500, 1800), 2))) == 2
+    # all threads, across its longer side; a square one into strips of whole rows (a strip's map is written in
+    # one run per class); where a cut would cost more (VGG16 reads 378 pixels again at each), it stays whole
+    halves = plan_tiles((1500, 1800), extents, balanced_tile((1500, 1800), extents, (1500, 1800), 2))
+    assert len(halves) == 2 and all(tile.input[0] == (0, 1500) for tile in halves)
+    strips = plan_tiles((1800, 1800), extents, balanced_tile((1800, 1800), extents, (1800, 1800), 2))
+    assert len(strips) == 2 and all(tile.input[1] == (0, 1800) for tile in strips)
     assert balanced_tile((1500, 1800), extents, (1500, 1800), 1) == (1500, 1800)
     vgg = AxisExtent(stride=32, receptive_field=224, before=90, span=404)
     assert balanced_tile((1500, 1800), (vgg, vgg), (1500, 1800), 2) == (1500, 1800)
