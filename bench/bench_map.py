@@ -104,7 +104,7 @@ def _tiled(plans: list, out: Path, workers: int | None) -> None:
     """The plans run as ``fcconv map`` runs them: each part's tiles into the file the next part reads."""
     import dask
 
-    from fcconv.mapping import map_writer, run_tile
+    from fcconv.mapping import map_writer, run_tile, tile_keys
 
     for k, plan in enumerate(plans):
         target = Path(plans[k + 1].input.path) if k + 1 < len(plans) else out
@@ -113,9 +113,9 @@ def _tiled(plans: list, out: Path, workers: int | None) -> None:
         with map_writer(target, plan.shape) as write:
             tasks = [
                 dask.delayed(lambda t, plan=plan, write=write: write(t, run_tile(plan.model, plan.input, t, threads)))(
-                    tile
+                    tile, dask_key_name=key
                 )
-                for tile in plan.tiles
+                for tile, key in zip(plan.tiles, tile_keys(plan))
             ]
             dask.compute(*tasks, scheduler="threads", num_workers=workers)
         if k:

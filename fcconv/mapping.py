@@ -39,7 +39,7 @@ from fcconv.tiling import (
 
 __all__ = [
     "InputArray", "MapPlan", "default_tiles", "forget_sessions", "open_input", "plan_map", "run_tile", "session_for",
-    "tile_budget",
+    "tile_budget", "tile_keys",
 ]  # fmt: skip
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
@@ -329,6 +329,18 @@ def run_tile(model: str, source: InputArray, tile: Tile, threads: int = 1) -> np
     x = source.read(tile.input_slices)[None]
     scores = session.run(None, {session.get_inputs()[0].name: x})[0][0]
     return np.ascontiguousarray(scores[(slice(None), *tile.own_slices)])
+
+
+def tile_keys(plan: MapPlan) -> list[str]:
+    """Dask keys for ``plan``'s tiles that make dask's threads run them in the plan's order, row after row.
+
+    Dask orders tasks that depend on nothing by their keys, the last first; left to their hashed default keys
+    the tiles ran in no order, so that tiles sharing pages of the map file were written far apart in time and
+    the kernel wrote those pages back between them: VGG16's first part at 8192×8192 (a 4.3 GB map, 1,088
+    tiles) took 77 s so, against 29 s when the map was not written.
+    """
+    count = len(plan.tiles)
+    return [f"fcconv-tile-{count - 1 - k:09d}" for k in range(count)]
 
 
 @contextlib.contextmanager

@@ -175,7 +175,7 @@ def _run(plans: list[Any], output: Path, client: Any, workers: int | None, repor
 
 def _run_plan(plan: Any, target: Path, client: Any, workers: int | None, report: Reporter, text: str) -> None:
     """One plan's tiles run and written into the ``.npy`` memory map at ``target``."""
-    from fcconv.mapping import map_writer, run_tile
+    from fcconv.mapping import map_writer, run_tile, tile_keys
 
     started, done, lock = time.monotonic(), [0, 0], threading.Lock()
     with report.stage("map", text, len(plan.tiles), unit="tiles") as advance, map_writer(target, plan.shape) as write:
@@ -195,14 +195,14 @@ def _run_plan(plan: Any, target: Path, client: Any, workers: int | None, report:
             def one(tile: Any) -> None:
                 finished(tile, run_tile(plan.model, plan.input, tile, plan.threads))
 
-            tasks = [dask.delayed(one)(tile) for tile in plan.tiles]
+            tasks = [dask.delayed(one)(tile, dask_key_name=key) for tile, key in zip(plan.tiles, tile_keys(plan))]
             dask.compute(*tasks, scheduler="threads", num_workers=workers)
         else:
             from distributed import as_completed
 
             futures = {
-                client.submit(run_tile, plan.model, plan.input, tile, pure=False, retries=3): tile
-                for tile in plan.tiles
+                client.submit(run_tile, plan.model, plan.input, tile, pure=False, retries=3, priority=-k): tile
+                for k, tile in enumerate(plan.tiles)  # in the plan's order, as on threads
             }
             for future in as_completed(futures):
                 finished(futures[future], future.result())

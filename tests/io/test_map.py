@@ -427,6 +427,31 @@ def test_bad_input_is_refused_in_one_line_before_any_work(exports, tmp_path, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_tiles_run_in_the_plans_order_so_that_neighbours_write_the_map_together(
+    exports, tmp_path, monkeypatch, workers
+):
+    import fcconv.mapping
+    from fcconv.mapping import open_input, plan_map
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(4).standard_normal((3, 200, 230)).astype(np.float32))
+    started = []
+    real = fcconv.mapping.run_tile
+
+    def recorded(model, source, tile, threads=1):
+        started.append(tile)
+        return real(model, source, tile, threads)
+
+    monkeypatch.setattr(fcconv.mapping, "run_tile", recorded)
+    map_file(exports["shapes"], tmp_path / "x.npy", tmp_path / "map.npy", tile="64", workers=workers)
+    planned = list(
+        plan_map(str(exports["shapes"]), open_input(tmp_path / "x.npy", 3, 2, None), (32, 32), (64, 64)).tiles
+    )
+    assert len(planned) > 8 and len(started) == len(planned) and set(started) == set(planned)
+    late = [k for k, tile in enumerate(started) if abs(planned.index(tile) - k) >= workers]
+    assert not late, f"tiles started out of the plan's order: {late}"  # row after row, give or take a worker
+
+
 def test_a_run_that_fails_midway_leaves_nothing_under_the_output_name(exports, tmp_path, monkeypatch):
     import fcconv.mapping
 
