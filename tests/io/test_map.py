@@ -448,8 +448,11 @@ def test_the_tiles_run_in_the_plans_order_so_that_neighbours_write_the_map_toget
         plan_map(str(exports["shapes"]), open_input(tmp_path / "x.npy", 3, 2, None), (32, 32), (64, 64)).tiles
     )
     assert len(planned) > 8 and len(started) == len(planned) and set(started) == set(planned)
-    late = [k for k, tile in enumerate(started) if abs(planned.index(tile) - k) >= workers]
-    assert not late, f"tiles started out of the plan's order: {late}"  # row after row, give or take a worker
+    # row after row: exactly on one thread; on two, a tile may start a few places early or late (a thread that
+    # takes a tile can be descheduled before it records the start), where hashed keys scatter them by tens
+    slack = 1 if workers == 1 else 4
+    late = [k for k, tile in enumerate(started) if abs(planned.index(tile) - k) >= slack]
+    assert not late, f"tiles started out of the plan's order: {late}"
 
 
 def test_a_run_that_fails_midway_leaves_nothing_under_the_output_name(exports, tmp_path, monkeypatch):
