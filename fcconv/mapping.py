@@ -337,7 +337,7 @@ def tile_keys(plan: MapPlan) -> list[str]:
     Dask orders tasks that depend on nothing by their keys, the last first; left to their hashed default keys
     the tiles ran in no order, so that tiles sharing pages of the map file were written far apart in time and
     the kernel wrote those pages back between them: VGG16's first part at 8192×8192 (a 4.3 GB map, 1,088
-    tiles) took 77 s so, against 29 s when the map was not written.
+    tiles) took 77 s so, 40 s in order, and 29 s when the map was not written.
     """
     count = len(plan.tiles)
     return [f"fcconv-tile-{count - 1 - k:09d}" for k in range(count)]

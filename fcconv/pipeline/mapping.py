@@ -174,7 +174,7 @@ def _run(plans: list[Any], output: Path, client: Any, workers: int | None, repor
 
 
 def _run_plan(plan: Any, target: Path, client: Any, workers: int | None, report: Reporter, text: str) -> None:
-    """One plan's tiles run and written into the ``.npy`` memory map at ``target``."""
+    """One plan's tiles run in the plan's order and written into the ``.npy`` map at ``target``."""
     from fcconv.mapping import map_writer, run_tile, tile_keys
 
     started, done, lock = time.monotonic(), [0, 0], threading.Lock()
