@@ -102,22 +102,14 @@ def _plan(model: Path, path: Path, native: tuple[int, ...], folder: Path) -> lis
 
 def _tiled(plans: list, out: Path, workers: int | None) -> None:
     """The plans run as ``fcconv map`` runs them: each part's tiles into the file the next part reads."""
-    import dask
-
-    from fcconv.mapping import map_writer, run_tile, tile_keys
+    from fcconv.mapping import map_writer, run_tiles
 
     for k, plan in enumerate(plans):
         target = Path(plans[k + 1].input.path) if k + 1 < len(plans) else out
         count = workers or os.cpu_count() or 1
         threads = max(1, count // min(count, len(plan.tiles)))
         with map_writer(target, plan.shape) as write:
-            tasks = [
-                dask.delayed(lambda t, plan=plan, write=write: write(t, run_tile(plan.model, plan.input, t, threads)))(
-                    tile, dask_key_name=key
-                )
-                for tile, key in zip(plan.tiles, tile_keys(plan))
-            ]
-            dask.compute(*tasks, scheduler="threads", num_workers=workers)
+            run_tiles(plan, write, workers, threads)
         if k:
             Path(plan.input.path).unlink()
 

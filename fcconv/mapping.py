@@ -39,7 +39,7 @@ from fcconv.tiling import (
 
 __all__ = [
     "InputArray", "MapPlan", "default_tiles", "forget_sessions", "open_input", "plan_map", "run_tile", "session_for",
-    "tile_budget", "tile_keys",
+    "run_tiles", "tile_budget",
 ]  # fmt: skip
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
@@ -331,16 +331,30 @@ def run_tile(model: str, source: InputArray, tile: Tile, threads: int = 1) -> np
     return np.ascontiguousarray(scores[(slice(None), *tile.own_slices)])
 
 
-def tile_keys(plan: MapPlan) -> list[str]:
-    """Dask keys for ``plan``'s tiles that make dask's threads run them in the plan's order, row after row.
+def run_tiles(
+    plan: MapPlan, finished: Callable[[Tile, np.ndarray], None], workers: int | None = None,
+    threads: int | None = None,
+) -> None:  # fmt: skip
+    """Every tile of ``plan`` run on Dask's local threads (``workers`` of them) in the plan's order, row after row,
+    each on ``threads`` onnxruntime threads (the plan's share by default); ``finished(tile, scores)`` as each ends.
 
-    Dask orders tasks that depend on nothing by their keys, the last first; left to their hashed default keys
-    the tiles ran in no order, so that tiles sharing pages of the map file were written far apart in time and
-    the kernel wrote those pages back between them: VGG16's first part at 8192×8192 (a 4.3 GB map, 1,088
-    tiles) took 77 s so, 40 s in order, and 29 s when the map was not written.
+    Dask runs tasks that depend on nothing in the order of their keys, the last first; the tiles are named for
+    it. Left to their hashed default keys they ran in no order, so that tiles sharing pages of the map file wrote
+    them far apart in time and the kernel wrote those pages back between them: VGG16's first part at 8192×8192
+    (a 4.3 GB map, 1,088 tiles) took 77 s so, 40 s in order, and 29 s when the map was not written.
     """
+    import dask
+
+    threads = plan.threads if threads is None else threads
+
+    def one(tile: Tile) -> None:
+        finished(tile, run_tile(plan.model, plan.input, tile, threads))
+
     count = len(plan.tiles)
-    return [f"fcconv-tile-{count - 1 - k:09d}" for k in range(count)]
+    tasks = [
+        dask.delayed(one)(tile, dask_key_name=f"fcconv-tile-{count - 1 - k:09d}") for k, tile in enumerate(plan.tiles)
+    ]
+    dask.compute(*tasks, scheduler="threads", num_workers=workers)
 
 
 @contextlib.contextmanager

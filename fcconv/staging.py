@@ -274,7 +274,6 @@ def terminations_raised() -> Iterator[None]:
         if not isinstance(unraisable.exc_value, Terminated):
             unraisable_hook(unraisable)
 
-    _terminations_arrived.clear()
     sys.unraisablehook = drop_terminated
     for s in taken:
         signal.signal(s, terminate)

@@ -175,7 +175,7 @@ def _run(plans: list[Any], output: Path, client: Any, workers: int | None, repor
 
 def _run_plan(plan: Any, target: Path, client: Any, workers: int | None, report: Reporter, text: str) -> None:
     """One plan's tiles run in the plan's order and written into the ``.npy`` map at ``target``."""
-    from fcconv.mapping import map_writer, run_tile, tile_keys
+    from fcconv.mapping import map_writer, run_tile, run_tiles
 
     started, done, lock = time.monotonic(), [0, 0], threading.Lock()
     with report.stage("map", text, len(plan.tiles), unit="tiles") as advance, map_writer(target, plan.shape) as write:
@@ -190,13 +190,7 @@ def _run_plan(plan: Any, target: Path, client: Any, workers: int | None, report:
                 advance(done[0], text=f"{text}: {rate:,.0f} positions/s, {left:,.0f} s left")
 
         if client is None:
-            import dask
-
-            def one(tile: Any) -> None:
-                finished(tile, run_tile(plan.model, plan.input, tile, plan.threads))
-
-            tasks = [dask.delayed(one)(tile, dask_key_name=key) for tile, key in zip(plan.tiles, tile_keys(plan))]
-            dask.compute(*tasks, scheduler="threads", num_workers=workers)
+            run_tiles(plan, finished, workers)
         else:
             from distributed import as_completed
 
