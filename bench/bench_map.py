@@ -11,7 +11,9 @@ here), on a random SIZE×SIZE input held as a ``.npy`` file:
   over the whole input in onnxruntime (all threads, a session of its own): the run alone, and the same job from
   file to file (the input loaded, the map saved); at SIZE and twice the side (where one pass's activations are
   at most ``--one-pass-share`` of this machine's memory, a quarter by default);
-* the tiled time at twice the side (four times the area) against SIZE: linear is 4×;
+* the tiled time at twice the side (four times the area) against SIZE: linear is 4×; beside it, how many times as
+  many map positions the larger input has (more than 4×: a position needs a receptive field of input, so the
+  map grows by (2·SIZE − field) / (SIZE − field) per axis, and a model's head runs once per position);
 * the tiled time with 1, 2 and 4 Dask threads, against 1.
 
 With ``--memory 2048,8192,20000``, instead: ``fcconv map`` of the digits sample over random inputs of those sides (a
@@ -250,8 +252,9 @@ def main() -> None:
                 rows.append(f"| {name} | {side}×{side} | {_tiles(plan)} | {pixels / one / 1e6:.2f} "
                             f"| {pixels / files / 1e6:.2f} | {pixels / tiled / 1e6:.2f} | {one / tiled:.2f}× "
                             f"| {files / tiled:.2f}× | {diff if not suffix else diff2:.1e} |")  # fmt: skip
+            grown = plans[2 * args.size][-1].positions / plans[args.size][-1].positions
             scaling.append(f"| {name} | {median['tiled']:.2f} s | {median['tiled 2×']:.2f} s | "
-                           f"{median['tiled 2×'] / median['tiled']:.2f}× |")  # fmt: skip
+                           f"{median['tiled 2×'] / median['tiled']:.2f}× | {grown:.2f}× |")  # fmt: skip
             if counts:
                 one = median[f"tiled, {counts[0]} thread{'s' * (counts[0] > 1)}"]
                 workers_rows.append(f"| {name} | {one:.2f} s | " + " | ".join(
@@ -261,7 +264,8 @@ def main() -> None:
           "| tiled / one pass, file to file | max abs diff |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\n| model | tiled {args.size}² | tiled {2 * args.size}² (4× the area) | ratio |\n|---|---|---|---|")
+    print(f"\n| model | tiled {args.size}² | tiled {2 * args.size}² (4× the area) | ratio | map positions ratio |"
+          "\n|---|---|---|---|---|")  # fmt: skip
     print("\n".join(scaling))
     if workers_rows:
         print(f"\n| model | {counts[0]} thread(s) | " + " | ".join(f"{w} threads, speedup" for w in counts[1:]) + " |")

@@ -19,6 +19,7 @@ __all__ = [
     "fixed_size",
     "inferred_element_types",
     "inferred_shapes",
+    "multiply_adds",
     "onnx_output_shapes",
     "shapes_only",
     "value_dims",
@@ -110,6 +111,29 @@ def inferred_shapes(light: Any, input_name: str, shape: tuple[int, ...]) -> dict
     for tensor in light.graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
     return shapes
+
+
+def multiply_adds(light: Any, input_name: str, shape: tuple[int, ...]) -> int | None:
+    """The multiply-adds of ``light`` (:func:`shapes_only`) on an input of ``shape``: each convolution's and matrix
+    product's output values times the products summed into each (a transposed convolution's input values times
+    the products each spreads); None where a shape is not inferred. Other operators (activations, pooling,
+    additions) are left out: they cost little beside these in a classifier."""
+    shapes = inferred_shapes(light, input_name, shape)
+    total = 0
+    for node in light.graph.node:
+        if node.op_type not in {"Conv", "ConvTranspose", "MatMul", "Gemm"}:
+            continue
+        source, weight, out = (shapes.get(name) for name in (node.input[0], node.input[1], node.output[0]))
+        if any(not dims or None in dims for dims in (source, weight, out)):
+            return None
+        if node.op_type == "Conv":
+            total += math.prod(out) * math.prod(weight[1:])  # (input channels / groups) × kernel per output value
+        elif node.op_type == "ConvTranspose":
+            total += math.prod(source) * math.prod(weight[1:])
+        else:  # a matrix product sums over the first operand's last axis (its first, for Gemm's transA)
+            transposed = node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)
+            total += math.prod(out) * (source[0] if transposed else source[-1])
+    return total
 
 
 def onnx_output_shapes(model: Any) -> Callable[[tuple[int, ...]], tuple[int, ...] | None]:

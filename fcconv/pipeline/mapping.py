@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -161,11 +162,13 @@ def _run(plans: list[Any], output: Path, client: Any, workers: int | None, repor
     from fcconv.mapping import forget_sessions
     from fcconv.staging import staged_path
 
+    clock = _MapClock(plans)
     with staged_path(output) as staged:
         for k, plan in enumerate(plans):
             target = Path(plans[k + 1].input.path) if k + 1 < len(plans) else staged
             part = f" (part {k + 1} of {len(plans)})" if len(plans) > 1 else ""
-            _run_plan(plan, target, client, workers, report, f"Mapping {Path(plans[0].input.path).name}{part}")
+            text = f"Mapping {Path(plans[0].input.path).name}{part}"
+            _run_plan(plan, target, client, workers, report, text, clock.part(k))
             if k:  # the part's input, the last part's output, is read
                 Path(plan.input.path).unlink()
             if len(plans) > 1:
@@ -173,20 +176,48 @@ def _run(plans: list[Any], output: Path, client: Any, workers: int | None, repor
     return True
 
 
-def _run_plan(plan: Any, target: Path, client: Any, workers: int | None, report: Reporter, text: str) -> None:
-    """One plan's tiles run in the plan's order and written into the ``.npy`` map at ``target``."""
+class _MapClock:
+    """The whole map's rate and time left, across its parts: each part's share of the work is its multiply-adds
+    (:func:`fcconv.mapping.plan_work`; its tiles' input values where they cannot be counted), and a tile's share
+    of its part's is its share of the part's positions. A map in one part reads as positions done against time."""
+
+    def __init__(self, plans: list[Any]) -> None:
+        from fcconv.mapping import plan_work
+
+        works = [plan_work(plan) for plan in plans] if len(plans) > 1 else [plans[0].positions]
+        if any(not work for work in works):
+            works = [sum(math.prod(b - a for a, b in t.input) for t in p.tiles) * p.input.shape[0] for p in plans]
+        self.works, self.total, self.positions = works, sum(works), plans[-1].positions
+        self.done, self.started, self.lock = 0.0, time.monotonic(), threading.Lock()
+
+    def part(self, k: int) -> Any:
+        """``finished(tile, plan)`` for part ``k``: the map's (positions per second, seconds left) once it is done."""
+
+        def finished(tile: Any, plan: Any) -> tuple[float, float]:
+            with self.lock:
+                self.done += self.works[k] * tile.positions / plan.positions
+                elapsed = max(time.monotonic() - self.started, 1e-9)
+                share = min(1.0, self.done / self.total)
+                return self.positions * share / elapsed, elapsed * (1 - share) / max(share, 1e-12)
+
+        return finished
+
+
+def _run_plan(
+    plan: Any, target: Path, client: Any, workers: int | None, report: Reporter, text: str, timed: Any
+) -> None:
+    """One plan's tiles run in the plan's order and written into the ``.npy`` map at ``target``; ``timed(tile,
+    plan)`` gives the map's rate and time left (:class:`_MapClock`) as each tile is written."""
     from fcconv.mapping import map_writer, run_tile, run_tiles
 
-    started, done, lock = time.monotonic(), [0, 0], threading.Lock()
+    done, lock = [0], threading.Lock()
     with report.stage("map", text, len(plan.tiles), unit="tiles") as advance, map_writer(target, plan.shape) as write:
 
         def finished(tile: Any, scores: Any) -> None:
             write(tile, scores)
+            rate, left = timed(tile, plan)
             with lock:
                 done[0] += 1
-                done[1] += tile.positions
-                rate = done[1] / max(time.monotonic() - started, 1e-9)
-                left = (plan.positions - done[1]) / rate if rate else 0.0
                 advance(done[0], text=f"{text}: {rate:,.0f} positions/s, {left:,.0f} s left")
 
         if client is None:

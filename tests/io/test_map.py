@@ -313,6 +313,68 @@ def test_models_are_cut_after_each_downsampling_where_one_tensor_carries_everyth
     assert cuts(onnx.load(tmp_path / "flat.onnx"), (1, 8, 8), (1, 1)) == []
 
 
+def test_a_maps_multiply_adds_are_counted_as_torch_counts_them(exports):
+    """How a map in parts divides its time: the export's multiply-adds at a tile's size, as torch's own counter
+    counts the converted module's (half its FLOPs), for a residual 2D model and a padded 3D one."""
+    import onnx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import fcconv as package
+    from fcconv.onnx_shapes import multiply_adds, shapes_only
+
+    torch.manual_seed(0)
+    volume = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(4, 4, 3, padding=1), nn.MaxPool3d(2),
+        nn.Flatten(), nn.Linear(4 * 2 * 2 * 2, 3),
+    ).eval()  # fmt: skip
+    for name, module, native, size in [
+        ("residual", Residual().eval(), (3, 32, 32), (3, 70, 90)),
+        ("volume", volume, (1, 8, 8, 8), (1, 27, 33, 22)),
+    ]:
+        converted = package.convert(module, native)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            converted(torch.zeros(1, *size))
+        model = onnx.load(exports[name])
+        counted = multiply_adds(shapes_only(model), model.graph.input[0].name, (1, *size))
+        assert counted == counter.get_total_flops() // 2 > 0, name
+
+
+def test_the_time_left_counts_the_parts_still_to_come(monkeypatch):
+    """Each part's share of the time is its share of the multiply-adds: after a part of 100 of 400, in 10 s,
+    30 s are left, not the 0 s its own tiles would say; the rate is the map's positions."""
+    import fcconv.mapping
+    import fcconv.pipeline.mapping as pipeline
+    from fcconv.mapping import InputArray, MapPlan
+    from fcconv.tiling import Tile
+
+    def plan(model, channels, positions):
+        tiles = tuple(Tile(((2 * k, 2 * k + 2),), ((k, k + 1),), (0,)) for k in range(positions))
+        return MapPlan(model, InputArray("x.npy", "npy", (channels, 2 * positions)), (), tiles, (4, positions), (2,))
+
+    first, last = plan("part0.onnx", 3, 4), plan("part1.onnx", 8, 2)
+    works = {"part0.onnx": 100, "part1.onnx": 300}
+    monkeypatch.setattr(fcconv.mapping, "plan_work", lambda plan: works[plan.model])
+    now = [0.0]
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: now[0])
+    clock = pipeline._MapClock([first, last])
+    for k, tile in enumerate(first.tiles):
+        now[0] = 2.5 * (k + 1)
+        rate, left = clock.part(0)(tile, first)
+    assert (rate, left) == (pytest.approx(2 * 0.25 / 10), pytest.approx(30))
+    now[0] = 25
+    assert clock.part(1)(last.tiles[0], last) == (pytest.approx(2 * 0.625 / 25), pytest.approx(15))
+    now[0] = 40
+    assert clock.part(1)(last.tiles[1], last) == (pytest.approx(2 / 40), pytest.approx(0))
+    # where the work cannot be counted, each part's tiles' input values stand for it: 3×8 here, 8×4 after
+    monkeypatch.setattr(fcconv.mapping, "plan_work", lambda plan: None)
+    now[0] = 0.0
+    clock = pipeline._MapClock([first, last])
+    for tile in first.tiles:
+        now[0] += 3
+        rate, left = clock.part(0)(tile, first)
+    assert left == pytest.approx(12 * 32 / 24)
+
+
 def test_a_two_worker_dask_cluster_writes_the_same_bytes(exports, tmp_path):
     from distributed import LocalCluster
 
