@@ -105,11 +105,11 @@ def _plan(model: Path, path: Path, native: tuple[int, ...], folder: Path) -> lis
 def _tiled(plans: list, out: Path, workers: int | None) -> None:
     """The plans run as ``fcconv map`` runs them: each part's tiles into the file the next part reads."""
     from fcconv.mapping import map_writer, run_tiles
+    from fcconv.tiling import threads_per_tile
 
     for k, plan in enumerate(plans):
         target = Path(plans[k + 1].input.path) if k + 1 < len(plans) else out
-        count = workers or os.cpu_count() or 1
-        threads = max(1, count // min(count, len(plan.tiles)))
+        threads = threads_per_tile(workers or os.cpu_count() or 1, len(plan.tiles))
         with map_writer(target, plan.shape) as write:
             run_tiles(plan, write, workers, threads)
         if k:

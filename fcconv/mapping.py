@@ -34,6 +34,7 @@ from fcconv.tiling import (
     measure_extent,
     output_size,
     plan_tiles,
+    threads_per_tile,
     tile_per_axis,
 )  # fmt: skip
 
@@ -303,7 +304,7 @@ def plan_map(
     tiles = tuple(plan_tiles(size, extents, tile))
     classes = run(np.zeros((1, channels, *native), np.float32)).shape[1]
     shape = (classes, *(output_size(n, e) for n, e in zip(size, extents)))
-    threads = max(1, workers // min(workers, len(tiles)))
+    threads = threads_per_tile(workers, len(tiles))
     return MapPlan(model, source, extents, tiles, shape, tile, threads)
 
 

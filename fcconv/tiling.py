@@ -27,7 +27,7 @@ from fcconv.errors import BadInputError, NotConvertibleError
 
 __all__ = [
     "AxisExtent", "Tile", "balanced_tile", "default_tile", "measure_extent", "output_size", "plan_tiles", "reread_share",
-    "tile_per_axis",
+    "threads_per_tile", "tile_per_axis",
 ]  # fmt: skip
 
 
@@ -222,6 +222,12 @@ memory map: 1.08–1.18× as long as one tile); scripts that ran both in one pro
 1.11× as fast), cause not found. The bench's figure is taken."""
 
 
+def threads_per_tile(workers: int, tiles: int) -> int:
+    """The onnxruntime threads each tile gets where ``workers`` threads are shared among ``tiles`` tiles run side by
+    side: all of them for one tile, one each where there are at least as many tiles as threads."""
+    return max(1, workers // max(1, min(workers, tiles)))
+
+
 def balanced_tile(
     size: Sequence[int], extents: Sequence[AxisExtent], tile: Sequence[int], workers: int,
     fits: Callable[[tuple[int, ...]], bool] = lambda tile: True,
@@ -249,7 +255,7 @@ def balanced_tile(
 
     def finish(choice: tuple[tuple[int, int], ...]) -> tuple[float, int, int]:
         count, pixels = math.prod(c for c, _ in choice), math.prod(length for _, length in choice)
-        threads = workers // min(workers, count)
+        threads = threads_per_tile(workers, count)
         speed = threads * (SHARED_THREADS_EFFICIENCY if threads > 1 else 1.0)
         return math.ceil(count / workers) * pixels / speed, count, sum(c > 1 for c, _ in choice[1:])
 
