@@ -197,6 +197,10 @@ def _refuse_declared_leaves(model: nn.Module) -> None:
         )
 
 
+_REPEAT_SECONDS = 1.0
+"""How often the time limit interrupts again after its first interruption, until the block has ended."""
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
     """Interrupt the block after ``seconds`` (where a timer can be set: the main thread, no timer of the caller's)."""
@@ -215,7 +219,9 @@ def _time_limit(seconds: float) -> Iterator[None]:
         raise _TimedOut(f"it took longer than {seconds:g} s (FCCONV_EXPORT_SECONDS)")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # The timer repeats: an interruption that lands in a finalizer (reported as ignored) or in code that catches
+    # everything is discarded, and a one-shot timer would then let the export run on without limit.
+    signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_SECONDS)
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
 """Capture: torch.export first, torch.fx where the export cannot serve; Hugging Face and timm classifiers convert exactly."""
 
 import inspect
+import signal
 import time
 
 import pytest
@@ -244,6 +245,24 @@ def test_an_export_that_runs_past_its_time_limit_is_replaced_by_the_trace(monkey
     conversion = fcconv.rewrite(model, (3, 12, 12))
     assert conversion.captured_by == FX
     assert [layer.name for layer in conversion.layers] == ["classifier.2", "classifier.4"]
+
+
+def test_the_time_limit_interrupts_again_where_its_first_interruption_is_swallowed():
+    swallowed = 0
+    start = time.perf_counter()
+    with pytest.raises(fcconv.capture._TimedOut):
+        with fcconv.capture._time_limit(0.05):
+            while time.perf_counter() - start < 10:
+                try:
+                    while time.perf_counter() - start < 10:
+                        pass
+                except fcconv.capture._TimedOut:
+                    if swallowed:
+                        raise
+                    swallowed += 1
+    assert swallowed == 1
+    assert time.perf_counter() - start < 5
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 class ColumnLoop(nn.Module):
