@@ -34,7 +34,7 @@ from fcconv.compare import DEFAULT_RTOL, RTOL_BY_DTYPE_NAME
 from fcconv.errors import BadInputError
 from fcconv.grid import _OutputShapes
 from fcconv.metadata import probe_array
-from fcconv.outputs import SINGLE_OUTPUT_NAME, named_outputs
+from fcconv.outputs import SINGLE_OUTPUT_NAME, like, named_outputs
 from fcconv.readings import HEAD_CHUNK, SlidingWindowHead, atrous_reading, eager_map_reader
 from fcconv.rewrite import Conversion, analyze, truncate
 from fcconv.runtime import ONNXRUNTIME, OnnxRunner
@@ -461,19 +461,25 @@ def compare_outputs(
     report = VerificationReport(rtol=rtol, atol=atol, dtype=str(references.dtype).removeprefix("torch."))
     if getattr(run, "engine", ONNXRUNTIME) != ONNXRUNTIME:
         report.engine = run.engine
+    largest = max((math.prod(case.input_size) for case in references.cases), default=0)
+    batch_checked = False  # whether a case has run the whole batch over more than one map position
     with full_float32_precision():
         for case in references.cases:
             if on_size is not None:
                 on_size(case.input_size)
+            one_at_a_time = batch_checked and math.prod(case.input_size) == largest
             try:
                 with _printed_unless_failing():
-                    actual = run(case.input)
+                    actual = _sample_by_sample(run, case.input) if one_at_a_time else run(case.input)
             except Exception as exc:  # noqa: BLE001 - a model that fails at a size fails the check, with the reason
                 text = " ".join(str(exc).split())[:300]
                 report.checks.append(SizeCheck(case.input_size, "-", (), (), math.inf, math.inf, math.inf, math.inf,
                                                0.0, (), 0.0, False, f"the converted model failed: {text}"))  # fmt: skip
                 continue
             produced = dict(named_outputs(actual))
+            batch_checked = batch_checked or (
+                len(case.input) > 1 and any(math.prod(value.shape[2:]) > 1 for value in produced.values())
+            )
             graph_names = getattr(run, "output_names", None)
             if isinstance(actual, torch.Tensor) and isinstance(graph_names, list) and len(graph_names) == 1:
                 # a runner of a one-output graph returns its tensor alone: the graph names it (a classifier's
@@ -496,6 +502,19 @@ def compare_outputs(
                         compare_reading(case.input_size, reading, value, value_produced, rtol, atol, name)
                     )
     return report
+
+
+def _sample_by_sample(run: Callable[[torch.Tensor], Any], batch: torch.Tensor) -> Any:
+    """``run`` on each sample of ``batch`` in turn, the outputs joined along the batch axis.
+
+    The largest size's activations are the verification's peak memory; once a smaller size
+    has run the whole batch over several positions (where a batch and a position axis in the
+    wrong order would show), the largest runs its samples one at a time, holding half as much
+    for the default batch of two.
+    """
+    parts = [run(batch[i : i + 1]) for i in range(len(batch))]
+    outputs = [[value for _, value in named_outputs(part)] for part in parts]
+    return like(parts[0], [torch.cat(values) for values in zip(*outputs)])
 
 
 def verify(

@@ -73,3 +73,42 @@ def test_on_cuda_float32_verification_meets_the_float32_contract_even_with_tf32_
 def test_a_size_below_the_native_or_of_another_rank_is_bad_input(lenet, size):
     with pytest.raises(fcconv.BadInputError, match="at least the native 28×28"):
         fcconv.verify(lenet, fcconv.convert(lenet, (1, 28, 28)), (1, 28, 28), sizes=[size])
+
+
+class _BatchAndPositionSwapped(torch.nn.Module):
+    """The converted LeNet with its positions folded into rows and read back in the wrong order (position-major):
+    equal wherever the batch or the map has one element, wrong wherever both have several."""
+
+    def __init__(self, converted: torch.nn.Module) -> None:
+        super().__init__()
+        self.converted = converted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.converted(x)
+        n, k, h, w = out.shape
+        rows = out.permute(0, 2, 3, 1).reshape(n * h * w, k)
+        return rows.reshape(h * w, n, k).permute(1, 2, 0).reshape(n, k, h, w)
+
+
+def test_the_largest_size_runs_sample_by_sample_once_a_smaller_size_ran_the_batch_over_several_positions(lenet):
+    converted, shapes = fcconv.convert(lenet, (1, 28, 28)), []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(x.shape))
+        return converted(x)
+
+    sizes = [(28, 28), (37, 33), (56, 56)]
+    assert fcconv.verify(lenet, run, (1, 28, 28), sizes=sizes).passed
+    assert shapes == [(2, 1, 28, 28), (2, 1, 37, 33), (1, 1, 56, 56), (1, 1, 56, 56)]
+    # with no smaller size over several positions, the largest runs the whole batch
+    shapes.clear()
+    assert fcconv.verify(lenet, run, (1, 28, 28), sizes=[(56, 56)]).passed
+    assert shapes == [(2, 1, 56, 56)]
+
+
+def test_a_batch_and_a_position_axis_in_the_wrong_order_fail_at_the_sizes_run_as_a_batch(lenet):
+    swapped = _BatchAndPositionSwapped(fcconv.convert(lenet, (1, 28, 28)))
+    report = fcconv.verify(lenet, swapped, (1, 28, 28), sizes=[(28, 28), (37, 33), (56, 56)])
+    assert not report.passed
+    failed = {check.input_size for check in report.checks if not check.passed}
+    assert failed == {(37, 33)}  # caught where the whole batch runs over several positions
