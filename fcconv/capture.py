@@ -219,10 +219,11 @@ def _time_limit(seconds: float) -> Iterator[None]:
         raise _TimedOut(f"it took longer than {seconds:g} s (FCCONV_EXPORT_SECONDS)")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    # The timer repeats: an interruption that lands in a finalizer (reported as ignored) or in code that catches
-    # everything is discarded, and a one-shot timer would then let the export run on without limit.
-    signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_SECONDS)
     try:
+        # The timer repeats: an interruption that lands in a finalizer (reported as ignored) or in code that catches
+        # it is lost, and a one-shot timer would then let the export run on without limit. It is set inside the
+        # try, so that it is cleared even where its first interruption comes before the block has started.
+        signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_SECONDS)
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
