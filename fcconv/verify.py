@@ -513,8 +513,7 @@ def _sample_by_sample(run: Callable[[torch.Tensor], Any], batch: torch.Tensor) -
     for the default batch of two.
     """
     parts = [run(batch[i : i + 1]) for i in range(len(batch))]
-    outputs = [[value for _, value in named_outputs(part)] for part in parts]
-    return like(parts[0], [torch.cat(values) for values in zip(*outputs)])
+    return like(parts[0], list(_concatenated(parts).values()))  # in the container the runner gives
 
 
 def verify(
